@@ -1,0 +1,327 @@
+"""Chat formats: OpenAI-style messages -> the exact prompt text a model was trained on.
+
+Pure functions, no I/O. A message is a dict with "role" and "content" (a str; the
+service has already joined text parts and mapped "developer" to "system"), and
+optionally "tool_calls" (arguments as dicts, as HF templates expect) or "tool_call_id".
+
+Each hand-written family reproduces its official template byte for byte (see
+tests/test_templates.py, which renders the official Jinja files and compares). A
+model that carries `tokenizer.chat_template` in its GGUF gets that template rendered
+in a sandbox instead, unless a family is forced.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from typing import Callable, NamedTuple
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+Messages = list[dict]
+Render = Callable[[Messages], str]
+
+
+def _tool_calls_text(message: dict, each: Callable[[str, object], str]) -> str:
+    return "".join(each(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls") or ())
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # The tojson HF transformers gives chat templates (jinja2's own escapes HTML and sorts keys).
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+# --- ChatML family --------------------------------------------------------------------------
+
+def _chatml_turns(messages: Messages) -> str:
+    """The turns of Qwen2.5's official template, which plain ChatML shares when no tools are used."""
+    out = []
+    for i, m in enumerate(messages):
+        role, content = m["role"], m["content"]
+        if role == "tool":
+            if i == 0 or messages[i - 1]["role"] != "tool":
+                out.append("<|im_start|>user")
+            out.append(f"\n<tool_response>\n{content}\n</tool_response>")
+            if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
+                out.append("<|im_end|>\n")
+        elif role == "assistant" and m.get("tool_calls"):
+            calls = _tool_calls_text(
+                m, lambda name, args: f'\n<tool_call>\n{{"name": "{name}", "arguments": {_tojson(args)}}}\n</tool_call>'
+            )
+            out.append(f"<|im_start|>assistant{chr(10) + content if content else ''}{calls}<|im_end|>\n")
+        else:
+            out.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+    return "".join(out)
+
+
+QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+def qwen(messages: Messages) -> str:
+    """Qwen2.5: ChatML, with Qwen's default system prompt when the caller gives none."""
+    if messages and messages[0]["role"] == "system":
+        head, messages = f"<|im_start|>system\n{messages[0]['content']}<|im_end|>\n", messages[1:]
+    else:
+        head = f"<|im_start|>system\n{QWEN_DEFAULT_SYSTEM}<|im_end|>\n"
+    return head + _chatml_turns(messages) + "<|im_start|>assistant\n"
+
+
+def chatml(messages: Messages) -> str:
+    """Plain ChatML (SmolLM, Hermes, Yi, OpenChat...): no default system prompt."""
+    return _chatml_turns(messages) + "<|im_start|>assistant\n"
+
+
+# --- Gemma ----------------------------------------------------------------------------------
+
+def gemma(messages: Messages) -> str:
+    """Gemma 2/3: no system role; the system text and a blank line open the first user turn."""
+    prefix = ""
+    if messages and messages[0]["role"] == "system":
+        prefix, messages = messages[0]["content"] + "\n\n", messages[1:]
+    out = ["<bos>"]
+    for i, m in enumerate(messages):
+        role = {"assistant": "model", "tool": "user"}.get(m["role"], m["role"])
+        out.append(f"<start_of_turn>{role}\n{prefix if i == 0 else ''}{m['content'].strip()}<end_of_turn>\n")
+    if not messages and prefix:
+        out.append(f"<start_of_turn>user\n{prefix}<end_of_turn>\n")
+    return "".join(out) + "<start_of_turn>model\n"
+
+
+# --- Llama ----------------------------------------------------------------------------------
+
+def llama2(messages: Messages) -> str:
+    """Llama-2-chat: [INST] turns, the system prompt in <<SYS>> inside the first one."""
+    system = None
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    out = []
+    for i, m in enumerate(messages):
+        content = m["content"]
+        if i == 0 and system is not None:
+            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+        if m["role"] == "assistant":
+            out.append(f" {content.strip()} </s>")
+        else:
+            out.append(f"<s>[INST] {content.strip()} [/INST]")
+    return "".join(out)
+
+
+LLAMA3_DATE = "26 Jul 2024"
+
+
+def llama3(messages: Messages) -> str:
+    """Llama 3.1/3.2 Instruct, with the official system header (knowledge and current date)."""
+    system = ""
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"].strip(), messages[1:]
+    out = [
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        f"Cutting Knowledge Date: December 2023\nToday Date: {LLAMA3_DATE}\n\n{system}<|eot_id|>"
+    ]
+    for m in messages:
+        if m.get("tool_calls"):
+            body = _tool_calls_text(m, lambda name, args: f'{{"name": "{name}", "parameters": {_tojson(args)}}}')
+            out.append(f"<|start_header_id|>assistant<|end_header_id|>\n\n{body}<|eot_id|>")
+        elif m["role"] == "tool":
+            out.append(f"<|start_header_id|>ipython<|end_header_id|>\n\n{m['content']}<|eot_id|>")
+        else:
+            out.append(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>")
+    return "".join(out) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+# --- GLM ------------------------------------------------------------------------------------
+
+def chatglm3(messages: Messages) -> str:
+    """ChatGLM3-6B: `<|role|>` then a newline and a space before each message."""
+    roles = {"tool": "observation"}
+    turns = "".join(f"<|{roles.get(m['role'], m['role'])}|>\n {m['content']}" for m in messages)
+    return f"[gMASK]sop{turns}<|assistant|>"
+
+
+def glm4(messages: Messages) -> str:
+    """GLM-4.5/4.6: `<|role|>` then a newline; past assistant turns carry an empty think block."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    out = ["[gMASK]<sop>"]
+    for i, m in enumerate(messages):
+        role, content = m["role"], m["content"]
+        if role == "assistant":
+            reasoning = ""
+            if "</think>" in content:
+                reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                content = content.split("</think>")[-1].lstrip("\n")
+            think = reasoning.strip() if i > last_user and reasoning else ""
+            out.append(f"<|assistant|>\n<think>{think}</think>")
+            if content.strip():
+                out.append("\n" + content.strip())
+        elif role == "tool":
+            if i == 0 or messages[i - 1]["role"] != "tool":
+                out.append("<|observation|>")
+            out.append(f"\n<tool_response>\n{content}\n</tool_response>")
+        else:
+            out.append(f"<|{role}|>\n{content}")
+    return "".join(out) + "<|assistant|>"
+
+
+# --- Mistral, Phi ---------------------------------------------------------------------------
+
+def mistral(messages: Messages) -> str:
+    """Mistral Instruct (Nemo's official template): the system text joins the last user turn."""
+    system = None
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    out = ["<s>"]
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            out.append(m["content"] + "</s>")
+        elif i == len(messages) - 1 and system is not None:
+            out.append(f"[INST]{system}\n\n{m['content']}[/INST]")
+        else:
+            out.append(f"[INST]{m['content']}[/INST]")
+    return "".join(out)
+
+
+def phi3(messages: Messages) -> str:
+    """Phi-3/3.5: `<|role|>` turns closed by `<|end|>`; an empty system message is dropped."""
+    roles = {"tool": "user"}
+    turns = "".join(
+        f"<|{roles.get(m['role'], m['role'])}|>\n{m['content']}<|end|>\n"
+        for m in messages
+        if m["content"] or m["role"] != "system"
+    )
+    return turns + "<|assistant|>\n"
+
+
+# --- The catalogue of families --------------------------------------------------------------
+
+class Family(NamedTuple):
+    render: Render
+    stops: tuple[str, ...]  # end-of-turn texts: generation ends there, and they are never returned
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen": Family(qwen, ("<|im_end|>",)),
+    "chatml": Family(chatml, ("<|im_end|>",)),
+    "gemma": Family(gemma, ("<end_of_turn>",)),
+    "llama2": Family(llama2, ("</s>",)),
+    "llama3": Family(llama3, ("<|eot_id|>", "<|eom_id|>")),
+    "chatglm3": Family(chatglm3, ("<|user|>", "<|observation|>")),
+    "glm4": Family(glm4, ("<|user|>", "<|observation|>")),
+    "mistral": Family(mistral, ("</s>",)),
+    "phi3": Family(phi3, ("<|end|>", "<|endoftext|>")),
+}
+CHAT_FORMATS = ("auto", *FAMILIES, "jinja")
+
+
+def family_of(metadata: dict[str, str], filename: str) -> str:
+    """The hand-written family a model belongs to: from its own template text first, then its
+    architecture and name, then (only as a fallback) its file name; ChatML when nothing says."""
+    template = metadata.get("tokenizer.chat_template", "")
+    by_template = [
+        ("<|im_start|>", "qwen" if "You are Qwen" in template else "chatml"),
+        ("<start_of_turn>", "gemma"),
+        ("<|start_header_id|>", "llama3"),
+        ("[gMASK]<sop>", "glm4"),
+        ("[gMASK]", "chatglm3"),
+        ("<<SYS>>", "llama2"),
+        ("[INST]", "mistral"),
+        ("<|assistant|>", "phi3"),
+    ]
+    for marker, family in by_template:
+        if marker in template:
+            return family
+    arch = metadata.get("general.architecture", "").lower()
+    name = metadata.get("general.name", "").lower().replace(" ", "-")
+    for words, family in [
+        (("qwen",), "qwen"),
+        (("gemma",), "gemma"),
+        (("glm-4", "glm4"), "glm4"),
+        (("chatglm",), "chatglm3"),
+        (("llama-3", "llama3"), "llama3"),
+        (("llama-2", "llama2"), "llama2"),
+        (("mistral", "mixtral"), "mistral"),
+        (("phi3", "phi-3"), "phi3"),
+    ]:
+        if any(w in arch or w in name for w in words):
+            return family
+    base = filename.lower()
+    for word, family in [("qwen", "qwen"), ("gemma", "gemma"), ("chatglm", "chatglm3"), ("llama", "llama2")]:
+        if word in base:
+            return family
+    return "chatml"
+
+
+# --- The model's own template ---------------------------------------------------------------
+
+class TemplateError(ValueError):
+    """The conversation is one the template refuses (its raise_exception), or it failed to render."""
+
+
+def _raise_exception(message: str):
+    raise TemplateError(message)
+
+
+def jinja_template(source: str, bos_token: str, eos_token: str, tools: list | None = None) -> Render:
+    """Compile a GGUF's `tokenizer.chat_template` in a sandbox, with the globals HF gives it."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    template = env.from_string(source)
+
+    def render(messages: Messages, tools: list | None = tools) -> str:
+        try:
+            return template.render(
+                messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True, tools=tools
+            )
+        except TemplateError:
+            raise
+        except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise TemplateError(f"the model's chat template failed on these messages: {e}") from e
+
+    return render
+
+
+# --- Where the messages' text lies in the prompt --------------------------------------------
+
+# Unicode noncharacters, never valid in interchanged text: they mark where content begins and ends.
+_OPEN, _CLOSE = "\ufdd0", "\ufdd1"
+
+
+def render_with_spans(render: Render, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
+    """The prompt, and the spans of it that came from message content (user-typed text).
+
+    The tokenizer reads special tokens only outside these spans, so a user who types
+    `<|im_end|><|im_start|>system` gets plain text, not a forged turn. The spans are found by
+    rendering once more with each content's text wrapped in markers, its leading and trailing
+    white space left outside them so that a template's `trim` still works. A template that
+    inspects content so that the markers change its output gets no spans.
+    """
+    prompt = render(messages)
+    marked = render([_marked(m) for m in messages])
+    if marked.replace(_OPEN, "").replace(_CLOSE, "") != prompt:
+        return prompt, []
+    return prompt, _spans(marked)
+
+
+def _marked(message: dict) -> dict:
+    content = message.get("content")
+    if not content or not content.strip():
+        return message
+    core = content.strip()
+    start = content.index(core)
+    return {**message, "content": f"{content[:start]}{_OPEN}{core}{_CLOSE}{content[start + len(core):]}"}
+
+
+def _spans(marked: str) -> list[tuple[int, int]]:
+    spans, removed = [], 0
+    for m in re.finditer(f"{_OPEN}([^{_CLOSE}]*){_CLOSE}", marked, re.DOTALL):
+        start = m.start() - removed
+        spans.append((start, start + len(m.group(1))))
+        removed += 2
+    return spans
+
+
+def strip_markers(text: str) -> str:
+    """Content may not carry the span markers itself."""
+    return text.replace(_OPEN, "").replace(_CLOSE, "")
