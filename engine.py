@@ -1,0 +1,438 @@
+"""The llama.cpp engine: load a GGUF, tokenize, and run every generation in one decode thread.
+
+Built on llama-cpp-python's low-level bindings (the C API), not its high-level `Llama`
+class: one llama context holds `parallel` sequences, and a single thread decodes the next
+token of every running sequence in one `llama_decode` per step, each sequence sampled by
+its own llama.cpp sampler chain. Requests join and leave between steps. Tokens reach the
+asyncio side through `loop.call_soon_threadsafe`, so the event loop never waits on the model.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import queue
+import re
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import llama_cpp.llama_cpp as llama
+
+# --- Loading --------------------------------------------------------------------------------
+
+
+class ModelFileError(Exception):
+    """The model file can't be served; the message says which file and what to do."""
+
+
+CONVERT_HINT = (
+    "only GGUF models are served: convert it with llama.cpp's convert_hf_to_gguf.py "
+    "(then quantize to q4_0 with llama-quantize)"
+)
+
+
+def check_model_file(path: Path) -> None:
+    """Fail early, in one line, on anything llama.cpp would refuse with pages of log."""
+    if path.suffix.lower() in (".safetensors", ".pt", ".pth", ".bin"):
+        raise ModelFileError(f"{path}: {CONVERT_HINT}")
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file; set MODEL to a .gguf path or a key of models.toml")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelFileError(f"{path}: can't be read ({e.strerror}); check its permissions") from e
+    if magic != b"GGUF":
+        raise ModelFileError(f"{path}: not a GGUF file; {CONVERT_HINT}")
+
+
+_log_lines: list[str] = []
+
+
+@llama.llama_log_callback
+def _keep_errors(level: int, text: bytes, _user_data) -> None:
+    # llama.cpp logs pages at load; keep only errors (GGML_LOG_LEVEL_ERROR), to explain a failed load.
+    if level == 4:
+        _log_lines.append(text.decode(errors="replace").strip())
+
+
+llama.llama_log_set(_keep_errors, ctypes.c_void_p(0))
+llama.llama_backend_init()
+
+SPECIAL_ATTRS = llama.LLAMA_TOKEN_ATTR_CONTROL | llama.LLAMA_TOKEN_ATTR_USER_DEFINED | llama.LLAMA_TOKEN_ATTR_UNKNOWN
+
+
+class Model:
+    """A loaded GGUF: its vocabulary, metadata and (unless vocab_only) weights and context."""
+
+    def __init__(self, path: Path, n_ctx: int = 0, n_threads: int = 1, parallel: int = 1, vocab_only: bool = False):
+        check_model_file(path)
+        params = llama.llama_model_default_params()
+        params.vocab_only = vocab_only
+        _log_lines.clear()
+        self.model = llama.llama_model_load_from_file(str(path).encode(), params)
+        if not self.model:
+            reason = next((line for line in _log_lines if line), "llama.cpp could not load it")
+            raise ModelFileError(f"{path}: {reason}; the file may be truncated or corrupt, download it again")
+        self.vocab = llama.llama_model_get_vocab(self.model)
+        self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
+        self.metadata = self._read_metadata()
+        self.bos = llama.llama_vocab_bos(self.vocab)
+        self.eos = llama.llama_vocab_eos(self.vocab)
+        self.add_bos = bool(llama.llama_vocab_get_add_bos(self.vocab)) and self.bos >= 0
+        self.special = self._special_tokens()
+        self._special_re = re.compile("|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)))
+        self.n_ctx_train = llama.llama_model_n_ctx_train(self.model)
+        self.ctx = None
+        if not vocab_only:
+            self.n_ctx = min(n_ctx or self.n_ctx_train, self.n_ctx_train)
+            cparams = llama.llama_context_default_params()
+            cparams.n_ctx = self.n_ctx * parallel  # every sequence gets the full context length
+            cparams.n_seq_max = parallel
+            cparams.n_batch = cparams.n_ubatch = 512
+            cparams.n_threads = cparams.n_threads_batch = n_threads
+            cparams.no_perf = True
+            self.ctx = llama.llama_init_from_model(self.model, cparams)
+            if not self.ctx:
+                raise ModelFileError(f"{path}: llama.cpp could not create a context of {n_ctx} tokens; lower N_CTX")
+            self.memory = llama.llama_get_memory(self.ctx)
+            self.n_batch = llama.llama_n_batch(self.ctx)
+
+    def _read_metadata(self) -> dict[str, str]:
+        buf = ctypes.create_string_buffer(1 << 16)
+        meta = {}
+        for i in range(llama.llama_model_meta_count(self.model)):
+            llama.llama_model_meta_key_by_index(self.model, i, buf, len(buf))
+            key = buf.value.decode()
+            n = llama.llama_model_meta_val_str_by_index(self.model, i, buf, len(buf))
+            if n >= len(buf):  # chat templates can be long
+                big = ctypes.create_string_buffer(n + 1)
+                llama.llama_model_meta_val_str_by_index(self.model, i, big, len(big))
+                meta[key] = big.value.decode(errors="replace")
+            else:
+                meta[key] = buf.value.decode(errors="replace")
+        return meta
+
+    def _special_tokens(self) -> dict[str, int]:
+        special = {}
+        for token in range(self.n_vocab):
+            if llama.llama_vocab_get_attr(self.vocab, token) & SPECIAL_ATTRS:
+                text = llama.llama_vocab_get_text(self.vocab, token).decode(errors="replace")
+                if text:
+                    special.setdefault(text, token)
+        return special
+
+    def token_text(self, token: int) -> str:
+        return llama.llama_vocab_get_text(self.vocab, token).decode(errors="replace") if token >= 0 else ""
+
+    # --- Tokens ---
+
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """Plain tokenization; with `special`, special-token texts become their tokens."""
+        data = text.encode()
+        buf = (llama.llama_token * (len(data) + 8))()
+        n = llama.llama_tokenize(self.vocab, data, len(data), buf, len(buf), False, special)
+        return buf[:n]
+
+    def tokenize_prompt(self, prompt: str, content_spans: list[tuple[int, int]] = ()) -> list[int]:
+        """Tokenize a rendered prompt exactly as llama.cpp would with special tokens parsed,
+        except that the text inside `content_spans` (what users typed) is never read as special
+        tokens; and the model's BOS is added only if the prompt does not already start with it."""
+        fragments: list[int | str] = []
+        pos = 0
+        for start, end in [*content_spans, (len(prompt), len(prompt))]:
+            fragments.extend(self._split_special(prompt[pos:start]))
+            fragments.append(prompt[start:end])
+            pos = end
+        tokens: list[int] = []
+        for i, fragment in enumerate(fragments):
+            if isinstance(fragment, int):
+                tokens.append(fragment)
+                continue
+            attr_before = self._attr(fragments[i - 1]) if i > 0 else 0
+            attr_after = self._attr(fragments[i + 1]) if i + 1 < len(fragments) else 0
+            if attr_before & llama.LLAMA_TOKEN_ATTR_RSTRIP:
+                fragment = fragment.lstrip()
+            if attr_after & llama.LLAMA_TOKEN_ATTR_LSTRIP:
+                fragment = fragment.rstrip()
+            if fragment:
+                tokens.extend(self.tokenize(fragment))
+        if self.add_bos and tokens[:1] != [self.bos]:
+            tokens.insert(0, self.bos)
+        return tokens
+
+    def _split_special(self, text: str) -> list[int | str]:
+        out: list[int | str] = []
+        pos = 0
+        for m in self._special_re.finditer(text) if self.special and text else ():
+            out += [text[pos : m.start()], self.special[m.group()]]
+            pos = m.end()
+        out.append(text[pos:])
+        return out
+
+    def _attr(self, fragment: int | str) -> int:
+        return llama.llama_vocab_get_attr(self.vocab, fragment) if isinstance(fragment, int) else 0
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return llama.llama_vocab_is_eog(self.vocab, token)
+
+
+# --- Generation -----------------------------------------------------------------------------
+
+
+@dataclass
+class Sampling:
+    """How one sequence picks its tokens (OpenAI's parameters plus llama.cpp's usual extras)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+    def chain(self, n_vocab: int):
+        """A llama.cpp sampler chain, in llama-server's order: bias, penalties, truncation, temperature."""
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        add = lambda sampler: llama.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if self.logit_bias:
+            biases = (llama.llama_logit_bias * len(self.logit_bias))(*self.logit_bias.items())
+            add(llama.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
+        if self.presence_penalty or self.frequency_penalty or self.repeat_penalty != 1.0:
+            add(llama.llama_sampler_init_penalties(64, self.repeat_penalty, self.frequency_penalty, self.presence_penalty))
+        if self.temperature <= 0:
+            add(llama.llama_sampler_init_greedy())
+            return chain
+        if self.top_k > 0:
+            add(llama.llama_sampler_init_top_k(self.top_k))
+        if self.top_p < 1.0:
+            add(llama.llama_sampler_init_top_p(self.top_p, 1))
+        if self.min_p > 0:
+            add(llama.llama_sampler_init_min_p(self.min_p, 1))
+        add(llama.llama_sampler_init_temp(self.temperature))
+        seed = self.seed if self.seed is not None else llama.LLAMA_DEFAULT_SEED
+        add(llama.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+
+@dataclass
+class Event:
+    """What the engine tells a request after each of its tokens: new text and, at the end, why."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Generation:
+    """One sequence to generate. The engine calls `emit` from its thread after every token."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    emit: Callable[[Event], None]
+    stop: list[str] = field(default_factory=list)
+    cancelled: bool = False  # set by the request's side when its client has gone
+
+
+class StopScanner:
+    """Finds stop strings in streamed text, holding back any tail that could begin one, so
+    that no fragment of a stop string is ever emitted."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """The text safe to emit now, and whether a stop string was reached."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Slot:
+    """One of the context's sequences: what its KV cache holds, and the generation using it."""
+
+    def __init__(self, seq_id: int):
+        self.seq_id = seq_id
+        self.cached: list[int] = []  # tokens whose keys and values sit in the KV cache
+        self.gen: Generation | None = None
+
+    def start(self, gen: Generation, model: Model) -> None:
+        # Reuse the longest cached prefix; at least the last prompt token is decoded again,
+        # because sampling needs its logits.
+        keep = 0
+        limit = min(len(self.cached), len(gen.prompt) - 1)
+        while keep < limit and self.cached[keep] == gen.prompt[keep]:
+            keep += 1
+        llama.llama_memory_seq_rm(model.memory, self.seq_id, keep, -1)
+        self.cached = gen.prompt[:keep]
+        self.todo = gen.prompt[keep:]  # tokens still to decode
+        self.gen = gen
+        self.chain = gen.sampling.chain(model.n_vocab)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.scanner = StopScanner(gen.stop)
+        self.n_generated = 0
+
+    def finish(self, reason: str | None, text: str = "") -> None:
+        gen = self.gen
+        if reason != "stop":
+            text += self.scanner.flush()
+        gen.emit(Event(text, reason, len(gen.prompt), self.n_generated))
+        llama.llama_sampler_free(self.chain)
+        self.gen = None
+
+
+class Engine:
+    """The decode thread. `submit` queues a generation; the thread admits it into a free slot
+    between steps, and each step decodes one batch holding every running sequence."""
+
+    def __init__(self, model: Model, parallel: int, stop_tokens: set[int] = frozenset()):
+        self.model = model
+        self.slots = [Slot(i) for i in range(parallel)]
+        self.stop_tokens = set(stop_tokens)
+        self.inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
+        self.waiting: deque[Generation] = deque()
+        self.batch = llama.llama_batch_init(model.n_batch, 0, 1)
+        self.thread = threading.Thread(target=self._run, name="decode", daemon=True)
+        self.thread.start()
+
+    def submit(self, gen: Generation) -> None:
+        self.inbox.put(gen)
+
+    def close(self) -> None:
+        self.inbox.put(None)
+        self.thread.join()
+
+    @property
+    def running(self) -> int:
+        return sum(slot.gen is not None for slot in self.slots)
+
+    def _run(self) -> None:
+        while True:
+            idle = not self.waiting and not self.running
+            try:
+                while True:
+                    gen = self.inbox.get(block=idle)
+                    if gen is None:
+                        return
+                    self.waiting.append(gen)
+                    idle = False
+            except queue.Empty:
+                pass
+            self._admit()
+            if self.running:
+                try:
+                    self._step()
+                except Exception as e:  # never let one bad step kill the thread serving everyone
+                    for slot in self.slots:
+                        if slot.gen:
+                            slot.finish("error", f"[engine error: {e}]")
+
+    def _admit(self) -> None:
+        while self.waiting:
+            free = [s for s in self.slots if s.gen is None]
+            if not free:
+                return
+            gen = self.waiting.popleft()
+            if gen.cancelled:
+                gen.emit(Event("", "cancelled", len(gen.prompt), 0))
+                continue
+            # The free slot whose cache shares the longest prefix with this prompt.
+            slot = max(free, key=lambda s: _common_prefix(s.cached, gen.prompt))
+            slot.start(gen, self.model)
+
+    def _step(self) -> None:
+        batch, budget, n = self.batch, self.model.n_batch, 0
+        sample_at: list[tuple[Slot, int]] = []
+        for slot in self.slots:
+            gen = slot.gen
+            if gen is None:
+                continue
+            if gen.cancelled:
+                slot.finish("cancelled")
+                continue
+            take = slot.todo[: max(budget - n, 0)]
+            if not take:
+                continue
+            for token in take:
+                batch.token[n] = token
+                batch.pos[n] = len(slot.cached)
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.seq_id
+                batch.logits[n] = False
+                slot.cached.append(token)
+                n += 1
+            slot.todo = slot.todo[len(take) :]
+            if not slot.todo:
+                batch.logits[n - 1] = True
+                sample_at.append((slot, n - 1))
+        if n == 0:
+            return
+        batch.n_tokens = n
+        status = llama.llama_decode(self.model.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        for slot, index in sample_at:
+            self._sample(slot, index)
+
+    def _sample(self, slot: Slot, index: int) -> None:
+        model, gen = self.model, slot.gen
+        token = llama.llama_sampler_sample(slot.chain, model.ctx, index)
+        if model.is_end_of_generation(token) or token in self.stop_tokens:
+            return slot.finish("stop")
+        slot.n_generated += 1
+        text, stopped = slot.scanner.feed(slot.utf8.decode(model.piece(token)))
+        if stopped:
+            return slot.finish("stop", text)
+        if slot.n_generated >= gen.max_tokens or len(slot.cached) + 1 >= model.n_ctx:
+            return slot.finish("length", text)
+        slot.todo = [token]
+        gen.emit(Event(text))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def available_cpus() -> int:
+    """Cores this process may use: its affinity mask, and a container's cgroup CPU quota."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
