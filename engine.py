@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import llama_cpp.llama_cpp as llama
+import numpy as np
 
 # --- Loading --------------------------------------------------------------------------------
 
@@ -84,6 +85,8 @@ class Model:
         self.bos = llama.llama_vocab_bos(self.vocab)
         self.eos = llama.llama_vocab_eos(self.vocab)
         self.add_bos = bool(llama.llama_vocab_get_add_bos(self.vocab)) and self.bos >= 0
+        fim = [llama.llama_vocab_fim_pre(self.vocab), llama.llama_vocab_fim_suf(self.vocab), llama.llama_vocab_fim_mid(self.vocab)]
+        self.fim = tuple(fim) if min(fim) >= 0 else None  # fill-in-the-middle tokens, for models trained with them
         self.special = self._special_tokens()
         self._special_re = re.compile("|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)))
         self.n_ctx_train = llama.llama_model_n_ctx_train(self.model)
@@ -188,6 +191,9 @@ class Model:
             n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens if t != self.bos).decode(errors="replace")
+
     def is_end_of_generation(self, token: int) -> bool:
         return llama.llama_vocab_is_eog(self.vocab, token)
 
@@ -208,16 +214,21 @@ class Sampling:
     repeat_penalty: float = 1.0
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None  # GBNF the output must follow (JSON mode, schemas, forced tool calls)
 
-    def chain(self, n_vocab: int):
-        """A llama.cpp sampler chain, in llama-server's order: bias, penalties, truncation, temperature."""
+    def chain(self, model: Model):
+        """A llama.cpp sampler chain: grammar, then llama-server's order (bias, penalties,
+        truncation, temperature). Penalties look back over the whole context, as OpenAI's do."""
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         add = lambda sampler: llama.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if self.grammar:
+            add(grammar_sampler(model, self.grammar))
         if self.logit_bias:
             biases = (llama.llama_logit_bias * len(self.logit_bias))(*self.logit_bias.items())
-            add(llama.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
+            add(llama.llama_sampler_init_logit_bias(model.n_vocab, len(biases), biases))
         if self.presence_penalty or self.frequency_penalty or self.repeat_penalty != 1.0:
-            add(llama.llama_sampler_init_penalties(64, self.repeat_penalty, self.frequency_penalty, self.presence_penalty))
+            penalties = (self.repeat_penalty, self.frequency_penalty, self.presence_penalty)
+            add(llama.llama_sampler_init_penalties(model.n_ctx, *penalties))
         if self.temperature <= 0:
             add(llama.llama_sampler_init_greedy())
             return chain
@@ -233,14 +244,34 @@ class Sampling:
         return chain
 
 
+def grammar_sampler(model: Model, grammar: str):
+    sampler = llama.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+    if not sampler:
+        raise ValueError("the grammar does not parse")
+    return sampler
+
+
+def check_grammar(model: Model, grammar: str) -> None:
+    """Raise ValueError now, in the request, rather than later in the decode thread."""
+    llama.llama_sampler_free(grammar_sampler(model, grammar))
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens at this step, most likely first
+
+
 @dataclass
 class Event:
     """What the engine tells a request after each of its tokens: new text and, at the end, why."""
 
     text: str
-    finish_reason: str | None = None  # "stop" | "length" | "error"
-    prompt_tokens: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused rather than computed
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -252,6 +283,7 @@ class Generation:
     sampling: Sampling
     emit: Callable[[Event], None]
     stop: list[str] = field(default_factory=list)
+    top_logprobs: int | None = None  # report each token's logprob and this many alternatives
     cancelled: bool = False  # set by the request's side when its client has gone
 
 
@@ -288,6 +320,7 @@ class Slot:
         self.gen: Generation | None = None
 
     def start(self, gen: Generation, model: Model) -> None:
+        self.chain = gen.sampling.chain(model)  # first: if it fails, the slot is unchanged
         # Reuse the longest cached prefix; at least the last prompt token is decoded again,
         # because sampling needs its logits.
         keep = 0
@@ -296,18 +329,18 @@ class Slot:
             keep += 1
         llama.llama_memory_seq_rm(model.memory, self.seq_id, keep, -1)
         self.cached = gen.prompt[:keep]
+        self.reused = keep
         self.todo = gen.prompt[keep:]  # tokens still to decode
         self.gen = gen
-        self.chain = gen.sampling.chain(model.n_vocab)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.scanner = StopScanner(gen.stop)
         self.n_generated = 0
 
-    def finish(self, reason: str | None, text: str = "") -> None:
+    def finish(self, reason: str, text: str = "", logprobs: list[TokenLogprob] = ()) -> None:
         gen = self.gen
         if reason != "stop":
             text += self.scanner.flush()
-        gen.emit(Event(text, reason, len(gen.prompt), self.n_generated))
+        gen.emit(Event(text, reason, self.n_generated, self.reused, list(logprobs)))
         llama.llama_sampler_free(self.chain)
         self.gen = None
 
@@ -365,11 +398,14 @@ class Engine:
                 return
             gen = self.waiting.popleft()
             if gen.cancelled:
-                gen.emit(Event("", "cancelled", len(gen.prompt), 0))
+                gen.emit(Event("", "cancelled"))
                 continue
             # The free slot whose cache shares the longest prefix with this prompt.
             slot = max(free, key=lambda s: _common_prefix(s.cached, gen.prompt))
-            slot.start(gen, self.model)
+            try:
+                slot.start(gen, self.model)
+            except Exception as e:
+                gen.emit(Event(f"[engine error: {e}]", "error"))
 
     def _step(self) -> None:
         batch, budget, n = self.batch, self.model.n_batch, 0
@@ -416,13 +452,23 @@ class Engine:
         if model.is_end_of_generation(token) or token in self.stop_tokens:
             return slot.finish("stop")
         slot.n_generated += 1
+        logprobs = [self._logprob(index, token, gen.top_logprobs)] if gen.top_logprobs is not None else []
         text, stopped = slot.scanner.feed(slot.utf8.decode(model.piece(token)))
         if stopped:
-            return slot.finish("stop", text)
+            return slot.finish("stop", text, logprobs)
         if slot.n_generated >= gen.max_tokens or len(slot.cached) + 1 >= model.n_ctx:
-            return slot.finish("length", text)
+            return slot.finish("length", text, logprobs)
         slot.todo = [token]
-        gen.emit(Event(text))
+        gen.emit(Event(text, logprobs=logprobs))
+
+    def _logprob(self, index: int, token: int, top: int) -> TokenLogprob:
+        """The model's own log-probabilities at this step (before any sampling transform)."""
+        logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.model.ctx, index), shape=(self.model.n_vocab,))
+        peak = logits.max()
+        log_z = peak + np.log(np.exp(logits - peak).sum())
+        best = np.argpartition(logits, -top)[-top:] if top else []
+        best = sorted(best, key=lambda t: -logits[t])
+        return TokenLogprob(token, float(logits[token] - log_z), [(int(t), float(logits[t] - log_z)) for t in best])
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -8,6 +8,7 @@ Read top to bottom: configuration -> model load -> request/response structs -> r
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import os
 import sys
@@ -131,7 +132,13 @@ class Served:
     model: engine.Model
     engine: engine.Engine
     render: templates.Render
+    stops: list[str]  # end-of-turn texts that are not single special tokens
     created: int
+    load_seconds: float
+
+    @property
+    def template_takes_tools(self) -> bool:
+        return "tools" in self.model.metadata.get("tokenizer.chat_template", "") and self.config.chat_format in ("auto", "jinja")
 
 
 def chat_renderer(config: Config, model) -> tuple[templates.Render, tuple[str, ...]]:
@@ -159,9 +166,9 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
         print(f"gguf-serve: {e}", file=sys.stderr, flush=True)
         os._exit(1)  # a startup failure: one line, not an ASGI traceback
     stop_tokens = {model.special[s] for s in stops if s in model.special}
-    app.state.served = Served(config, model, engine.Engine(model, config.parallel, stop_tokens), render, int(time.time()))
-    app.state.chat_stops = [s for s in stops if s not in model.special]
-    app.state.load_seconds = time.perf_counter() - t0
+    decoder = engine.Engine(model, config.parallel, stop_tokens)
+    text_stops = [s for s in stops if s not in model.special]
+    app.state.served = Served(config, model, decoder, render, text_stops, int(time.time()), time.perf_counter() - t0)
     try:
         yield
     finally:
@@ -175,6 +182,7 @@ TopP = Annotated[float, msgspec.Meta(ge=0, le=1)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Stop = str | Annotated[list[str], msgspec.Meta(max_length=4)]
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
 
 
 class ContentPart(msgspec.Struct):
@@ -187,94 +195,180 @@ class FunctionCall(msgspec.Struct):
     arguments: str
 
 
-class ToolCall(msgspec.Struct):
+class ToolCall(msgspec.Struct, kw_only=True):
     id: str
-    function: FunctionCall
     type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(msgspec.Struct, omit_defaults=True):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
     tool_call_id: str | None = None
+
+
+class FunctionDef(msgspec.Struct):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ToolDef(msgspec.Struct):
+    function: FunctionDef
+    type: Literal["function"] = "function"
+
+
+class FunctionName(msgspec.Struct):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct):
+    function: FunctionName
+    type: Literal["function"] = "function"
+
+
+class JSONSchemaFormat(msgspec.Struct):
+    name: str
+    schema: dict = {}
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
 
 
 class Sampled(msgspec.Struct, kw_only=True):
     """Fields both endpoints share. Unknown fields are ignored, as OpenAI's newer SDK fields
-    (store, metadata, user...) must be; known ones this service can't honour are refused."""
+    (store, metadata, user...) must be; known ones that can't be honoured are refused."""
 
     model: str
     stream: bool = False
+    stream_options: StreamOptions | None = None
     max_tokens: Positive | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
+    stop: Stop | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    repeat_penalty: Annotated[float, msgspec.Meta(gt=0, le=10)] | None = None
     logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
     seed: int | None = None
-    stop: Stop | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
-    stream_options: dict | None = None
-    logprobs: bool | int | None = None
-    suffix: str | None = None
-    echo: bool = False
+    # llama.cpp's extensions
+    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0, le=10)] | None = None
 
 
-class ChatRequest(Sampled):
+class ChatRequest(Sampled, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     max_completion_tokens: Positive | None = None
-    top_logprobs: int | None = None
-    response_format: dict | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
-    functions: list | None = None
-    function_call: str | dict | None = None
+    logprobs: bool = False
+    top_logprobs: TopLogprobs | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDef] | None = None
+    function_call: Literal["none", "auto"] | FunctionName | None = None
 
 
-class CompletionRequest(Sampled):
-    prompt: str
+class CompletionRequest(Sampled, kw_only=True):
+    prompt: str | list[str | int | list[int]]
+    logprobs: TopLogprobs | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+
+class TemplateRequest(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    tools: list[ToolDef] | None = None
+
+
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int
 
 
 class Usage(msgspec.Struct, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class TopLogprob(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenInfo(TopLogprob, kw_only=True):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(msgspec.Struct, kw_only=True):
+    content: list[TokenInfo]
+    refusal: None = None
+
+
+class TextLogprobs(msgspec.Struct, kw_only=True):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class AssistantMessage(msgspec.Struct, kw_only=True):
     role: str = "assistant"
-    content: str
+    content: str | None
+    refusal: None = None
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
+    function_call: FunctionCall | msgspec.UnsetType = msgspec.UNSET  # the legacy `functions` API's answer
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
+
+
+class ToolCallDelta(msgspec.Struct, kw_only=True):
+    index: int
+    id: str
+    type: str = "function"
+    function: FunctionCall
 
 
 class Delta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    function_call: FunctionCall | None = None
 
 
 class ChunkChoice(msgspec.Struct, kw_only=True):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class TextChoice(msgspec.Struct, kw_only=True):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
 
 
 class Completion(msgspec.Struct, kw_only=True):
@@ -304,6 +398,10 @@ class ModelList(msgspec.Struct, kw_only=True):
     data: list[ModelCard]
 
 
+class ApplyTemplateResponse(msgspec.Struct):
+    prompt: str
+
+
 class ErrorBody(msgspec.Struct, kw_only=True):
     message: str
     type: str
@@ -323,8 +421,7 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "server_error"}
+ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_exceeded"}
 
 
 def error_response(_: Request, exc: Exception) -> Response:
@@ -362,23 +459,9 @@ def served_model(request: Request, name: str) -> Served:
     return served
 
 
-def refuse_unsupported(body: Sampled) -> None:
-    """Fields whose meaning this service can't honour yet are refused, never silently ignored."""
-    unsupported = {
-        "logprobs": bool(body.logprobs),
-        "suffix": body.suffix is not None,
-        "echo": body.echo,
-        "response_format": getattr(body, "response_format", None) not in (None, {"type": "text"}),
-        "tools": bool(getattr(body, "tools", None)),
-        "functions": bool(getattr(body, "functions", None)),
-    }
-    for field, used in unsupported.items():
-        if used:
-            raise APIError(400, f"`{field}` is not supported by this server", field, "unsupported_parameter")
-
-
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
-    """OpenAI messages -> the plain dicts chat templates expect (text content, system roles)."""
+    """OpenAI messages -> the plain dicts chat templates expect (text content, system roles,
+    tool-call arguments as objects)."""
     out = []
     for i, m in enumerate(messages):
         content = m.content
@@ -387,16 +470,18 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
                 if part.type != "text" or part.text is None:
                     raise APIError(400, f"content part type `{part.type}` is not supported; only text", f"messages[{i}].content[{j}]")
             content = "".join(part.text for part in content)
-        if content is None and not (m.role == "assistant" and m.tool_calls):
+        calls = m.tool_calls or ([ToolCall(id="call_0", function=m.function_call)] if m.function_call else None)
+        if content is None and not (m.role == "assistant" and calls):
             raise APIError(400, "`content` is required for this role", f"messages[{i}].content")
-        message = {"role": "system" if m.role == "developer" else m.role, "content": templates.strip_markers(content or "")}
-        if m.tool_calls:
+        role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
+        message = {"role": role, "content": templates.strip_markers(content or "")}
+        if calls:
             message["tool_calls"] = [
                 {"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
-                for c in m.tool_calls
+                for c in calls
             ]
-        if m.tool_call_id:
-            message["tool_call_id"] = m.tool_call_id
+        if m.tool_call_id or m.name:
+            message["tool_call_id"] = m.tool_call_id or m.name
         out.append(message)
     return out
 
@@ -408,15 +493,52 @@ def _json_or_text(text: str):
         return text
 
 
-def chat_prompt(served: Served, messages: list[ChatMessage]) -> tuple[str, list[int]]:
+def chat_prompt(served: Served, messages: list[ChatMessage], tools: list[ToolDef] | None = None) -> tuple[str, list[int]]:
+    """The rendered prompt and its tokens. Tools go to a template that knows them; for one that
+    doesn't, they are described in the system message."""
+    dicts, render = message_dicts(messages), served.render
+    if tools:
+        tool_dicts = [msgspec.to_builtins(t) for t in tools]
+        if served.template_takes_tools:
+            render = functools.partial(render, tools=tool_dicts)
+        else:
+            dicts = templates.with_tools_in_system(dicts, tool_dicts)
     try:
-        prompt, spans = templates.render_with_spans(served.render, message_dicts(messages))
+        prompt, spans = templates.render_with_spans(render, dicts)
     except templates.TemplateError as e:
         raise APIError(400, str(e), "messages") from None
     return prompt, served.model.tokenize_prompt(prompt, spans)
 
 
-def sampling(served: Served, body: Sampled, choice: int) -> engine.Sampling:
+def completion_prompts(served: Served, body: CompletionRequest) -> list[list[int]]:
+    """`prompt` as a string, a list of strings, a list of token ids, or a list of those; a
+    raw prompt is the client's own text, special tokens included, as at llama.cpp's server."""
+    model, prompt = served.model, body.prompt
+    if isinstance(prompt, str) or all(isinstance(p, str) for p in prompt):
+        prompts = [model.tokenize(p, special=True) for p in ([prompt] if isinstance(prompt, str) else prompt)]
+    elif all(isinstance(p, int) for p in prompt):
+        prompts = [prompt]
+    elif all(isinstance(p, list) for p in prompt):
+        prompts = prompt
+    else:
+        raise APIError(400, "`prompt` must be a string, a list of strings, or token ids", "prompt")
+    if not prompts or any(not 0 <= t < model.n_vocab for p in prompts for t in p):
+        raise APIError(400, "`prompt` is empty or holds a token id outside the vocabulary", "prompt")
+    if body.suffix is not None:
+        return [infill(served, p, body.suffix) for p in prompts]
+    return [[model.bos, *p] if model.add_bos and p[:1] != [model.bos] else p for p in prompts]
+
+
+def infill(served: Served, prefix: list[int], suffix: str) -> list[int]:
+    """Fill-in-the-middle, in the prefix-suffix-middle order FIM models are trained on."""
+    model = served.model
+    if model.fim is None:
+        raise APIError(400, "`suffix` needs a model trained for fill-in-the-middle; this one is not", "suffix")
+    pre, suf, mid = model.fim
+    return [*([model.bos] if model.add_bos else []), pre, *prefix, suf, *model.tokenize(suffix), mid]
+
+
+def sampling(served: Served, body: Sampled, choice: int, grammar: str | None) -> engine.Sampling:
     d = served.config.sampling
     bias = {}
     for token, value in (body.logit_bias or {}).items():
@@ -433,35 +555,133 @@ def sampling(served: Served, body: Sampled, choice: int) -> engine.Sampling:
         repeat_penalty=d.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
         seed=None if body.seed is None else body.seed + choice,
         logit_bias=bias,
+        grammar=grammar,
     )
 
 
-def token_budget(served: Served, prompt: list[int], requested: int | None, default: int | None) -> int:
-    """Tokens this request may generate; refused before any work when it can't fit the context."""
-    n_ctx = served.model.n_ctx
-    if len(prompt) >= n_ctx or (requested and len(prompt) + requested > n_ctx):
+def token_budget(served: Served, prompts: list[list[int]], requested: int | None, default: int | None) -> int:
+    """Tokens each choice may generate; refused before any work when it can't fit the context."""
+    n_ctx, longest = served.model.n_ctx, max(len(p) for p in prompts)
+    if longest >= n_ctx or (requested and longest + requested > n_ctx):
         asked = f" plus {requested} requested tokens" if requested else ""
         raise APIError(
             400,
-            f"This model's maximum context length is {n_ctx} tokens; the prompt has {len(prompt)} tokens{asked}.",
+            f"This model's maximum context length is {n_ctx} tokens; the prompt has {longest} tokens{asked}.",
             "messages",
             "context_length_exceeded",
         )
-    return requested or default or (n_ctx - len(prompt))
+    return min(requested or default or n_ctx, n_ctx - longest)
+
+
+# Structured output: JSON Schema -> a llama.cpp grammar, with llama-cpp-python's converter.
+SCHEMA_KEYWORDS = {
+    "type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
+    "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "pattern", "minLength",
+    "maxLength", "format", "title", "description", "default", "examples", "$schema", "$id", "$comment",
+}
+SCHEMA_FORMATS = {"date", "time", "date-time", "uuid"}
+
+
+def schema_grammar(schema: dict, param: str) -> str:
+    """The GBNF for a JSON Schema, or a 400 naming the features the converter can't enforce."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    unsupported = sorted(schema_features(schema) - SCHEMA_KEYWORDS)
+    if unsupported:
+        raise APIError(400, f"JSON Schema features not supported: {', '.join(unsupported)}", param, "unsupported_schema")
+    try:
+        return json_schema_to_gbnf(msgspec.json.encode(schema).decode())
+    except Exception as e:  # the converter raises assorted errors on schemas it can't handle
+        raise APIError(400, f"JSON Schema not supported: {e}", param, "unsupported_schema") from None
+
+
+def schema_features(schema) -> set[str]:
+    """Every keyword a schema uses (property names and definitions' names excluded)."""
+    if isinstance(schema, list):
+        return set().union(*(schema_features(s) for s in schema))
+    if not isinstance(schema, dict):
+        return set()
+    found = set(schema)
+    if schema.get("format") not in (None, *SCHEMA_FORMATS):
+        found.add(f"format: {schema['format']}")
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            found |= schema_features(list(value.values()))
+        elif key not in ("enum", "const", "default", "examples", "required"):
+            found |= schema_features(value)
+    return found
+
+
+def tool_plan(body: ChatRequest) -> tuple[list[ToolDef] | None, str | None, bool]:
+    """The tools the model is told about, which call is forced (None, "required" or a name),
+    and whether the legacy `functions` API asked."""
+    legacy = bool(body.functions)
+    tools = body.tools or ([ToolDef(function=f) for f in body.functions] if legacy else None)
+    choice = body.function_call if legacy else body.tool_choice
+    if not tools or choice == "none":
+        return None, None, legacy
+    names = [t.function.name for t in tools]
+    if isinstance(choice, (NamedToolChoice, FunctionName)):
+        name = choice.function.name if isinstance(choice, NamedToolChoice) else choice.name
+        if name not in names:
+            raise APIError(400, f"tool_choice names `{name}`, which is not among the tools", "tool_choice")
+        return tools, name, legacy
+    return tools, "required" if choice == "required" else None, legacy
+
+
+def output_grammar(served: Served, body: ChatRequest, tools: list[ToolDef] | None, forced: str | None) -> str | None:
+    """The grammar a chat answer must follow: a forced tool call, JSON mode or a JSON Schema."""
+    if forced:
+        calls = [
+            {"type": "object", "properties": {"name": {"const": t.function.name},
+                                              "arguments": t.function.parameters or {"type": "object"}},
+             "required": ["name", "arguments"]}
+            for t in tools if forced in ("required", t.function.name)
+        ]
+        grammar = schema_grammar(calls[0] if len(calls) == 1 else {"anyOf": calls}, "tools")
+    elif body.response_format is None or body.response_format.type == "text":
+        return None
+    elif body.response_format.type == "json_object":
+        from llama_cpp.llama_grammar import JSON_GBNF
+
+        grammar = JSON_GBNF
+    else:
+        if body.response_format.json_schema is None:
+            raise APIError(400, "`json_schema` is required with type json_schema", "response_format.json_schema")
+        grammar = schema_grammar(body.response_format.json_schema.schema, "response_format.json_schema.schema")
+    try:
+        engine.check_grammar(served.model, grammar)
+    except ValueError as e:
+        raise APIError(400, f"the output constraint can't be compiled: {e}", "response_format") from None
+    return grammar
+
+
+class Choice(msgspec.Struct):
+    """One choice as the engine finished it."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list = []
 
 
 class Run:
-    """The n choices of one request, running in the engine."""
+    """The choices of one request (n for each prompt), running in the engine."""
 
-    def __init__(self, served: Served, body: Sampled, prompt: list[int], max_tokens: int, stop: list[str]):
+    def __init__(self, served: Served, body: Sampled, prompts: list[list[int]], max_tokens: int, stop: list[str],
+                 top_logprobs: int | None = None, grammar: str | None = None):
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[int, engine.Event]] = asyncio.Queue()
-        self.n_prompt = len(prompt)
+        self.n_prompt = sum(len(p) for p in prompts)
+        self.n_completion = self.n_cached = 0
         self.generations = []
-        for i in range(body.n):
-            emit = lambda event, i=i: loop.call_soon_threadsafe(self.events.put_nowait, (i, event))  # noqa: E731
-            gen = engine.Generation(prompt, max_tokens, sampling(served, body, i), emit, stop)
-            self.generations.append(gen)
+        for prompt in prompts:
+            for i in range(body.n):
+                index = len(self.generations)
+                emit = lambda event, index=index: loop.call_soon_threadsafe(self.events.put_nowait, (index, event))  # noqa: E731
+                choice_sampling = sampling(served, body, i, grammar)
+                gen = engine.Generation(prompt, max_tokens, choice_sampling, emit, stop, top_logprobs)
+                self.generations.append(gen)
+        for gen in self.generations:
             served.engine.submit(gen)
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, engine.Event]]:
@@ -470,45 +690,72 @@ class Run:
             running = len(self.generations)
             while running:
                 index, event = await self.events.get()
-                running -= event.finish_reason is not None
+                if event.finish_reason:
+                    running -= 1
+                    self.n_completion += event.completion_tokens
+                    self.n_cached += event.cached_tokens if index % len(self.generations) == 0 else 0
                 yield index, event
         finally:  # finished, or the client went away: either way nothing more to generate
             for gen in self.generations:
                 gen.cancelled = True
 
-    async def collect(self) -> tuple[list[str], list[str | None], Usage]:
-        texts, reasons, n_completion = [""] * len(self.generations), [None] * len(self.generations), 0
+    async def collect(self) -> list[Choice]:
+        choices = [Choice() for _ in self.generations]
         async for i, event in self:
-            texts[i] += event.text
-            if event.finish_reason:
-                reasons[i], n_completion = event.finish_reason, n_completion + event.completion_tokens
-        return texts, reasons, self.usage(n_completion)
+            choices[i].text += event.text
+            choices[i].logprobs += event.logprobs
+            choices[i].finish_reason = choices[i].finish_reason or event.finish_reason
+        return choices
 
-    def usage(self, n_completion: int) -> Usage:
-        return Usage(prompt_tokens=self.n_prompt, completion_tokens=n_completion, total_tokens=self.n_prompt + n_completion)
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=self.n_prompt,
+            completion_tokens=self.n_completion,
+            total_tokens=self.n_prompt + self.n_completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.n_cached),
+        )
+
+
+def token_text(model: engine.Model, token: int) -> tuple[str, list[int]]:
+    piece = model.piece(token)
+    return piece.decode(errors="replace"), list(piece)
+
+
+def chat_logprobs(model: engine.Model, entries: list[engine.TokenLogprob]) -> ChatLogprobs:
+    def info(token, logprob):
+        text, raw = token_text(model, token)
+        return TopLogprob(token=text, logprob=logprob, bytes=raw)
+
+    return ChatLogprobs(content=[
+        TokenInfo(**msgspec.structs.asdict(info(e.token, e.logprob)), top_logprobs=[info(t, lp) for t, lp in e.top])
+        for e in entries
+    ])
+
+
+def text_logprobs(model: engine.Model, entries: list[engine.TokenLogprob], offset: int) -> TextLogprobs:
+    tokens, offsets = [], []
+    for e in entries:
+        offsets.append(offset)
+        tokens.append(token_text(model, e.token)[0])
+        offset += len(tokens[-1])
+    return TextLogprobs(
+        tokens=tokens,
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[{token_text(model, t)[0]: lp for t, lp in e.top} for e in entries],
+        text_offset=offsets,
+    )
 
 
 def sse(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
-async def stream(run: Run, body: Sampled, head: dict, choice, first: list | None = None) -> AsyncIterator[bytes]:
-    """Server-sent events: a chunk per piece of text (choice(index, text, finish_reason) builds
-    its choice), the usage chunk when asked for, then [DONE]."""
-    if first:
-        yield sse(msgspec.json.encode(Completion(**head, choices=first)))
-    n_completion = 0
-    async for i, event in run:
-        if event.text or event.finish_reason:
-            yield sse(msgspec.json.encode(Completion(**head, choices=[choice(i, event.text, event.finish_reason)])))
-        n_completion += event.completion_tokens
-    if (body.stream_options or {}).get("include_usage"):
-        yield sse(msgspec.json.encode(Completion(**head, choices=[], usage=run.usage(n_completion))))
-    yield sse(b"[DONE]")
-
-
 def stop_strings(body: Sampled) -> list[str]:
     return [body.stop] if isinstance(body.stop, str) else body.stop or []
+
+
+def include_usage(body: Sampled) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
 
 
 # --- Routes ---------------------------------------------------------------------------------
@@ -537,58 +784,107 @@ def model_card(served: Served) -> ModelCard:
 async def chat_completions(request: Request) -> Response | Stream:
     body = await parse(request, ChatRequest)
     served = served_model(request, body.model)
-    refuse_unsupported(body)
-    _, prompt = chat_prompt(served, body.messages)
-    max_tokens = token_budget(served, prompt, body.max_completion_tokens or body.max_tokens, None)
-    run = Run(served, body, prompt, max_tokens, [*request.app.state.chat_stops, *stop_strings(body)])
+    tools, forced, legacy = tool_plan(body)
+    _, prompt = chat_prompt(served, body.messages, tools)
+    grammar = output_grammar(served, body, tools, forced)
+    max_tokens = token_budget(served, [prompt], body.max_completion_tokens or body.max_tokens, None)
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    run = Run(served, body, [prompt], max_tokens, [*served.stops, *stop_strings(body)], top_logprobs, grammar)
     head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served.config.model_id)
     if body.stream:
-        first = [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(body.n)]
-        chunk = lambda i, text, reason: ChunkChoice(index=i, delta=Delta(content=text or None), finish_reason=reason)  # noqa: E731
-        events = stream(run, body, {**head, "object": "chat.completion.chunk"}, chunk, first)
+        events = chat_stream(served, run, body, {**head, "object": "chat.completion.chunk"}, tools, forced, legacy)
         return Stream(events, media_type="text/event-stream")
-    texts, reasons, usage = await run.collect()
-    choices = [ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))]
-    return Response(Completion(**head, object="chat.completion", choices=choices, usage=usage))
+    choices = []
+    for i, c in enumerate(await run.collect()):
+        message, reason = answer(c, tools, forced, legacy)
+        logprobs = chat_logprobs(served.model, c.logprobs) if body.logprobs else None
+        choices.append(ChatChoice(index=i, message=message, finish_reason=reason, logprobs=logprobs))
+    return Response(Completion(**head, object="chat.completion", choices=choices, usage=run.usage()))
+
+
+def answer(choice: Choice, tools: list[ToolDef] | None, forced: str | None, legacy: bool) -> tuple[AssistantMessage, str]:
+    """The assistant's message: its text, or the tool calls found in it."""
+    if not tools:
+        return AssistantMessage(content=choice.text), choice.finish_reason
+    names = [t.function.name for t in tools]
+    content, calls = templates.parse_tool_calls(choice.text, names, whole_json=forced is not None)
+    if not calls:
+        return AssistantMessage(content=choice.text), choice.finish_reason
+    tool_calls = [
+        ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name, arguments)) for name, arguments in calls
+    ]
+    if legacy:
+        return AssistantMessage(content=content, function_call=tool_calls[0].function), "function_call"
+    return AssistantMessage(content=content, tool_calls=tool_calls), "tool_calls"
+
+
+async def chat_stream(served: Served, run: Run, body: ChatRequest, head: dict, tools, forced, legacy) -> AsyncIterator[bytes]:
+    """Chunks as tokens come; with tools, the answer is held until it is known to be a call
+    or text, then sent as tool-call deltas or as content."""
+
+    def chunk(*choices: ChunkChoice, usage=msgspec.UNSET) -> bytes:
+        return sse(msgspec.json.encode(Completion(**head, choices=list(choices), usage=usage)))
+
+    for i in range(len(run.generations)):
+        yield chunk(ChunkChoice(index=i, delta=Delta(role="assistant", content="")))
+    held = [Choice() for _ in run.generations]
+    async for i, event in run:
+        logprobs = chat_logprobs(served.model, event.logprobs) if body.logprobs and event.logprobs else None
+        if tools:
+            held[i].text += event.text
+            if event.finish_reason:
+                message, reason = answer(Choice(held[i].text, event.finish_reason), tools, forced, legacy)
+                calls = [ToolCallDelta(index=k, id=c.id, function=c.function) for k, c in enumerate(message.tool_calls or [])]
+                legacy_call = message.function_call or None
+                delta = Delta(content=message.content, tool_calls=calls or None, function_call=legacy_call)
+                yield chunk(ChunkChoice(index=i, delta=delta))
+                yield chunk(ChunkChoice(index=i, delta=Delta(), finish_reason=reason))
+        elif event.text or event.finish_reason or logprobs:
+            yield chunk(ChunkChoice(index=i, delta=Delta(content=event.text or None), finish_reason=event.finish_reason, logprobs=logprobs))
+    if include_usage(body):
+        yield chunk(usage=run.usage())
+    yield sse(b"[DONE]")
 
 
 @post("/v1/completions", status_code=200)
 async def completions(request: Request) -> Response | Stream:
     body = await parse(request, CompletionRequest)
     served = served_model(request, body.model)
-    refuse_unsupported(body)
-    prompt = completion_prompt(served.model, body.prompt)
-    max_tokens = token_budget(served, prompt, body.max_tokens, 16)
-    run = Run(served, body, prompt, max_tokens, stop_strings(body))
+    prompts = completion_prompts(served, body)
+    if body.echo and body.stream:
+        raise APIError(400, "`echo` can't be combined with `stream`", "echo")
+    max_tokens = token_budget(served, prompts, body.max_tokens, 16)
+    run = Run(served, body, prompts, max_tokens, stop_strings(body), body.logprobs)
     head = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()), model=served.config.model_id)
     if body.stream:
-        chunk = lambda i, text, reason: TextChoice(index=i, text=text, finish_reason=reason)  # noqa: E731
-        return Stream(stream(run, body, head, chunk), media_type="text/event-stream")
-    texts, reasons, usage = await run.collect()
-    choices = [TextChoice(index=i, text=t, finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))]
-    return Response(Completion(**head, choices=choices, usage=usage))
+        return Stream(text_stream(served, run, body, head), media_type="text/event-stream")
+    choices = []
+    for i, c in enumerate(await run.collect()):
+        echoed = served.model.detokenize(prompts[i // body.n]) if body.echo else ""
+        logprobs = text_logprobs(served.model, c.logprobs, len(echoed)) if body.logprobs is not None else None
+        choices.append(TextChoice(index=i, text=echoed + c.text, finish_reason=c.finish_reason, logprobs=logprobs))
+    return Response(Completion(**head, choices=choices, usage=run.usage()))
 
 
-def completion_prompt(model: engine.Model, prompt: str) -> list[int]:
-    """A raw prompt is the client's own text, special tokens included, as at llama.cpp's server."""
-    tokens = model.tokenize(prompt, special=True)
-    return [model.bos, *tokens] if model.add_bos and tokens[:1] != [model.bos] else tokens
-
-
-class TemplateRequest(msgspec.Struct):
-    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
-    model: str | None = None
-
-
-class ApplyTemplateResponse(msgspec.Struct):
-    prompt: str
+async def text_stream(served: Served, run: Run, body: CompletionRequest, head: dict) -> AsyncIterator[bytes]:
+    offsets = [0] * len(run.generations)
+    async for i, event in run:
+        if event.text or event.finish_reason or event.logprobs:
+            logprobs = text_logprobs(served.model, event.logprobs, offsets[i]) if body.logprobs is not None else None
+            offsets[i] += len(event.text)
+            choice = TextChoice(index=i, text=event.text, finish_reason=event.finish_reason, logprobs=logprobs)
+            yield sse(msgspec.json.encode(Completion(**head, choices=[choice])))
+    if include_usage(body):
+        yield sse(msgspec.json.encode(Completion(**head, choices=[], usage=run.usage())))
+    yield sse(b"[DONE]")
 
 
 @post("/apply-template", status_code=200)
 async def apply_template(request: Request) -> ApplyTemplateResponse:
     """The exact text the model would receive for a chat request (as at llama.cpp's server)."""
-    body: TemplateRequest = await parse(request, TemplateRequest)
-    prompt, _ = chat_prompt(served_model(request, body.model) if body.model else request.app.state.served, body.messages)
+    body = await parse(request, TemplateRequest)
+    served = served_model(request, body.model) if body.model else request.app.state.served
+    prompt, _ = chat_prompt(served, body.messages, body.tools)
     return ApplyTemplateResponse(prompt)
 
 

@@ -282,6 +282,56 @@ def jinja_template(source: str, bos_token: str, eos_token: str, tools: list | No
     return render
 
 
+# --- Tools ----------------------------------------------------------------------------------
+
+TOOLS_SYSTEM = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>"
+)
+
+
+def with_tools_in_system(messages: Messages, tools: list[dict]) -> Messages:
+    """For a format whose template doesn't describe tools: describe them in the system
+    message, in the Hermes/Qwen2.5 wording and `<tool_call>` format most chat models know."""
+    text = TOOLS_SYSTEM.format(tools="\n".join(_tojson(t) for t in tools))
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+_TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def parse_tool_calls(text: str, names: list[str], whole_json: bool = False) -> tuple[str | None, list[tuple[str, str]]]:
+    """A model's answer -> (its remaining text or None, [(function name, arguments as JSON)]).
+
+    Reads Hermes/Qwen `<tool_call>{...}</tool_call>` blocks, or an answer that is one JSON call
+    as Llama 3.1 writes it (`{"name": ..., "parameters": {...}}`); `whole_json` is for answers
+    a grammar forced to be exactly `{"name": ..., "arguments": {...}}`. Calls to functions not
+    in `names` are left as text."""
+
+    def call(source: str) -> tuple[str, str] | None:
+        try:
+            obj = json.loads(source)
+        except ValueError:
+            return None
+        if not isinstance(obj, dict) or obj.get("name") not in names:
+            return None
+        arguments = obj.get("arguments", obj.get("parameters", {}))
+        return obj["name"], arguments if isinstance(arguments, str) else _tojson(arguments)
+
+    if whole_json or not _TOOL_CALL_BLOCK.search(text):
+        found = call(text.strip().removeprefix("<|python_tag|>"))
+        return (None, [found]) if found else (text, [])
+    calls = [c for c in (call(m.group(1)) for m in _TOOL_CALL_BLOCK.finditer(text)) if c]
+    if not calls:
+        return text, []
+    rest = _TOOL_CALL_BLOCK.sub("", text).strip()
+    return rest or None, calls
+
+
 # --- Where the messages' text lies in the prompt --------------------------------------------
 
 # Unicode noncharacters, never valid in interchanged text: they mark where content begins and ends.
