@@ -228,7 +228,7 @@ class Sampling:
             add(llama.llama_sampler_init_logit_bias(model.n_vocab, len(biases), biases))
         if self.presence_penalty or self.frequency_penalty or self.repeat_penalty != 1.0:
             penalties = (self.repeat_penalty, self.frequency_penalty, self.presence_penalty)
-            add(llama.llama_sampler_init_penalties(model.n_ctx, *penalties))
+            add(llama.llama_sampler_init_penalties(model.n_vocab, model.n_ctx, *penalties))
         if self.temperature <= 0:
             add(llama.llama_sampler_init_greedy())
             return chain

@@ -79,8 +79,9 @@ def load_config(env: dict[str, str]) -> Config:
     except (OSError, msgspec.DecodeError) as e:
         raise ConfigError(f"{catalogue_path}: can't read the model catalogue ({e})") from e
     model = env.get("MODEL", DEFAULT_MODEL)
-    if model in catalogue:
-        entry, key = catalogue[model], model
+    key = next((k for k, e in catalogue.items() if model == k or model in e.aliases), None)
+    if key:
+        entry = catalogue[key]
         path = locate(entry, catalogue_path.parent)
     elif model.endswith((".gguf", ".safetensors", ".pt", ".pth", ".bin")) or "/" in model:
         entry, key, path = CatalogueEntry(file=model), Path(model).stem, Path(model)
@@ -280,6 +281,16 @@ class ChatRequest(Sampled, kw_only=True):
     parallel_tool_calls: bool | None = None
     functions: list[FunctionDef] | None = None
     function_call: Literal["none", "auto"] | FunctionName | None = None
+    # OpenAI fields whose meaning a local text model can't honour: refused, never ignored.
+    modalities: list[Literal["text"]] | None = None
+    audio: dict | None = None
+    prediction: dict | None = None
+    web_search_options: dict | None = None
+
+    def refuse_unsupported(self) -> None:
+        for field in ("audio", "prediction", "web_search_options"):
+            if getattr(self, field) is not None:
+                raise APIError(400, f"`{field}` is not supported by this server", field, "unsupported_parameter")
 
 
 class CompletionRequest(Sampled, kw_only=True):
@@ -590,9 +601,12 @@ def schema_grammar(schema: dict, param: str) -> str:
     if unsupported:
         raise APIError(400, f"JSON Schema features not supported: {', '.join(unsupported)}", param, "unsupported_schema")
     try:
-        return json_schema_to_gbnf(msgspec.json.encode(schema).decode())
+        grammar = json_schema_to_gbnf(msgspec.json.encode(schema).decode())
     except Exception as e:  # the converter raises assorted errors on schemas it can't handle
         raise APIError(400, f"JSON Schema not supported: {e}", param, "unsupported_schema") from None
+    # The converter's string characters admit raw control characters (newlines...), which JSON
+    # forbids inside strings; llama.cpp's own converter has since excluded them.
+    return grammar.replace(r'char ::= [^"\\] |', r'char ::= [^"\\\x7F\x00-\x1F] |')
 
 
 def schema_features(schema) -> set[str]:
@@ -702,6 +716,8 @@ class Run:
     async def collect(self) -> list[Choice]:
         choices = [Choice() for _ in self.generations]
         async for i, event in self:
+            if event.finish_reason == "error":
+                raise APIError(500, event.text)
             choices[i].text += event.text
             choices[i].logprobs += event.logprobs
             choices[i].finish_reason = choices[i].finish_reason or event.finish_reason
@@ -784,6 +800,7 @@ def model_card(served: Served) -> ModelCard:
 async def chat_completions(request: Request) -> Response | Stream:
     body = await parse(request, ChatRequest)
     served = served_model(request, body.model)
+    body.refuse_unsupported()
     tools, forced, legacy = tool_plan(body)
     _, prompt = chat_prompt(served, body.messages, tools)
     grammar = output_grammar(served, body, tools, forced)

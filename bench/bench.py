@@ -207,6 +207,45 @@ def peak_rss(pid: int) -> dict:
     return {"total_mb": round(sum(per.values()), 1), "processes": per}
 
 
+def cpu_ticks(pid: int | None) -> tuple[int, int]:
+    """(busy clock ticks of the whole machine, ticks used by `pid`'s process tree and by this process)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    busy = user + nice + system + irq + softirq + steal
+    ours = 0
+    for p in set((process_tree(pid) if pid else []) + [os.getpid()]):
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ours += int(stat[11]) + int(stat[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return busy, ours
+
+
+def other_cpu_percent(before: tuple[int, int], after: tuple[int, int], seconds: float) -> float:
+    """Share of the machine's CPU time used by processes other than the server and this script."""
+    other = (after[0] - before[0]) - (after[1] - before[1])
+    hz = os.sysconf("SC_CLK_TCK")
+    return max(0.0, other / hz / (seconds * (os.cpu_count() or 1)) * 100)
+
+
+def wait_idle(max_wait: float) -> float:
+    """Wait (at most max_wait s) until other processes use under 10% of the CPU over one second.
+    Returns their share in the last second."""
+    deadline, told, other = time.monotonic() + max_wait, False, 0.0
+    while True:
+        before, t0 = cpu_ticks(None), time.perf_counter()
+        time.sleep(1.0)
+        other = other_cpu_percent(before, cpu_ticks(None), time.perf_counter() - t0)
+        if other < 10 or time.monotonic() >= deadline:
+            if told:
+                print(f"   ...{'idle' if other < 10 else 'still busy, going on'} ({other:.0f}% used by others)", flush=True)
+            return other
+        if not told:
+            print(f"   other processes use {other:.0f}% of the CPU: waiting up to {max_wait:.0f} s for them", flush=True)
+            told = True
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -495,6 +534,7 @@ def bench_http(name: str, cmd: list[str], env: dict | None, cwd: Path | None, ar
         result["env"] = {k: v for k, v in env.items() if k in ("MODEL", "N_THREADS", "N_CTX", "PARALLEL")}
     print(f"\n== {name}: {(' '.join(f'{k}={v}' for k, v in result.get('env', {}).items()) + ' ').lstrip()}{result['command']}",
           flush=True)
+    wait_idle(args.wait_idle)
     t_spawn = time.perf_counter()
     proc = spawn(cmd, log, env=env, cwd=cwd)
     try:
@@ -503,6 +543,7 @@ def bench_http(name: str, cmd: list[str], env: dict | None, cwd: Path | None, ar
         with httpx.Client(timeout=10) as c:
             model_id = c.get(f"{base}/v1/models").json()["data"][0]["id"]
         b = Bench(base, model_id, args, eog)
+        cpu0, t_cpu0 = cpu_ticks(proc.pid), time.perf_counter()
         with httpx.Client(timeout=b.timeout) as client:
             # warm-up (page in the weights, first allocations); also tells whether stream_options is accepted
             b.complete(client, 10_000)
@@ -530,8 +571,14 @@ def bench_http(name: str, cmd: list[str], env: dict | None, cwd: Path | None, ar
             result["concurrency"][str(n)] = c
             print(f"   {n} clients: {c['agg_tps']:.1f} tok/s aggregate, mean TTFT {c['ttft_mean_s'] * 1000:.0f} ms,"
                   f" wall {c['wall_s']:.1f} s", flush=True)
+        idle0, t_idle0 = cpu_ticks(proc.pid), time.perf_counter()
+        time.sleep(args.models_seconds)  # an idle server should use no CPU
+        idle1 = cpu_ticks(proc.pid)
+        result["idle_cpu_pct"] = (idle1[1] - idle0[1]) / os.sysconf("SC_CLK_TCK") / (time.perf_counter() - t_idle0) * 100
         result["peak_rss"] = peak_rss(proc.pid)
-        print(f"   peak RSS {result['peak_rss']['total_mb']:.0f} MiB", flush=True)
+        result["other_cpu_pct"] = other_cpu_percent(cpu0, cpu_ticks(proc.pid), time.perf_counter() - t_cpu0)
+        print(f"   idle CPU {result['idle_cpu_pct']:.0f}% of one core; peak RSS {result['peak_rss']['total_mb']:.0f} MiB; other processes used "
+              f"{result['other_cpu_pct']:.1f}% of the CPU meanwhile", flush=True)
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"
         print(f"   FAILED: {result['error']}", flush=True)
@@ -606,17 +653,24 @@ def bench_raw(args, eog: list[int], logdir: Path) -> dict:
     print(f"\n== raw: {shown}", flush=True)
     result = {"name": "raw", "command": shown}
     log = logdir / "raw.log"
+    wait_idle(args.wait_idle)
+    children_cpu = lambda: (lambda t: t.children_user + t.children_system)(os.times())  # noqa: E731
+    cpu0, ch0, t_cpu0 = cpu_ticks(None), children_cpu(), time.perf_counter()
     t_spawn = time.time()
     proc = spawn(cmd + ["--_raw-spawn-time", repr(t_spawn)], log)
     try:
         proc.wait(args.timeout * (2 * args.reps + 2) + args.start_timeout)
+        # the worker has exited and been waited for: its CPU time is now in our children's times
+        worker = round((children_cpu() - ch0) * os.sysconf("SC_CLK_TCK"))
+        cpu1 = cpu_ticks(None)
+        result["other_cpu_pct"] = other_cpu_percent(cpu0, (cpu1[0], cpu1[1] + worker), time.perf_counter() - t_cpu0)
         lines = log.read_text(errors="replace").strip().splitlines()
         if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
             raise RuntimeError(f"worker exited with {proc.returncode}:\n{tail(log)}")
         result.update(json.loads(lines[-1]))
         print(f"   loaded in {result['startup_s']:.2f} s; tok/s non-stream {result['nonstream']['tps']['median']:.1f}"
-              f"  stream {result['stream']['tps']['median']:.1f}  TTFT {result['stream']['ttft_ms']['median']:.1f} ms",
-              flush=True)
+              f"  stream {result['stream']['tps']['median']:.1f}  TTFT {result['stream']['ttft_ms']['median']:.1f} ms;"
+              f" other processes used {result['other_cpu_pct']:.1f}% of the CPU meanwhile", flush=True)
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"
         print(f"   FAILED: {result['error']}", flush=True)
@@ -685,6 +739,10 @@ def report(results: dict[str, dict], args) -> str:
             rows.append([name] + ["FAILED" if r.get("error") else "-"] + [""] * (len(COLUMNS) - 1))
             continue
         rows.append([name] + [fmt(m[k], f) + spread(r, k) for k, _, f in COLUMNS])
+    noisy = [f"{n} {r['other_cpu_pct']:.0f}%" for n, r in results.items() if (r.get("other_cpu_pct") or 0) > 5]
+    if noisy:
+        out.append("WARNING: other processes used the CPU while these were measured (share of all cores): "
+                   + ", ".join(noisy) + "; their figures are unreliable")
     out.append(f"Medians of {args.reps} runs (± half the min-max range), max_tokens={args.max_tokens}, "
                f"{args.threads} threads, n_ctx {args.ctx} per sequence:")
     out.append(table(rows, ["server"] + [h for _, h, _ in COLUMNS]))
@@ -823,6 +881,8 @@ def main() -> None:
     ap.add_argument("--llama-server", type=Path, help="a llama-server binary to use instead of the cached build")
     ap.add_argument("--build-dir", type=Path, default=CACHE / "llama-server-build")
     ap.add_argument("--no-build", action="store_true", help="skip llama-server if it isn't built yet")
+    ap.add_argument("--wait-idle", type=float, default=120, help="before each server, wait up to this many seconds "
+                    "for other processes to leave the CPU (default 120)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds allowed for one request (default 300)")
     ap.add_argument("--start-timeout", type=float, default=180, help="seconds allowed for a server to get ready")
     ap.add_argument("--build-timeout", type=float, default=5400, help="seconds allowed for building llama-server")

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,20 +36,25 @@ class Server:
     def __init__(self, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a pipe nobody reads fills and blocks the server
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(self.port), "service:app"],
             cwd=ROOT,
             env={**os.environ, **(env or {})},
-            stdout=subprocess.PIPE,
+            stdout=self.log,
             stderr=subprocess.STDOUT,
             text=True,
         )
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def wait_ready(self, timeout: float = 120) -> "Server":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.proc.stdout.read()}")
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.output()}")
             try:
                 if httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200:
                     return self

@@ -224,11 +224,11 @@ def test_langchain_invoke_and_stream(base_url):
 def startup_failure(env: dict) -> str:
     s = Server(env)
     try:
-        out, _ = s.proc.communicate(timeout=60)
+        s.proc.wait(timeout=60)
     finally:
         s.stop()
     assert s.proc.returncode != 0
-    [line] = [line for line in out.splitlines() if line.startswith("gguf-serve:")]
+    [line] = [line for line in s.output().splitlines() if line.startswith("gguf-serve:")]
     return line
 
 
