@@ -15,6 +15,7 @@ import os
 import queue
 import re
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,6 +285,7 @@ class Generation:
     emit: Callable[[Event], None]
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # report each token's logprob and this many alternatives
+    deadline: float = float("inf")  # time.monotonic() past which it stops, as if at max_tokens
     cancelled: bool = False  # set by the request's side when its client has gone
 
 
@@ -369,6 +371,11 @@ class Engine:
     @property
     def running(self) -> int:
         return sum(slot.gen is not None for slot in self.slots)
+
+    @property
+    def queued(self) -> int:
+        """Generations submitted and not yet given a slot."""
+        return self.inbox.qsize() + len(self.waiting)
 
     def _run(self) -> None:
         while True:
@@ -456,7 +463,7 @@ class Engine:
         text, stopped = slot.scanner.feed(slot.utf8.decode(model.piece(token)))
         if stopped:
             return slot.finish("stop", text, logprobs)
-        if slot.n_generated >= gen.max_tokens or len(slot.cached) + 1 >= model.n_ctx:
+        if slot.n_generated >= gen.max_tokens or len(slot.cached) + 1 >= model.n_ctx or time.monotonic() > gen.deadline:
             return slot.finish("length", text, logprobs)
         slot.todo = [token]
         gen.emit(Event(text, logprobs=logprobs))

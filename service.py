@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import importlib.util
 import os
+import signal
 import sys
 import time
 import uuid
@@ -20,7 +22,9 @@ from pathlib import Path
 from typing import Annotated, AsyncIterator, Literal
 
 import msgspec
+import prometheus_client
 from litestar import Litestar, Request, Response, get, post
+from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
@@ -63,6 +67,15 @@ class Config:
     parallel: int
     chat_format: str
     sampling: SamplingDefaults
+    # serving
+    max_queue: int  # generations waiting for a free sequence; past it, 429
+    max_body_bytes: int
+    max_messages: int
+    request_timeout_s: float  # a generation running longer ends as if at max_tokens
+    shutdown_grace_s: float  # after SIGTERM, in-flight requests get this long to finish
+    api_keys: tuple[str, ...]
+    cors_origins: tuple[str, ...]
+    log_prompts: bool
 
 
 class ConfigError(Exception):
@@ -102,7 +115,26 @@ def load_config(env: dict[str, str]) -> Config:
         parallel=_int(env, "PARALLEL", 4),
         chat_format=chat_format,
         sampling=entry.sampling,
+        max_queue=_int(env, "MAX_QUEUE", 32),
+        max_body_bytes=_int(env, "MAX_BODY_BYTES", 4 << 20),
+        max_messages=_int(env, "MAX_MESSAGES", 512),
+        request_timeout_s=float(_int(env, "REQUEST_TIMEOUT_S", 600)),
+        shutdown_grace_s=float(_int(env, "SHUTDOWN_GRACE_S", 8)),
+        api_keys=api_keys(env),
+        cors_origins=tuple(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()),
+        log_prompts=env.get("LOG_PROMPTS") == "1",
     )
+
+
+def api_keys(env: dict[str, str]) -> tuple[str, ...]:
+    """API_KEY (one key or a comma-separated list) and/or API_KEY_FILE (one key a line)."""
+    keys = env.get("API_KEY", "").split(",")
+    if env.get("API_KEY_FILE"):
+        try:
+            keys += Path(env["API_KEY_FILE"]).read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"API_KEY_FILE={env['API_KEY_FILE']}: can't be read ({e.strerror})") from None
+    return tuple(k.strip() for k in keys if k.strip())
 
 
 def locate(entry: CatalogueEntry, catalogue_dir: Path) -> Path:
@@ -135,7 +167,7 @@ class Served:
     render: templates.Render
     stops: list[str]  # end-of-turn texts that are not single special tokens
     created: int
-    load_seconds: float
+    load_seconds: float  # process start to ready, warm-up included
 
     @property
     def template_takes_tools(self) -> bool:
@@ -158,6 +190,22 @@ def chat_renderer(config: Config, model) -> tuple[templates.Render, tuple[str, .
 
 @asynccontextmanager
 async def lifespan(app: Litestar) -> AsyncIterator[None]:
+    """The model loads in the background, so that /health answers at once and /ready turns 200
+    only once the model is loaded and has produced a token. A load that fails ends the process
+    with one line. On SIGTERM the service drains: see `drain`."""
+    state = app.state
+    state.served, state.draining, state.runs = None, False, set()
+    loading = asyncio.create_task(load(app))
+    on_termination(asyncio.get_running_loop(), lambda: drain(app))
+    try:
+        yield
+    finally:
+        loading.cancel()
+        if state.served:
+            state.served.engine.close()
+
+
+async def load(app: Litestar) -> None:
     config: Config = app.state.config
     t0 = time.perf_counter()
     try:
@@ -169,11 +217,54 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
     stop_tokens = {model.special[s] for s in stops if s in model.special}
     decoder = engine.Engine(model, config.parallel, stop_tokens)
     text_stops = [s for s in stops if s not in model.special]
-    app.state.served = Served(config, model, decoder, render, text_stops, int(time.time()), time.perf_counter() - t0)
-    try:
-        yield
-    finally:
-        app.state.served.engine.close()
+    served = Served(config, model, decoder, render, text_stops, int(time.time()), 0.0)
+    await warm_up(served)
+    served.load_seconds = time.perf_counter() - t0
+    app.state.metrics.model_load.set(served.load_seconds)
+    app.state.served = served
+
+
+async def warm_up(served: Served) -> None:
+    """One token through the whole path: pages the weights in and proves the engine works."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def emit(event: engine.Event) -> None:
+        if event.finish_reason:
+            loop.call_soon_threadsafe(done.set_result, event)
+
+    served.engine.submit(engine.Generation(served.model.tokenize_prompt("Hello"), 1, engine.Sampling(temperature=0), emit))
+    await done
+
+
+def on_termination(loop: asyncio.AbstractEventLoop, callback) -> None:
+    """Call `callback` when this worker is told to stop, then let granian's own handler run.
+    (granian installs its handlers on the loop before the app starts; asyncio keeps them in
+    `_signal_handlers`, which has no public getter.)"""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        granians = loop._signal_handlers.get(sig)
+
+        def handler(granians=granians):
+            callback()
+            if granians:
+                granians._run()
+
+        loop.add_signal_handler(sig, handler)
+
+
+def drain(app: Litestar) -> None:
+    """Stop taking requests (503) and give those in flight SHUTDOWN_GRACE_S to finish; any
+    still running then end with an error event rather than a silent cut."""
+    state = app.state
+    if state.draining:
+        return
+    state.draining = True
+
+    def end_the_rest():
+        for run in list(state.runs):
+            run.abort(503, "the server is shutting down; retry on another instance", "server_shutting_down")
+
+    asyncio.get_running_loop().call_later(state.config.shutdown_grace_s, end_the_rest)
 
 
 # --- Request and response structs -----------------------------------------------------------
@@ -441,9 +532,17 @@ def error_response(_: Request, exc: Exception) -> Response:
             exc = APIError(exc.status_code, exc.detail)
         else:
             exc = APIError(500, f"internal error: {type(exc).__name__}")
+    return Response(error_body(exc), status_code=exc.status, headers=retry_after(exc))
+
+
+def retry_after(exc: APIError) -> dict[str, str]:
+    """A queue that is full or a model still loading clear within about a second."""
+    return {"retry-after": "1"} if exc.status in (429, 503) else {}
+
+
+def error_body(exc: APIError) -> ErrorResponse:
     kind = ERROR_TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
-    body = ErrorBody(message=exc.message, type=kind, param=exc.param, code=exc.code)
-    return Response(ErrorResponse(error=body), status_code=exc.status)
+    return ErrorResponse(error=ErrorBody(message=exc.message, type=kind, param=exc.param, code=exc.code))
 
 
 async def parse(request: Request, kind: type[msgspec.Struct]):
@@ -461,8 +560,15 @@ async def parse(request: Request, kind: type[msgspec.Struct]):
 # --- Requests -> generations ----------------------------------------------------------------
 
 
+def ready(request: Request) -> Served:
+    served: Served | None = request.app.state.served
+    if served is None:
+        raise APIError(503, "the model is still loading; retry shortly", None, "model_loading")
+    return served
+
+
 def served_model(request: Request, name: str) -> Served:
-    served: Served = request.app.state.served
+    served = ready(request)
     if name not in served.config.aliases:
         raise APIError(
             404, f"The model `{name}` does not exist; this server serves `{served.config.model_id}`.", "model", "model_not_found"
@@ -568,6 +674,11 @@ def sampling(served: Served, body: Sampled, choice: int, grammar: str | None) ->
         logit_bias=bias,
         grammar=grammar,
     )
+
+
+def log_prompt(request: Request, prompt) -> None:
+    if request.app.state.config.log_prompts:
+        request.scope["state"].setdefault("gguf", {})["prompt"] = prompt
 
 
 def token_budget(served: Served, prompts: list[list[int]], requested: int | None, default: int | None) -> int:
@@ -681,47 +792,96 @@ class Choice(msgspec.Struct):
 class Run:
     """The choices of one request (n for each prompt), running in the engine."""
 
-    def __init__(self, served: Served, body: Sampled, prompts: list[list[int]], max_tokens: int, stop: list[str],
-                 top_logprobs: int | None = None, grammar: str | None = None):
+    def __init__(self, request: Request, served: Served, body: Sampled, prompts: list[list[int]], max_tokens: int,
+                 stop: list[str], top_logprobs: int | None = None, grammar: str | None = None):
+        state, config = request.app.state, served.config
+        n = len(prompts) * body.n
+        free = config.parallel - served.engine.running
+        if served.engine.queued + n > config.max_queue + free:
+            raise APIError(429, f"{served.engine.queued} requests are queued already; retry shortly", None, "queue_full")
         loop = asyncio.get_running_loop()
+        self.state, self.metrics, self.info = state, state.metrics, request.scope["state"].setdefault("gguf", {})
         self.events: asyncio.Queue[tuple[int, engine.Event]] = asyncio.Queue()
         self.n_prompt = sum(len(p) for p in prompts)
         self.n_completion = self.n_cached = 0
+        self.started = self.last_token = time.perf_counter()
         self.generations = []
+        deadline = time.monotonic() + config.request_timeout_s
         for prompt in prompts:
             for i in range(body.n):
                 index = len(self.generations)
                 emit = lambda event, index=index: loop.call_soon_threadsafe(self.events.put_nowait, (index, event))  # noqa: E731
-                choice_sampling = sampling(served, body, i, grammar)
-                gen = engine.Generation(prompt, max_tokens, choice_sampling, emit, stop, top_logprobs)
+                gen = engine.Generation(prompt, max_tokens, sampling(served, body, i, grammar), emit, stop, top_logprobs, deadline)
                 self.generations.append(gen)
+        state.runs.add(self)
         for gen in self.generations:
             served.engine.submit(gen)
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, engine.Event]]:
         """(choice index, event) as the engine produces them, until every choice has finished."""
-        try:
-            running = len(self.generations)
-            while running:
-                index, event = await self.events.get()
-                if event.finish_reason:
-                    running -= 1
-                    self.n_completion += event.completion_tokens
-                    self.n_cached += event.cached_tokens if index % len(self.generations) == 0 else 0
-                yield index, event
-        finally:  # finished, or the client went away: either way nothing more to generate
-            for gen in self.generations:
-                gen.cancelled = True
+        finished: set[int] = set()
+        while len(finished) < len(self.generations):
+            index, event = await self.events.get()
+            if index in finished:
+                continue  # the engine's own end of a choice that was already aborted
+            if event.text:
+                self._timing()
+            if event.finish_reason in ("error", "aborted"):
+                self.cancel()
+                raise self.aborted if event.finish_reason == "aborted" else APIError(500, event.text)
+            if event.finish_reason:
+                finished.add(index)
+                self.n_completion += event.completion_tokens
+                self.n_cached += event.cached_tokens if index % len(self.generations) == 0 else 0
+            yield index, event
+        self.cancel()
+        self.info.update(prompt_tokens=self.n_prompt, completion_tokens=self.n_completion)
+        self.metrics.prompt_tokens.inc(self.n_prompt)
+        self.metrics.completion_tokens.inc(self.n_completion)
+
+    def _timing(self) -> None:
+        now = time.perf_counter()
+        if "ttft_s" not in self.info:
+            self.info["ttft_s"] = round(now - self.started, 4)
+            self.metrics.ttft.observe(now - self.started)
+        else:
+            self.metrics.inter_token.observe(now - self.last_token)
+        self.last_token = now
+
+    def cancel(self) -> None:
+        """Nothing more to generate: the request ended, or its client went away."""
+        for gen in self.generations:
+            gen.cancelled = True
+        self.state.runs.discard(self)
+
+    def abort(self, status: int, message: str, code: str) -> None:
+        self.aborted = APIError(status, message, None, code)
+        self.events.put_nowait((0, engine.Event("", "aborted")))
 
     async def collect(self) -> list[Choice]:
         choices = [Choice() for _ in self.generations]
-        async for i, event in self:
-            if event.finish_reason == "error":
-                raise APIError(500, event.text)
-            choices[i].text += event.text
-            choices[i].logprobs += event.logprobs
-            choices[i].finish_reason = choices[i].finish_reason or event.finish_reason
+        try:
+            async for i, event in self:
+                choices[i].text += event.text
+                choices[i].logprobs += event.logprobs
+                choices[i].finish_reason = choices[i].finish_reason or event.finish_reason
+        finally:
+            self.cancel()
         return choices
+
+    async def collect_unless_disconnected(self, request: Request) -> list[Choice] | None:
+        """The choices, or None if the client disconnects first (its generations then stop)."""
+        work = asyncio.ensure_future(self.collect())
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():
+            self.cancel()
+            work.cancel()
+            return None
+        return work.result()
 
     def usage(self) -> Usage:
         return Usage(
@@ -730,6 +890,12 @@ class Run:
             total_tokens=self.n_prompt + self.n_completion,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=self.n_cached),
         )
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body was read already, so only that can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def token_text(model: engine.Model, token: int) -> tuple[str, list[int]]:
@@ -766,6 +932,23 @@ def sse(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
+async def guarded(run: Run, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A stream's events; an error midway (the engine failed, the server is shutting down)
+    ends it with an OpenAI error event, and however it ends, even by the client leaving, its
+    generations stop."""
+    try:
+        async for data in events:
+            yield data
+    except APIError as e:
+        yield sse(msgspec.json.encode(error_body(e)))
+        yield sse(b"[DONE]")
+    finally:
+        run.cancel()
+
+
+CLIENT_CLOSED = 499  # as nginx logs it: the client went away before the answer
+
+
 def stop_strings(body: Sampled) -> list[str]:
     return [body.stop] if isinstance(body.stop, str) else body.stop or []
 
@@ -779,12 +962,28 @@ def include_usage(body: Sampled) -> bool:
 
 @get("/health", sync_to_thread=False)
 def health() -> dict[str, str]:
+    """Liveness: the process serves HTTP. Never waits on the model."""
     return {"status": "ok"}
+
+
+@get("/ready", sync_to_thread=False)
+def readiness(request: Request) -> dict[str, str]:
+    """Readiness: 200 once the model is loaded and has produced a token, 503 before that and
+    while draining for shutdown, so that a platform or proxy only routes to ready instances."""
+    if request.app.state.draining:
+        raise APIError(503, "the server is shutting down", None, "server_shutting_down")
+    ready(request)
+    return {"status": "ready"}
+
+
+@get("/metrics", sync_to_thread=False, media_type=prometheus_client.CONTENT_TYPE_LATEST)
+def metrics(request: Request) -> bytes:
+    return prometheus_client.generate_latest(request.app.state.metrics.registry)
 
 
 @get("/v1/models", sync_to_thread=False)
 def list_models(request: Request) -> ModelList:
-    return ModelList(data=[model_card(request.app.state.served)])
+    return ModelList(data=[model_card(ready(request))])
 
 
 @get("/v1/models/{model_id:path}", sync_to_thread=False)
@@ -802,17 +1001,21 @@ async def chat_completions(request: Request) -> Response | Stream:
     served = served_model(request, body.model)
     body.refuse_unsupported()
     tools, forced, legacy = tool_plan(body)
-    _, prompt = chat_prompt(served, body.messages, tools)
+    text, prompt = chat_prompt(served, body.messages, tools)
+    log_prompt(request, text)
     grammar = output_grammar(served, body, tools, forced)
     max_tokens = token_budget(served, [prompt], body.max_completion_tokens or body.max_tokens, None)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    run = Run(served, body, [prompt], max_tokens, [*served.stops, *stop_strings(body)], top_logprobs, grammar)
+    run = Run(request, served, body, [prompt], max_tokens, [*served.stops, *stop_strings(body)], top_logprobs, grammar)
     head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served.config.model_id)
     if body.stream:
         events = chat_stream(served, run, body, {**head, "object": "chat.completion.chunk"}, tools, forced, legacy)
-        return Stream(events, media_type="text/event-stream")
+        return Stream(guarded(run, events), media_type="text/event-stream")
+    results = await run.collect_unless_disconnected(request)
+    if results is None:
+        return Response(b"", status_code=CLIENT_CLOSED)
     choices = []
-    for i, c in enumerate(await run.collect()):
+    for i, c in enumerate(results):
         message, reason = answer(c, tools, forced, legacy)
         logprobs = chat_logprobs(served.model, c.logprobs) if body.logprobs else None
         choices.append(ChatChoice(index=i, message=message, finish_reason=reason, logprobs=logprobs))
@@ -868,15 +1071,19 @@ async def completions(request: Request) -> Response | Stream:
     body = await parse(request, CompletionRequest)
     served = served_model(request, body.model)
     prompts = completion_prompts(served, body)
+    log_prompt(request, body.prompt)
     if body.echo and body.stream:
         raise APIError(400, "`echo` can't be combined with `stream`", "echo")
     max_tokens = token_budget(served, prompts, body.max_tokens, 16)
-    run = Run(served, body, prompts, max_tokens, stop_strings(body), body.logprobs)
+    run = Run(request, served, body, prompts, max_tokens, stop_strings(body), body.logprobs)
     head = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()), model=served.config.model_id)
     if body.stream:
-        return Stream(text_stream(served, run, body, head), media_type="text/event-stream")
+        return Stream(guarded(run, text_stream(served, run, body, head)), media_type="text/event-stream")
+    results = await run.collect_unless_disconnected(request)
+    if results is None:
+        return Response(b"", status_code=CLIENT_CLOSED)
     choices = []
-    for i, c in enumerate(await run.collect()):
+    for i, c in enumerate(results):
         echoed = served.model.detokenize(prompts[i // body.n]) if body.echo else ""
         logprobs = text_logprobs(served.model, c.logprobs, len(echoed)) if body.logprobs is not None else None
         choices.append(TextChoice(index=i, text=echoed + c.text, finish_reason=c.finish_reason, logprobs=logprobs))
@@ -905,6 +1112,83 @@ async def apply_template(request: Request) -> ApplyTemplateResponse:
     return ApplyTemplateResponse(prompt)
 
 
+# --- The app: metrics, and what every request passes through --------------------------------
+
+
+class Metrics:
+    """Prometheus metrics, in a registry of the app's own."""
+
+    def __init__(self, app: Litestar):
+        self.registry = r = prometheus_client.CollectorRegistry()
+        self.requests = prometheus_client.Counter("gguf_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = prometheus_client.Counter("gguf_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.completion_tokens = prometheus_client.Counter("gguf_completion_tokens", "Tokens generated", registry=r)
+        self.ttft = prometheus_client.Histogram("gguf_time_to_first_token_seconds", "Request start to first token", registry=r,
+                                                buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.inter_token = prometheus_client.Histogram("gguf_inter_token_seconds", "Time between tokens of a stream", registry=r,
+                                                       buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28))
+        self.model_load = prometheus_client.Gauge("gguf_model_load_seconds", "Model load and warm-up time", registry=r)
+        engine_of = lambda: app.state.served and app.state.served.engine  # noqa: E731
+        prometheus_client.Gauge("gguf_queue_depth", "Generations waiting for a sequence", registry=r).set_function(
+            lambda: engine_of().queued if engine_of() else 0)
+        prometheus_client.Gauge("gguf_running", "Generations decoding", registry=r).set_function(
+            lambda: engine_of().running if engine_of() else 0)
+
+
+ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/apply-template", "/health", "/ready", "/metrics"}
+
+
+def gate(app):
+    """ASGI middleware around every HTTP request: a request id, the API key on /v1/*, 503 while
+    draining, and afterwards one JSON log line and the request metrics."""
+
+    async def middleware(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        state, started = scope["app"].state, time.perf_counter()
+        config: Config = state.config
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id", b"").decode(errors="replace")[:128] or uuid.uuid4().hex
+        path, status = scope["path"], 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            refusal = None
+            if path.startswith(("/v1/", "/apply-template")) and scope["method"] != "OPTIONS":
+                if config.api_keys and not authorized(headers.get(b"authorization", b""), config.api_keys):
+                    refusal = APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.", None, "invalid_api_key")
+                elif state.draining:
+                    refusal = APIError(503, "the server is shutting down; retry on another instance", None, "server_shutting_down")
+            if refusal:
+                body = msgspec.json.encode(error_body(refusal))
+                headers = [(b"content-type", b"application/json"), *((k.encode(), v.encode()) for k, v in retry_after(refusal).items())]
+                await send_with_id({"type": "http.response.start", "status": refusal.status, "headers": headers})
+                await send_with_id({"type": "http.response.body", "body": body})
+            else:
+                await app(scope, receive, send_with_id)
+        finally:
+            endpoint = path if path in ENDPOINTS else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+            state.metrics.requests.labels(endpoint, str(status)).inc()
+            info = scope.get("state", {}).get("gguf", {})
+            line = {"request_id": rid, "model": config.model_id, "endpoint": endpoint, "method": scope["method"],
+                    "status": status, **info, "duration_s": round(time.perf_counter() - started, 4)}
+            print(msgspec.json.encode(line).decode(), flush=True)
+
+    return middleware
+
+
+def authorized(header: bytes, keys: tuple[str, ...]) -> bool:
+    """`Bearer <key>` with one of the keys, compared in constant time (every key is tried)."""
+    given = header.removeprefix(b"Bearer ").strip()
+    return bool(header.startswith(b"Bearer ")) & any([hmac.compare_digest(given, k.encode()) for k in keys])
+
+
 def create_app(env: dict[str, str] = os.environ) -> Litestar:
     try:
         config = load_config(env)
@@ -912,12 +1196,16 @@ def create_app(env: dict[str, str] = os.environ) -> Litestar:
     except (ConfigError, engine.ModelFileError) as e:
         sys.exit(f"gguf-serve: {e}")
     app = Litestar(
-        [health, list_models, get_model, chat_completions, completions, apply_template],
+        [health, readiness, metrics, list_models, get_model, chat_completions, completions, apply_template],
         lifespan=[lifespan],
+        middleware=[gate],
         exception_handlers={Exception: error_response},
+        cors_config=CORSConfig(allow_origins=list(config.cors_origins)) if config.cors_origins else None,
+        request_max_body_size=config.max_body_bytes,
         openapi_config=None,
     )
     app.state.config = config
+    app.state.metrics = Metrics(app)
     return app
 
 

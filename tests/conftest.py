@@ -56,7 +56,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

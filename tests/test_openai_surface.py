@@ -234,7 +234,7 @@ ASK = [{"role": "user", "content": "What's the weather in Paris?"}]
 
 def test_forced_tool_call(client):
     r = chat(client, messages=ASK, tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}},
-             max_tokens=60)
+             max_tokens=100, temperature=0)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     [call] = choice.message.tool_calls
@@ -244,14 +244,14 @@ def test_forced_tool_call(client):
 
 
 def test_required_tool_call_names_one_of_the_tools(client):
-    r = chat(client, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=60)
+    r = chat(client, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=100, temperature=0)
     [call] = r.choices[0].message.tool_calls
     assert call.function.name in ("get_weather", "get_time")
     json.loads(call.function.arguments)
 
 
 def test_forced_tool_call_streams_as_tool_call_deltas(client):
-    chunks = list(chat(client, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=60, stream=True))
+    chunks = list(chat(client, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=100, temperature=0, stream=True))
     deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
     assert deltas and deltas[0].function.name == "get_weather" and deltas[0].id
     assert json.loads("".join(d.function.arguments for d in deltas))["city"]
@@ -283,7 +283,7 @@ def test_unknown_forced_tool_is_400(client):
 
 
 def test_legacy_functions(client):
-    r = chat(client, messages=ASK, functions=[WEATHER["function"]], function_call={"name": "get_weather"}, max_tokens=60)
+    r = chat(client, messages=ASK, functions=[WEATHER["function"]], function_call={"name": "get_weather"}, max_tokens=100, temperature=0)
     assert r.choices[0].finish_reason == "function_call"
     assert r.choices[0].message.function_call.name == "get_weather"
     assert json.loads(r.choices[0].message.function_call.arguments)["city"]
