@@ -553,7 +553,7 @@ async def parse(request: Request, kind: type[msgspec.Struct]):
         message = str(e)
         param = message.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in message else None
         raise APIError(400, message, param) from None
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # invalid UTF-8 in a string is the latter
         raise APIError(400, f"the body is not valid JSON: {e}") from None
 
 
@@ -613,6 +613,8 @@ def _json_or_text(text: str):
 def chat_prompt(served: Served, messages: list[ChatMessage], tools: list[ToolDef] | None = None) -> tuple[str, list[int]]:
     """The rendered prompt and its tokens. Tools go to a template that knows them; for one that
     doesn't, they are described in the system message."""
+    if len(messages) > served.config.max_messages:
+        raise APIError(400, f"{len(messages)} messages; at most {served.config.max_messages} are accepted", "messages")
     dicts, render = message_dicts(messages), served.render
     if tools:
         tool_dicts = [msgspec.to_builtins(t) for t in tools]
