@@ -75,6 +75,9 @@ class Model:
         check_model_file(path)
         params = llama.llama_model_default_params()
         params.vocab_only = vocab_only
+        # No weight repacking: repacked kernels compute a row differently when 4 or more rows
+        # share a batch, so a request's greedy tokens would depend on who else is running.
+        params.use_extra_bufts = False
         _log_lines.clear()
         self.model = llama.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
@@ -334,6 +337,7 @@ class Slot:
         self.reused = keep
         self.todo = gen.prompt[keep:]  # tokens still to decode
         self.gen = gen
+        self.started = time.monotonic()
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.scanner = StopScanner(gen.stop)
         self.n_generated = 0
@@ -415,34 +419,36 @@ class Engine:
                 gen.emit(Event(f"[engine error: {e}]", "error"))
 
     def _step(self) -> None:
-        batch, budget, n = self.batch, self.model.n_batch, 0
-        sample_at: list[tuple[Slot, int]] = []
+        """One llama_decode: a row for every sequence with one token to decode (its last sampled
+        token, or its prompt's last token), then a chunk of at most one prompt.
+
+        Both rules keep greedy output the same whether a request runs alone or beside others
+        (tested on Gemma 3, whose logits otherwise move): a prompt's last token is decoded in a
+        step of its own, never with the rest of its prompt, and two prompts never share a batch,
+        which llama.cpp would split differently than either alone."""
+        live = []
         for slot in self.slots:
-            gen = slot.gen
-            if gen is None:
-                continue
-            if gen.cancelled:
+            if slot.gen is not None and slot.gen.cancelled:
                 slot.finish("cancelled")
-                continue
-            # The last prompt token is decoded in a step of its own, never together with the
-            # rest of its prompt: some models' logits differ by a lot between the two (Gemma 3
-            # here), and this way a prompt gives the same logits whether its prefix was just
-            # computed, reused from the cache, or batched with other requests.
-            room = budget - n
-            if room <= 0:
-                continue
-            take = slot.todo if len(slot.todo) == 1 else slot.todo[: min(room, len(slot.todo) - 1)]
-            for token in take:
+            elif slot.gen is not None:
+                live.append(slot)
+        rows = [(slot, slot.todo, True) for slot in live if len(slot.todo) == 1]
+        prompts = [slot for slot in live if len(slot.todo) > 1]
+        if prompts:
+            first = min(prompts, key=lambda slot: slot.started)
+            rows.append((first, first.todo[: min(self.model.n_batch - len(rows), len(first.todo) - 1)], False))
+        batch, n, sample_at = self.batch, 0, []
+        for slot, tokens, wants_logits in rows:
+            for token in tokens:
                 batch.token[n] = token
                 batch.pos[n] = len(slot.cached)
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = slot.seq_id
-                batch.logits[n] = False
+                batch.logits[n] = wants_logits
                 slot.cached.append(token)
                 n += 1
-            slot.todo = slot.todo[len(take) :]
-            if not slot.todo:
-                batch.logits[n - 1] = True
+            slot.todo = slot.todo[len(tokens) :]
+            if wants_logits:
                 sample_at.append((slot, n - 1))
         if n == 0:
             return

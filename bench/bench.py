@@ -315,8 +315,15 @@ def versions() -> dict:
         except Exception:
             out[mod] = None
     try:
-        out["gguf-serve git"] = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                                               capture_output=True, text=True, timeout=10).stdout.strip()
+        git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, timeout=10).stdout  # noqa: E731
+        out["gguf-serve git"] = git("describe", "--always", "--dirty").strip()
+        diff = git("diff", "HEAD", "--", "service.py", "engine.py", "templates.py")
+        if diff:  # measured with uncommitted changes: say which
+            import hashlib
+
+            out["gguf-serve uncommitted diff sha256"] = hashlib.sha256(diff.encode()).hexdigest()[:16]
+            out["gguf-serve uncommitted diff stat"] = git("diff", "--stat", "HEAD", "--", "service.py", "engine.py",
+                                                          "templates.py").strip()
     except Exception:
         pass
     return out
@@ -530,18 +537,20 @@ class Bench:
 
 def wait_ready(proc: subprocess.Popen, base: str, t_spawn: float, timeout: float, log: Path) -> float:
     """Seconds from spawn to the first 200 from GET /v1/models."""
-    deadline = t_spawn + timeout
+    deadline, last = t_spawn + timeout, "no answer"
     with httpx.Client(timeout=2) as client:
         while time.perf_counter() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"exited with {proc.returncode} before it was ready:\n{tail(log)}")
             try:
-                if client.get(f"{base}/v1/models").status_code == 200:
+                r = client.get(f"{base}/v1/models")
+                if r.status_code == 200:
                     return time.perf_counter() - t_spawn
-            except httpx.HTTPError:
-                pass
+                last = f"HTTP {r.status_code} {r.text[:200]}"
+            except httpx.HTTPError as e:
+                last = f"{type(e).__name__}"
             time.sleep(0.02)
-    raise RuntimeError(f"not ready after {timeout:.0f} s:\n{tail(log)}")
+    raise RuntimeError(f"not ready after {timeout:.0f} s (last GET /v1/models: {last}); log:\n{tail(log)}")
 
 
 def summary(values: list[float]) -> dict:
