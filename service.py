@@ -948,6 +948,7 @@ async def guarded(run: Run, events: AsyncIterator[bytes]) -> AsyncIterator[bytes
         run.cancel()
 
 
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # proxies pass events through at once
 CLIENT_CLOSED = 499  # as nginx logs it: the client went away before the answer
 
 
@@ -1012,7 +1013,7 @@ async def chat_completions(request: Request) -> Response | Stream:
     head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served.config.model_id)
     if body.stream:
         events = chat_stream(served, run, body, {**head, "object": "chat.completion.chunk"}, tools, forced, legacy)
-        return Stream(guarded(run, events), media_type="text/event-stream")
+        return Stream(guarded(run, events), media_type="text/event-stream", headers=SSE_HEADERS)
     results = await run.collect_unless_disconnected(request)
     if results is None:
         return Response(b"", status_code=CLIENT_CLOSED)
@@ -1080,7 +1081,7 @@ async def completions(request: Request) -> Response | Stream:
     run = Run(request, served, body, prompts, max_tokens, stop_strings(body), body.logprobs)
     head = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()), model=served.config.model_id)
     if body.stream:
-        return Stream(guarded(run, text_stream(served, run, body, head)), media_type="text/event-stream")
+        return Stream(guarded(run, text_stream(served, run, body, head)), media_type="text/event-stream", headers=SSE_HEADERS)
     results = await run.collect_unless_disconnected(request)
     if results is None:
         return Response(b"", status_code=CLIENT_CLOSED)
