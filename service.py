@@ -7,11 +7,20 @@ Read top to bottom: configuration -> model load -> request/response structs -> r
 
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__":
+    # Started as a script (the container's CMD): hand over to granian before importing anything
+    # heavy. Its worker process imports this module again, as `service`, for `app`.
+    from granian import Granian
+
+    Granian("service:app", interface="asgi", address=os.environ.get("HOST", "0.0.0.0"), port=int(os.environ.get("PORT", 8000))).serve()
+    raise SystemExit(0)
+
 import asyncio
 import functools
 import hmac
 import importlib.util
-import os
 import signal
 import sys
 import time
@@ -167,7 +176,7 @@ class Served:
     render: templates.Render
     stops: list[str]  # end-of-turn texts that are not single special tokens
     created: int
-    load_seconds: float  # process start to ready, warm-up included
+    load_seconds: float  # model load and warm-up
 
     @property
     def template_takes_tools(self) -> bool:
@@ -1213,8 +1222,3 @@ def create_app(env: dict[str, str] = os.environ) -> Litestar:
 
 
 app = create_app()
-
-if __name__ == "__main__":
-    from granian import Granian
-
-    Granian("service:app", interface="asgi", address=os.environ.get("HOST", "0.0.0.0"), port=int(os.environ.get("PORT", 8000))).serve()

@@ -1022,6 +1022,12 @@ def main() -> None:
                 results[name] = bench_http(name, cmd, None, None, args, eog, [1] if slots == 1 else levels, logdir)
             elif name == "raw":
                 results[name] = bench_raw(args, eog, logdir)
+    except (KeyboardInterrupt, SystemExit) as e:  # report what was measured before the interruption
+        interrupted = str(e) or type(e).__name__
+        notes.append(f"interrupted ({interrupted}): the servers after the last one shown were not measured")
+        print(f"\ninterrupted: {interrupted}", flush=True)
+    else:
+        interrupted = None
     finally:
         _kill_all()
     elapsed = time.perf_counter() - t_start
@@ -1042,6 +1048,8 @@ def main() -> None:
     if args.plot:
         plot(results, args.plot, f"{args.model.name}: {args.threads} threads, n_ctx {args.ctx}, "
              f"max_tokens {args.max_tokens}, {mach['cpu']}")
+    if interrupted:
+        sys.exit(130)
 
 
 def _importable(mod: str) -> bool:

@@ -316,3 +316,15 @@ def test_one_json_log_line_per_request_with_the_request_id(single):
     assert line["prompt_tokens"] > 0 and line["completion_tokens"] == 3 and line["ttft_s"] > 0 and line["duration_s"] > 0
     assert "prompt" not in line  # prompt text only with LOG_PROMPTS=1
     assert any(entry["request_id"] == generated and entry["endpoint"] == "/health" for entry in lines)
+
+
+def test_request_time_limit_ends_a_generation_as_length():
+    s = Server({"PARALLEL": "1", "REQUEST_TIMEOUT_S": "1"}).wait_ready()
+    try:
+        started = time.monotonic()
+        r = httpx.post(f"{s.url}/v1/chat/completions", json=chat_body(max_tokens=1900), timeout=60)
+        assert time.monotonic() - started < 5
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        assert 0 < r.json()["usage"]["completion_tokens"] < 1900
+    finally:
+        s.stop()
