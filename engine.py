@@ -344,7 +344,7 @@ class Slot:
 
     def finish(self, reason: str, text: str = "", logprobs: list[TokenLogprob] = ()) -> None:
         gen = self.gen
-        if reason != "stop":
+        if reason == "length":  # text held back as a possible stop string's start was not one
             text += self.scanner.flush()
         gen.emit(Event(text, reason, self.n_generated, self.reused, list(logprobs)))
         llama.llama_sampler_free(self.chain)
@@ -400,7 +400,9 @@ class Engine:
                 except Exception as e:  # never let one bad step kill the thread serving everyone
                     for slot in self.slots:
                         if slot.gen:
-                            slot.finish("error", f"[engine error: {e}]")
+                            slot.finish("error", f"engine error: {e}")
+                        slot.cached = []  # what the KV cache holds is unknown now: reuse nothing
+                    llama.llama_memory_clear(self.model.memory, True)
 
     def _admit(self) -> None:
         while self.waiting:
@@ -416,7 +418,7 @@ class Engine:
             try:
                 slot.start(gen, self.model)
             except Exception as e:
-                gen.emit(Event(f"[engine error: {e}]", "error"))
+                gen.emit(Event(f"engine error: {e}", "error"))
 
     def _step(self) -> None:
         """One llama_decode: a row for every sequence with one token to decode (its last sampled

@@ -507,8 +507,14 @@ class Bench:
                 return [await self.astream(client, first_index + c + r * n) for r in range(rounds)]
 
             cpu0 = time.process_time()
-            per_client = await asyncio.wait_for(asyncio.gather(*(one(c) for c in range(n))),
-                                                self.args.timeout * rounds * max(1, n) + 30)
+            tasks = [asyncio.ensure_future(one(c)) for c in range(n)]
+            try:
+                per_client = await asyncio.wait_for(asyncio.gather(*tasks), self.args.timeout * rounds * max(1, n) + 30)
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
             cpu = time.process_time() - cpu0
         runs = [r for rs in per_client for r in rs]
         wall = max(r["t_end"] for r in runs) - min(r["t0"] for r in runs)
@@ -562,13 +568,13 @@ def summary(values: list[float]) -> dict:
 
 
 def bench_http(name: str, cmd: list[str], env: dict | None, cwd: Path | None, args, eog: list[int],
-               levels: list[int], logdir: Path) -> dict:
-    """Start one server, measure it, stop it."""
+               levels: list[int], logdir: Path, result: dict) -> dict:
+    """Start one server, measure it into `result` (so an interruption keeps what was measured), stop it."""
     port = free_port()
     cmd = [c.replace("{PORT}", str(port)) for c in cmd]
     base = f"http://127.0.0.1:{port}"
     log = logdir / f"{name}.log"
-    result: dict = {"name": name, "command": " ".join(cmd), "log": str(log)}
+    result.update({"name": name, "command": " ".join(cmd), "log": str(log)})
     if env is not None:
         result["env"] = {k: v for k, v in env.items() if k in ("MODEL", "N_THREADS", "N_CTX", "PARALLEL")}
     print(f"\n== {name}: {(' '.join(f'{k}={v}' for k, v in result.get('env', {}).items()) + ' ').lstrip()}{result['command']}",
@@ -595,8 +601,8 @@ def bench_http(name: str, cmd: list[str], env: dict | None, cwd: Path | None, ar
                 result["note_stream_options"] = f"refused stream_options ({str(e)[:120]}); streams counted otherwise"
                 b.stream(client, 10_001)
             nonstream = quiet_runs(lambda i: b.complete(client, i), args.reps, 0, proc.pid, args.wait_idle)
+            result["nonstream"] = {"runs": nonstream, "tps": run_summary(nonstream, "tps")}
             streams = quiet_runs(lambda i: b.stream(client, i), args.reps, 100, proc.pid, args.wait_idle)
-        result["nonstream"] = {"runs": nonstream, "tps": run_summary(nonstream, "tps")}
         result["stream"] = {"runs": [{k: v for k, v in r.items() if k not in ("t0", "t_end")} for r in streams],
                             "tps": run_summary(streams, "tps"), "ttft_ms": run_summary(streams, "ttft_s", 1000)}
         print(f"   tok/s non-stream {result['nonstream']['tps']['median']:.1f}  stream {result['stream']['tps']['median']:.1f}"
@@ -992,7 +998,7 @@ def main() -> None:
                 env = {**os.environ, "MODEL": str(args.model), "N_THREADS": T, "N_CTX": ctx, "PARALLEL": str(np_)}
                 cmd = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{PORT}",
                        "service:app"]
-                results[name] = bench_http(name, cmd, env, REPO, args, eog, levels, logdir)
+                bench_http(name, cmd, env, REPO, args, eog, levels, logdir, results.setdefault(name, {}))
             elif name.startswith("llama-cpp-server"):
                 missing = [pkg for mod, pkg in LLAMA_SERVER_EXTRAS.items() if not _importable(mod)]
                 if missing:
@@ -1005,7 +1011,7 @@ def main() -> None:
                        "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", "{PORT}"]
                 if name.endswith("fair"):
                     cmd += ["--n_threads", T, "--n_threads_batch", T]
-                results[name] = bench_http(name, cmd, None, None, args, eog, [4], logdir)
+                bench_http(name, cmd, None, None, args, eog, [4], logdir, results.setdefault(name, {}))
             elif name.startswith("llama-server"):
                 binary, why = (args.llama_server, "") if args.llama_server else \
                     llama_server_binary(args.build_dir, not (q or args.no_build), args.build_timeout)
@@ -1019,7 +1025,8 @@ def main() -> None:
                 if _llama_server_has(binary, "--kv-unified"):
                     # each slot gets its own n_ctx of KV cache, as in gguf-serve (no sharing)
                     cmd.append("--no-kv-unified")
-                results[name] = bench_http(name, cmd, None, None, args, eog, [1] if slots == 1 else levels, logdir)
+                bench_http(name, cmd, None, None, args, eog, [1] if slots == 1 else levels, logdir,
+                           results.setdefault(name, {}))
             elif name == "raw":
                 results[name] = bench_raw(args, eog, logdir)
     except (KeyboardInterrupt, SystemExit) as e:  # report what was measured before the interruption
@@ -1042,6 +1049,9 @@ def main() -> None:
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not k.startswith("_")},
             "client_counts": levels, "elapsed_s": elapsed, "notes": notes, "logs": str(logdir),
             "loadavg_end": os.getloadavg()}
+    if interrupted and not any(metrics(r) for r in results.values()):
+        print(f"\nnothing measured: {args.json} and the plot are left as they were; server logs: {logdir}")
+        sys.exit(130)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"_meta": meta, **results}, indent=1, default=str))
     print(f"\nJSON: {args.json}; server logs: {logdir}")
