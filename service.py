@@ -247,18 +247,11 @@ async def warm_up(served: Served) -> None:
 
 
 def on_termination(loop: asyncio.AbstractEventLoop, callback) -> None:
-    """Call `callback` when this worker is told to stop, then let granian's own handler run.
-    (granian installs its handlers on the loop before the app starts; asyncio keeps them in
-    `_signal_handlers`, which has no public getter.)"""
+    """Also call `callback` when this worker is told to stop. granian's own handlers stay: they
+    are registered with the event loop, which learns of a signal through its wakeup fd whatever
+    Python-level handler is set, so the handler set here runs beside them."""
     for sig in (signal.SIGTERM, signal.SIGINT):
-        granians = loop._signal_handlers.get(sig)
-
-        def handler(granians=granians):
-            callback()
-            if granians:
-                granians._run()
-
-        loop.add_signal_handler(sig, handler)
+        signal.signal(sig, lambda signum, frame: loop.call_soon_threadsafe(callback))
 
 
 def drain(app: Litestar) -> None:

