@@ -407,7 +407,17 @@ def llama_server_binary(build_dir: Path, allow_build: bool, timeout: float) -> t
                 if left <= 0:
                     raise subprocess.TimeoutExpired(cmd, timeout)
                 print("  $", " ".join(map(str, cmd)), flush=True)
-                subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=left, check=True)
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)  # its own group: make's compilers die with it
+                _live.append(proc)
+                try:
+                    proc.wait(left)
+                except subprocess.TimeoutExpired:
+                    raise
+                finally:
+                    kill(proc)
+                if proc.returncode:
+                    raise subprocess.CalledProcessError(proc.returncode, cmd)
 
             try:
                 if not (src / "CMakeLists.txt").is_file():
