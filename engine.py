@@ -280,7 +280,7 @@ class Event:
 
 @dataclass
 class Generation:
-    """One sequence to generate. The engine calls `emit` from its thread after every token."""
+    """One sequence to generate. `emit` gets each Event, called on the engine's event loop."""
 
     prompt: list[int]
     max_tokens: int
@@ -319,8 +319,8 @@ class StopScanner:
 class Slot:
     """One of the context's sequences: what its KV cache holds, and the generation using it."""
 
-    def __init__(self, seq_id: int):
-        self.seq_id = seq_id
+    def __init__(self, seq_id: int, outbox: list):
+        self.seq_id, self.outbox = seq_id, outbox
         self.cached: list[int] = []  # tokens whose keys and values sit in the KV cache
         self.gen: Generation | None = None
 
@@ -346,18 +346,20 @@ class Slot:
         gen = self.gen
         if reason == "length":  # text held back as a possible stop string's start was not one
             text += self.scanner.flush()
-        gen.emit(Event(text, reason, self.n_generated, self.reused, list(logprobs)))
+        self.outbox.append((gen.emit, Event(text, reason, self.n_generated, self.reused, list(logprobs))))
         llama.llama_sampler_free(self.chain)
         self.gen = None
 
 
 class Engine:
     """The decode thread. `submit` queues a generation; the thread admits it into a free slot
-    between steps, and each step decodes one batch holding every running sequence."""
+    between steps, and each step decodes one batch holding every running sequence. The events
+    of a step reach `loop` in one call, so the event loop wakes once a step, not once a token."""
 
-    def __init__(self, model: Model, parallel: int, stop_tokens: set[int] = frozenset()):
-        self.model = model
-        self.slots = [Slot(i) for i in range(parallel)]
+    def __init__(self, model: Model, parallel: int, loop, stop_tokens: set[int] = frozenset()):
+        self.model, self.loop = model, loop
+        self.outbox: list[tuple[Callable[[Event], None], Event]] = []
+        self.slots = [Slot(i, self.outbox) for i in range(parallel)]
         self.stop_tokens = set(stop_tokens)
         self.inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
         self.waiting: deque[Generation] = deque()
@@ -394,6 +396,7 @@ class Engine:
             except queue.Empty:
                 pass
             self._admit()
+            self._deliver()
             if self.running:
                 try:
                     self._step()
@@ -403,6 +406,12 @@ class Engine:
                             slot.finish("error", f"engine error: {e}")
                         slot.cached = []  # what the KV cache holds is unknown now: reuse nothing
                     llama.llama_memory_clear(self.model.memory, True)
+                self._deliver()
+
+    def _deliver(self) -> None:
+        if self.outbox:
+            self.loop.call_soon_threadsafe(_emit_all, self.outbox[:])
+            self.outbox.clear()
 
     def _admit(self) -> None:
         while self.waiting:
@@ -411,14 +420,14 @@ class Engine:
                 return
             gen = self.waiting.popleft()
             if gen.cancelled:
-                gen.emit(Event("", "cancelled"))
+                self.outbox.append((gen.emit, Event("", "cancelled")))
                 continue
             # The free slot whose cache shares the longest prefix with this prompt.
             slot = max(free, key=lambda s: _common_prefix(s.cached, gen.prompt))
             try:
                 slot.start(gen, self.model)
             except Exception as e:
-                gen.emit(Event(f"engine error: {e}", "error"))
+                self.outbox.append((gen.emit, Event(f"engine error: {e}", "error")))
 
     def _step(self) -> None:
         """One llama_decode: a row for every sequence with one token to decode (its last sampled
@@ -474,7 +483,7 @@ class Engine:
         if slot.n_generated >= gen.max_tokens or len(slot.cached) + 1 >= model.n_ctx or time.monotonic() > gen.deadline:
             return slot.finish("length", text, logprobs)
         slot.todo = [token]
-        gen.emit(Event(text, logprobs=logprobs))
+        self.outbox.append((gen.emit, Event(text, logprobs=logprobs)))
 
     def _logprob(self, index: int, token: int, top: int) -> TokenLogprob:
         """The model's own log-probabilities at this step (before any sampling transform)."""
@@ -484,6 +493,11 @@ class Engine:
         best = np.argpartition(logits, -top)[-top:] if top else []
         best = sorted(best, key=lambda t: -logits[t])
         return TokenLogprob(token, float(logits[token] - log_z), [(int(t), float(logits[t] - log_z)) for t in best])
+
+
+def _emit_all(events: list[tuple[Callable[[Event], None], Event]]) -> None:
+    for emit, event in events:
+        emit(event)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -224,7 +224,7 @@ async def load(app: Litestar) -> None:
         print(f"gguf-serve: {e}", file=sys.stderr, flush=True)
         os._exit(1)  # a startup failure: one line, not an ASGI traceback
     stop_tokens = {model.special[s] for s in stops if s in model.special}
-    decoder = engine.Engine(model, config.parallel, stop_tokens)
+    decoder = engine.Engine(model, config.parallel, asyncio.get_running_loop(), stop_tokens)
     text_stops = [s for s in stops if s not in model.special]
     served = Served(config, model, decoder, render, text_stops, int(time.time()), 0.0)
     await warm_up(served)
@@ -240,7 +240,7 @@ async def warm_up(served: Served) -> None:
 
     def emit(event: engine.Event) -> None:
         if event.finish_reason:
-            loop.call_soon_threadsafe(done.set_result, event)
+            done.set_result(event)
 
     served.engine.submit(engine.Generation(served.model.tokenize_prompt("Hello"), 1, engine.Sampling(temperature=0), emit))
     await done
@@ -803,7 +803,6 @@ class Run:
         free = config.parallel - served.engine.running
         if served.engine.queued + n > config.max_queue + free:
             raise APIError(429, f"{served.engine.queued} requests are queued already; retry shortly", None, "queue_full")
-        loop = asyncio.get_running_loop()
         self.state, self.metrics, self.info = state, state.metrics, request.scope["state"].setdefault("gguf", {})
         self.events: asyncio.Queue[tuple[int, engine.Event]] = asyncio.Queue()
         self.n_prompt = sum(len(p) for p in prompts)
@@ -814,7 +813,7 @@ class Run:
         for prompt in prompts:
             for i in range(body.n):
                 index = len(self.generations)
-                emit = lambda event, index=index: loop.call_soon_threadsafe(self.events.put_nowait, (index, event))  # noqa: E731
+                emit = lambda event, index=index: self.events.put_nowait((index, event))  # noqa: E731
                 gen = engine.Generation(prompt, max_tokens, sampling(served, body, i, grammar), emit, stop, top_logprobs, deadline)
                 self.generations.append(gen)
         state.runs.add(self)

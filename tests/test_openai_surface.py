@@ -83,6 +83,16 @@ def test_default_temperature_is_one_so_unseeded_answers_vary(client):
     assert len(answers) > 1
 
 
+def test_cached_prompt_tokens_are_reported(client):
+    messages = [{"role": "user", "content": "A question nobody asked before: why is the sky green?"}]
+    first = chat(client, messages=messages, max_tokens=3, temperature=0)
+    again = chat(client, messages=messages, max_tokens=3, temperature=0)
+    # All of the prompt but its last token (decoded again for its logits) comes from the cache.
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert first.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens_details.cached_tokens
+    assert text(again) == text(first)
+
+
 # --- 3. limits ---
 
 

@@ -96,9 +96,35 @@ def test_qwen_tool_calls_and_results_match_official():
     assert FAMILIES["qwen"].render(conversation) == official("Qwen-Qwen2.5-7B-Instruct.jinja")(conversation)
 
 
-# The formats below have no official Jinja file in shared/: their references are the formats
-# their authors publish (Llama-2-chat's HF template, ChatGLM3's build_chat_input, SmolLM2's own
-# embedded ChatML template).
+# Llama-2-chat and ChatGLM3 have no file in shared/: these are the chat templates their authors
+# published in tokenizer_config.json (meta-llama/Llama-2-7b-chat-hf, THUDM/chatglm3-6b).
+LLAMA2_OFFICIAL = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}"
+    "{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + "
+    "content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+CHATGLM3_OFFICIAL = (
+    "{% for message in messages %}{% if loop.first %}[gMASK]sop<|{{ message['role'] }}|>\n {{ message['content'] }}"
+    "{% else %}<|{{ message['role'] }}|>\n {{ message['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.mark.parametrize("family,source,bos,eos", [("llama2", LLAMA2_OFFICIAL, "<s>", "</s>"),
+                                                   ("chatglm3", CHATGLM3_OFFICIAL, "", "</s>")])
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_family_matches_published_template(family, source, bos, eos, name):
+    conversation = CONVERSATIONS[name]
+    assert FAMILIES[family].render(conversation) == templates.jinja_template(source, bos, eos)(conversation)
+
+
+# The formats below: the formats their authors publish, written out (SmolLM2's own embedded
+# ChatML template, Gemma 3's system-folding).
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
@@ -176,3 +202,34 @@ def test_content_spans_cover_exactly_the_user_text(family):
     assert prompt == FAMILIES[family].render(conversation)
     texts = [prompt[a:b] for a, b in spans]
     assert attack in texts and "二" in texts and "ok" in texts
+
+
+TOOL_CALLS = [
+    # model output, forced (grammar) or not, expected (content, calls)
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', False,
+     (None, [("get_weather", '{"city": "Paris"}')])),
+    ('Let me check.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>\n'
+     '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', False,
+     ("Let me check.", [("get_weather", '{"city": "Rome"}'), ("get_time", "{}")])),
+    ('{"name": "get_weather", "parameters": {"city": "Oslo"}}', False, (None, [("get_weather", '{"city": "Oslo"}')])),
+    ('<|python_tag|>{"name": "get_time", "parameters": {}}', False, (None, [("get_time", "{}")])),
+    ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', False,
+     ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', [])),
+    ("The weather is fine.", False, ("The weather is fine.", [])),
+    ('{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}', True,
+     (None, [("get_weather", '{"city": "Paris", "unit": "C"}')])),
+    ("<tool_call>not json</tool_call>", False, ("<tool_call>not json</tool_call>", [])),
+]
+
+
+@pytest.mark.parametrize("text,forced,expected", TOOL_CALLS)
+def test_parse_tool_calls(text, forced, expected):
+    assert templates.parse_tool_calls(text, ["get_weather", "get_time"], whole_json=forced) == expected
+
+
+def test_tools_described_in_the_system_message_for_formats_without_tools():
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {}}}]
+    [system, user] = templates.with_tools_in_system([{"role": "user", "content": "Hi"}], tools)
+    assert system["role"] == "system" and '"name": "get_time"' in system["content"] and "<tool_call>" in system["content"]
+    [system, _] = templates.with_tools_in_system([{"role": "system", "content": "Be brief."}, user], tools)
+    assert system["content"].startswith("Be brief.\n\n# Tools")
