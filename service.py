@@ -525,7 +525,7 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_exceeded"}
+ERROR_TYPES = {429: "rate_limit_exceeded"}  # OpenAI types a 401 as invalid_request_error too
 
 
 def error_response(_: Request, exc: Exception) -> Response:
