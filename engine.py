@@ -328,10 +328,7 @@ class Slot:
         self.chain = gen.sampling.chain(model)  # first: if it fails, the slot is unchanged
         # Reuse the longest cached prefix; at least the last prompt token is decoded again,
         # because sampling needs its logits.
-        keep = 0
-        limit = min(len(self.cached), len(gen.prompt) - 1)
-        while keep < limit and self.cached[keep] == gen.prompt[keep]:
-            keep += 1
+        keep = min(_common_prefix(self.cached, gen.prompt), len(gen.prompt) - 1)
         llama.llama_memory_seq_rm(model.memory, self.seq_id, keep, -1)
         self.cached = gen.prompt[:keep]
         self.reused = keep
