@@ -26,7 +26,7 @@ import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, AsyncIterator, Literal
 
@@ -659,7 +659,7 @@ def infill(served: Served, prefix: list[int], suffix: str) -> list[int]:
     return [*([model.bos] if model.add_bos else []), pre, *prefix, suf, *model.tokenize(suffix), mid]
 
 
-def sampling(served: Served, body: Sampled, choice: int, grammar: str | None) -> engine.Sampling:
+def sampling(served: Served, body: Sampled, grammar: str | None) -> engine.Sampling:
     d = served.config.sampling
     bias = {}
     for token, value in (body.logit_bias or {}).items():
@@ -674,7 +674,7 @@ def sampling(served: Served, body: Sampled, choice: int, grammar: str | None) ->
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         repeat_penalty=d.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
-        seed=None if body.seed is None else body.seed + choice,
+        seed=body.seed,
         logit_bias=bias,
         grammar=grammar,
     )
@@ -809,12 +809,15 @@ class Run:
         self.n_completion = self.n_cached = 0
         self.started = self.last_token = time.perf_counter()
         self.generations = []
+        self.n_choices = body.n
         deadline = time.monotonic() + config.request_timeout_s
+        base = sampling(served, body, grammar)
         for prompt in prompts:
             for i in range(body.n):
                 index = len(self.generations)
                 emit = lambda event, index=index: self.events.put_nowait((index, event))  # noqa: E731
-                gen = engine.Generation(prompt, max_tokens, sampling(served, body, i, grammar), emit, stop, top_logprobs, deadline)
+                choice = base if base.seed is None else replace(base, seed=base.seed + i)  # n distinct answers
+                gen = engine.Generation(prompt, max_tokens, choice, emit, stop, top_logprobs, deadline)
                 self.generations.append(gen)
         state.runs.add(self)
         for gen in self.generations:
