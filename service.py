@@ -838,7 +838,7 @@ class Run:
             if event.finish_reason:
                 finished.add(index)
                 self.n_completion += event.completion_tokens
-                self.n_cached += event.cached_tokens if index % len(self.generations) == 0 else 0
+                self.n_cached += event.cached_tokens if index % self.n_choices == 0 else 0  # once per prompt
             yield index, event
         self.cancel()
         self.info.update(prompt_tokens=self.n_prompt, completion_tokens=self.n_completion)
@@ -1114,7 +1114,7 @@ async def text_stream(served: Served, run: Run, body: CompletionRequest, head: d
 async def apply_template(request: Request) -> ApplyTemplateResponse:
     """The exact text the model would receive for a chat request (as at llama.cpp's server)."""
     body = await parse(request, TemplateRequest)
-    served = served_model(request, body.model) if body.model else request.app.state.served
+    served = served_model(request, body.model) if body.model else ready(request)
     prompt, _ = chat_prompt(served, body.messages, body.tools)
     return ApplyTemplateResponse(prompt)
 

@@ -311,6 +311,9 @@ def test_prompt_forms(client, vocab):
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert r.choices[0].text == r.choices[1].text == one
     assert r.usage.completion_tokens == 16
+    again = client.completions.create(prompt=["The capital of France is", "Once upon a time"], **kwargs)
+    # Both prompts are cached now, in sequences of their own: each counts its reused tokens.
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 2
 
 
 def test_echo_and_suffix(client):

@@ -162,6 +162,8 @@ def test_health_answers_before_the_model_is_ready():
                 break
             assert_openai_error(ready, 503)
             assert assert_openai_error(httpx.get(f"{s.url}/v1/models"), 503)["code"] == "model_loading"
+            body = {"messages": [{"role": "user", "content": "Hi"}]}  # no model: the served one
+            assert assert_openai_error(httpx.post(f"{s.url}/apply-template", json=body), 503)["code"] == "model_loading"
         assert (200, 503) in seen and seen[-1] == (200, 200)
     finally:
         s.stop()
