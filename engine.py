@@ -419,53 +419,58 @@ class Engine:
             if gen.cancelled:
                 self.outbox.append((gen.emit, Event("", "cancelled")))
                 continue
-            # The free slot whose cache shares the longest prefix with this prompt.
-            slot = max(free, key=lambda s: _common_prefix(s.cached, gen.prompt))
+            # The free slot whose cache shares the longest prefix with this prompt; among equals,
+            # one that keeps the running sequence ids contiguous (see _decode: a gap costs a pass).
+            running = [s.seq_id for s in self.slots if s.gen is not None]
+            slot = max(free, key=lambda s: (_common_prefix(s.cached, gen.prompt), _contiguous([*running, s.seq_id])))
             try:
                 slot.start(gen, self.model)
             except Exception as e:
                 self.outbox.append((gen.emit, Event(f"engine error: {e}", "error")))
 
     def _step(self) -> None:
-        """One llama_decode: a row for every sequence with one token to decode (its last sampled
-        token, or its prompt's last token), then a chunk of at most one prompt.
+        """At most two llama_decodes: first one row for every sequence with a single token to
+        decode (its last sampled token, or its prompt's last token), which are then sampled; then
+        the next chunk of at most one prompt, alone.
 
-        Both rules keep greedy output the same whether a request runs alone or beside others
-        (tested on Gemma 3, whose logits otherwise move): a prompt's last token is decoded in a
-        step of its own, never with the rest of its prompt, and two prompts never share a batch,
-        which llama.cpp would split differently than either alone."""
+        This keeps greedy output the same whether a request runs alone or beside others (tested
+        on Gemma 3, whose logits move when a prompt is split differently): a prompt is computed in
+        the same chunks either way, never split by llama.cpp around other sequences' rows, and its
+        last token, whose logits are sampled, is always a row of the first kind."""
         live = []
         for slot in self.slots:
             if slot.gen is not None and slot.gen.cancelled:
                 slot.finish("cancelled")
             elif slot.gen is not None:
                 live.append(slot)
-        rows = [(slot, slot.todo, True) for slot in live if len(slot.todo) == 1]
         prompts = [slot for slot in live if len(slot.todo) > 1]
+        rows = [slot for slot in live if len(slot.todo) == 1]
+        if rows:
+            self._decode([(slot, slot.todo) for slot in rows], logits=True)
+            for index, slot in enumerate(rows):
+                self._sample(slot, index)
         if prompts:
             first = min(prompts, key=lambda slot: slot.started)
-            rows.append((first, first.todo[: min(self.model.n_batch - len(rows), len(first.todo) - 1)], False))
-        batch, n, sample_at = self.batch, 0, []
-        for slot, tokens, wants_logits in rows:
+            self._decode([(first, first.todo[: min(self.model.n_batch, len(first.todo) - 1)])], logits=False)
+
+    def _decode(self, chunks: list[tuple[Slot, list[int]]], logits: bool) -> None:
+        """Decode each slot's tokens at the end of its sequence, in seq_id order: llama.cpp computes
+        a batch as one pass over the weights per run of consecutive sequence ids."""
+        batch, n = self.batch, 0
+        for slot, tokens in chunks:
             for token in tokens:
                 batch.token[n] = token
                 batch.pos[n] = len(slot.cached)
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = slot.seq_id
-                batch.logits[n] = wants_logits
+                batch.logits[n] = logits
                 slot.cached.append(token)
                 n += 1
             slot.todo = slot.todo[len(tokens) :]
-            if wants_logits:
-                sample_at.append((slot, n - 1))
-        if n == 0:
-            return
         batch.n_tokens = n
         status = llama.llama_decode(self.model.ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
-        for slot, index in sample_at:
-            self._sample(slot, index)
 
     def _sample(self, slot: Slot, index: int) -> None:
         model, gen = self.model, slot.gen
@@ -495,6 +500,10 @@ class Engine:
 def _emit_all(events: list[tuple[Callable[[Event], None], Event]]) -> None:
     for emit, event in events:
         emit(event)
+
+
+def _contiguous(seq_ids: list[int]) -> bool:
+    return max(seq_ids) - min(seq_ids) + 1 == len(seq_ids)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

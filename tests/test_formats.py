@@ -122,3 +122,17 @@ def test_greedy_is_deterministic_whatever_ran_before_or_beside(gemma):
     with ThreadPoolExecutor(4) as pool:  # decoded in one batch with three other requests
         together = dict(zip([question, *others], pool.map(answer, [question, *others])))
     assert together == {question: first, **alone}
+
+    # The same with every prompt computed, not reused: four unrelated requests overwrite every
+    # slot's cache, then the prompts arrive together, each computed beside the others' decoding.
+    def flush_caches():
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(answer, [f"Say the word {w}, then stop." for w in ("apple", "river", "cloud", "stone")]))
+
+    flush_caches()
+    fresh = {q: answer(q) for q in [question, *others]}  # alone, each prompt computed once more
+    assert fresh == {question: first, **alone}
+    flush_caches()
+    with ThreadPoolExecutor(4) as pool:
+        together = dict(zip([question, *others], pool.map(answer, [question, *others])))
+    assert together == fresh
