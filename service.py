@@ -50,7 +50,9 @@ class SamplingDefaults(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
+    # llama.cpp's server default, not OpenAI's whole vocabulary: on SmolLM2's 49k-token vocabulary
+    # sampling from all of it costs 0.4 ms a token (3 ms with top_p), from the top 40 0.04 ms.
+    top_k: int = 40
     min_p: float = 0.0
     repeat_penalty: float = 1.0
 
