@@ -56,15 +56,20 @@ def _chatml_turns(messages: Messages) -> str:
     return "".join(out)
 
 
+def split_system(messages: Messages) -> tuple[str | None, Messages]:
+    """A leading system message's text (None without one) and the messages after it."""
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], messages[1:]
+    return None, messages
+
+
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 
 def qwen(messages: Messages) -> str:
     """Qwen2.5: ChatML, with Qwen's default system prompt when the caller gives none."""
-    if messages and messages[0]["role"] == "system":
-        head, messages = f"<|im_start|>system\n{messages[0]['content']}<|im_end|>\n", messages[1:]
-    else:
-        head = f"<|im_start|>system\n{QWEN_DEFAULT_SYSTEM}<|im_end|>\n"
+    system, messages = split_system(messages)
+    head = f"<|im_start|>system\n{QWEN_DEFAULT_SYSTEM if system is None else system}<|im_end|>\n"
     return head + _chatml_turns(messages) + "<|im_start|>assistant\n"
 
 
@@ -77,9 +82,8 @@ def chatml(messages: Messages) -> str:
 
 def gemma(messages: Messages) -> str:
     """Gemma 2/3: no system role; the system text and a blank line open the first user turn."""
-    prefix = ""
-    if messages and messages[0]["role"] == "system":
-        prefix, messages = messages[0]["content"] + "\n\n", messages[1:]
+    system, messages = split_system(messages)
+    prefix = "" if system is None else system + "\n\n"
     out = ["<bos>"]
     for i, m in enumerate(messages):
         role = {"assistant": "model", "tool": "user"}.get(m["role"], m["role"])
@@ -93,9 +97,7 @@ def gemma(messages: Messages) -> str:
 
 def llama2(messages: Messages) -> str:
     """Llama-2-chat: [INST] turns, the system prompt in <<SYS>> inside the first one."""
-    system = None
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"], messages[1:]
+    system, messages = split_system(messages)
     out = []
     for i, m in enumerate(messages):
         content = m["content"]
@@ -113,9 +115,8 @@ LLAMA3_DATE = "26 Jul 2024"
 
 def llama3(messages: Messages) -> str:
     """Llama 3.1/3.2 Instruct, with the official system header (knowledge and current date)."""
-    system = ""
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"].strip(), messages[1:]
+    system, messages = split_system(messages)
+    system = (system or "").strip()
     out = [
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
         f"Cutting Knowledge Date: December 2023\nToday Date: {LLAMA3_DATE}\n\n{system}<|eot_id|>"
@@ -168,9 +169,7 @@ def glm4(messages: Messages) -> str:
 
 def mistral(messages: Messages) -> str:
     """Mistral Instruct (Nemo's official template): the system text joins the last user turn."""
-    system = None
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"], messages[1:]
+    system, messages = split_system(messages)
     out = ["<s>"]
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
