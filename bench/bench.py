@@ -6,6 +6,7 @@
     python bench/bench.py --servers gguf-serve,raw --plot bench/results.png
     python bench/bench.py --model /path/to/any.gguf --threads 2 --json /tmp/results.json
     python bench/bench.py --servers llama-server-np1 --llama-server-args=--no-repack
+    python bench/bench.py --paired 12             # 4-client gguf-serve / llama-server-np4, pair by pair
 
 What is compared (every one on the same GGUF file, the same context per sequence (--ctx,
 2048) and the same threads (--threads, default: every core this process may use)):
@@ -55,6 +56,19 @@ llama_cpp.server itself is bimodal (e.g. 103 or 60 tok/s): it decodes in whichev
 its thread pool serves the request, each such thread gets its own OpenMP team, and with more
 OpenMP threads than cores libgomp stops spinning at barriers, so look at its single runs
 in the JSON before reading much into its ratios.
+
+--paired N: the 4-client aggregate of gguf-serve against llama-server-np4, measured so that host
+drift cancels out. On a shared VM the host's speed drifts by +-15% within minutes, so one server
+measured after the other gives ratios anywhere between 0.8 and 1.17. Here both servers are
+started side by side (each idle, 0% CPU, while the other works), warmed with one request, and
+then N pairs of bursts run: --clients concurrent streaming clients (default 4; the first of a
+list) with --rounds requests each (default 1) on one server, then on the other, alternating
+which goes first. Each pair sees the same host conditions; the median of the per-pair ratios
+(gguf-serve / llama-server-np4) is the stable figure, printed with its mean, min, max and how
+many pairs reach 0.95 (the continuous-batching goal). A pair during which other processes used
+>= 10% of the CPU is done again (at most twice); every burst's token count is checked. Only
+those two servers: --servers, if given, must name them; --plot is ignored. JSON: every burst
+under "paired" (default file bench/paired.json).
 
 llama-server is built once, if missing, from the llama.cpp sources vendored in the
 llama-cpp-python sdist into ~/.cache/gguf-serve/llama-server-build (cmake and a C++ compiler
@@ -228,13 +242,13 @@ def peak_rss(pid: int) -> dict:
     return {"total_mb": round(sum(per.values()), 1), "processes": per}
 
 
-def cpu_ticks(pid: int | None) -> tuple[int, int]:
-    """(busy clock ticks of the whole machine, ticks used by `pid`'s process tree and by this process)."""
+def cpu_ticks(*pids: int | None) -> tuple[int, int]:
+    """(busy clock ticks of the whole machine, ticks used by the process trees of `pids` and by this process)."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
     busy = user + nice + system + irq + softirq + steal
     ours = 0
-    for p in set((process_tree(pid) if pid else []) + [os.getpid()]):
+    for p in set([t for pid in pids if pid for t in process_tree(pid)] + [os.getpid()]):
         try:
             stat = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             ours += int(stat[11]) + int(stat[12])  # utime, stime
@@ -285,6 +299,23 @@ def quiet_runs(fn, reps: int, first_index: int, pid: int | None, max_wait: float
         if not r["quiet"]:
             wait_idle(max_wait)
     return runs
+
+
+def until_quiet(fn, pids: list[int], max_wait: float, what: str) -> list[dict]:
+    """fn(attempt) (a dict, other processes' CPU share recorded in it), done again (at most twice) if
+    that share was >= QUIET. Returns every attempt; the last one is the one to use."""
+    attempts: list[dict] = []
+    for attempt in range(3):
+        before, t0 = cpu_ticks(*pids), time.perf_counter()
+        r = fn(attempt)
+        r["other_cpu_pct"] = round(other_cpu_percent(before, cpu_ticks(*pids), time.perf_counter() - t0), 1)
+        r["attempts"] = attempt + 1
+        attempts.append(r)
+        if r["other_cpu_pct"] < QUIET:
+            break
+        print(f"   ({what}: other processes used {r['other_cpu_pct']:.0f}% of the CPU; again)", flush=True)
+        wait_idle(max_wait)
+    return attempts
 
 
 def run_summary(runs: list[dict], key: str, scale: float = 1.0) -> dict:
@@ -440,6 +471,43 @@ def llama_server_binary(build_dir: Path, allow_build: bool, timeout: float) -> t
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired, StopIteration, OSError) as e:
                 return None, f"building llama-server failed ({e}); see {log}"
     return (binary, "") if binary.is_file() else (None, f"the build did not produce {binary}; see {log}")
+
+
+def find_llama_server(args, vers: dict) -> tuple[Path | None, str]:
+    """--llama-server, else the cached build (built now unless --quick or --no-build); its version
+    goes into `vers`. (None, why) if there is none."""
+    binary, why = (args.llama_server, "") if args.llama_server else \
+        llama_server_binary(args.build_dir, not (args.quick or args.no_build), args.build_timeout)
+    if binary is not None and "llama-server" not in vers:
+        try:
+            r = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+            vers["llama-server"] = " ".join((r.stdout + r.stderr).split())[:200]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return binary, why
+
+
+# --- Server commands (`{PORT}` is filled in at launch) -----------------------------------------
+
+
+def gguf_serve_command(args) -> tuple[list[str], dict]:
+    """gguf-serve under granian (run in REPO) and its environment: the bench's model, threads, context, PARALLEL."""
+    env = {**os.environ, "MODEL": str(args.model), "N_THREADS": str(args.threads), "N_CTX": str(args.ctx),
+           "PARALLEL": str(args.parallel)}
+    return [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{PORT}",
+            "service:app"], env
+
+
+def llama_server_command(binary: Path, args, slots: int) -> list[str]:
+    """llama.cpp's server with `slots` slots of --ctx tokens each, the bench's threads and --llama-server-args."""
+    T = str(args.threads)
+    cmd = [str(binary), "-m", str(args.model), "-c", str(args.ctx * slots), "-np", str(slots), "-t", T,
+           "-tb", T, "--host", "127.0.0.1", "--port", "{PORT}"]
+    cmd += args.llama_server_args.split()
+    if _llama_server_has(binary, "--kv-unified"):
+        # each slot gets its own n_ctx of KV cache, as in gguf-serve (no sharing)
+        cmd.append("--no-kv-unified")
+    return cmd
 
 
 # --- Requests -------------------------------------------------------------------------------
@@ -598,9 +666,10 @@ def summary(values: list[float]) -> dict:
             "mean": statistics.mean(values), "n": len(values)}
 
 
-def bench_http(name: str, cmd: list[str], env: dict | None, cwd: Path | None, args, eog: list[int],
-               levels: list[int], logdir: Path, result: dict) -> dict:
-    """Start one server, measure it into `result` (so an interruption keeps what was measured), stop it."""
+def launch(name: str, cmd: list[str], env: dict | None, cwd: Path | None, args, eog: list[int], logdir: Path,
+           result: dict) -> tuple[subprocess.Popen, Bench]:
+    """Start one server on a free port (`{PORT}` in cmd), its command and startup time recorded in `result`;
+    returns it once GET /v1/models answers, with a Bench for its model. Killed if it never gets ready."""
     port = free_port()
     cmd = [c.replace("{PORT}", str(port)) for c in cmd]
     base = f"http://127.0.0.1:{port}"
@@ -618,19 +687,35 @@ def bench_http(name: str, cmd: list[str], env: dict | None, cwd: Path | None, ar
         print(f"   ready in {result['startup_s']:.2f} s", flush=True)
         with httpx.Client(timeout=10) as c:
             model_id = c.get(f"{base}/v1/models").json()["data"][0]["id"]
-        b = Bench(base, model_id, args, eog)
+    except BaseException:
+        kill(proc)
+        raise
+    return proc, Bench(base, model_id, args, eog)
+
+
+def warm_stream(b: Bench, client: httpx.Client, result: dict) -> None:
+    """A streaming warm-up request (page in the weights, first allocations); also tells whether the
+    server accepts stream_options (if not, streams are counted from finish_reason or chunks)."""
+    try:
+        b.stream(client, 10_001)
+    except RuntimeError as e:
+        if "HTTP 4" not in str(e):
+            raise
+        b.usage_in_stream = False
+        result["note_stream_options"] = f"refused stream_options ({str(e)[:120]}); streams counted otherwise"
+        b.stream(client, 10_001)
+
+
+def bench_http(name: str, cmd: list[str], env: dict | None, cwd: Path | None, args, eog: list[int],
+               levels: list[int], logdir: Path, result: dict) -> dict:
+    """Start one server, measure it into `result` (so an interruption keeps what was measured), stop it."""
+    proc = None
+    try:
+        proc, b = launch(name, cmd, env, cwd, args, eog, logdir, result)
         cpu0, t_cpu0 = cpu_ticks(proc.pid), time.perf_counter()
         with httpx.Client(timeout=b.timeout) as client:
-            # warm-up (page in the weights, first allocations); also tells whether stream_options is accepted
-            b.complete(client, 10_000)
-            try:
-                b.stream(client, 10_001)
-            except RuntimeError as e:
-                if "HTTP 4" not in str(e):
-                    raise
-                b.usage_in_stream = False
-                result["note_stream_options"] = f"refused stream_options ({str(e)[:120]}); streams counted otherwise"
-                b.stream(client, 10_001)
+            b.complete(client, 10_000)  # warm-up, then the streaming one
+            warm_stream(b, client, result)
             nonstream = quiet_runs(lambda i: b.complete(client, i), args.reps, 0, proc.pid, args.wait_idle)
             result["nonstream"] = {"runs": nonstream, "tps": run_summary(nonstream, "tps")}
             streams = quiet_runs(lambda i: b.stream(client, i), args.reps, 100, proc.pid, args.wait_idle)
@@ -642,15 +727,8 @@ def bench_http(name: str, cmd: list[str], env: dict | None, cwd: Path | None, ar
         print(f"   /v1/models {result['models']['rps']:.0f} req/s", flush=True)
         result["concurrency"] = {}
         for k, n in enumerate(levels):
-            for attempt in range(3):  # done again (at most twice) if something else used the CPU meanwhile
-                before, t0 = cpu_ticks(proc.pid), time.perf_counter()
-                c = asyncio.run(b.clients(n, args.rounds, 1000 * (k + 1) + 100 * attempt))
-                c["other_cpu_pct"] = round(other_cpu_percent(before, cpu_ticks(proc.pid), time.perf_counter() - t0), 1)
-                c["attempts"] = attempt + 1
-                if c["other_cpu_pct"] < QUIET:
-                    break
-                print(f"   ({n} clients: other processes used {c['other_cpu_pct']:.0f}% of the CPU; again)", flush=True)
-                wait_idle(args.wait_idle)
+            c = until_quiet(lambda attempt: asyncio.run(b.clients(n, args.rounds, 1000 * (k + 1) + 100 * attempt)),
+                            [proc.pid], args.wait_idle, f"{n} clients")[-1]
             result["concurrency"][str(n)] = c
             print(f"   {n} clients: {c['agg_tps']:.1f} tok/s aggregate, mean TTFT {c['ttft_mean_s'] * 1000:.0f} ms,"
                   f" wall {c['wall_s']:.1f} s", flush=True)
@@ -666,7 +744,8 @@ def bench_http(name: str, cmd: list[str], env: dict | None, cwd: Path | None, ar
         result["error"] = f"{type(e).__name__}: {e}"
         print(f"   FAILED: {result['error']}", flush=True)
     finally:
-        kill(proc)
+        if proc is not None:
+            kill(proc)
     return result
 
 
@@ -762,7 +841,96 @@ def bench_raw(args, eog: list[int], logdir: Path) -> dict:
     return result
 
 
+# --- Paired mode ----------------------------------------------------------------------------
+
+PAIRED = ("gguf-serve", "llama-server-np4")
+TARGET = 0.95  # the continuous-batching goal: gguf-serve's 4-client aggregate >= 0.95x llama-server -np 4's
+
+
+def burst(name: str, b: Bench, clients: int, args, first_index: int) -> dict:
+    """One burst of concurrent streaming clients, checked: every request must make max_tokens tokens."""
+    c = asyncio.run(b.clients(clients, args.rounds, first_index))
+    expected = clients * args.rounds * args.max_tokens
+    c["tokens_ok"] = c["tokens"] == expected and all(full_run(x, args.max_tokens) for x in c["runs"])
+    if not c["tokens_ok"]:
+        print(f"   NOT {expected} tokens: {name} made {c['tokens']} (finish_reasons "
+              f"{sorted({str(x.get('finish_reason')) for x in c['runs']})})", flush=True)
+    return c
+
+
+def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, out: dict) -> None:
+    """Both servers loaded side by side (idle, 0% CPU, while the other one works), then args.paired pairs
+    of bursts, one on each, alternating which goes first: each pair sees the same host speed, which on
+    a shared VM drifts more within minutes than the difference being measured. Fills `out` as it goes."""
+    procs: list[subprocess.Popen] = []
+    try:
+        binary, why = find_llama_server(args, vers)
+        if binary is None:
+            raise RuntimeError(f"llama-server-np4 can't run: {why}")
+        cmd, env = gguf_serve_command(args)
+        commands = {"gguf-serve": (cmd, env, REPO),
+                    "llama-server-np4": (llama_server_command(binary, args, args.parallel), None, None)}
+        benches = {}
+        for name in PAIRED:
+            result = out["servers"].setdefault(name, {})
+            proc, benches[name] = launch(name, *commands[name], args, eog, logdir, result)
+            procs.append(proc)
+            with httpx.Client(timeout=benches[name].timeout) as client:
+                warm_stream(benches[name], client, result)
+        # every burst asks new requests (no whole-prompt cache hit), the same topics as every other burst
+        stride = len(TOPICS) * (clients * args.rounds // len(TOPICS) + 1)
+        print(f"\n== {args.paired} pairs of {clients} concurrent streaming clients x {args.rounds} request(s) "
+              f"on each server", flush=True)
+        for i in range(args.paired):
+            order = PAIRED if i % 2 == 0 else PAIRED[::-1]
+
+            def pair(attempt):
+                bursts = {name: burst(name, benches[name], clients, args, 20_000 + stride * (2 * (3 * i + attempt) + k))
+                          for k, name in enumerate(order)}
+                agg = {name: bursts[name]["agg_tps"] for name in PAIRED}
+                return {"pair": i + 1, "order": list(order), "agg_tps": agg,
+                        "ttft_mean_ms": {n: (lambda v: v * 1000 if v is not None else None)(bursts[n]["ttft_mean_s"])
+                                         for n in PAIRED},
+                        "ratio": agg[PAIRED[0]] / agg[PAIRED[1]] if agg[PAIRED[1]] else None,
+                        "tokens_ok": all(c["tokens_ok"] for c in bursts.values()), "bursts": bursts}
+
+            wait_idle(args.wait_idle)
+            attempts = until_quiet(pair, [p.pid for p in procs], args.wait_idle, f"pair {i + 1}")
+            p = attempts[-1]
+            p["quiet"], p["redone"] = p["other_cpu_pct"] < QUIET, attempts[:-1]
+            out["pairs"].append(p)
+            print(f"   pair {i + 1}, {order[0]} first: " + "; ".join(
+                f"{n} {p['agg_tps'][n]:.1f} tok/s, TTFT {fmt(p['ttft_mean_ms'][n], '{:.0f}')} ms" for n in PAIRED)
+                + f"; ratio {fmt(p['ratio'], '{:.3f}')}; others {p['other_cpu_pct']:.0f}% CPU", flush=True)
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+        print(f"   FAILED: {out['error']}", flush=True)
+    finally:
+        for proc in procs:
+            kill(proc)
+        out["summary"] = paired_summary(out["pairs"])
+
+
+def paired_summary(pairs: list[dict]) -> dict:
+    """Medians over the undisturbed pairs (over all of them, flagged, if none was undisturbed)."""
+    used = [p for p in pairs if p["quiet"]] or pairs
+    ratios = [p["ratio"] for p in used if p["ratio"] is not None]
+    out = {"pairs": len(pairs), "pairs_used": len(used), "all_disturbed": bool(pairs) and not any(p["quiet"] for p in pairs),
+           "pairs_redone": sum(p["attempts"] > 1 for p in pairs), "target": TARGET,
+           "ratio": summary(ratios), "pairs_at_target": sum(r >= TARGET for r in ratios),
+           "bursts_tokens_ok": sum(c["tokens_ok"] for p in pairs for c in p["bursts"].values())}
+    for name in PAIRED:
+        out[name] = {"agg_tps": summary([p["agg_tps"][name] for p in used]),
+                     "ttft_mean_ms": summary([p["ttft_mean_ms"][name] for p in used])}
+    return out
+
+
 # --- Report ---------------------------------------------------------------------------------
+
+
+def full_run(x: dict, max_tokens: int) -> bool:
+    """Did a request make exactly max_tokens tokens, ended by the limit."""
+    return x["tokens"] == max_tokens and x.get("finish_reason") == "length"
 
 
 def med(r: dict | None, *path):
@@ -870,7 +1038,7 @@ def report(results: dict[str, dict], args) -> str:
     crow = []
     for name, r in results.items():
         for n, c in (r.get("concurrency") or {}).items():
-            ok = sum(x["tokens"] == args.max_tokens and x.get("finish_reason") == "length" for x in c["runs"])
+            ok = sum(full_run(x, args.max_tokens) for x in c["runs"])
             crow.append([name, n, f"{ok}/{c['requests']}", f"{c['agg_tps']:.1f}", f"{c['per_request_tps_mean']:.1f}",
                          f"{c['ttft_mean_s'] * 1000:.0f}", f"{c['ttft_max_s'] * 1000:.0f}", f"{c['wall_s']:.2f}",
                          f"{c['bench_client_cpu_s']:.2f}"])
@@ -890,7 +1058,7 @@ def report(results: dict[str, dict], args) -> str:
         if not runs:
             out.append(f"  {name}: no runs" + (f" ({r['error'][:200]})" if r.get("error") else ""))
             continue
-        bad = [(p, x) for p, x in runs if x["tokens"] != args.max_tokens or x.get("finish_reason") != "length"]
+        bad = [(p, x) for p, x in runs if not full_run(x, args.max_tokens)]
         sources = sorted({x["tokens_from"] for _, x in runs})
         prompts = sorted({x.get("prompt_tokens") for _, x in runs if x.get("prompt_tokens") is not None})
         chunks = sorted({x["chunks"] for _, x in runs if "chunks" in x})
@@ -907,6 +1075,46 @@ def report(results: dict[str, dict], args) -> str:
     for name, r in results.items():
         if r.get("error"):
             out.append(f"  {name} error: {r['error'][:500]}")
+    return "\n".join(out)
+
+
+def paired_report(paired: dict, args) -> str:
+    s, pairs = paired.get("summary") or paired_summary(paired["pairs"]), paired["pairs"]
+    out = []
+    if paired.get("error"):
+        out.append(f"FAILED: {paired['error'][:500]}")
+    if not pairs:
+        return "\n".join(out + ["no pair measured"])
+    if s["pairs_redone"]:
+        out.append(f"Pairs done again because other processes used >= {QUIET:.0f}% of the CPU meanwhile: "
+                   f"{s['pairs_redone']} (the summary uses the undisturbed pairs: {s['pairs_used']} of {s['pairs']})")
+    if s["all_disturbed"]:
+        out.append("WARNING: no pair could be measured undisturbed; the summary uses disturbed pairs")
+    out.append(f"Pairs of bursts ({paired['clients']} concurrent streaming clients x {paired['rounds']} request(s) of "
+               f"{args.max_tokens} tokens), both servers loaded throughout, alternating which goes first:")
+    out.append(table([[str(p["pair"]), p["order"][0]] + [f"{p['agg_tps'][n]:.1f}" for n in PAIRED]
+                      + [fmt(p["ttft_mean_ms"][n], "{:.0f}") for n in PAIRED]
+                      + [fmt(p["ratio"], "{:.3f}"), f"{p['other_cpu_pct']:.0f}" + ("" if p["quiet"] else " (disturbed)")]
+                      for p in pairs],
+                     ["pair", "first"] + [f"{n} tok/s" for n in PAIRED] + [f"{n} TTFT ms" for n in PAIRED]
+                     + ["ratio", "others' CPU %"]))
+    out.append(f"\nMedians over {s['pairs_used']} pairs (aggregate tok/s of the burst; mean TTFT within it):")
+    ok = {n: sum(p["bursts"][n]["tokens_ok"] for p in pairs) for n in PAIRED}
+    out.append(table([[n] + [fmt(s[n]["agg_tps"].get(k), "{:.1f}") for k in ("median", "min", "max")]
+                      + [fmt(s[n]["ttft_mean_ms"]["median"], "{:.0f}"), f"{ok[n]}/{len(pairs)}"] for n in PAIRED],
+                     ["server", "agg tok/s", "min", "max", "mean TTFT ms",
+                      f"bursts of {paired['clients'] * paired['rounds'] * args.max_tokens} tok"]))
+    r = s["ratio"]
+    out.append(f"\nPer-pair ratio {PAIRED[0]} / {PAIRED[1]} (aggregate tok/s; target >= {TARGET}):")
+    out.append(table([[f"{PAIRED[0]} / {PAIRED[1]}"] + [fmt(r.get(k), "{:.3f}") for k in ("median", "mean", "min", "max")]
+                      + [f"{s['pairs_at_target']}/{r.get('n', 0)}"]],
+                     ["ratio", "median", "mean", "min", "max", f"pairs >= {TARGET}"]))
+    if s["bursts_tokens_ok"] < 2 * len(pairs):
+        out.append(f"WARNING: {2 * len(pairs) - s['bursts_tokens_ok']} burst(s) did not make exactly "
+                   f"{args.max_tokens} tokens per request (see the lines NOT ... above and the JSON)")
+    for n in PAIRED:
+        if (paired["servers"].get(n) or {}).get("note_stream_options"):
+            out.append(f"note: {n} {paired['servers'][n]['note_stream_options']}")
     return "\n".join(out)
 
 
@@ -968,18 +1176,22 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=4, help="gguf-serve PARALLEL and llama-server -np (default 4)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, help="single-stream repeats (default 5, quick 2)")
-    ap.add_argument("--rounds", type=int, help="requests per concurrent client (default 2, quick 1)")
-    ap.add_argument("--clients", help="client counts for gguf-serve and llama-server-np4 (default 1,2,4,8; quick 4)")
+    ap.add_argument("--rounds", type=int, help="requests per concurrent client (default 2, quick and paired 1)")
+    ap.add_argument("--clients", help="client counts for gguf-serve and llama-server-np4 (default 1,2,4,8; quick 4; "
+                    "paired 4, or the first one given)")
     ap.add_argument("--models-seconds", type=float, help="length of the /v1/models loop (default 2, quick 1)")
     ap.add_argument("--quick", action="store_true", help="about a minute: fewer repeats, only 4 clients, never builds")
-    ap.add_argument("--json", type=Path, default=HERE / "results.json", help="where to write every measurement")
+    ap.add_argument("--paired", type=int, metavar="N", help="N pairs of alternating bursts on gguf-serve and "
+                    "llama-server-np4, both loaded side by side (see above); only those two servers")
+    ap.add_argument("--json", type=Path, help="where to write every measurement (default bench/results.json; "
+                    "with --paired bench/paired.json)")
     ap.add_argument("--plot", type=Path, help="write a PNG bar chart (needs matplotlib)")
     ap.add_argument("--llama-server", type=Path, help="a llama-server binary to use instead of the cached build")
     ap.add_argument("--llama-server-args", default="", help="extra arguments for llama-server, e.g. '--no-repack'")
     ap.add_argument("--build-dir", type=Path, default=CACHE / "llama-server-build")
     ap.add_argument("--no-build", action="store_true", help="skip llama-server if it isn't built yet")
-    ap.add_argument("--wait-idle", type=float, default=120, help="before each server, wait up to this many seconds "
-                    "for other processes to leave the CPU (default 120)")
+    ap.add_argument("--wait-idle", type=float, default=120, help="before each server (and each --paired pair), wait up to "
+                    "this many seconds for other processes to leave the CPU (default 120)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds allowed for one request (default 300)")
     ap.add_argument("--start-timeout", type=float, default=180, help="seconds allowed for a server to get ready")
     ap.add_argument("--build-timeout", type=float, default=5400, help="seconds allowed for building llama-server")
@@ -992,13 +1204,20 @@ def main() -> None:
         return raw_worker(args)
 
     q = args.quick
+    mode = "paired" if args.paired else "quick" if q else "full"
     args.reps = args.reps or (2 if q else 5)
-    args.rounds = args.rounds or (1 if q else 2)
+    args.rounds = args.rounds or (1 if q or args.paired else 2)
     args.models_seconds = args.models_seconds or (1.0 if q else 2.0)
-    levels = [int(x) for x in (args.clients or ("4" if q else "1,2,4,8")).split(",")]
+    levels = [int(x) for x in (args.clients or ("4" if q or args.paired else "1,2,4,8")).split(",")]
+    args.json = args.json or HERE / ("paired.json" if args.paired else "results.json")
     args.model = (args.model or default_model()).resolve()
     if not args.model.is_file():
         sys.exit(f"{args.model}: no such file")
+    if args.paired is not None:
+        if args.paired < 1:
+            sys.exit("--paired N needs N >= 1 pairs")
+        if args.servers and {s.strip() for s in args.servers.split(",")} != set(PAIRED):
+            sys.exit(f"--paired compares {' and '.join(PAIRED)} only: leave out --servers")
     wanted = []
     for s in (args.servers or ",".join(QUICK_SERVERS if q else ALL_SERVERS)).split(","):
         s = s.strip()
@@ -1013,7 +1232,7 @@ def main() -> None:
     t_start = time.perf_counter()
     mach = machine_info()
     vers = versions()  # before anything runs: the gguf-serve tree that is measured
-    if q and not args.servers:
+    if q and not args.servers and not args.paired:
         print(f"quick mode measures {', '.join(QUICK_SERVERS)} (llama-server-np4 is also the single-stream "
               "llama-server reference); --servers picks others")
     eog = inspect_model(args.model)["eog"]
@@ -1024,59 +1243,21 @@ def main() -> None:
     print(f"gguf-serve {vers.get('gguf-serve git')}" + (" with uncommitted changes" if vers.get("gguf-serve uncommitted diff sha256") else "")
           + f"; llama-cpp-python {vers.get('llama_cpp')}; granian {vers.get('granian')}")
     print(f"model: {args.model} ({args.model.stat().st_size / 2**20:.0f} MiB); threads {args.threads}; n_ctx {args.ctx}; "
-          f"max_tokens {args.max_tokens}; banned end-of-generation ids {eog}; mode {'quick' if q else 'full'}")
+          f"max_tokens {args.max_tokens}; banned end-of-generation ids {eog}; mode {mode}")
 
     logdir = Path(tempfile.mkdtemp(prefix="gguf-serve-bench-"))
     notes: list[str] = []
     results: dict[str, dict] = {}
-    T, ctx, np_ = str(args.threads), str(args.ctx), args.parallel
     try:
-        for name in wanted:
-            if name == "gguf-serve":
-                env = {**os.environ, "MODEL": str(args.model), "N_THREADS": T, "N_CTX": ctx, "PARALLEL": str(np_)}
-                cmd = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{PORT}",
-                       "service:app"]
-                bench_http(name, cmd, env, REPO, args, eog, levels, logdir, results.setdefault(name, {}))
-            elif name.startswith("llama-cpp-server"):
-                missing = [pkg for mod, pkg in LLAMA_SERVER_EXTRAS.items() if not _importable(mod)]
-                if missing:
-                    notes.append(f"{name} skipped: llama_cpp.server needs `pip install {' '.join(missing)}`")
-                    print(f"\n== {name}: SKIPPED, pip install {' '.join(missing)}")
-                    continue
-                # --interrupt_requests False: by default a new request ends the stream being generated
-                # (with [DONE], no finish_reason), so 3 of 4 concurrent clients would get nothing
-                cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(args.model), "--n_ctx", ctx,
-                       "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", "{PORT}"]
-                if name.endswith("fair"):
-                    cmd += ["--n_threads", T, "--n_threads_batch", T]
-                bench_http(name, cmd, None, None, args, eog, [4], logdir, results.setdefault(name, {}))
-            elif name.startswith("llama-server"):
-                binary, why = (args.llama_server, "") if args.llama_server else \
-                    llama_server_binary(args.build_dir, not (q or args.no_build), args.build_timeout)
-                if binary is None:
-                    notes.append(f"{name} skipped: {why}")
-                    print(f"\n== {name}: SKIPPED, {why}")
-                    continue
-                if "llama-server" not in vers:
-                    try:
-                        r = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
-                        vers["llama-server"] = " ".join((r.stdout + r.stderr).split())[:200]
-                    except (OSError, subprocess.TimeoutExpired):
-                        pass
-                slots = 1 if name.endswith("np1") else np_
-                cmd = [str(binary), "-m", str(args.model), "-c", str(args.ctx * slots), "-np", str(slots), "-t", T,
-                       "-tb", T, "--host", "127.0.0.1", "--port", "{PORT}"]
-                cmd += args.llama_server_args.split()
-                if _llama_server_has(binary, "--kv-unified"):
-                    # each slot gets its own n_ctx of KV cache, as in gguf-serve (no sharing)
-                    cmd.append("--no-kv-unified")
-                bench_http(name, cmd, None, None, args, eog, [1] if slots == 1 else levels, logdir,
-                           results.setdefault(name, {}))
-            elif name == "raw":
-                results[name] = bench_raw(args, eog, logdir)
+        if args.paired:
+            results["paired"] = {"servers": {}, "clients": levels[0], "rounds": args.rounds, "pairs": []}
+            bench_paired(args, eog, levels[0], logdir, vers, results["paired"])
+        else:
+            bench_servers(wanted, args, eog, levels, logdir, vers, notes, results)
     except (KeyboardInterrupt, SystemExit) as e:  # report what was measured before the interruption
         interrupted = str(e) or type(e).__name__
-        notes.append(f"interrupted ({interrupted}): the servers after the last one shown were not measured")
+        notes.append(f"interrupted ({interrupted}): the {'pairs' if args.paired else 'servers'} after the last "
+                     "one shown were not measured")
         print(f"\ninterrupted: {interrupted}", flush=True)
     else:
         interrupted = None
@@ -1086,25 +1267,62 @@ def main() -> None:
 
     print("\n" + "=" * 100)
     print(f"CPU: {mach['cpu']}, {mach['usable_cpus']} usable cores; model {args.model.name}; "
-          f"{'quick' if q else 'full'} mode took {elapsed:.0f} s")
-    print(report(results, args))
+          f"{mode} mode took {elapsed:.0f} s")
+    print(paired_report(results["paired"], args) if args.paired else report(results, args))
     for n in notes:
         print("note:", n)
     meta = {"model": str(args.model), "machine": mach, "versions": vers, "eog_banned": eog,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not k.startswith("_")},
             "client_counts": levels, "elapsed_s": elapsed, "notes": notes, "logs": str(logdir),
             "loadavg_end": os.getloadavg()}
-    if interrupted and not any(metrics(r) for r in results.values()):
-        print(f"\nnothing measured: {args.json} and the plot are left as they were; server logs: {logdir}")
+    measured = results["paired"]["pairs"] if args.paired else any(metrics(r) for r in results.values())
+    if interrupted and not measured:
+        print(f"\nnothing measured: {args.json}{'' if args.paired else ' and the plot'} are left as they were; "
+              f"server logs: {logdir}")
         sys.exit(130)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"_meta": meta, **results}, indent=1, default=str))
     print(f"\nJSON: {args.json}; server logs: {logdir}")
-    if args.plot:
+    if args.plot and not args.paired:
         plot(results, args.plot, f"{args.model.name}: {args.threads} threads, n_ctx {args.ctx}, "
              f"max_tokens {args.max_tokens}, {mach['cpu']}")
     if interrupted:
         sys.exit(130)
+    if args.paired and not measured:
+        sys.exit(1)
+
+
+def bench_servers(wanted: list[str], args, eog: list[int], levels: list[int], logdir: Path, vers: dict,
+                  notes: list[str], results: dict[str, dict]) -> None:
+    """The default mode: each server in turn, measured into `results`."""
+    for name in wanted:
+        if name == "gguf-serve":
+            cmd, env = gguf_serve_command(args)
+            bench_http(name, cmd, env, REPO, args, eog, levels, logdir, results.setdefault(name, {}))
+        elif name.startswith("llama-cpp-server"):
+            missing = [pkg for mod, pkg in LLAMA_SERVER_EXTRAS.items() if not _importable(mod)]
+            if missing:
+                notes.append(f"{name} skipped: llama_cpp.server needs `pip install {' '.join(missing)}`")
+                print(f"\n== {name}: SKIPPED, pip install {' '.join(missing)}")
+                continue
+            # --interrupt_requests False: by default a new request ends the stream being generated
+            # (with [DONE], no finish_reason), so 3 of 4 concurrent clients would get nothing
+            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(args.model), "--n_ctx", str(args.ctx),
+                   "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", "{PORT}"]
+            if name.endswith("fair"):
+                cmd += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
+            bench_http(name, cmd, None, None, args, eog, [4], logdir, results.setdefault(name, {}))
+        elif name.startswith("llama-server"):
+            binary, why = find_llama_server(args, vers)
+            if binary is None:
+                notes.append(f"{name} skipped: {why}")
+                print(f"\n== {name}: SKIPPED, {why}")
+                continue
+            slots = 1 if name.endswith("np1") else args.parallel
+            bench_http(name, llama_server_command(binary, args, slots), None, None, args, eog,
+                       [1] if slots == 1 else levels, logdir, results.setdefault(name, {}))
+        elif name == "raw":
+            results[name] = bench_raw(args, eog, logdir)
 
 
 def _importable(mod: str) -> bool:
