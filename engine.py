@@ -2,8 +2,9 @@
 
 Built on llama-cpp-python's low-level bindings (the C API), not its high-level `Llama`
 class: one llama context holds `parallel` sequences, and a single thread decodes the next
-token of every running sequence in one `llama_decode` per step, each sequence sampled by
-its own llama.cpp sampler chain. Requests join and leave between steps. Tokens reach the
+token of every running sequence in one `llama_decode` per step (a prompt being admitted gets
+a second one), each sequence sampled by its own llama.cpp sampler chain. Requests join and
+leave between steps. Tokens reach the
 asyncio side through `loop.call_soon_threadsafe`, so the event loop never waits on the model.
 """
 
@@ -454,8 +455,9 @@ class Engine:
             self._decode([(first, first.todo[: min(self.model.n_batch, len(first.todo) - 1)])], logits=False)
 
     def _decode(self, chunks: list[tuple[Slot, list[int]]], logits: bool) -> None:
-        """Decode each slot's tokens at the end of its sequence, in seq_id order: llama.cpp computes
-        a batch as one pass over the weights per run of consecutive sequence ids."""
+        """Decode each slot's tokens at the end of its sequence. Callers pass slots in seq_id
+        order, as self.slots holds them: llama.cpp computes a batch as one pass over the weights
+        per run of consecutive, increasing sequence ids."""
         batch, n = self.batch, 0
         for slot, tokens in chunks:
             for token in tokens:

@@ -117,22 +117,19 @@ def test_greedy_is_deterministic_whatever_ran_before_or_beside(gemma):
     assert answer(question) == first  # its prompt is now cached: reused, not recomputed
     answer("Count to ten.")
     assert answer(question) == first
-    others = ["Name three colours.", "Count to ten.", "What is 2+2?"]
-    alone = {q: answer(q) for q in others}
-    with ThreadPoolExecutor(4) as pool:  # decoded in one batch with three other requests
-        together = dict(zip([question, *others], pool.map(answer, [question, *others])))
-    assert together == {question: first, **alone}
+    def together(questions: list[str]) -> dict[str, str]:  # decoded in one batch, four at once
+        with ThreadPoolExecutor(4) as pool:
+            return dict(zip(questions, pool.map(answer, questions)))
+
+    questions = [question, "Name three colours.", "Count to ten.", "What is 2+2?"]
+    alone = {q: answer(q) for q in questions[1:]}
+    assert together(questions) == {question: first, **alone}
 
     # The same with every prompt computed, not reused: four unrelated requests overwrite every
     # slot's cache, then the prompts arrive together, each computed beside the others' decoding.
-    def flush_caches():
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(answer, [f"Say the word {w}, then stop." for w in ("apple", "river", "cloud", "stone")]))
-
-    flush_caches()
-    fresh = {q: answer(q) for q in [question, *others]}  # alone, each prompt computed once more
+    flush = [f"Say the word {w}, then stop." for w in ("apple", "river", "cloud", "stone")]
+    together(flush)
+    fresh = {q: answer(q) for q in questions}  # alone, each prompt computed once more
     assert fresh == {question: first, **alone}
-    flush_caches()
-    with ThreadPoolExecutor(4) as pool:
-        together = dict(zip([question, *others], pool.map(answer, [question, *others])))
-    assert together == fresh
+    together(flush)
+    assert together(questions) == fresh
