@@ -6,7 +6,7 @@
     python bench/bench.py --servers gguf-serve,raw --plot bench/results.png
     python bench/bench.py --model /path/to/any.gguf --threads 2 --json /tmp/results.json
     python bench/bench.py --servers llama-server-np1 --llama-server-args=--no-repack
-    python bench/bench.py --paired 12             # 4-client gguf-serve / llama-server-np4, pair by pair
+    python bench/bench.py --paired 12             # 4 clients vs 1, and gguf-serve / llama-server-np4, pair by pair
 
 What is compared (every one on the same GGUF file, the same context per sequence (--ctx,
 2048) and the same threads (--threads, default: every core this process may use)):
@@ -61,11 +61,13 @@ in the JSON before reading much into its ratios.
 drift cancels out. On a shared VM the host's speed drifts by +-15% within minutes, so one server
 measured after the other gives ratios anywhere between 0.8 and 1.17. Here both servers are
 started side by side (each idle, 0% CPU, while the other works), warmed with one request, and
-then N pairs of bursts run: --clients concurrent streaming clients (default 4; the first of a
-list) with --rounds requests each (default 1) on one server, then on the other, alternating
-which goes first. Each pair sees the same host conditions; the median of the per-pair ratios
-(gguf-serve / llama-server-np4) is the stable figure, printed with its mean, min, max and how
-many pairs reach 0.95 (the continuous-batching goal). A pair during which other processes used
+then N pairs of bursts run: on one server a single streaming client, then --clients concurrent
+ones (default 4; the first of a list), each with --rounds requests (default 1); then the same on
+the other server; alternating which goes first. Each pair sees the same host conditions; the
+medians of the per-pair ratios are the stable figures, printed with their mean, min, max and how
+many pairs reach the continuous-batching goals: gguf-serve / llama-server-np4 at 4 clients
+(>= 0.95), and each server's 4-client aggregate over its own single client's (>= 1.5 for
+gguf-serve; llama-server's is its reference). A pair during which other processes used
 >= 10% of the CPU is done again (at most twice); every burst's token count is checked. Only
 those two servers: --servers, if given, must name them; --plot is ignored. JSON: every burst
 under "paired" (default file bench/paired.json).
@@ -845,6 +847,7 @@ def bench_raw(args, eog: list[int], logdir: Path) -> dict:
 
 PAIRED = ("gguf-serve", "llama-server-np4")
 TARGET = 0.95  # the continuous-batching goal: gguf-serve's 4-client aggregate >= 0.95x llama-server -np 4's
+SCALING_TARGET = 1.5  # and >= 1.5x gguf-serve's own single-client aggregate
 
 
 def burst(name: str, b: Bench, clients: int, args, first_index: int) -> dict:
@@ -885,14 +888,22 @@ def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, o
             order = PAIRED if i % 2 == 0 else PAIRED[::-1]
 
             def pair(attempt):
-                bursts = {name: burst(name, benches[name], clients, args, 20_000 + stride * (2 * (3 * i + attempt) + k))
-                          for k, name in enumerate(order)}
+                # on each server a single-client burst right before its concurrent one: their ratio is
+                # the server's own scaling, measured on the same host as each other
+                first = 20_000 + stride * 4 * (3 * i + attempt)
+                singles, bursts = {}, {}
+                for k, name in enumerate(order):
+                    singles[name] = burst(name, benches[name], 1, args, first + stride * 2 * k)
+                    bursts[name] = burst(name, benches[name], clients, args, first + stride * (2 * k + 1))
                 agg = {name: bursts[name]["agg_tps"] for name in PAIRED}
-                return {"pair": i + 1, "order": list(order), "agg_tps": agg,
+                single = {name: singles[name]["agg_tps"] for name in PAIRED}
+                return {"pair": i + 1, "order": list(order), "agg_tps": agg, "single_tps": single,
+                        "scaling": {n: agg[n] / single[n] if single[n] else None for n in PAIRED},
                         "ttft_mean_ms": {n: (lambda v: v * 1000 if v is not None else None)(bursts[n]["ttft_mean_s"])
                                          for n in PAIRED},
                         "ratio": agg[PAIRED[0]] / agg[PAIRED[1]] if agg[PAIRED[1]] else None,
-                        "tokens_ok": all(c["tokens_ok"] for c in bursts.values()), "bursts": bursts}
+                        "tokens_ok": all(c["tokens_ok"] for c in [*bursts.values(), *singles.values()]),
+                        "bursts": bursts, "single_bursts": singles}
 
             wait_idle(args.wait_idle)
             attempts = until_quiet(pair, [p.pid for p in procs], args.wait_idle, f"pair {i + 1}")
@@ -900,7 +911,8 @@ def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, o
             p["quiet"], p["redone"] = p["other_cpu_pct"] < QUIET, attempts[:-1]
             out["pairs"].append(p)
             print(f"   pair {i + 1}, {order[0]} first: " + "; ".join(
-                f"{n} {p['agg_tps'][n]:.1f} tok/s, TTFT {fmt(p['ttft_mean_ms'][n], '{:.0f}')} ms" for n in PAIRED)
+                f"{n} {p['agg_tps'][n]:.1f} tok/s ({fmt(p['scaling'][n], '{:.2f}')}x its 1 client), "
+                f"TTFT {fmt(p['ttft_mean_ms'][n], '{:.0f}')} ms" for n in PAIRED)
                 + f"; ratio {fmt(p['ratio'], '{:.3f}')}; others {p['other_cpu_pct']:.0f}% CPU", flush=True)
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"
@@ -918,10 +930,14 @@ def paired_summary(pairs: list[dict]) -> dict:
     out = {"pairs": len(pairs), "pairs_used": len(used), "all_disturbed": bool(pairs) and not any(p["quiet"] for p in pairs),
            "pairs_redone": sum(p["attempts"] > 1 for p in pairs), "target": TARGET,
            "ratio": summary(ratios), "pairs_at_target": sum(r >= TARGET for r in ratios),
-           "bursts_tokens_ok": sum(c["tokens_ok"] for p in pairs for c in p["bursts"].values())}
+           "bursts_tokens_ok": sum(c["tokens_ok"] for p in pairs for c in [*p["bursts"].values(), *p["single_bursts"].values()])}
     for name in PAIRED:
+        scaling = [p["scaling"][name] for p in used if p["scaling"][name] is not None]
         out[name] = {"agg_tps": summary([p["agg_tps"][name] for p in used]),
+                     "single_tps": summary([p["single_tps"][name] for p in used]),
+                     "scaling": summary(scaling), "pairs_at_scaling_target": sum(x >= SCALING_TARGET for x in scaling),
                      "ttft_mean_ms": summary([p["ttft_mean_ms"][name] for p in used])}
+    out["scaling_target"] = SCALING_TARGET
     return out
 
 
@@ -1090,27 +1106,32 @@ def paired_report(paired: dict, args) -> str:
                    f"{s['pairs_redone']} (the summary uses the undisturbed pairs: {s['pairs_used']} of {s['pairs']})")
     if s["all_disturbed"]:
         out.append("WARNING: no pair could be measured undisturbed; the summary uses disturbed pairs")
-    out.append(f"Pairs of bursts ({paired['clients']} concurrent streaming clients x {paired['rounds']} request(s) of "
-               f"{args.max_tokens} tokens), both servers loaded throughout, alternating which goes first:")
-    out.append(table([[str(p["pair"]), p["order"][0]] + [f"{p['agg_tps'][n]:.1f}" for n in PAIRED]
+    out.append(f"Pairs of bursts (on each server 1 streaming client, then {paired['clients']} concurrent ones, each "
+               f"x {paired['rounds']} request(s) of {args.max_tokens} tokens), both servers loaded throughout, "
+               f"alternating which goes first:")
+    out.append(table([[str(p["pair"]), p["order"][0]]
+                      + [f"{p['single_tps'][n]:.1f} / {p['agg_tps'][n]:.1f} = {fmt(p['scaling'][n], '{:.2f}')}" for n in PAIRED]
                       + [fmt(p["ttft_mean_ms"][n], "{:.0f}") for n in PAIRED]
                       + [fmt(p["ratio"], "{:.3f}"), f"{p['other_cpu_pct']:.0f}" + ("" if p["quiet"] else " (disturbed)")]
                       for p in pairs],
-                     ["pair", "first"] + [f"{n} tok/s" for n in PAIRED] + [f"{n} TTFT ms" for n in PAIRED]
-                     + ["ratio", "others' CPU %"]))
-    out.append(f"\nMedians over {s['pairs_used']} pairs (aggregate tok/s of the burst; mean TTFT within it):")
-    ok = {n: sum(p["bursts"][n]["tokens_ok"] for p in pairs) for n in PAIRED}
-    out.append(table([[n] + [fmt(s[n]["agg_tps"].get(k), "{:.1f}") for k in ("median", "min", "max")]
-                      + [fmt(s[n]["ttft_mean_ms"]["median"], "{:.0f}"), f"{ok[n]}/{len(pairs)}"] for n in PAIRED],
-                     ["server", "agg tok/s", "min", "max", "mean TTFT ms",
-                      f"bursts of {paired['clients'] * paired['rounds'] * args.max_tokens} tok"]))
-    r = s["ratio"]
-    out.append(f"\nPer-pair ratio {PAIRED[0]} / {PAIRED[1]} (aggregate tok/s; target >= {TARGET}):")
-    out.append(table([[f"{PAIRED[0]} / {PAIRED[1]}"] + [fmt(r.get(k), "{:.3f}") for k in ("median", "mean", "min", "max")]
-                      + [f"{s['pairs_at_target']}/{r.get('n', 0)}"]],
-                     ["ratio", "median", "mean", "min", "max", f"pairs >= {TARGET}"]))
-    if s["bursts_tokens_ok"] < 2 * len(pairs):
-        out.append(f"WARNING: {2 * len(pairs) - s['bursts_tokens_ok']} burst(s) did not make exactly "
+                     ["pair", "first"] + [f"{n} tok/s: 1 / {paired['clients']} clients" for n in PAIRED]
+                     + [f"{n} TTFT ms" for n in PAIRED] + ["ratio", "others' CPU %"]))
+    out.append(f"\nMedians over {s['pairs_used']} pairs (aggregate tok/s of the burst; mean TTFT within the concurrent one):")
+    ok = {n: sum(p["bursts"][n]["tokens_ok"] + p["single_bursts"][n]["tokens_ok"] for p in pairs) for n in PAIRED}
+    out.append(table([[n, fmt(s[n]["single_tps"]["median"], "{:.1f}")]
+                      + [fmt(s[n]["agg_tps"].get(k), "{:.1f}") for k in ("median", "min", "max")]
+                      + [fmt(s[n]["ttft_mean_ms"]["median"], "{:.0f}"), f"{ok[n]}/{2 * len(pairs)}"] for n in PAIRED],
+                     ["server", "1 client tok/s", f"{paired['clients']} clients tok/s", "min", "max", "mean TTFT ms",
+                      "bursts with every token"]))
+    rows = [[f"{PAIRED[0]} / {PAIRED[1]}, {paired['clients']} clients", s["ratio"], s["pairs_at_target"], TARGET]]
+    rows += [[f"{n}: {paired['clients']} clients / 1", s[n]["scaling"], s[n]["pairs_at_scaling_target"], SCALING_TARGET]
+             for n in PAIRED]
+    out.append("\nPer-pair ratios of aggregate tok/s:")
+    out.append(table([[name] + [fmt(r.get(k), "{:.3f}") for k in ("median", "mean", "min", "max")]
+                      + [f"{at}/{r.get('n', 0)} >= {target}"] for name, r, at, target in rows],
+                     ["ratio", "median", "mean", "min", "max", "pairs at target"]))
+    if s["bursts_tokens_ok"] < 4 * len(pairs):
+        out.append(f"WARNING: {4 * len(pairs) - s['bursts_tokens_ok']} burst(s) did not make exactly "
                    f"{args.max_tokens} tokens per request (see the lines NOT ... above and the JSON)")
     for n in PAIRED:
         if (paired["servers"].get(n) or {}).get("note_stream_options"):
