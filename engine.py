@@ -66,13 +66,20 @@ def _keep_errors(level: int, text: bytes, _user_data) -> None:
 llama.llama_log_set(_keep_errors, ctypes.c_void_p(0))
 llama.llama_backend_init()
 
+# FLASH_ATTN's values, as llama-server's --flash-attn. Off, a sequence's attention is computed the
+# same way whether it is decoded alone or beside others at any length; on, a sequence decoded alone
+# past 256 cached tokens takes a split-KV path whose sums differ.
+FLASH_ATTN = {"auto": llama.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+              "off": llama.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+
 SPECIAL_ATTRS = llama.LLAMA_TOKEN_ATTR_CONTROL | llama.LLAMA_TOKEN_ATTR_USER_DEFINED | llama.LLAMA_TOKEN_ATTR_UNKNOWN
 
 
 class Model:
     """A loaded GGUF: its vocabulary, metadata and (unless vocab_only) weights and context."""
 
-    def __init__(self, path: Path, n_ctx: int = 0, n_threads: int = 1, parallel: int = 1, vocab_only: bool = False):
+    def __init__(self, path: Path, n_ctx: int = 0, n_threads: int = 1, parallel: int = 1, vocab_only: bool = False,
+                 flash_attn: str = "auto"):
         check_model_file(path)
         params = llama.llama_model_default_params()
         params.vocab_only = vocab_only
@@ -103,6 +110,7 @@ class Model:
             cparams.n_seq_max = parallel
             cparams.n_batch = cparams.n_ubatch = 512
             cparams.n_threads = cparams.n_threads_batch = n_threads
+            cparams.flash_attn_type = FLASH_ATTN[flash_attn]
             cparams.no_perf = True
             self.ctx = llama.llama_init_from_model(self.model, cparams)
             if not self.ctx:

@@ -76,6 +76,7 @@ class Config:
     n_ctx: int
     n_threads: int
     parallel: int
+    flash_attn: str
     chat_format: str
     sampling: SamplingDefaults
     # serving
@@ -116,6 +117,9 @@ def load_config(env: dict[str, str]) -> Config:
     chat_format = env.get("CHAT_FORMAT", entry.chat_format)
     if chat_format not in templates.CHAT_FORMATS:
         raise ConfigError(f"CHAT_FORMAT={chat_format!r} is not one of: {', '.join(templates.CHAT_FORMATS)}")
+    flash_attn = env.get("FLASH_ATTN", "auto")
+    if flash_attn not in engine.FLASH_ATTN:
+        raise ConfigError(f"FLASH_ATTN={flash_attn!r} is not one of: {', '.join(engine.FLASH_ATTN)}")
     model_id = entry.id or key
     return Config(
         model_path=path,
@@ -124,6 +128,7 @@ def load_config(env: dict[str, str]) -> Config:
         n_ctx=_int(env, "N_CTX", entry.n_ctx),
         n_threads=_int(env, "N_THREADS", entry.threads) or engine.available_cpus(),
         parallel=_int(env, "PARALLEL", 4),
+        flash_attn=flash_attn,
         chat_format=chat_format,
         sampling=entry.sampling,
         max_queue=_int(env, "MAX_QUEUE", 32),
@@ -220,7 +225,8 @@ async def load(app: Litestar) -> None:
     config: Config = app.state.config
     t0 = time.perf_counter()
     try:
-        model = await asyncio.to_thread(engine.Model, config.model_path, config.n_ctx, config.n_threads, config.parallel)
+        model = await asyncio.to_thread(engine.Model, config.model_path, config.n_ctx, config.n_threads, config.parallel,
+                                        flash_attn=config.flash_attn)
         render, stops = chat_renderer(config, model)
     except (ConfigError, engine.ModelFileError) as e:
         print(f"gguf-serve: {e}", file=sys.stderr, flush=True)
