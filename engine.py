@@ -357,6 +357,11 @@ class Slot:
         self.gen = None
 
 
+# Copying a sequence's KV cache copies its whole stream (N_CTX cells); below this many tokens
+# gained, computing them costs about as little.
+MIN_COPY = 16
+
+
 class Engine:
     """The decode thread. `submit` queues a generation; the thread admits it into a free slot
     between steps, and each step decodes one batch holding every running sequence. The events
@@ -424,14 +429,25 @@ class Engine:
             free = [s for s in self.slots if s.gen is None]
             if not free:
                 return
-            gen = self.waiting.popleft()
+            gen = self.waiting[0]
             if gen.cancelled:
+                self.waiting.popleft()
                 self.outbox.append((gen.emit, Event("", "cancelled")))
                 continue
             # The free slot whose cache shares the longest prefix with this prompt; among equals,
             # one that keeps the running sequence ids contiguous (see _decode: a gap costs a pass).
             running = [s.seq_id for s in self.slots if s.gen is not None]
             slot = max(free, key=lambda s: (_common_prefix(s.cached, gen.prompt), _contiguous([*running, s.seq_id])))
+            # Another sequence holding (or still computing) a longer prefix of this prompt lends its
+            # KV cache: copied, not computed again (n > 1 choices; users sharing a long system prompt).
+            donor = max(self.slots, key=lambda s: _common_prefix(s.cached, gen.prompt))
+            cached = _common_prefix(donor.cached, gen.prompt)
+            if any(len(s.todo) > 1 and _common_prefix(s.gen.prompt, gen.prompt) >= cached + MIN_COPY for s in self.slots if s.gen):
+                return  # its prompt would be computed after that one anyway: wait for it, then copy
+            self.waiting.popleft()
+            if cached >= _common_prefix(slot.cached, gen.prompt) + MIN_COPY:
+                llama.llama_memory_seq_cp(self.model.memory, donor.seq_id, slot.seq_id, -1, -1)
+                slot.cached = list(donor.cached)
             try:
                 slot.start(gen, self.model)
             except Exception as e:

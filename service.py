@@ -847,6 +847,7 @@ class Run:
                 finished.add(index)
                 self.n_completion += event.completion_tokens
                 self.n_cached += event.cached_tokens if index % self.n_choices == 0 else 0  # once per prompt
+                self.metrics.reused_tokens.inc(event.cached_tokens)
             yield index, event
         self.cancel()
         self.info.update(prompt_tokens=self.n_prompt, completion_tokens=self.n_completion)
@@ -1138,6 +1139,8 @@ class Metrics:
         self.requests = prometheus_client.Counter("gguf_requests", "HTTP requests", ["endpoint", "status"], registry=r)
         self.prompt_tokens = prometheus_client.Counter("gguf_prompt_tokens", "Prompt tokens processed", registry=r)
         self.completion_tokens = prometheus_client.Counter("gguf_completion_tokens", "Tokens generated", registry=r)
+        self.reused_tokens = prometheus_client.Counter(
+            "gguf_prompt_tokens_reused", "Prompt tokens taken from the KV cache, not computed (each of n choices counts)", registry=r)
         self.ttft = prometheus_client.Histogram("gguf_time_to_first_token_seconds", "Request start to first token", registry=r,
                                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.inter_token = prometheus_client.Histogram("gguf_inter_token_seconds", "Time between tokens of a stream", registry=r,

@@ -6,6 +6,7 @@ import json
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import engine
 from conftest import smollm2_path
@@ -149,6 +150,22 @@ def test_n_choices_streamed(client):
     finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason}
     assert finished == {0: "length", 1: "length"}
     assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_n_choices_compute_their_prompt_once(client, base_url):
+    """The first choice computes the prompt; the others copy its KV cache (counted in
+    gguf_prompt_tokens_reused) instead of computing it again, and agree with it at temperature 0."""
+    def reused() -> float:
+        metrics = httpx.get(f"{base_url}/metrics").text
+        return next(s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+                    if s.name == "gguf_prompt_tokens_reused_total")
+
+    # a prompt no sequence holds yet, long enough that only a copy explains the count
+    words = " ".join(f"w{i}" for i in range(60))
+    before = reused()
+    r = chat(client, messages=[{"role": "user", "content": f"Repeat after me: {words}"}], max_tokens=6, n=4, temperature=0)
+    assert reused() - before >= 3 * (r.usage.prompt_tokens - 1)
+    assert len({c.message.content for c in r.choices}) == 1
 
 
 # --- 6. logprobs ---
