@@ -357,8 +357,8 @@ class Slot:
         self.gen = None
 
 
-# Copying a sequence's KV cache copies its whole stream (N_CTX cells); below this many tokens
-# gained, computing them costs about as little.
+# Copying a sequence's KV cache copies its whole stream (N_CTX cells): measured, about what two
+# prompt tokens cost to compute. Below this many tokens gained, a copy is not worth a wait.
 MIN_COPY = 16
 
 
