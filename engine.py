@@ -229,6 +229,13 @@ class Sampling:
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None  # GBNF the output must follow (JSON mode, schemas, forced tool calls)
 
+    def is_argmax(self) -> bool:
+        """Greedy with nothing stateful: the highest logit after the bias. numpy takes 18 µs for
+        that; a sampler chain 87 µs (it copies every logit into a candidate array first), per
+        sequence and step, 1% of a four-sequence step on SmolLM2."""
+        return self.temperature <= 0 and not self.grammar and not (
+            self.presence_penalty or self.frequency_penalty or self.repeat_penalty != 1.0)
+
     def chain(self, model: Model):
         """A llama.cpp sampler chain: grammar, then llama-server's order (bias, penalties,
         truncation, temperature). Penalties look back over the whole context, as OpenAI's do."""
@@ -334,7 +341,10 @@ class Slot:
         self.gen: Generation | None = None
 
     def start(self, gen: Generation, model: Model) -> None:
-        self.chain = gen.sampling.chain(model)  # first: if it fails, the slot is unchanged
+        # first: if the chain fails, the slot is unchanged
+        self.chain = None if gen.sampling.is_argmax() else gen.sampling.chain(model)
+        self.bias = (np.array(list(gen.sampling.logit_bias), dtype=np.intp),
+                     np.array(list(gen.sampling.logit_bias.values()), dtype=np.float32))
         # Reuse the longest cached prefix; at least the last prompt token is decoded again,
         # because sampling needs its logits.
         keep = min(_common_prefix(self.cached, gen.prompt), len(gen.prompt) - 1)
@@ -353,7 +363,8 @@ class Slot:
         if reason == "length":  # text held back as a possible stop string's start was not one
             text += self.scanner.flush()
         self.outbox.append((gen.emit, Event(text, reason, self.n_generated, self.reused, list(logprobs))))
-        llama.llama_sampler_free(self.chain)
+        if self.chain is not None:
+            llama.llama_sampler_free(self.chain)
         self.gen = None
 
 
@@ -500,7 +511,12 @@ class Engine:
 
     def _sample(self, slot: Slot, index: int) -> None:
         model, gen = self.model, slot.gen
-        token = llama.llama_sampler_sample(slot.chain, model.ctx, index)
+        if slot.chain is not None:
+            token = llama.llama_sampler_sample(slot.chain, model.ctx, index)
+        else:  # as llama.cpp's greedy sampler: the first highest logit after the bias
+            logits, (ids, bias) = self._logits(index).copy(), slot.bias
+            logits[ids] += bias
+            token = int(logits.argmax())
         if model.is_end_of_generation(token) or token in self.stop_tokens:
             return slot.finish("stop")
         slot.n_generated += 1
@@ -515,12 +531,16 @@ class Engine:
 
     def _logprob(self, index: int, token: int, top: int) -> TokenLogprob:
         """The model's own log-probabilities at this step (before any sampling transform)."""
-        logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.model.ctx, index), shape=(self.model.n_vocab,))
+        logits = self._logits(index)
         peak = logits.max()
         log_z = peak + np.log(np.exp(logits - peak).sum())
         best = np.argpartition(logits, -top)[-top:] if top else []
         best = sorted(best, key=lambda t: -logits[t])
         return TokenLogprob(token, float(logits[token] - log_z), [(int(t), float(logits[t] - log_z)) for t in best])
+
+    def _logits(self, index: int) -> np.ndarray:
+        """The logits of the batch's index-th row, a view of llama.cpp's buffer."""
+        return np.ctypeslib.as_array(llama.llama_get_logits_ith(self.model.ctx, index), shape=(self.model.n_vocab,))
 
 
 def _emit_all(events: list[tuple[Callable[[Event], None], Event]]) -> None:

@@ -53,6 +53,10 @@ def test_logit_bias_bans_a_token(client, vocab):
     [paris] = vocab.tokenize(" Paris")
     banned = client.completions.create(logit_bias={str(paris): -100}, **kwargs).choices[0].text
     assert not banned.startswith(" Paris")
+    # the same through a llama.cpp sampler chain (greedy with no penalty is a numpy argmax)
+    chained = client.completions.create(logit_bias={str(paris): -100}, extra_body={"top_k": 1},
+                                        **{**kwargs, "temperature": 1.0}).choices[0].text
+    assert chained == banned
 
 
 def test_extensions_top_k_min_p_repeat_penalty_change_sampling(client):
