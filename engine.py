@@ -466,8 +466,8 @@ class Engine:
 
     def _step(self) -> None:
         """At most two llama_decodes: first one row for every sequence with a single token to
-        decode (its last sampled token, or its prompt's last token), which are then sampled; then
-        the next chunk of at most one prompt, alone.
+        decode (its last sampled token, or its prompt's last token), which are then sampled and
+        handed to the event loop; then the next chunk of at most one prompt, alone.
 
         This keeps greedy output the same whether a request runs alone or beside others (tested
         on Gemma 3, whose logits move when a prompt is split differently): a prompt is computed in
@@ -485,6 +485,7 @@ class Engine:
             self._decode([(slot, slot.todo) for slot in rows], logits=True)
             for index, slot in enumerate(rows):
                 self._sample(slot, index)
+            self._deliver()  # these tokens go out now, not after a prompt chunk that may take seconds
         if prompts:
             first = min(prompts, key=lambda slot: slot.started)
             self._decode([(first, first.todo[: min(self.model.n_batch, len(first.todo) - 1)])], logits=False)

@@ -1,0 +1,46 @@
+"""The decode thread on its own: the real SmolLM2 through llama-cpp-python, no HTTP."""
+
+import asyncio
+
+import engine
+from conftest import smollm2_path
+
+
+def test_sampled_tokens_reach_the_loop_before_a_prompt_chunk_is_computed():
+    """A running stream never waits behind another request's prompt (seconds, for a long one
+    on a CPU) for a token that was already sampled."""
+    model = engine.Model(smollm2_path(), n_ctx=1024, n_threads=2, parallel=2)
+    never_ends = {t: float("-inf") for t in range(model.n_vocab) if model.is_end_of_generation(t)}
+    greedy = engine.Sampling(temperature=0, logit_bias=never_ends)
+
+    async def run() -> list[tuple[int, bool]]:
+        loop = asyncio.get_running_loop()
+        eng = engine.Engine(model, 2, loop)
+        seen = []  # per prompt chunk: events not yet handed to the loop, and whether a stream was running
+        decode = eng._decode
+
+        def watched(chunks, logits):
+            if not logits:
+                seen.append((len(eng.outbox), any(s.gen and s.n_generated for s in eng.slots)))
+            decode(chunks, logits)
+
+        eng._decode = watched
+        first_token, done = asyncio.Event(), [loop.create_future() for _ in range(2)]
+
+        def emitter(i):
+            def emit(event):
+                first_token.set()
+                if event.finish_reason and not done[i].done():
+                    done[i].set_result(event.finish_reason)
+            return emit
+
+        eng.submit(engine.Generation(model.tokenize_prompt("Tell me a story."), 48, greedy, emitter(0)))
+        await first_token.wait()
+        eng.submit(engine.Generation(model.tokenize_prompt("Once upon a time " * 40), 4, greedy, emitter(1)))
+        assert await asyncio.wait_for(asyncio.gather(*done), 120) == ["length", "length"]
+        eng.close()
+        return seen
+
+    seen = asyncio.run(run())
+    assert any(running for _, running in seen), "the second prompt was never computed beside a running stream"
+    assert all(pending == 0 for pending, _ in seen), seen
