@@ -67,14 +67,16 @@ the other server; alternating which goes first. Each pair sees the same host con
 medians of the per-pair ratios are the stable figures, printed with their mean, min, max and how
 many pairs reach the continuous-batching goals: gguf-serve / llama-server-np4 at 4 clients
 (>= 0.95), and each server's 4-client aggregate over its own single client's (>= 1.5 for
-gguf-serve; llama-server's is its reference). A pair during which other processes used
+gguf-serve; llama-server's is its reference). Each pair also runs llama-batched-bench (built with
+llama-server) on 1 and on 4 sequences: llama.cpp's own batching gain with no server at all, at
+that moment on that host, the ceiling of both servers' 4-client / 1 ratios. A pair during which other processes used
 >= 10% of the CPU is done again (at most twice); every burst's token count is checked. Only
 those two servers: --servers, if given, must name them; --plot is ignored. JSON: every burst
 under "paired" (default file bench/paired.json).
 
 llama-server is built once, if missing, from the llama.cpp sources vendored in the
 llama-cpp-python sdist into ~/.cache/gguf-serve/llama-server-build (cmake and a C++ compiler
-needed; about 10-15 minutes on two cores; --no-build skips it, --quick never builds, and
+needed; about 10-15 minutes on two cores; llama-batched-bench is built with it; --no-build skips it, --quick never builds, and
 --llama-server PATH uses another binary). llama_cpp.server needs its extras:
     pip install fastapi uvicorn sse-starlette 'starlette-context>=0.3.6,<0.4' pydantic-settings pyyaml
 Without them that server is skipped with a note. --plot needs matplotlib (optional); peak RSS
@@ -245,7 +247,8 @@ def peak_rss(pid: int) -> dict:
 
 
 def cpu_ticks(*pids: int | None) -> tuple[int, int]:
-    """(busy clock ticks of the whole machine, ticks used by the process trees of `pids` and by this process)."""
+    """(busy clock ticks of the whole machine, ticks used by the process trees of `pids` and by this
+    process, with the children it ran to the end: llama-batched-bench)."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
     busy = user + nice + system + irq + softirq + steal
@@ -253,7 +256,7 @@ def cpu_ticks(*pids: int | None) -> tuple[int, int]:
     for p in set([t for pid in pids if pid for t in process_tree(pid)] + [os.getpid()]):
         try:
             stat = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            ours += int(stat[11]) + int(stat[12])  # utime, stime
+            ours += sum(int(x) for x in stat[11:15])  # utime, stime, and those of its children that ended
         except (OSError, IndexError, ValueError):
             pass
     return busy, ours
@@ -413,10 +416,14 @@ def inspect_model(path: Path) -> dict:
 # --- llama-server build ---------------------------------------------------------------------
 
 
+LLAMA_TOOLS = ("llama-server", "llama-batched-bench")  # built together; the second measures the kernels' ceiling
+
+
 def llama_server_binary(build_dir: Path, allow_build: bool, timeout: float) -> tuple[Path | None, str]:
-    """The llama-server binary, built once from the llama-cpp-python sdist's vendored llama.cpp."""
+    """The llama-server binary (llama-batched-bench beside it), built once from the llama-cpp-python
+    sdist's vendored llama.cpp."""
     binary = build_dir / "bin" / "llama-server"
-    if binary.is_file() and os.access(binary, os.X_OK):
+    if all(os.access(binary.parent / tool, os.X_OK) for tool in LLAMA_TOOLS):
         return binary, ""
     if not allow_build:
         return None, f"llama-server is not built at {binary} (run without --quick/--no-build to build it)"
@@ -427,7 +434,7 @@ def llama_server_binary(build_dir: Path, allow_build: bool, timeout: float) -> t
     build_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(build_dir.parent / "llama-server-build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time
-        if binary.is_file():
+        if all((binary.parent / tool).is_file() for tool in LLAMA_TOOLS):
             return binary, ""
         src_root = CACHE / "llama-cpp-python-src"
         src = src_root / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}" / "vendor" / "llama.cpp"
@@ -469,7 +476,7 @@ def llama_server_binary(build_dir: Path, allow_build: bool, timeout: float) -> t
                     shutil.rmtree(build_dir)  # configured from a source tree that may be gone
                 run(["cmake", "-S", str(src), "-B", str(build_dir), "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF",
                      "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"])
-                run(["cmake", "--build", str(build_dir), "--target", "llama-server", f"-j{os.cpu_count() or 2}"])
+                run(["cmake", "--build", str(build_dir), "--target", *LLAMA_TOOLS, f"-j{os.cpu_count() or 2}"])
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired, StopIteration, OSError) as e:
                 return None, f"building llama-server failed ({e}); see {log}"
     return (binary, "") if binary.is_file() else (None, f"the build did not produce {binary}; see {log}")
@@ -861,6 +868,25 @@ def burst(name: str, b: Bench, clients: int, args, first_index: int) -> dict:
     return c
 
 
+def kernel_ceiling(binary: Path, args, clients: int) -> float | None:
+    """How much llama.cpp's own batched decoding gains on this host right now, with no server at all:
+    llama-batched-bench (built beside `binary`) generating max_tokens after a 24-token prompt (about
+    what a bench request computes once its cached system prompt is reused) for `clients` sequences at
+    once against one, tokens generated / wall time. No server's 4-client/1-client ratio can beat it
+    by more than noise. None if the tool is missing or fails."""
+    tool, T = binary.parent / "llama-batched-bench", str(args.threads)
+    cmd = [str(tool), "-m", str(args.model), "-c", str(args.ctx * clients), "-b", "512", "-ub", "512", "-npp", "24",
+           "-ntg", str(args.max_tokens), "-npl", f"1,{clients}", "-t", T, "-tb", T, "--no-kv-unified",
+           "--output-format", "jsonl"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, stdin=subprocess.DEVNULL).stdout
+        rows = {row["pl"]: row for row in (json.loads(line) for line in out.splitlines() if line.startswith("{"))}
+        rate = {pl: pl * row["tg"] / row["t"] for pl, row in rows.items()}
+        return rate[clients] / rate[1]
+    except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, ZeroDivisionError):
+        return None
+
+
 def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, out: dict) -> None:
     """Both servers loaded side by side (idle, 0% CPU, while the other one works), then args.paired pairs
     of bursts, one on each, alternating which goes first: each pair sees the same host speed, which on
@@ -895,6 +921,7 @@ def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, o
                 for k, name in enumerate(order):
                     singles[name] = burst(name, benches[name], 1, args, first + stride * 2 * k)
                     bursts[name] = burst(name, benches[name], clients, args, first + stride * (2 * k + 1))
+                ceiling = kernel_ceiling(binary, args, clients)
                 agg = {name: bursts[name]["agg_tps"] for name in PAIRED}
                 single = {name: singles[name]["agg_tps"] for name in PAIRED}
                 return {"pair": i + 1, "order": list(order), "agg_tps": agg, "single_tps": single,
@@ -902,6 +929,7 @@ def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, o
                         "ttft_mean_ms": {n: (lambda v: v * 1000 if v is not None else None)(bursts[n]["ttft_mean_s"])
                                          for n in PAIRED},
                         "ratio": agg[PAIRED[0]] / agg[PAIRED[1]] if agg[PAIRED[1]] else None,
+                        "kernel_ceiling": ceiling,
                         "tokens_ok": all(c["tokens_ok"] for c in [*bursts.values(), *singles.values()]),
                         "bursts": bursts, "single_bursts": singles}
 
@@ -913,7 +941,7 @@ def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, o
             print(f"   pair {i + 1}, {order[0]} first: " + "; ".join(
                 f"{n} {p['agg_tps'][n]:.1f} tok/s ({fmt(p['scaling'][n], '{:.2f}')}x its 1 client), "
                 f"TTFT {fmt(p['ttft_mean_ms'][n], '{:.0f}')} ms" for n in PAIRED)
-                + f"; ratio {fmt(p['ratio'], '{:.3f}')}; others {p['other_cpu_pct']:.0f}% CPU", flush=True)
+                + f"; ratio {fmt(p['ratio'], '{:.3f}')}; llama.cpp alone {fmt(p['kernel_ceiling'], '{:.2f}')}x; others {p['other_cpu_pct']:.0f}% CPU", flush=True)
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"
         print(f"   FAILED: {out['error']}", flush=True)
@@ -938,6 +966,8 @@ def paired_summary(pairs: list[dict]) -> dict:
                      "scaling": summary(scaling), "pairs_at_scaling_target": sum(x >= SCALING_TARGET for x in scaling),
                      "ttft_mean_ms": summary([p["ttft_mean_ms"][name] for p in used])}
     out["scaling_target"] = SCALING_TARGET
+    ceilings = [p["kernel_ceiling"] for p in used if p.get("kernel_ceiling") is not None]
+    out["kernel_ceiling"], out["kernel_ceiling_at_target"] = summary(ceilings), sum(c >= SCALING_TARGET for c in ceilings)
     return out
 
 
@@ -1112,10 +1142,11 @@ def paired_report(paired: dict, args) -> str:
     out.append(table([[str(p["pair"]), p["order"][0]]
                       + [f"{p['single_tps'][n]:.1f} / {p['agg_tps'][n]:.1f} = {fmt(p['scaling'][n], '{:.2f}')}" for n in PAIRED]
                       + [fmt(p["ttft_mean_ms"][n], "{:.0f}") for n in PAIRED]
-                      + [fmt(p["ratio"], "{:.3f}"), f"{p['other_cpu_pct']:.0f}" + ("" if p["quiet"] else " (disturbed)")]
+                      + [fmt(p["ratio"], "{:.3f}"), fmt(p.get("kernel_ceiling"), "{:.2f}"),
+                         f"{p['other_cpu_pct']:.0f}" + ("" if p["quiet"] else " (disturbed)")]
                       for p in pairs],
                      ["pair", "first"] + [f"{n} tok/s: 1 / {paired['clients']} clients" for n in PAIRED]
-                     + [f"{n} TTFT ms" for n in PAIRED] + ["ratio", "others' CPU %"]))
+                     + [f"{n} TTFT ms" for n in PAIRED] + ["ratio", "llama.cpp alone", "others' CPU %"]))
     out.append(f"\nMedians over {s['pairs_used']} pairs (aggregate tok/s of the burst; mean TTFT within the concurrent one):")
     ok = {n: sum(p["bursts"][n]["tokens_ok"] + p["single_bursts"][n]["tokens_ok"] for p in pairs) for n in PAIRED}
     out.append(table([[n, fmt(s[n]["single_tps"]["median"], "{:.1f}")]
@@ -1126,6 +1157,8 @@ def paired_report(paired: dict, args) -> str:
     rows = [[f"{PAIRED[0]} / {PAIRED[1]}, {paired['clients']} clients", s["ratio"], s["pairs_at_target"], TARGET]]
     rows += [[f"{n}: {paired['clients']} clients / 1", s[n]["scaling"], s[n]["pairs_at_scaling_target"], SCALING_TARGET]
              for n in PAIRED]
+    rows.append([f"llama.cpp alone (llama-batched-bench): {paired['clients']} sequences / 1", s.get("kernel_ceiling", {}),
+                 s.get("kernel_ceiling_at_target", 0), SCALING_TARGET])
     out.append("\nPer-pair ratios of aggregate tok/s:")
     out.append(table([[name] + [fmt(r.get(k), "{:.3f}") for k in ("median", "mean", "min", "max")]
                       + [f"{at}/{r.get('n', 0)} >= {target}"] for name, r, at, target in rows],
