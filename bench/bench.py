@@ -74,10 +74,10 @@ that moment on that host, the ceiling of both servers' 4-client / 1 ratios. A pa
 those two servers: --servers, if given, must name them; --plot is ignored. JSON: every burst
 under "paired" (default file bench/paired.json).
 
-llama-server is built once, if missing, from the llama.cpp sources vendored in the
-llama-cpp-python sdist into ~/.cache/gguf-serve/llama-server-build (cmake and a C++ compiler
-needed; about 10-15 minutes on two cores; llama-batched-bench is built with it; --no-build skips it, --quick never builds, and
---llama-server PATH uses another binary). llama_cpp.server needs its extras:
+llama-server (and llama-batched-bench with it) is built once, if missing, from the llama.cpp
+sources vendored in the llama-cpp-python sdist into ~/.cache/gguf-serve/llama-server-build (cmake
+and a C++ compiler needed; about 10-15 minutes on two cores; --no-build skips it, --quick never
+builds, and --llama-server PATH uses another binary, with llama-batched-bench looked for beside it). llama_cpp.server needs its extras:
     pip install fastapi uvicorn sse-starlette 'starlette-context>=0.3.6,<0.4' pydantic-settings pyyaml
 Without them that server is skipped with a note. --plot needs matplotlib (optional); peak RSS
 uses psutil if installed, /proc otherwise.
