@@ -72,6 +72,12 @@ llama.llama_backend_init()
 FLASH_ATTN = {"auto": llama.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama.LLAMA_FLASH_ATTN_TYPE_ENABLED,
               "off": llama.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 
+# A prompt is computed this many tokens a step, in the same chunks whether it runs alone or beside
+# others. Measured with SmolLM2 on 2 cores: 128-token chunks compute a prompt as fast as 512-token
+# ones (178 and 172 tokens/s), and a running stream waits one chunk per step (0.7 s here, not 2.9)
+# while someone else's long prompt is computed.
+PROMPT_CHUNK = 128
+
 SPECIAL_ATTRS = llama.LLAMA_TOKEN_ATTR_CONTROL | llama.LLAMA_TOKEN_ATTR_USER_DEFINED | llama.LLAMA_TOKEN_ATTR_UNKNOWN
 
 
@@ -108,7 +114,7 @@ class Model:
             cparams = llama.llama_context_default_params()
             cparams.n_ctx = self.n_ctx * parallel  # every sequence gets the full context length
             cparams.n_seq_max = parallel
-            cparams.n_batch = cparams.n_ubatch = 512
+            cparams.n_batch = cparams.n_ubatch = max(PROMPT_CHUNK, parallel)
             cparams.n_threads = cparams.n_threads_batch = n_threads
             cparams.flash_attn_type = FLASH_ATTN[flash_attn]
             cparams.no_perf = True
@@ -488,7 +494,7 @@ class Engine:
             self._deliver()  # these tokens go out now, not after a prompt chunk that may take seconds
         if prompts:
             first = min(prompts, key=lambda slot: slot.started)
-            self._decode([(first, first.todo[: min(self.model.n_batch, len(first.todo) - 1)])], logits=False)
+            self._decode([(first, first.todo[: min(PROMPT_CHUNK, len(first.todo) - 1)])], logits=False)
 
     def _decode(self, chunks: list[tuple[Slot, list[int]]], logits: bool) -> None:
         """Decode each slot's tokens at the end of its sequence. Callers pass slots in seq_id
