@@ -69,7 +69,8 @@ many pairs reach the continuous-batching goals: gguf-serve / llama-server-np4 at
 (>= 0.95), and each server's 4-client aggregate over its own single client's (>= 1.5 for
 gguf-serve; llama-server's is its reference). Each pair also runs llama-batched-bench (built with
 llama-server) on 1 and on 4 sequences: llama.cpp's own batching gain with no server at all, at
-that moment on that host, the ceiling of both servers' 4-client / 1 ratios. A pair during which other processes used
+that moment on that host, which bounds both servers' 4-client / 1 ratios up to what four
+requests save by sharing HTTP's fixed costs. A pair during which other processes used
 >= 10% of the CPU is done again (at most twice); every burst's token count is checked. Only
 those two servers: --servers, if given, must name them; --plot is ignored. JSON: every burst
 under "paired" (default file bench/paired.json).
@@ -872,8 +873,9 @@ def kernel_ceiling(binary: Path, args, clients: int) -> float | None:
     """How much llama.cpp's own batched decoding gains on this host right now, with no server at all:
     llama-batched-bench (built beside `binary`) generating max_tokens after a 24-token prompt (about
     what a bench request computes once its cached system prompt is reused) for `clients` sequences at
-    once against one, tokens generated / wall time. No server's 4-client/1-client ratio can beat it
-    by more than noise. None if the tool is missing or fails."""
+    once against one, tokens generated / wall time. A server's 4-client/1-client ratio lands near it
+    (a little above: four concurrent requests share the fixed cost of an HTTP request that a lone
+    client pays alone). None if the tool is missing or fails."""
     tool, T = binary.parent / "llama-batched-bench", str(args.threads)
     cmd = [str(tool), "-m", str(args.model), "-c", str(args.ctx * clients), "-b", "512", "-ub", "512", "-npp", "24",
            "-ntg", str(args.max_tokens), "-npl", f"1,{clients}", "-t", T, "-tb", T, "--no-kv-unified",
