@@ -78,7 +78,8 @@ under "paired" (default file bench/paired.json).
 llama-server (and llama-batched-bench with it) is built once, if missing, from the llama.cpp
 sources vendored in the llama-cpp-python sdist into ~/.cache/gguf-serve/llama-server-build (cmake
 and a C++ compiler needed; about 10-15 minutes on two cores; --no-build skips it, --quick never
-builds, and --llama-server PATH uses another binary, with llama-batched-bench looked for beside it). llama_cpp.server needs its extras:
+builds, and --llama-server PATH uses another binary, with llama-batched-bench looked for beside
+it). llama_cpp.server needs its extras:
     pip install fastapi uvicorn sse-starlette 'starlette-context>=0.3.6,<0.4' pydantic-settings pyyaml
 Without them that server is skipped with a note. --plot needs matplotlib (optional); peak RSS
 uses psutil if installed, /proc otherwise.
@@ -943,7 +944,8 @@ def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, o
             print(f"   pair {i + 1}, {order[0]} first: " + "; ".join(
                 f"{n} {p['agg_tps'][n]:.1f} tok/s ({fmt(p['scaling'][n], '{:.2f}')}x its 1 client), "
                 f"TTFT {fmt(p['ttft_mean_ms'][n], '{:.0f}')} ms" for n in PAIRED)
-                + f"; ratio {fmt(p['ratio'], '{:.3f}')}; llama.cpp alone {fmt(p['kernel_ceiling'], '{:.2f}')}x; others {p['other_cpu_pct']:.0f}% CPU", flush=True)
+                + f"; ratio {fmt(p['ratio'], '{:.3f}')}; llama.cpp alone {fmt(p['kernel_ceiling'], '{:.2f}')}x"
+                + f"; others {p['other_cpu_pct']:.0f}% CPU", flush=True)
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"
         print(f"   FAILED: {out['error']}", flush=True)

