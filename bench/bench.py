@@ -563,7 +563,7 @@ class Bench:
                 "tps": n / wall if n else None, "t0": t0, "t_end": t_end}
 
     @staticmethod
-    def _parse(line: str, state: dict) -> bool:
+    def parse_line(line: str, state: dict) -> bool:
         """One SSE line into state; False at [DONE]."""
         if not line.startswith("data:"):
             return True
@@ -593,7 +593,7 @@ class Bench:
                 r.read()
                 raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
             for line in r.iter_lines():
-                if not self._parse(line, state):
+                if not self.parse_line(line, state):
                     break
         return self._stream_result(t0, state["t_first"], time.perf_counter(), state["usage"], state["finish"], state["chunks"])
 
@@ -605,7 +605,7 @@ class Bench:
                 await r.aread()
                 raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
             async for line in r.aiter_lines():
-                if not self._parse(line, state):
+                if not self.parse_line(line, state):
                     break
         return self._stream_result(t0, state["t_first"], time.perf_counter(), state["usage"], state["finish"], state["chunks"])
 

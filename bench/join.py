@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -29,32 +28,36 @@ from pathlib import Path
 
 import httpx
 
-from bench import CACHE, REPO, default_model, find_llama_server, gguf_serve_command, inspect_model, kill, launch, \
-    llama_server_command, table, wait_idle
+from bench import CACHE, REPO, Bench, default_model, find_llama_server, gguf_serve_command, inspect_model, kill, \
+    launch, llama_server_command, table, wait_idle
 
 SENTENCE = "The keeper climbed the stairs of the lighthouse at dusk and lit the great lamp for the ships. "
 
 
 async def stream(client: httpx.AsyncClient, body: dict, stamps: list[float]) -> None:
-    """POST a streaming chat request; the arrival time of each chunk with content goes in `stamps`."""
+    """POST a streaming chat request; the arrival time of each chunk with content goes in `stamps`
+    (the SSE lines are read by bench.py's parser)."""
+    state = {"usage": None, "chunks": 0, "t_first": None, "finish": None}
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
-            if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                choices = json.loads(line[5:]).get("choices") or [{}]
-                if (choices[0].get("delta") or {}).get("content"):
-                    stamps.append(time.perf_counter())
+            chunks = state["chunks"]
+            if not Bench.parse_line(line, state):
+                break
+            if state["chunks"] > chunks:
+                stamps.append(time.perf_counter())
 
 
-async def one_round(base: str, model_id: str, args, ban: dict, i: int) -> dict:
+async def one_round(b: Bench, i: int) -> dict:
     def body(content: str, max_tokens: int) -> dict:
-        return {"model": model_id, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-                "temperature": 0, "logit_bias": ban, "stream": True}
+        return {"model": b.model_id, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                "temperature": 0, "logit_bias": b.bias, "stream": True}
 
+    args = b.args
     long_prompt = f"(Round {i}.) " + SENTENCE * (args.prompt_tokens // 20) + "\nWhat did the keeper do?"
     running, joined = [], []
-    async with httpx.AsyncClient(base_url=base, timeout=args.timeout) as client:
+    async with httpx.AsyncClient(base_url=b.base, timeout=args.timeout) as client:
         first = asyncio.ensure_future(stream(client, body(f"(Round {i}.) Tell me a long story.", 256), running))
         for _ in range(int(args.timeout * 100)):
             if len(running) >= 16 or first.done():
@@ -64,7 +67,7 @@ async def one_round(base: str, model_id: str, args, ban: dict, i: int) -> dict:
         await asyncio.wait_for(asyncio.gather(first, stream(client, body(long_prompt, 1), joined)), args.timeout)
     after = [b - a for a, b in zip(running, running[1:]) if b > t_join]
     return {"longest_pause_s": max(after, default=None), "joiner_ttft_s": joined[0] - t_join if joined else None,
-            "running_tps": (len(running) - 1) / (running[-1] - running[0]), "running_chunks": len(running)}
+            "running_tps": (len(running) - 1) / (running[-1] - running[0])}
 
 
 def main() -> None:
@@ -83,9 +86,9 @@ def main() -> None:
     # what bench.py's helpers read
     args.llama_server, args.llama_server_args, args.quick = None, "", False
     args.build_dir = CACHE / "llama-server-build"
-    args.build_timeout, args.wait_idle, args.start_timeout, args.max_tokens = 5400, 60, 180, 1
+    args.build_timeout, args.wait_idle, args.start_timeout = 5400, 60, 180
 
-    ban = {str(t): -100 for t in inspect_model(args.model)["eog"]}
+    eog = inspect_model(args.model)["eog"]
     logdir = Path(tempfile.mkdtemp(prefix="gguf-serve-join-"))
     wanted = args.servers.split(",")
     servers = {"gguf-serve": (*gguf_serve_command(args), REPO)} if "gguf-serve" in wanted else {}
@@ -97,13 +100,13 @@ def main() -> None:
             servers["llama-server-np4"] = (llama_server_command(binary, args, args.parallel), None, None)
     rows = []
     for name, (cmd, env, cwd) in servers.items():
-        proc, b = launch(name, cmd, env, cwd, args, [], logdir, {})
+        proc, b = launch(name, cmd, env, cwd, args, eog, logdir, {})
         try:
-            asyncio.run(one_round(b.base, b.model_id, args, ban, -1))  # warm-up
+            asyncio.run(one_round(b, -1))  # warm-up
             rounds = []
             for i in range(args.rounds):
                 wait_idle(args.wait_idle)
-                rounds.append(asyncio.run(one_round(b.base, b.model_id, args, ban, i)))
+                rounds.append(asyncio.run(one_round(b, i)))
                 r = rounds[-1]
                 print(f"   round {i + 1}: longest pause {r['longest_pause_s']:.2f} s, joiner's first token after "
                       f"{r['joiner_ttft_s']:.2f} s, running stream {r['running_tps']:.1f} tok/s", flush=True)
