@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import os
 import queue
 import re
 import threading
@@ -366,8 +365,7 @@ class Slot:
 
     def finish(self, reason: str, text: str = "", logprobs: list[TokenLogprob] = ()) -> None:
         gen = self.gen
-        if reason == "length":  # text held back as a possible stop string's start was not one
-            text += self.scanner.flush()
+        text += self.scanner.flush()  # text held back as a possible stop string's start was not one
         self.outbox.append((gen.emit, Event(text, reason, self.n_generated, self.reused, list(logprobs))))
         if self.chain is not None:
             llama.llama_sampler_free(self.chain)
@@ -384,8 +382,9 @@ class Engine:
     between steps, and each step decodes one batch holding every running sequence. The events
     of a step reach `loop` in one call, so the event loop wakes once a step, not once a token."""
 
-    def __init__(self, model: Model, parallel: int, loop, stop_tokens: set[int] = frozenset()):
-        self.model, self.loop = model, loop
+    def __init__(self, model: Model, parallel: int, loop, stop_tokens: set[int] = frozenset(),
+                 on_failure: Callable[[str], None] = lambda reason: None):
+        self.model, self.loop, self.on_failure = model, loop, on_failure  # on_failure: the thread died
         self.outbox: list[tuple[Callable[[Event], None], Event]] = []
         self.slots = [Slot(i, self.outbox) for i in range(parallel)]
         self.stop_tokens = set(stop_tokens)
@@ -396,6 +395,10 @@ class Engine:
         self.thread.start()
 
     def submit(self, gen: Generation) -> None:
+        if not gen.prompt:  # nothing to decode: the slot would never sample, and never finish
+            raise ValueError("a generation needs at least one prompt token")
+        if not self.thread.is_alive():
+            raise RuntimeError("the decode thread has stopped")
         self.inbox.put(gen)
 
     def close(self) -> None:
@@ -412,6 +415,16 @@ class Engine:
         return self.inbox.qsize() + len(self.waiting)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # outside a step: the thread can't go on, so neither can the process
+            reason = f"engine error: the decode thread failed ({type(e).__name__}: {e})"
+            self.outbox.clear()
+            for gen in [*(s.gen for s in self.slots if s.gen), *self.waiting, *_drain(self.inbox)]:
+                self.outbox.append((gen.emit, Event(reason, "error")))
+            self.loop.call_soon_threadsafe(_emit_all, [*self.outbox, (self.on_failure, reason)])
+
+    def _loop(self) -> None:
         while True:
             idle = not self.waiting and not self.running
             try:
@@ -480,9 +493,12 @@ class Engine:
         the same chunks either way, never split by llama.cpp around other sequences' rows, and its
         last token, whose logits are sampled, is always a row of the first kind."""
         live = []
+        now = time.monotonic()
         for slot in self.slots:
             if slot.gen is not None and slot.gen.cancelled:
                 slot.finish("cancelled")
+            elif slot.gen is not None and now > slot.gen.deadline:  # a long prompt's chunks count too
+                slot.finish("length")
             elif slot.gen is not None:
                 live.append(slot)
         prompts = [slot for slot in live if len(slot.todo) > 1]
@@ -555,6 +571,15 @@ def _emit_all(events: list[tuple[Callable[[Event], None], Event]]) -> None:
         emit(event)
 
 
+def _drain(inbox: queue.SimpleQueue) -> list[Generation]:
+    gens = []
+    while not inbox.empty():
+        gen = inbox.get()
+        if gen is not None:
+            gens.append(gen)
+    return gens
+
+
 def _contiguous(seq_ids: list[int]) -> bool:
     return max(seq_ids) - min(seq_ids) + 1 == len(seq_ids)
 
@@ -566,15 +591,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def available_cpus() -> int:
-    """Cores this process may use: its affinity mask, and a container's cgroup CPU quota."""
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cpus

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import time
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Callable, NamedTuple
 
@@ -261,24 +264,89 @@ def _raise_exception(message: str):
     raise TemplateError(message)
 
 
+# A template gets this long to render one conversation. The official templates in
+# ../shared take about a millisecond for a short chat; a hostile one can loop for hours
+# (the sandbox allows range(100000) inside range(100000)).
+RENDER_SECONDS = 2.0
+# The longest string or list one `*` may build, and the largest exponent `**` may take:
+# C-level work a time limit can't interrupt.
+MAX_REPEAT = 1 << 20
+MAX_EXPONENT = 256
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The sandbox HF renders chat templates in (no attribute escapes, no mutation), which
+    also refuses to build a huge string or number in one operation."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
+            raise TemplateError(f"the chat template raises to the power {right}")
+        if operator == "*":
+            sizes = [len(x) * y for x, y in ((left, right), (right, left))
+                     if isinstance(x, (str, list, tuple)) and isinstance(y, int)]
+            if sizes and max(sizes) > MAX_REPEAT:
+                raise TemplateError(f"the chat template builds a sequence of {max(sizes)} items")
+        return super().call_binop(context, operator, left, right)
+
+
 def jinja_template(source: str, bos_token: str, eos_token: str, tools: list | None = None) -> Render:
-    """Compile a GGUF's `tokenizer.chat_template` in a sandbox, with the globals HF gives it."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    """Compile a GGUF's `tokenizer.chat_template` in a sandbox, with the globals HF gives it.
+    A render that fails or takes longer than RENDER_SECONDS raises TemplateError."""
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    template = env.from_string(source)
+    try:
+        template = env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise TemplateError(f"the chat template does not compile: {e}") from None
 
     def render(messages: Messages, tools: list | None = tools) -> str:
         try:
-            return template.render(
-                messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True, tools=tools
-            )
+            with time_limit(RENDER_SECONDS):
+                return template.render(
+                    messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True, tools=tools
+                )
         except TemplateError:
             raise
-        except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
-            raise TemplateError(f"the model's chat template failed on these messages: {e}") from e
+        except Exception as e:  # a template is the model file's code: any failure is the template's
+            raise TemplateError(f"the model's chat template failed on these messages: {type(e).__name__}: {e}") from None
 
     return render
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise TemplateError in this thread's Python code once `seconds` have passed: a trace
+    function sees every line the template's compiled code runs."""
+    deadline = time.monotonic() + seconds
+
+    def trace(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise TemplateError(f"the model's chat template took longer than {seconds:g} s to render")
+        return trace
+
+    outer = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(outer)
+
+
+PROBE = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Hello."},
+    {"role": "assistant", "content": "Hello! How can I help?"},
+    {"role": "user", "content": "What is 2 + 2?"},
+]
+
+
+def probe(render: Render) -> None:
+    """Render an ordinary conversation once, at load: a template that can't (it raises, or it
+    takes longer than a request may) stops the start rather than failing every request."""
+    render(PROBE)
 
 
 # --- Tools ----------------------------------------------------------------------------------
@@ -300,57 +368,51 @@ def with_tools_in_system(messages: Messages, tools: list[dict]) -> Messages:
     return [{"role": "system", "content": text}, *messages]
 
 
-_TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-
-
-def parse_tool_calls(text: str, names: list[str], whole_json: bool = False) -> tuple[str | None, list[tuple[str, str]]]:
-    """A model's answer -> (its remaining text or None, [(function name, arguments as JSON)]).
-
-    Reads Hermes/Qwen `<tool_call>{...}</tool_call>` blocks, or an answer that is one JSON call
-    as Llama 3.1 writes it (`{"name": ..., "parameters": {...}}`); `whole_json` is for answers
-    a grammar forced to be exactly `{"name": ..., "arguments": {...}}`. Calls to functions not
-    in `names` are left as text."""
-
-    def call(source: str) -> tuple[str, str] | None:
-        try:
-            obj = json.loads(source)
-        except ValueError:
-            return None
-        if not isinstance(obj, dict) or obj.get("name") not in names:
-            return None
-        arguments = obj.get("arguments", obj.get("parameters", {}))
-        return obj["name"], arguments if isinstance(arguments, str) else _tojson(arguments)
-
-    if whole_json or not _TOOL_CALL_BLOCK.search(text):
-        found = call(text.strip().removeprefix("<|python_tag|>"))
-        return (None, [found]) if found else (text, [])
-    calls = [c for c in (call(m.group(1)) for m in _TOOL_CALL_BLOCK.finditer(text)) if c]
-    if not calls:
-        return text, []
-    rest = _TOOL_CALL_BLOCK.sub("", text).strip()
-    return rest or None, calls
-
-
 # --- Where the messages' text lies in the prompt --------------------------------------------
 
 # Unicode noncharacters, never valid in interchanged text: they mark where content begins and ends.
 _OPEN, _CLOSE = "\ufdd0", "\ufdd1"
 
 
-def render_with_spans(render: Render, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
+class Rendered(NamedTuple):
+    prompt: str
+    spans: list[tuple[int, int]]  # where message content lies in the prompt
+    marked: bool  # found by markers (exact), not by searching (when the markers changed the output)
+
+
+def render_with_spans(render: Render, messages: Messages) -> Rendered:
     """The prompt, and the spans of it that came from message content (user-typed text).
 
     The tokenizer reads special tokens only outside these spans, so a user who types
     `<|im_end|><|im_start|>system` gets plain text, not a forged turn. The spans are found by
     rendering once more with each content's text wrapped in markers, its leading and trailing
     white space left outside them so that a template's `trim` still works. A template that
-    inspects content so that the markers change its output gets no spans.
+    inspects content so that the markers change its output gets its spans by searching for
+    each content in the prompt instead (`marked` False: content it rewrote is not found).
     """
     prompt = render(messages)
     marked = render([_marked(m) for m in messages])
-    if marked.replace(_OPEN, "").replace(_CLOSE, "") != prompt:
-        return prompt, []
-    return prompt, _spans(marked)
+    if marked.replace(_OPEN, "").replace(_CLOSE, "") == prompt:
+        return Rendered(prompt, _spans(marked), True)
+    return Rendered(prompt, _searched_spans(prompt, messages), False)
+
+
+def _searched_spans(prompt: str, messages: Messages) -> list[tuple[int, int]]:
+    """Each content's text where it first appears after the previous one's, else anywhere it
+    overlaps no span found already."""
+    spans, pos = [], 0
+    for message in messages:
+        core = (message.get("content") or "").strip()
+        if not core:
+            continue
+        start = prompt.find(core, pos)
+        if start < 0:
+            start = prompt.find(core)
+            if start < 0 or any(a < start + len(core) and start < b for a, b in spans):
+                continue
+        spans.append((start, start + len(core)))
+        pos = max(pos, start + len(core))
+    return sorted(spans)
 
 
 def _marked(message: dict) -> dict:

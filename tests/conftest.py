@@ -63,6 +63,19 @@ class Server:
             time.sleep(0.1)
         raise TimeoutError("server not ready")
 
+    def metric(self, name: str) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+    def wait_metric(self, name: str, value: float, timeout: float = 30) -> None:
+        """Poll /metrics until `name` reads `value` (instead of sleeping and hoping)."""
+        deadline = time.monotonic() + timeout
+        while self.metric(name) != value:
+            assert time.monotonic() < deadline, f"{name} never reached {value}"
+            time.sleep(0.02)
+
     def stop(self) -> None:
         self.proc.terminate()
         try:

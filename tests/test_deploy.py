@@ -146,8 +146,9 @@ def test_containerfile_build_and_start_steps_work(tmp_path):
             parts = argument.split()
             if parts[0].startswith("--from"):
                 continue  # the build stage's files are already where the runtime stage wants them
-            for source in parts[:-1]:
-                shutil.copy(ROOT / source, workdir / source)
+            for pattern in parts[:-1]:
+                for source in ROOT.glob(pattern):
+                    shutil.copy(source, workdir / source.name)
         elif instruction == "RUN":
             if re.search(r"\b(apt-get|useradd)\b", argument):
                 skipped.append(argument)

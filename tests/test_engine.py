@@ -44,3 +44,31 @@ def test_sampled_tokens_reach_the_loop_before_a_prompt_chunk_is_computed():
     seen = asyncio.run(run())
     assert any(running for _, running in seen), "the second prompt was never computed beside a running stream"
     assert all(pending == 0 for pending, _ in seen), seen
+
+
+def test_a_dead_decode_thread_fails_what_is_in_flight_and_says_so():
+    """Outside a step (here: admitting a generation) an exception ends the thread: every
+    generation in flight gets an error event and the owner is told, never a silent hang."""
+    model = engine.Model(smollm2_path(), n_ctx=512, n_threads=2, parallel=2)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        failed = loop.create_future()
+        eng = engine.Engine(model, 2, loop, on_failure=failed.set_result)
+        events: asyncio.Queue[engine.Event] = asyncio.Queue()
+
+        def broken_admit():
+            raise RuntimeError("the KV copy failed")
+
+        eng._admit = broken_admit
+        eng.submit(engine.Generation(model.tokenize_prompt("Hello"), 8, engine.Sampling(temperature=0), events.put_nowait))
+        reason = await asyncio.wait_for(failed, 30)
+        event = await asyncio.wait_for(events.get(), 5)
+        assert event.finish_reason == "error" and "the KV copy failed" in event.text and "KV copy" in reason
+        eng.thread.join(5)
+        try:
+            eng.submit(engine.Generation([1], 1, engine.Sampling(), events.put_nowait))
+        except RuntimeError as e:
+            return str(e)
+
+    assert "stopped" in asyncio.run(run())

@@ -289,6 +289,18 @@ def test_forced_tool_call_streams_as_tool_call_deltas(client):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_text_streams_as_it_comes_when_tools_are_offered(client):
+    """A LangChain agent always sends tools: a plain answer must still stream token by token,
+    with its logprobs, and equal the answer not streamed."""
+    ask = [{"role": "user", "content": "Say hello."}]
+    whole = chat(client, messages=ask, tools=[WEATHER], max_tokens=30, temperature=0)
+    assert whole.choices[0].message.tool_calls is None
+    chunks = list(chat(client, messages=ask, tools=[WEATHER], max_tokens=30, temperature=0, stream=True, logprobs=True))
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(texts) > 3 and "".join(texts) == whole.choices[0].message.content
+    assert sum(len(c.choices[0].logprobs.content) for c in chunks if c.choices and c.choices[0].logprobs) == whole.usage.completion_tokens
+
+
 def test_tool_choice_none_answers_in_text(client):
     r = chat(client, messages=ASK, tools=[WEATHER], tool_choice="none", max_tokens=10)
     assert r.choices[0].message.tool_calls is None and r.choices[0].message.content

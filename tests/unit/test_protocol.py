@@ -1,0 +1,39 @@
+"""Request decoding: strict types, OpenAI-shaped errors that name the field."""
+
+import pytest
+
+from protocol import APIError, ChatRequest, CompletionRequest, decode, error_body
+
+
+@pytest.mark.parametrize("body,param", [
+    (b'{"model": "m", "messages": []}', "messages"),
+    (b'{"model": "m", "messages": [{"role": "wizard", "content": "x"}]}', "messages[0].role"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "temperature"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 2.5}', "temperature"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 9}', "n"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}', "stop"),
+    (b'{"messages": [{"role": "user", "content": "x"}]}', None),
+])
+def test_bad_fields_are_400_naming_the_field(body, param):
+    with pytest.raises(APIError) as e:
+        decode(body, ChatRequest)
+    assert e.value.status == 400 and e.value.param == param
+
+
+@pytest.mark.parametrize("body", [b"{", b'{"model": "m", "prompt": "\xff"}', b"[]"])
+def test_invalid_json_is_400(body):
+    with pytest.raises(APIError) as e:
+        decode(body, CompletionRequest)
+    assert e.value.status == 400
+
+
+def test_unknown_fields_are_ignored():
+    body = decode(b'{"model": "m", "prompt": "x", "store": true, "metadata": {"a": 1}}', CompletionRequest)
+    assert body.prompt == "x"
+
+
+def test_error_body_shape():
+    error = error_body(APIError(429, "busy", None, "queue_full")).error
+    assert (error.type, error.code, error.param) == ("rate_limit_exceeded", "queue_full", None)
+    assert error_body(APIError(503, "x")).error.type == "server_error"
+    assert error_body(APIError(404, "x")).error.type == "invalid_request_error"

@@ -1,0 +1,114 @@
+"""Tool plans, output grammars and tool-call parsing: pure logic, no model weights."""
+
+import msgspec
+import pytest
+
+import tools
+from protocol import APIError, ChatRequest
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def request(**fields) -> ChatRequest:
+    return msgspec.convert({"model": "m", "messages": [{"role": "user", "content": "Hi"}], **fields}, ChatRequest)
+
+
+@pytest.mark.parametrize("fields,forced,told", [
+    ({}, None, False),
+    ({"tools": [WEATHER]}, None, True),
+    ({"tools": [WEATHER], "tool_choice": "none"}, None, False),
+    ({"tools": [WEATHER, TIME], "tool_choice": "required"}, "required", True),
+    ({"tools": [WEATHER, TIME], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "get_time", True),
+])
+def test_tool_plan(fields, forced, told):
+    plan = tools.tool_plan(request(**fields))
+    assert plan.forced == forced and bool(plan.tools) == told and not plan.legacy
+
+
+def test_legacy_functions_plan():
+    plan = tools.tool_plan(request(functions=[WEATHER["function"]], function_call={"name": "get_weather"}))
+    assert plan.legacy and plan.forced == "get_weather" and plan.tools[0].function.name == "get_weather"
+
+
+def test_forcing_an_unknown_tool_is_400():
+    with pytest.raises(APIError) as e:
+        tools.tool_plan(request(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "rm"}}))
+    assert e.value.status == 400 and e.value.param == "tool_choice"
+
+
+def test_schema_features_the_converter_cant_enforce_are_named():
+    with pytest.raises(APIError) as e:
+        tools.schema_grammar({"type": "object", "properties": {"n": {"type": "integer", "minimum": 3}}}, "p")
+    assert "minimum" in e.value.message and e.value.param == "p" and e.value.code == "unsupported_schema"
+
+
+def test_schema_grammar_keeps_control_characters_out_of_strings():
+    grammar = tools.schema_grammar({"type": "object", "properties": {"s": {"type": "string"}}}, "p")
+    assert r"\x00-\x1F" in grammar
+
+
+TOOL_CALLS = [
+    # model output, forced (grammar) or not, expected (content, calls)
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', False,
+     (None, [("get_weather", '{"city": "Paris"}')])),
+    ('Let me check.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>\n'
+     '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', False,
+     ("Let me check.", [("get_weather", '{"city": "Rome"}'), ("get_time", "{}")])),
+    ('{"name": "get_weather", "parameters": {"city": "Oslo"}}', False, (None, [("get_weather", '{"city": "Oslo"}')])),
+    ('<|python_tag|>{"name": "get_time", "parameters": {}}', False, (None, [("get_time", "{}")])),
+    ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', False,
+     ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', [])),
+    ("The weather is fine.", False, ("The weather is fine.", [])),
+    ('{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}', True,
+     (None, [("get_weather", '{"city": "Paris", "unit": "C"}')])),
+    ("<tool_call>not json</tool_call>", False, ("<tool_call>not json</tool_call>", [])),
+]
+
+
+@pytest.mark.parametrize("text,forced,expected", TOOL_CALLS)
+def test_parse_tool_calls(text, forced, expected):
+    assert tools.parse_tool_calls(text, ["get_weather", "get_time"], whole_json=forced) == expected
+
+
+
+
+def test_answer_turns_a_call_into_tool_calls_or_legacy_function_call():
+    plan = tools.tool_plan(request(tools=[WEATHER]))
+    message, reason = tools.answer('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>', "stop", plan)
+    assert reason == "tool_calls" and message.content is None
+    assert message.tool_calls[0].function.arguments == '{"city": "Oslo"}' and message.tool_calls[0].id.startswith("call_")
+    legacy = tools.tool_plan(request(functions=[WEATHER["function"]]))
+    message, reason = tools.answer('{"name": "get_weather", "parameters": {"city": "Oslo"}}', "stop", legacy)
+    assert reason == "function_call" and message.function_call.name == "get_weather"
+    assert tools.answer("plain text", "length", plan)[1] == "length"
+
+
+from chat import CallSpotter  # noqa: E402
+
+
+def spot(chunks: list[str], forced: bool = False) -> tuple[list[str], str]:
+    spotter = CallSpotter(forced)
+    streamed = [spotter.feed(c) for c in chunks]
+    streamed[-1] += spotter.flush()
+    return streamed, spotter.held
+
+
+@pytest.mark.parametrize("chunks,streamed,held", [
+    (["Hel", "lo ", "there"], ["Hel", "lo ", "there"], ""),  # decided at the first letter that opens no call
+    ([" ", "\n", "Hi"], ["", "", " \nHi"], ""),
+    (["<tool", "_call>", '{"name": "f"}', "</tool_call>"], ["", "", "", ""], '<tool_call>{"name": "f"}</tool_call>'),
+    (["<t", "able>"], ["", "<table>"], ""),
+    (['{"name"', ': "f"}'], ["", ""], '{"name": "f"}'),
+    (["<|python", "_tag|>{}"], ["", ""], "<|python_tag|>{}"),
+    (["Let me check.\n<tool", "_call>{}</tool_call>"], ["Let me check.\n", ""], "<tool_call>{}</tool_call>"),
+    (["a <tool", "box"], ["a ", "<toolbox"], ""),
+    (["a <tool"], ["a <tool"], ""),
+])
+def test_call_spotter_streams_text_until_a_call_may_begin(chunks, streamed, held):
+    assert spot(chunks) == (streamed, held)
+
+
+def test_call_spotter_holds_everything_of_a_forced_call():
+    assert spot(["x", "y"], forced=True) == (["", ""], "xy")
