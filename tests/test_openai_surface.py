@@ -292,7 +292,7 @@ def test_forced_tool_call_streams_as_tool_call_deltas(client):
 def test_text_streams_as_it_comes_when_tools_are_offered(client):
     """A LangChain agent always sends tools: a plain answer must still stream token by token,
     with its logprobs, and equal the answer not streamed."""
-    ask = [{"role": "user", "content": "Say hello."}]
+    ask = [{"role": "user", "content": "Tell me a short story about a cat."}]
     whole = chat(client, messages=ask, tools=[WEATHER], max_tokens=30, temperature=0)
     assert whole.choices[0].message.tool_calls is None
     chunks = list(chat(client, messages=ask, tools=[WEATHER], max_tokens=30, temperature=0, stream=True, logprobs=True))
