@@ -6,6 +6,8 @@ What the app's lifespan loads once; every request reads it and nothing changes i
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -55,12 +57,29 @@ def chat_renderer(config: Config, model: engine.Model) -> tuple[templates.Render
     return chosen.render, chosen.stops
 
 
-async def load(config: Config, on_failure: Callable[[str], None]) -> Served:
-    """The model loaded (off the event loop), its decode thread running, one token generated.
-    `on_failure` is called on the event loop if the decode thread dies."""
-    t0 = time.perf_counter()
-    model = await asyncio.to_thread(engine.Model, config.model_path, config.n_ctx, config.n_threads, config.parallel,
-                                    flash_attn=config.flash_attn)
+def start_loading(config: Config) -> concurrent.futures.Future:
+    """Start reading the model now, in a thread of its own: llama.cpp's load runs outside the
+    GIL, so it overlaps whatever the process does before it can serve (building the app,
+    starting the server and its event loop)."""
+    loaded = concurrent.futures.Future()
+    started = time.perf_counter()
+
+    def read() -> None:
+        try:
+            model = engine.Model(config.model_path, config.n_ctx, config.n_threads, config.parallel,
+                                 flash_attn=config.flash_attn)
+            loaded.set_result((model, started))
+        except BaseException as e:
+            loaded.set_exception(e)
+
+    threading.Thread(target=read, name="load", daemon=True).start()
+    return loaded
+
+
+async def load(config: Config, loading: concurrent.futures.Future, on_failure: Callable[[str], None]) -> Served:
+    """The model (from `start_loading`), its chat format, its decode thread running, one token
+    generated. `on_failure` is called on the event loop if the decode thread dies."""
+    model, t0 = await asyncio.wrap_future(loading)
     render, stops = await asyncio.to_thread(chat_renderer, config, model)
     stop_tokens = {model.special[s] for s in stops if s in model.special}
     decoder = engine.Engine(model, config.parallel, asyncio.get_running_loop(), stop_tokens, on_failure)

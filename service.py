@@ -54,6 +54,7 @@ def create_app(env: dict[str, str] = os.environ):
     Raises ConfigError or ModelFileError with one line when the configuration can't work."""
     config = load_config(env)
     engine.check_model_file(config.model_path)
+    model_loading = loading.start_loading(config)  # overlaps building the app and starting the server
     app = Litestar(
         [health, readiness, metrics, openapi_document, list_models, get_model, chat_completions, completions_route,
          apply_template],
@@ -64,6 +65,7 @@ def create_app(env: dict[str, str] = os.environ):
         openapi_config=None,
     )
     app.state.config = config
+    app.state.model_loading = model_loading
     app.state.metrics = Metrics(lambda: app.state.served and app.state.served.engine)
     return gate(app)
 
@@ -114,7 +116,8 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
 
 async def load_model(app: Litestar) -> None:
     try:
-        served = await loading.load(app.state.config, on_failure=lambda reason: fail(app, reason))
+        on_failure = lambda reason: fail(app, reason)  # noqa: E731
+        served = await loading.load(app.state.config, app.state.model_loading, on_failure)
     except (ConfigError, engine.ModelFileError, loading.StartError) as e:
         print(f"gguf-serve: {e}", file=sys.stderr, flush=True)
         os._exit(1)  # a startup failure: one line, not an ASGI traceback
