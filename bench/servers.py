@@ -1,0 +1,119 @@
+"""The servers: their command lines, and starting one until it gives its first answer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from client import Bench, wait_ready
+from llama_build import llama_server_has
+from machine import REPO
+from procs import free_port, kill, spawn, wait_idle
+from stats import summary
+
+LLAMA_SERVER_EXTRAS = {"fastapi": "fastapi", "uvicorn": "uvicorn", "sse_starlette": "sse-starlette",
+                       "starlette_context": "'starlette-context>=0.3.6,<0.4'", "pydantic_settings": "pydantic-settings",
+                       "yaml": "pyyaml"}
+
+
+def gguf_serve_command(args) -> tuple[list[str], dict, Path]:
+    """gguf-serve under granian, its environment (the bench's model, threads, context, PARALLEL) and
+    where it runs (REPO). In every command `{PORT}` is filled in when it starts."""
+    env = {**os.environ, "MODEL": str(args.model), "N_THREADS": str(args.threads), "N_CTX": str(args.ctx),
+           "PARALLEL": str(args.parallel)}
+    return [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{PORT}",
+            "service:app"], env, REPO
+
+
+def llama_cpp_server_command(args, fair: bool) -> list[str]:
+    """`python -m llama_cpp.server` on the bench's model and context; `fair`: with the bench's threads too."""
+    # --interrupt_requests False: by default a new request ends the stream being generated
+    # (with [DONE], no finish_reason), so 3 of 4 concurrent clients would get nothing
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(args.model), "--n_ctx", str(args.ctx),
+           "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", "{PORT}"]
+    if fair:
+        cmd += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
+    return cmd
+
+
+def llama_cpp_server_missing() -> list[str]:
+    """The extras llama_cpp.server needs that are not installed (their pip names)."""
+    return [pkg for mod, pkg in LLAMA_SERVER_EXTRAS.items() if importlib.util.find_spec(mod) is None]
+
+
+def llama_server_command(binary: Path, args, slots: int) -> list[str]:
+    """llama.cpp's server with `slots` slots of --ctx tokens each, the bench's threads and --llama-server-args."""
+    T = str(args.threads)
+    cmd = [str(binary), "-m", str(args.model), "-c", str(args.ctx * slots), "-np", str(slots), "-t", T,
+           "-tb", T, "--host", "127.0.0.1", "--port", "{PORT}"]
+    cmd += args.llama_server_args.split()
+    if llama_server_has(binary, "--kv-unified"):
+        # each slot gets its own n_ctx of KV cache, as in gguf-serve (no sharing)
+        cmd.append("--no-kv-unified")
+    return cmd
+
+
+def on_free_port(cmd: list[str]) -> tuple[list[str], str]:
+    """The command with `{PORT}` filled in by a free port, and the server's base URL."""
+    port = free_port()
+    return [c.replace("{PORT}", str(port)) for c in cmd], f"http://127.0.0.1:{port}"
+
+
+def start(cmd: list[str], base: str, env: dict | None, cwd: Path | None, args, eog: list[int],
+          log: Path) -> tuple[subprocess.Popen, Bench, float, float]:
+    """Once the machine is quiet, spawn a server; once it has answered a chat request, return it with a
+    Bench for its model and the seconds from spawn to its first 200 from GET /v1/models and to its
+    first answer. Killed if it never gets there."""
+    wait_idle(args.wait_idle)
+    t_spawn = time.perf_counter()
+    proc = spawn(cmd, log, env=env, cwd=cwd)
+    try:
+        startup, model_id = wait_ready(proc, base, t_spawn, args.start_timeout, log)
+        b = Bench(base, model_id, args, eog)
+        return proc, b, startup, b.first_answer(proc, t_spawn, args.start_timeout, log)
+    except BaseException:
+        kill(proc)
+        raise
+
+
+def launch(name: str, cmd: list[str], env: dict | None, cwd: Path | None, args, eog: list[int], logdir: Path,
+           result: dict) -> tuple[subprocess.Popen, Bench]:
+    """Start one server on a free port, its command, startup time and start → first answer recorded
+    in `result`; returns it with a Bench for its model."""
+    cmd, base = on_free_port(cmd)
+    log = logdir / f"{name}.log"
+    result.update({"name": name, "command": " ".join(cmd), "log": str(log)})
+    if env is not None:
+        result["env"] = {k: v for k, v in env.items() if k in ("MODEL", "N_THREADS", "N_CTX", "PARALLEL")}
+    print(f"\n== {name}: {(' '.join(f'{k}={v}' for k, v in result.get('env', {}).items()) + ' ').lstrip()}{result['command']}",
+          flush=True)
+    proc, b, result["startup_s"], result["first_answer_s"] = start(cmd, base, env, cwd, args, eog, log)
+    print(f"   ready in {result['startup_s']:.2f} s; first answer {result['first_answer_s']:.2f} s after spawn",
+          flush=True)
+    return proc, b
+
+
+def restart(name: str, cmd: list[str], env: dict | None, cwd: Path | None, args, eog: list[int], logdir: Path,
+            k: int) -> float:
+    """Start a server again (its k-th start) only up to its first answer, then stop it: seconds from
+    spawn to that answer."""
+    cmd, base = on_free_port(cmd)
+    proc, _, _, first = start(cmd, base, env, cwd, args, eog, logdir / f"{name}-start{k}.log")
+    kill(proc)
+    return first
+
+
+def first_answers(result: dict, again: Callable[[int], float], starts: int) -> None:
+    """Start → first answer over `starts` starts: the one in `result` and again(k) for k = 2..starts;
+    each of them and their median (as first_answer_s) into `result`."""
+    runs = [result["first_answer_s"], *(again(k) for k in range(2, starts + 1))]
+    result["first_answer"] = {"runs_s": runs, **summary(runs)}
+    result["first_answer_s"] = result["first_answer"]["median"]
+    if starts > 1:
+        print(f"   start → first answer: median {result['first_answer_s']:.2f} s of {starts} starts "
+              f"({', '.join(f'{x:.2f}' for x in runs)})", flush=True)
