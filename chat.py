@@ -13,7 +13,7 @@ from litestar import Request, Response
 import prompts
 from access import request_info
 from logprobs import chat_logprobs
-from protocol import ChatChoice, ChatRequest, ChunkChoice, Completion, Delta, ToolCallDelta
+from protocol import AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, Delta, ToolCallDelta
 from runs import Run
 from loading import Served
 from streaming import event_stream, include_usage, sse
@@ -38,21 +38,28 @@ def prepare(served: Served, body: ChatRequest, plan: ToolPlan) -> Job:
     return Job(prompt, grammar, max_tokens)
 
 
+async def start(owner: AsyncExitStack, request: Request, served: Served, body: ChatRequest, plan: ToolPlan) -> Run:
+    """The request's run, entered into `owner` (a 429 here if the queue is full, before any
+    work), its prompt prepared off the event loop and its generations submitted."""
+    state, info = request.app.state, request_info(request)
+    run = await owner.enter_async_context(Run(state.runs, served, body.n, state.metrics, info))
+    job = await prompts.off_loop(prepare, served, body, plan)
+    if served.config.log_prompts:
+        info["prompt"] = job.prompt.text
+    if not job.prompt.marked:  # the template moved the span markers: user text was located by search
+        info["content_located_by_search"] = True
+        state.metrics.spans_searched.inc()
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    run.submit([job.prompt.tokens], body.n, job.max_tokens, prompts.sampling(served, body, job.grammar),
+               [*served.stops, *prompts.stop_strings(body)], top_logprobs)
+    return run
+
+
 async def respond(request: Request, served: Served, body: ChatRequest) -> Response:
     body.refuse_unsupported()
     plan = tool_plan(body)
-    state, info = request.app.state, request_info(request)
     async with AsyncExitStack() as owner:
-        run = await owner.enter_async_context(Run(state.runs, served, body.n, state.metrics, info))
-        job = await prompts.off_loop(prepare, served, body, plan)
-        if served.config.log_prompts:
-            info["prompt"] = job.prompt.text
-        if not job.prompt.marked:  # the template moved the span markers: user text was located by search
-            info["content_located_by_search"] = True
-            state.metrics.spans_searched.inc()
-        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        run.submit([job.prompt.tokens], body.n, job.max_tokens, prompts.sampling(served, body, job.grammar),
-                   [*served.stops, *prompts.stop_strings(body)], top_logprobs)
+        run = await start(owner, request, served, body, plan)
         head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served.config.model_id)
         if body.stream:
             return event_stream(owner.pop_all(), chunks(served, run, body, {**head, "object": "chat.completion.chunk"}, plan))
@@ -82,10 +89,8 @@ async def chunks(served: Served, run: Run, body: ChatRequest, head: dict, plan: 
         logprobs = chat_logprobs(served.model, event.logprobs) if body.logprobs and event.logprobs else None
         text, reason = event.text, event.finish_reason
         if plan.tools:
-            text = spotters[i].feed(text) + (spotters[i].flush() if reason else "")
-            if reason and spotters[i].held:
-                message, reason = answer(spotters[i].held, reason, plan)
-                text += message.content or ""
+            text, message, reason = spotters[i].step(text, reason, plan)
+            if message:
                 calls = [ToolCallDelta(index=k, id=c.id, function=c.function) for k, c in enumerate(message.tool_calls or [])]
                 if calls or message.function_call:
                     delta = Delta(content=text or None, tool_calls=calls or None, function_call=message.function_call or None)
@@ -139,3 +144,13 @@ class CallSpotter:
         """What was pending at the end: content, since no call began in it."""
         out, self.pending = self.pending, ""
         return out
+
+    def step(self, text: str, finish_reason: str | None, plan: ToolPlan) -> tuple[str, AssistantMessage | None, str | None]:
+        """A choice's next text -> (what is content for sure, the answer parsed from the held text
+        once the choice has finished, its finish reason); the held text's own content, if any,
+        is in the first."""
+        text = self.feed(text) + (self.flush() if finish_reason else "")
+        if not (finish_reason and self.held):
+            return text, None, finish_reason
+        message, finish_reason = answer(self.held, finish_reason, plan)
+        return text + (message.content or ""), message, finish_reason

@@ -315,3 +315,205 @@ def openapi(model_ids: list[str]) -> dict:
         paths[path] = {"get": {"parameters": parameters, "responses": {"200": {"description": "OK"}, **errors}}}
     return {"openapi": "3.1.0", "info": {"title": "gguf-serve", "version": "1"}, "paths": paths,
             "components": {"schemas": components}}
+
+
+# --- The Responses API (/v1/responses) -----------------------------------------------------
+# Its requests are served on chat's path (responses.py turns one into a ChatRequest); these are
+# its own wire shapes, as the openai SDK's `types/responses` describe them.
+
+
+class InputItem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One item of `input`: a message (its `type` may be left out), a function call the model
+    made, or that call's output. One struct for every type, so that a missing or misplaced field
+    is a 400 naming `input[i].<field>` rather than a failed union match."""
+
+    type: str = "message"
+    role: Literal["user", "system", "developer", "assistant"] | None = None
+    content: str | list[ContentPart] | None = None
+    id: str | None = None
+    status: str | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list[ContentPart] | None = None
+
+
+class ResponsesTool(msgspec.Struct, kw_only=True):
+    """A function tool, `{"type": "function", "name", "description", "parameters", "strict"}`;
+    other types (OpenAI's built-in tools) decode too, to be refused by name."""
+
+    type: str
+    name: str | None = None
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ResponsesToolChoice(msgspec.Struct, kw_only=True, omit_defaults=True):
+    type: str
+    name: str | None = None
+
+
+class TextFormat(msgspec.Struct, kw_only=True, omit_defaults=True):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema: dict | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class TextConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
+    format: TextFormat = msgspec.field(default_factory=lambda: TextFormat(type="text"))
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ResponsesInput(msgspec.Struct, kw_only=True):
+    """What makes a Responses prompt: the fields POST /v1/responses/input_tokens takes too."""
+
+    model: str | None = None
+    input: str | list[InputItem] | None = None
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    tools: list[ResponsesTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoice | None = None
+    parallel_tool_calls: bool = True
+    text: TextConfig | None = None
+    # OpenAI features this server has no part of: refused, never ignored.
+    conversation: str | dict | None = None
+    prompt: dict | None = None
+
+
+class ResponsesRequest(ResponsesInput, kw_only=True):
+    """POST /v1/responses. Unknown fields are ignored as on chat (`reasoning`, `include`,
+    `truncation`, `prompt_cache_key`...); `stop` and the penalties are not Responses fields."""
+
+    model: str
+    stream: bool = False
+    store: bool = True
+    max_output_tokens: Positive | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    background: bool = False
+    # llama.cpp's extensions, as on chat
+    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0, le=10)] | None = None
+
+
+class OutputText(msgspec.Struct, kw_only=True):
+    type: str = "output_text"
+    text: str
+    annotations: list = []
+    logprobs: list = []
+
+
+class OutputMessage(msgspec.Struct, kw_only=True):
+    id: str
+    type: str = "message"
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: str = "assistant"
+    content: list[OutputText]
+
+
+class FunctionCallItem(msgspec.Struct, kw_only=True):
+    id: str
+    type: str = "function_call"
+    status: Literal["in_progress", "completed", "incomplete"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+OutputItem = OutputMessage | FunctionCallItem
+
+
+class InputTokensDetails(msgspec.Struct, kw_only=True):
+    cached_tokens: int  # prompt tokens whose KV was reused rather than computed
+    cache_write_tokens: int = 0  # OpenAI's billed prompt-cache writes: none here
+
+
+class OutputTokensDetails(msgspec.Struct, kw_only=True):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(msgspec.Struct, kw_only=True):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class IncompleteDetails(msgspec.Struct, kw_only=True):
+    reason: Literal["max_output_tokens"]
+
+
+class ResponseError(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+
+
+class ResponseObject(msgspec.Struct, kw_only=True):
+    """A response as OpenAI returns it: the answer's output items, its usage, and the
+    request's settings echoed (sampling as applied, the model's defaults included)."""
+
+    id: str
+    object: str = "response"
+    created_at: int
+    completed_at: int | None = None
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    error: ResponseError | None = None
+    incomplete_details: IncompleteDetails | None = None
+    model: str
+    output: list[OutputItem]
+    usage: ResponseUsage | None = None
+    instructions: str | None
+    max_output_tokens: int | None
+    temperature: float
+    top_p: float
+    tools: list[ResponsesTool]
+    tool_choice: str | ResponsesToolChoice
+    parallel_tool_calls: bool
+    text: TextConfig
+    previous_response_id: str | None
+    store: bool
+    metadata: dict[str, str]
+    user: str | None
+    background: bool = False
+    truncation: str = "disabled"
+    service_tier: str = "default"
+    reasoning: dict = msgspec.field(default_factory=lambda: {"effort": None, "summary": None})  # no reasoning model is served
+
+
+class StreamEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One server-sent event of a streamed response: `type` says which of the other fields it has."""
+
+    type: str
+    sequence_number: int
+    response: ResponseObject | None = None
+    output_index: int | None = None
+    item_id: str | None = None
+    content_index: int | None = None
+    item: OutputItem | None = None
+    part: OutputText | None = None
+    delta: str | None = None
+    text: str | None = None
+    arguments: str | None = None
+    logprobs: list | None = None
+
+
+class InputTokenCount(msgspec.Struct, kw_only=True):
+    object: str = "response.input_tokens"
+    input_tokens: int
+
+
+class DeletedResponse(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "response"
+    deleted: bool = True
+
+
+BODIES.update({"/v1/responses": ResponsesRequest, "/v1/responses/input_tokens": ResponsesInput})

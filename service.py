@@ -29,7 +29,7 @@ from typing import AsyncIterator
 
 import msgspec
 import prometheus_client
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, delete, get, post
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
 
@@ -38,11 +38,13 @@ import completions
 import engine
 import prompts
 import loading
+import responses
 from access import gate
 from config import ConfigError, load_config
 from metrics import Metrics
-from protocol import (APIError, ApplyTemplateResponse, ChatRequest, CompletionRequest, ModelCard, ModelList,
-                      TemplateRequest, decode, error_body, openapi, retry_after)
+from protocol import (APIError, ApplyTemplateResponse, ChatRequest, CompletionRequest, DeletedResponse, InputTokenCount,
+                      ModelCard, ModelList, ResponseObject, ResponsesInput, ResponsesRequest, TemplateRequest, decode,
+                      error_body, openapi, retry_after)
 from runs import Runs
 from loading import Served
 
@@ -57,7 +59,7 @@ def create_app(env: dict[str, str] = os.environ):
     model_loading = loading.start_loading(config)  # overlaps building the app and starting the server
     app = Litestar(
         [health, readiness, metrics, openapi_document, list_models, get_model, chat_completions, completions_route,
-         apply_template],
+         apply_template, create_response, count_input_tokens, retrieve_response, delete_response],
         lifespan=[lifespan],
         exception_handlers={Exception: error_response},
         cors_config=CORSConfig(allow_origins=list(config.cors_origins)) if config.cors_origins else None,
@@ -239,3 +241,27 @@ async def apply_template(request: Request) -> ApplyTemplateResponse:
     served = served_model(request, body.model) if body.model else ready(request)
     prompt = await prompts.off_loop(prompts.chat_prompt, served, body.messages, body.tools)
     return ApplyTemplateResponse(prompt.text)
+
+
+@post("/v1/responses", status_code=200)
+async def create_response(request: Request) -> Response:
+    body = await parse(request, ResponsesRequest)
+    return await responses.respond(request, served_model(request, body.model), body)
+
+
+@post("/v1/responses/input_tokens", status_code=200)
+async def count_input_tokens(request: Request) -> InputTokenCount:
+    body = await parse(request, ResponsesInput)
+    served = served_model(request, body.model) if body.model else ready(request)
+    return await responses.count_input_tokens(served, body, responses.history(request, body))
+
+
+@get("/v1/responses/{response_id:str}", sync_to_thread=False)
+def retrieve_response(request: Request, response_id: str) -> ResponseObject:
+    return responses.store(request).get(response_id).response
+
+
+@delete("/v1/responses/{response_id:str}", status_code=200, sync_to_thread=False)
+def delete_response(request: Request, response_id: str) -> DeletedResponse:
+    responses.store(request).delete(response_id)
+    return DeletedResponse(id=response_id)

@@ -1,0 +1,386 @@
+"""POST /v1/responses: OpenAI's Responses API on chat's path. A request's input items become chat
+messages and its settings a ChatRequest, which runs exactly as on /v1/chat/completions (the
+template, tools, grammar, queue, run and engine: `chat.start`); the answer becomes output items,
+whole or as the Responses stream of events. A finished response is kept in a bounded store, so
+that the next request can continue from it (`previous_response_id`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import uuid
+from collections import OrderedDict
+from contextlib import AsyncExitStack
+from typing import AsyncIterator, NamedTuple
+
+import msgspec
+from litestar import Request, Response
+
+import chat
+import prompts
+from loading import Served
+from protocol import (APIError, ChatMessage, ChatRequest, FunctionCall, FunctionCallItem, FunctionDef, FunctionName,
+                      IncompleteDetails, InputItem, InputTokenCount, InputTokensDetails, JSONSchemaFormat,
+                      NamedToolChoice, OutputItem, OutputMessage, OutputText, OutputTokensDetails, ResponseError,
+                      ResponseFormat, ResponseObject, ResponsesInput, ResponsesRequest, ResponseUsage, StreamEvent,
+                      TextConfig, ToolCall, ToolDef, Usage)
+from runs import Run
+from streaming import event_stream, sse
+from tools import ToolPlan, answer, tool_plan
+
+TEXT_PARTS = ("input_text", "output_text", "text")
+
+# Where chat's code names a field, the field this API calls it.
+CHAT_PARAMS = {"messages": "input", "response_format": "text.format", "max_tokens": "max_output_tokens"}
+
+
+# --- Input items -> chat messages -----------------------------------------------------------
+
+
+def text_of(content: str | list, param: str) -> str:
+    """A message's or a call output's content: a string, or text parts (`input_text`,
+    `output_text`); any other part (images, files, refusals) is a 400 naming it."""
+    if isinstance(content, str):
+        return content
+    for j, part in enumerate(content):
+        if part.type not in TEXT_PARTS or part.text is None:
+            raise APIError(400, f"content part type `{part.type}` is not supported; only text", f"{param}[{j}]",
+                           "unsupported_content")
+    return "".join(part.text for part in content)
+
+
+def required(item: InputItem, fields: tuple[str, ...], param: str) -> None:
+    for field in fields:
+        if getattr(item, field) is None:
+            raise APIError(400, f"`{field}` is required in a `{item.type}` item", f"{param}.{field}")
+
+
+def append_messages(messages: list[ChatMessage], items: list[InputItem], param: str) -> None:
+    """Each item as chat messages: a message as itself, a function call as an assistant tool
+    call (the calls of one turn, and the text before them, in one assistant message, as chat
+    templates expect), a call's output as a tool message."""
+    for i, item in enumerate(items):
+        where = f"{param}[{i}]"
+        if item.type == "message":
+            required(item, ("role", "content"), where)
+            messages.append(ChatMessage(role=item.role, content=text_of(item.content, f"{where}.content")))
+        elif item.type == "function_call":
+            required(item, ("call_id", "name", "arguments"), where)
+            call = ToolCall(id=item.call_id, function=FunctionCall(item.name, item.arguments))
+            last = messages[-1] if messages else None
+            if last is not None and last.role == "assistant":
+                last.tool_calls = [*(last.tool_calls or []), call]
+            else:
+                messages.append(ChatMessage(role="assistant", tool_calls=[call]))
+        elif item.type == "function_call_output":
+            required(item, ("call_id", "output"), where)
+            messages.append(ChatMessage(role="tool", content=text_of(item.output, f"{where}.output"), tool_call_id=item.call_id))
+        else:
+            raise APIError(400, f"input item type `{item.type}` is not supported; use message, function_call or "
+                                f"function_call_output", f"{where}.type", "unsupported_item")
+
+
+def input_items(body: ResponsesInput) -> list[InputItem]:
+    if body.input is None or body.input == [] or body.input == "":
+        raise APIError(400, "`input` is required: a string or a list of items", "input")
+    return [InputItem(role="user", content=body.input)] if isinstance(body.input, str) else body.input
+
+
+def chat_request(body: ResponsesInput, history: list[InputItem], model: str) -> ChatRequest:
+    """The chat request this Responses request is: `instructions` as the first (system)
+    message, then the previous response's conversation, then `input`."""
+    generates = isinstance(body, ResponsesRequest)  # not only counting input tokens
+    for field in ("conversation", "prompt", *(("background",) if generates else ())):
+        if getattr(body, field):
+            raise APIError(400, f"`{field}` is not supported by this server", field, "unsupported_parameter")
+    messages = [ChatMessage(role="system", content=body.instructions)] if body.instructions else []
+    append_messages(messages, history, "previous_response_id")
+    append_messages(messages, input_items(body), "input")
+    sampling = {} if not generates else dict(
+        max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+        top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty)
+    return ChatRequest(model=model, messages=messages, tools=function_tools(body), tool_choice=chat_tool_choice(body),
+                       parallel_tool_calls=body.parallel_tool_calls, response_format=response_format(body), **sampling)
+
+
+def function_tools(body: ResponsesInput) -> list[ToolDef] | None:
+    """The function tools; a built-in tool (web search, file search, code interpreter,
+    computer use, MCP, image generation...) is a 400 naming it: nothing here could run it."""
+    if not body.tools:
+        return None
+    defs = []
+    for i, tool in enumerate(body.tools):
+        if tool.type != "function":
+            raise APIError(400, f"tool type `{tool.type}` is not supported by this server; only function tools",
+                           f"tools[{i}]", "unsupported_tool")
+        if not tool.name:
+            raise APIError(400, "a function tool needs a `name`", f"tools[{i}].name")
+        defs.append(ToolDef(function=FunctionDef(tool.name, tool.description, tool.parameters, tool.strict)))
+    return defs
+
+
+def chat_tool_choice(body: ResponsesInput) -> str | NamedToolChoice | None:
+    choice = body.tool_choice
+    if choice is None or isinstance(choice, str):
+        return choice
+    if choice.type != "function" or not choice.name:
+        raise APIError(400, f"tool_choice type `{choice.type}` is not supported; use none, auto, required or "
+                            "{\"type\": \"function\", \"name\": ...}", "tool_choice")
+    return NamedToolChoice(function=FunctionName(choice.name))
+
+
+def response_format(body: ResponsesInput) -> ResponseFormat | None:
+    """`text.format` as chat's `response_format`, so that the same grammar enforces it."""
+    fmt = body.text.format if body.text else None
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return ResponseFormat(type="json_object")
+    for field in ("name", "schema"):
+        if getattr(fmt, field) is None:
+            raise APIError(400, f"`{field}` is required with type json_schema", f"text.format.{field}")
+    return ResponseFormat(type="json_schema", json_schema=JSONSchemaFormat(fmt.name, fmt.schema, fmt.strict, fmt.description))
+
+
+def as_responses_error(e: APIError) -> APIError:
+    """An error from chat's code, its param renamed to this API's field."""
+    if e.param:
+        head = e.param.split(".")[0].split("[")[0]
+        if head in CHAT_PARAMS:
+            e.param = CHAT_PARAMS[head] + ("" if head == "messages" else e.param[len(head):].replace(".json_schema", ""))
+    return e
+
+
+# --- Output items ---------------------------------------------------------------------------
+
+
+def message_item(text: str, status: str) -> OutputMessage:
+    return OutputMessage(id=f"msg_{uuid.uuid4().hex}", status=status, content=[OutputText(text=text)])
+
+
+def call_items(calls: list[ToolCall], status: str) -> list[FunctionCallItem]:
+    return [FunctionCallItem(id=f"fc_{uuid.uuid4().hex}", status=status, call_id=c.id, name=c.function.name,
+                             arguments=c.function.arguments) for c in calls]
+
+
+def status_of(finish_reason: str) -> str:
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+def finish(response: ResponseObject, output: list[OutputItem], finish_reason: str, usage: Usage) -> None:
+    """`response` as it ended: its output, status and usage."""
+    response.output = output
+    response.status = status_of(finish_reason)
+    response.completed_at = int(time.time())
+    if response.status == "incomplete":
+        response.incomplete_details = IncompleteDetails(reason="max_output_tokens")
+    response.usage = ResponseUsage(
+        input_tokens=usage.prompt_tokens,
+        input_tokens_details=InputTokensDetails(cached_tokens=usage.prompt_tokens_details.cached_tokens),
+        output_tokens=usage.completion_tokens,
+        output_tokens_details=OutputTokensDetails(),
+        total_tokens=usage.total_tokens,
+    )
+
+
+def answered_calls(message, body: ResponsesRequest) -> list[ToolCall]:
+    calls = message.tool_calls or []
+    return calls if body.parallel_tool_calls else calls[:1]
+
+
+def as_input(output: list[OutputItem]) -> list[InputItem]:
+    """Output items as the input items that give them back to the model."""
+    items = []
+    for item in output:
+        if isinstance(item, OutputMessage):
+            items.append(InputItem(role="assistant", content=item.content[0].text))
+        else:
+            items.append(InputItem(type="function_call", call_id=item.call_id, name=item.name, arguments=item.arguments))
+    return items
+
+
+# --- The store ------------------------------------------------------------------------------
+
+
+class Stored(NamedTuple):
+    response: ResponseObject
+    conversation: list[InputItem]  # every item up to and including its output: what continues it
+    at: float  # time.monotonic() when stored
+
+
+class ResponseStore:
+    """Finished responses, bounded by count (least recently used goes first) and by age. In
+    this process only: behind a fleet, a continuation must reach the same instance."""
+
+    def __init__(self, max_count: int, ttl_s: float):
+        self.max_count, self.ttl_s = max_count, ttl_s
+        self.kept: OrderedDict[str, Stored] = OrderedDict()
+
+    @classmethod
+    def from_env(cls, env) -> ResponseStore:
+        try:
+            max_count, ttl_s = int(env.get("RESPONSES_STORE_MAX", 1000)), float(env.get("RESPONSES_STORE_TTL_S", 3600))
+        except ValueError as e:
+            raise APIError(500, f"RESPONSES_STORE_MAX or RESPONSES_STORE_TTL_S is not a number: {e}") from None
+        return cls(max_count, ttl_s)
+
+    def put(self, response: ResponseObject, conversation: list[InputItem]) -> None:
+        if self.max_count <= 0:
+            return
+        self.kept[response.id] = Stored(response, conversation, time.monotonic())
+        self.expire()
+        while len(self.kept) > self.max_count:
+            self.kept.popitem(last=False)
+
+    def get(self, response_id: str, param: str | None = None) -> Stored:
+        self.expire()
+        stored = self.kept.get(response_id)
+        if stored is None:
+            code = "previous_response_not_found" if param else "response_not_found"
+            raise APIError(404, f"No response with id `{response_id}` is stored here (never stored, evicted, expired "
+                                "or deleted; stored responses live in one server process)", param, code)
+        self.kept.move_to_end(response_id)
+        return stored
+
+    def delete(self, response_id: str) -> None:
+        self.get(response_id)
+        del self.kept[response_id]
+
+    def expire(self) -> None:
+        oldest_kept = time.monotonic() - self.ttl_s
+        while self.kept and next(iter(self.kept.values())).at < oldest_kept:
+            self.kept.popitem(last=False)
+
+
+def store(request: Request) -> ResponseStore:
+    """The app's store, made on first use."""
+    state = request.app.state
+    if state.get("responses") is None:
+        state.responses = ResponseStore.from_env(os.environ)
+    return state.responses
+
+
+# --- Serving --------------------------------------------------------------------------------
+
+
+def history(request: Request, body: ResponsesInput) -> list[InputItem]:
+    if body.previous_response_id is None:
+        return []
+    return store(request).get(body.previous_response_id, "previous_response_id").conversation
+
+
+def new_response(served: Served, body: ResponsesRequest, chat_body: ChatRequest) -> ResponseObject:
+    sampling = prompts.sampling(served, chat_body, None)
+    return ResponseObject(
+        id=f"resp_{uuid.uuid4().hex}", created_at=int(time.time()), status="in_progress", model=served.config.model_id,
+        output=[], instructions=body.instructions, max_output_tokens=body.max_output_tokens,
+        temperature=sampling.temperature, top_p=sampling.top_p, tools=body.tools or [], tool_choice=body.tool_choice or "auto",
+        parallel_tool_calls=body.parallel_tool_calls, text=body.text or TextConfig(),
+        previous_response_id=body.previous_response_id, store=body.store, metadata=body.metadata or {}, user=body.user,
+    )
+
+
+async def respond(request: Request, served: Served, body: ResponsesRequest) -> Response:
+    earlier = history(request, body)
+    chat_body = chat_request(body, earlier, served.config.model_id)
+    plan = tool_plan(chat_body)
+    response = new_response(served, body, chat_body)
+    conversation = [*earlier, *input_items(body)]
+    async with AsyncExitStack() as owner:
+        try:
+            run = await chat.start(owner, request, served, chat_body, plan)
+        except APIError as e:
+            raise as_responses_error(e) from None
+        if body.stream:
+            return event_stream(owner.pop_all(), events(request, run, body, plan, response, conversation))
+        results = await run.collect_unless_disconnected(request.receive)
+    if results is None:
+        return Response(b"", status_code=chat.CLIENT_CLOSED)
+    [choice] = results
+    message, reason = answer(choice.text, choice.finish_reason, plan)
+    calls = answered_calls(message, body)
+    status = status_of(reason)
+    output = [*([message_item(message.content or "", status)] if message.content or not calls else []),
+              *call_items(calls, status)]
+    finish(response, output, reason, run.usage())
+    if body.store:
+        store(request).put(response, [*conversation, *as_input(output)])
+    return Response(response)
+
+
+async def events(request: Request, run: Run, body: ResponsesRequest, plan: ToolPlan, response: ResponseObject,
+                 conversation: list[InputItem]) -> AsyncIterator[bytes]:
+    """The Responses stream: the response created and in progress, then its output items as
+    they come (a message's text delta by delta; with tools, text that may begin a call is held
+    as on chat and sent as function_call items at the end), then the response completed,
+    incomplete, or failed."""
+    numbers = itertools.count()
+
+    def event(kind: str, **fields) -> bytes:
+        data = msgspec.json.encode(StreamEvent(type=kind, sequence_number=next(numbers), **fields))
+        return b"event: " + kind.encode() + b"\n" + sse(data)
+
+    yield event("response.created", response=response)
+    yield event("response.in_progress", response=response)
+    spotter, output = chat.CallSpotter(forced=plan.forced is not None), []
+    message, calls, reason = None, [], "stop"
+
+    def open_message() -> list[bytes]:
+        nonlocal message
+        message = message_item("", "in_progress")
+        output.append(message)
+        return [event("response.output_item.added", output_index=0, item=message),
+                event("response.content_part.added", item_id=message.id, output_index=0, content_index=0,
+                      part=OutputText(text=""))]
+
+    try:
+        async for _, step in run:
+            text, parsed, finished = (spotter.step(step.text, step.finish_reason, plan) if plan.tools
+                                      else (step.text, None, step.finish_reason))
+            reason, calls = finished or reason, answered_calls(parsed, body) if parsed else calls
+            if text:
+                for opened in open_message() if message is None else []:
+                    yield opened
+                message.content[0].text += text
+                yield event("response.output_text.delta", item_id=message.id, output_index=0, content_index=0,
+                            delta=text, logprobs=[])
+    except APIError as e:
+        response.status, response.error = "failed", ResponseError(code=e.code or "server_error", message=e.message)
+        yield event("response.failed", response=response)
+        return
+    status = status_of(reason)
+    if message is None and not calls:
+        for opened in open_message():
+            yield opened
+    if message is not None:
+        message.status, part = status, message.content[0]
+        yield event("response.output_text.done", item_id=message.id, output_index=0, content_index=0, text=part.text,
+                    logprobs=[])
+        yield event("response.content_part.done", item_id=message.id, output_index=0, content_index=0, part=part)
+        yield event("response.output_item.done", output_index=0, item=message)
+    for item in call_items(calls, "in_progress"):
+        index = len(output)
+        output.append(item)
+        arguments, item.arguments = item.arguments, ""
+        yield event("response.output_item.added", output_index=index, item=item)
+        yield event("response.function_call_arguments.delta", item_id=item.id, output_index=index, delta=arguments)
+        item.arguments, item.status = arguments, status
+        yield event("response.function_call_arguments.done", item_id=item.id, output_index=index, arguments=arguments)
+        yield event("response.output_item.done", output_index=index, item=item)
+    finish(response, output, reason, run.usage())
+    if body.store:
+        store(request).put(response, [*conversation, *as_input(output)])
+    yield event(f"response.{response.status}", response=response)
+
+
+async def count_input_tokens(served: Served, body: ResponsesInput, earlier: list[InputItem]) -> InputTokenCount:
+    """The prompt's tokens as POST /v1/responses would run it (tools included), nothing generated."""
+    chat_body = chat_request(body, earlier, served.config.model_id)
+    plan = tool_plan(chat_body)
+    try:
+        prompt = await prompts.off_loop(prompts.chat_prompt, served, chat_body.messages, plan.tools)
+    except APIError as e:
+        raise as_responses_error(e) from None
+    return InputTokenCount(input_tokens=len(prompt.tokens))

@@ -1,0 +1,133 @@
+"""Responses requests -> chat requests, output items -> input items, and the bounded store:
+pure logic, no model."""
+
+import msgspec
+import pytest
+
+import responses
+from protocol import APIError, FunctionCallItem, OutputMessage, OutputText, ResponseObject, ResponsesRequest, TextConfig
+
+WEATHER = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+
+
+def request(**fields) -> ResponsesRequest:
+    return msgspec.convert({"model": "m", "input": "Hi", **fields}, ResponsesRequest)
+
+
+def chat(history=(), **fields):
+    return responses.chat_request(request(**fields), list(history), "m")
+
+
+def test_string_input_is_one_user_message_after_the_instructions():
+    body = chat(instructions="Be brief.", max_output_tokens=7, temperature=0.5, top_p=0.9, top_k=3)
+    assert [(m.role, m.content) for m in body.messages] == [("system", "Be brief."), ("user", "Hi")]
+    assert (body.max_tokens, body.temperature, body.top_p, body.top_k, body.n) == (7, 0.5, 0.9, 3, 1)
+
+
+def test_items_become_messages_and_a_turns_calls_one_assistant_message():
+    body = chat(input=[
+        {"role": "developer", "content": [{"type": "input_text", "text": "Sys "}, {"type": "input_text", "text": "two"}]},
+        {"type": "message", "role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Checking.", "annotations": []}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call", "call_id": "c2", "name": "get_weather", "arguments": '{"city": "Rome"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "rain"}]},
+    ])
+    roles = [m.role for m in body.messages]
+    assert roles == ["developer", "user", "assistant", "tool", "tool"]
+    assert body.messages[0].content == "Sys two"
+    assistant = body.messages[2]
+    assert assistant.content == "Checking." and [c.id for c in assistant.tool_calls] == ["c1", "c2"]
+    assert [(m.tool_call_id, m.content) for m in body.messages[3:]] == [("c1", "sunny"), ("c2", "rain")]
+
+
+def test_a_call_with_no_text_before_it_is_its_own_assistant_message():
+    body = chat(input=[{"role": "user", "content": "Hi"},
+                       {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}])
+    assert body.messages[-1].role == "assistant" and body.messages[-1].content is None
+
+
+def test_history_comes_between_instructions_and_input():
+    history = responses.as_input([
+        OutputMessage(id="msg_1", status="completed", content=[OutputText(text="Hello!")]),
+        FunctionCallItem(id="fc_1", status="completed", call_id="c", name="f", arguments="{}"),
+    ])
+    body = chat([msgspec.convert({"role": "user", "content": "Hey"}, responses.InputItem), *history], instructions="S")
+    assert [m.role for m in body.messages] == ["system", "user", "assistant", "user"]
+    assert body.messages[2].content == "Hello!" and body.messages[2].tool_calls[0].id == "c"
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"input": [{"type": "file_search_call"}]}, "input[0].type"),
+    ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0].output"),
+    ({"input": [{"content": "no role"}]}, "input[0].role"),
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input[0].content[0]"),
+    ({"input": []}, "input"),
+    ({"tools": [{"type": "image_generation"}]}, "tools[0]"),
+    ({"tools": [{"type": "function"}]}, "tools[0].name"),
+    ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+    ({"conversation": "conv_1"}, "conversation"),
+    ({"background": True}, "background"),
+])
+def test_refusals_name_the_field(fields, param):
+    with pytest.raises(APIError) as e:
+        chat(**fields)
+    assert e.value.status == 400 and e.value.param == param
+
+
+def test_tools_tool_choice_and_text_format_in_chat_shapes():
+    body = chat(tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"},
+                text={"format": {"type": "json_schema", "name": "n", "schema": {"type": "object"}, "strict": True}})
+    assert body.tools[0].function.name == "get_weather" and body.tool_choice.function.name == "get_weather"
+    assert body.response_format.type == "json_schema" and body.response_format.json_schema.name == "n"
+    assert chat(text={"format": {"type": "json_object"}}).response_format.type == "json_object"
+    assert chat(text={"format": {"type": "text"}}).response_format is None
+    assert chat(tools=[WEATHER], tool_choice="required").tool_choice == "required"
+
+
+def test_chat_params_are_renamed():
+    assert responses.as_responses_error(APIError(400, "x", "messages[3].content")).param == "input"
+    assert responses.as_responses_error(APIError(400, "x", "response_format.json_schema.schema")).param == "text.format.schema"
+    assert responses.as_responses_error(APIError(400, "x", "tools")).param == "tools"
+
+
+def stored_response(i: int) -> ResponseObject:
+    return ResponseObject(id=f"resp_{i}", created_at=0, status="completed", model="m", output=[], instructions=None,
+                          max_output_tokens=None, temperature=1, top_p=1, tools=[], tool_choice="auto",
+                          parallel_tool_calls=True, text=TextConfig(), previous_response_id=None, store=True,
+                          metadata={}, user=None)
+
+
+def test_store_evicts_the_least_recently_used_past_its_count():
+    store = responses.ResponseStore(max_count=2, ttl_s=60)
+    for i in range(2):
+        store.put(stored_response(i), [])
+    store.get("resp_0")  # now the most recently used
+    store.put(stored_response(2), [])
+    assert set(store.kept) == {"resp_0", "resp_2"}
+    with pytest.raises(APIError) as e:
+        store.get("resp_1", "previous_response_id")
+    assert e.value.status == 404 and e.value.code == "previous_response_not_found"
+
+
+def test_store_expires_by_age(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(responses.time, "monotonic", lambda: clock[0])
+    store = responses.ResponseStore(max_count=10, ttl_s=5)
+    store.put(stored_response(0), [])
+    clock[0] += 3
+    store.put(stored_response(1), [])
+    clock[0] += 3
+    with pytest.raises(APIError):
+        store.get("resp_0")  # 6 s old
+    assert set(store.kept) == {"resp_1"}
+    store.delete("resp_1")
+    assert not store.kept
+
+
+def test_store_of_size_zero_keeps_nothing():
+    store = responses.ResponseStore(max_count=0, ttl_s=60)
+    store.put(stored_response(0), [])
+    assert not store.kept
