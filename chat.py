@@ -11,9 +11,11 @@ import msgspec
 from litestar import Request, Response
 
 import prompts
+import reasoning
 from access import request_info
 from logprobs import chat_logprobs
-from protocol import AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, Delta, ToolCallDelta
+from protocol import (AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, Delta, TemplateRequest,
+                      ToolCallDelta)
 from runs import Run
 from loading import Served
 from streaming import event_stream, include_usage, sse
@@ -32,7 +34,7 @@ class Job(NamedTuple):
 
 def prepare(served: Served, body: ChatRequest, plan: ToolPlan) -> Job:
     """Render, tokenize and compile the grammar: the request's slow work, for a worker thread."""
-    prompt = prompts.chat_prompt(served, body.messages, plan.tools)
+    prompt = prompts.chat_prompt(served, body.messages, plan.tools, template_kwargs(served, body))
     grammar = output_grammar(served.model, body, plan)
     max_tokens = prompts.token_budget(served, [prompt.tokens], body.max_completion_tokens or body.max_tokens, None)
     return Job(prompt, grammar, max_tokens)
@@ -51,8 +53,20 @@ async def start(owner: AsyncExitStack, request: Request, served: Served, body: C
         state.metrics.spans_searched.inc()
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     run.submit([job.prompt.tokens], body.n, job.max_tokens, prompts.sampling(served, body, job.grammar),
-               [*served.stops, *prompts.stop_strings(body)], top_logprobs)
+               [*served.stops, *prompts.stop_strings(body)], top_logprobs, job.prompt.thinking)
     return run
+
+
+def template_kwargs(served: Served, body: ChatRequest | TemplateRequest) -> dict | None:
+    """What the template is given beyond the messages: a thinking model thinks unless asked not to."""
+    if served.thinks:
+        return reasoning.template_kwargs(body.chat_template_kwargs, body.reasoning_effort)
+    return body.chat_template_kwargs
+
+
+def reasoning_fields(served: Served, thought: str | None) -> dict:
+    """A thinking model's reasoning under the names REASONING_FORMAT gives it."""
+    return {"reasoning_content": thought, **({"reasoning": thought} if served.config.reasoning_format == "both" else {})}
 
 
 async def respond(request: Request, served: Served, body: ChatRequest) -> Response:
@@ -69,6 +83,8 @@ async def respond(request: Request, served: Served, body: ChatRequest) -> Respon
     choices = []
     for i, c in enumerate(results):
         message, reason = answer(c.text, c.finish_reason, plan)
+        if run.thinking is not None:
+            message = msgspec.structs.replace(message, **reasoning_fields(served, c.reasoning or None))
         logprobs = chat_logprobs(served.model, c.logprobs) if body.logprobs else None
         choices.append(ChatChoice(index=i, message=message, finish_reason=reason, logprobs=logprobs))
     return Response(Completion(**head, object="chat.completion", choices=choices, usage=run.usage()))
@@ -88,6 +104,8 @@ async def chunks(served: Served, run: Run, body: ChatRequest, head: dict, plan: 
     async for i, event in run:
         logprobs = chat_logprobs(served.model, event.logprobs) if body.logprobs and event.logprobs else None
         text, reason = event.text, event.finish_reason
+        if event.reasoning:
+            yield chunk(ChunkChoice(index=i, delta=Delta(**reasoning_fields(served, event.reasoning))))
         if plan.tools:
             text, message, reason = spotters[i].step(text, reason, plan)
             if message:

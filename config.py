@@ -14,6 +14,7 @@ import os
 
 import msgspec
 
+import reasoning
 import templates
 
 HERE = Path(__file__).resolve().parent
@@ -38,6 +39,7 @@ class CatalogueEntry(msgspec.Struct, forbid_unknown_fields=True):
     aliases: list[str] = []
     n_ctx: int = 4096
     chat_format: str = "auto"
+    reasoning: bool | None = None  # a thinking model; unset: detected from its chat template
     threads: int = 0  # 0: every core this process may use
     sampling: SamplingDefaults = SamplingDefaults()
 
@@ -62,6 +64,8 @@ class Config:
     api_keys: tuple[str, ...]
     cors_origins: tuple[str, ...]
     log_prompts: bool
+    reasoning: bool | None  # the entry's word on thinking (None: ask the template)
+    reasoning_format: str  # REASONING_FORMAT: where a thinking model's reasoning goes
 
 
 class ConfigError(Exception):
@@ -92,6 +96,9 @@ def load_config(env: dict[str, str]) -> Config:
     chat_format = env.get("CHAT_FORMAT", entry.chat_format)
     if chat_format not in templates.CHAT_FORMATS:
         raise ConfigError(f"CHAT_FORMAT={chat_format!r} is not one of: {', '.join(templates.CHAT_FORMATS)}")
+    reasoning_format = env.get("REASONING_FORMAT", "deepseek")
+    if reasoning_format not in reasoning.FORMATS:
+        raise ConfigError(f"REASONING_FORMAT={reasoning_format!r} is not one of: {', '.join(reasoning.FORMATS)}")
     flash_attn = env.get("FLASH_ATTN", "auto")
     if flash_attn not in FLASH_ATTN_MODES:
         raise ConfigError(f"FLASH_ATTN={flash_attn!r} is not one of: {', '.join(FLASH_ATTN_MODES)}")
@@ -114,6 +121,8 @@ def load_config(env: dict[str, str]) -> Config:
         api_keys=api_keys(env),
         cors_origins=tuple(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()),
         log_prompts=env.get("LOG_PROMPTS") == "1",
+        reasoning=entry.reasoning,
+        reasoning_format=reasoning_format,
     )
 
 

@@ -19,11 +19,13 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from reasoning import ThinkSplitter
 
 
 def _c_api():
@@ -314,6 +316,8 @@ class Event:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV was reused rather than computed
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    reasoning: str = ""  # a thinking model's reasoning, apart from `text` (its answer)
+    reasoning_tokens: int = 0
 
 
 @dataclass
@@ -328,6 +332,10 @@ class Generation:
     top_logprobs: int | None = None  # report each token's logprob and this many alternatives
     deadline: float = float("inf")  # time.monotonic() past which it stops, as if at max_tokens
     cancelled: bool = False  # set by the request's side when its client has gone
+    # A thinking model's output is split into reasoning and answer: None, not split; True, the
+    # prompt opened the think block; False, the model may open it. Stop strings and the grammar
+    # apply to the answer only.
+    thinking: bool | None = None
 
 
 class StopScanner:
@@ -363,8 +371,11 @@ class Slot:
         self.gen: Generation | None = None
 
     def start(self, gen: Generation, model: Model) -> None:
-        # first: if the chain fails, the slot is unchanged
+        # first: if the chain fails, the slot is unchanged. A grammar waits for the end of thinking.
         self.chain = None if gen.sampling.is_argmax() else gen.sampling.chain(model)
+        self.answer_chain = None
+        if gen.thinking and gen.sampling.grammar:
+            self.chain, self.answer_chain = replace(gen.sampling, grammar=None).chain(model), self.chain
         self.bias = (np.array(list(gen.sampling.logit_bias), dtype=np.intp),
                      np.array(list(gen.sampling.logit_bias.values()), dtype=np.float32))
         # Reuse the longest cached prefix; at least the last prompt token is decoded again,
@@ -378,15 +389,37 @@ class Slot:
         self.started = time.monotonic()
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.scanner = StopScanner(gen.stop)
-        self.n_generated = 0
+        self.splitter = None if gen.thinking is None else ThinkSplitter(gen.thinking)
+        self.n_generated = self.n_reasoning = 0
 
-    def finish(self, reason: str, text: str = "", logprobs: list[TokenLogprob] = ()) -> None:
+    def finish(self, reason: str, text: str = "", logprobs: list[TokenLogprob] = (), reasoning: str = "",
+               held: bool = True) -> None:
+        """End the generation. `held`: text held back (a possible stop string's or think tag's
+        start) was not one after all, and is sent; after a stop string, nothing is."""
         gen = self.gen
-        text += self.scanner.flush()  # text held back as a possible stop string's start was not one
-        self.outbox.append((gen.emit, Event(text, reason, self.n_generated, self.reused, list(logprobs))))
-        if self.chain is not None:
-            llama.llama_sampler_free(self.chain)
+        if held:
+            thought, answer = self.splitter.flush() if self.splitter else ("", "")
+            answer, stopped = self.scanner.feed(answer)
+            reasoning, text = reasoning + thought, text + answer + ("" if stopped else self.scanner.flush())
+        self.outbox.append((gen.emit, Event(text, reason, self.n_generated, self.reused, list(logprobs), reasoning,
+                                            self.n_reasoning)))
+        for chain in (self.chain, self.answer_chain):
+            if chain is not None:
+                llama.llama_sampler_free(chain)
         self.gen = None
+
+    def split(self, text: str) -> tuple[str, str]:
+        """A token's text -> (reasoning, answer), switching to the grammar once thinking ends."""
+        if self.splitter is None:
+            return "", text
+        was = self.splitter.state
+        reasoning, answer = self.splitter.feed(text)
+        if "reasoning" in (was, self.splitter.state):
+            self.n_reasoning += 1
+        if self.answer_chain is not None and self.splitter.state in ("after", "content"):
+            llama.llama_sampler_free(self.chain)
+            self.chain, self.answer_chain = self.answer_chain, None
+        return reasoning, answer
 
 
 # Copying a sequence's KV cache copies its whole stream (N_CTX cells): measured, about what two
@@ -561,13 +594,14 @@ class Engine:
             return slot.finish("stop")
         slot.n_generated += 1
         logprobs = [self._logprob(index, token, gen.top_logprobs)] if gen.top_logprobs is not None else []
-        text, stopped = slot.scanner.feed(slot.utf8.decode(model.piece(token)))
+        reasoning, answer = slot.split(slot.utf8.decode(model.piece(token)))
+        text, stopped = slot.scanner.feed(answer)
         if stopped:
-            return slot.finish("stop", text, logprobs)
+            return slot.finish("stop", text, logprobs, reasoning, held=False)
         if slot.n_generated >= gen.max_tokens or len(slot.cached) + 1 >= model.n_ctx or time.monotonic() > gen.deadline:
-            return slot.finish("length", text, logprobs)
+            return slot.finish("length", text, logprobs, reasoning)
         slot.todo = [token]
-        self.outbox.append((gen.emit, Event(text, logprobs=logprobs)))
+        self.outbox.append((gen.emit, Event(text, logprobs=logprobs, reasoning=reasoning)))
 
     def _logprob(self, index: int, token: int, top: int) -> TokenLogprob:
         """The model's own log-probabilities at this step (before any sampling transform)."""

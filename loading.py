@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import engine
+import reasoning
 import templates
 from config import Config, ConfigError
 
@@ -32,8 +33,20 @@ class Served:
     load_seconds: float  # model load and warm-up
 
     @property
+    def own_template(self) -> str | None:
+        """The model's own chat template, when that is what renders its prompts."""
+        return self.model.metadata.get("tokenizer.chat_template") if self.config.chat_format in ("auto", "jinja") else None
+
+    @property
+    def thinks(self) -> bool:
+        """A thinking model whose reasoning is split from its answer (REASONING_FORMAT not none)."""
+        if self.config.reasoning_format == "none":
+            return False
+        return self.config.reasoning if self.config.reasoning is not None else reasoning.thinks(self.own_template)
+
+    @property
     def template_takes_tools(self) -> bool:
-        return "tools" in self.model.metadata.get("tokenizer.chat_template", "") and self.config.chat_format in ("auto", "jinja")
+        return "tools" in (self.own_template or "")
 
 
 def chat_renderer(config: Config, model: engine.Model) -> tuple[templates.Render, tuple[str, ...]]:

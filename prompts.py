@@ -11,6 +11,7 @@ from typing import NamedTuple
 import msgspec
 
 import engine
+import reasoning
 import templates
 from protocol import APIError, ChatMessage, CompletionRequest, Sampled, ToolCall, ToolDef
 from loading import Served
@@ -44,6 +45,8 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
             ]
         if m.tool_call_id or m.name:
             message["tool_call_id"] = m.tool_call_id or m.name
+        if m.reasoning_content or m.reasoning:  # a thinking model's template decides whether it is kept
+            message["reasoning_content"] = m.reasoning_content or m.reasoning
         out.append(message)
     return out
 
@@ -59,14 +62,19 @@ class ChatPrompt(NamedTuple):
     text: str
     tokens: list[int]
     marked: bool  # what users typed was located exactly (see templates.render_with_spans)
+    thinking: bool | None  # a thinking model: whether the prompt opened its think block (else None)
 
 
-def chat_prompt(served: Served, messages: list[ChatMessage], tools: list[ToolDef] | None = None) -> ChatPrompt:
+def chat_prompt(served: Served, messages: list[ChatMessage], tools: list[ToolDef] | None = None,
+                template_kwargs: dict | None = None) -> ChatPrompt:
     """The rendered prompt and its tokens. Tools go to a template that knows them; for one that
-    doesn't, they are described in the system message."""
+    doesn't, they are described in the system message. `template_kwargs` reach the model's own
+    template (a hand-written family takes none)."""
     if len(messages) > served.config.max_messages:
         raise APIError(400, f"{len(messages)} messages; at most {served.config.max_messages} are accepted", "messages")
     dicts, render = message_dicts(messages), served.render
+    if template_kwargs and served.own_template:
+        render = functools.partial(render, **template_kwargs)
     if tools:
         tool_dicts = [msgspec.to_builtins(t) for t in tools]
         if served.template_takes_tools:
@@ -77,7 +85,8 @@ def chat_prompt(served: Served, messages: list[ChatMessage], tools: list[ToolDef
         prompt, spans, marked = templates.render_with_spans(render, dicts)
     except templates.TemplateError as e:
         raise APIError(400, str(e), "messages", "template_error") from None
-    return ChatPrompt(prompt, served.model.tokenize_prompt(prompt, spans), marked)
+    thinking = reasoning.opens_thinking(prompt) if served.thinks else None
+    return ChatPrompt(prompt, served.model.tokenize_prompt(prompt, spans), marked, thinking)
 
 
 def completion_prompts(served: Served, body: CompletionRequest) -> list[list[int]]:

@@ -41,6 +41,8 @@ class ChatMessage(msgspec.Struct, omit_defaults=True):
     tool_calls: list[ToolCall] | None = None
     function_call: FunctionCall | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # a thinking model's earlier reasoning, sent back
+    reasoning: str | None = None  # the same, as vLLM and Ollama name it
 
 
 class FunctionDef(msgspec.Struct):
@@ -113,6 +115,9 @@ class ChatRequest(Sampled, kw_only=True):
     parallel_tool_calls: bool | None = None
     functions: list[FunctionDef] | None = None
     function_call: Literal["none", "auto"] | FunctionName | None = None
+    # thinking models: any keys the template reads (enable_thinking...), as at llama.cpp's server
+    chat_template_kwargs: dict | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     # OpenAI fields whose meaning a local text model can't honour: refused, never ignored.
     modalities: list[Literal["text"]] | None = None
     audio: dict | None = None
@@ -136,10 +141,16 @@ class TemplateRequest(msgspec.Struct, kw_only=True):
     model: str | None = None
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     tools: list[ToolDef] | None = None
+    chat_template_kwargs: dict | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
 
 
 class PromptTokensDetails(msgspec.Struct):
     cached_tokens: int
+
+
+class CompletionTokensDetails(msgspec.Struct):
+    reasoning_tokens: int
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -147,6 +158,7 @@ class Usage(msgspec.Struct, kw_only=True):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails | msgspec.UnsetType = msgspec.UNSET  # thinking models
 
 
 class TopLogprob(msgspec.Struct, kw_only=True):
@@ -177,6 +189,8 @@ class AssistantMessage(msgspec.Struct, kw_only=True):
     refusal: None = None
     tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
     function_call: FunctionCall | msgspec.UnsetType = msgspec.UNSET  # the legacy `functions` API's answer
+    reasoning_content: str | None | msgspec.UnsetType = msgspec.UNSET  # thinking models (REASONING_FORMAT)
+    reasoning: str | None | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
@@ -196,6 +210,8 @@ class ToolCallDelta(msgspec.Struct, kw_only=True):
 class Delta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
     function_call: FunctionCall | None = None
 

@@ -10,6 +10,7 @@ server cancels a response reader's tasks when the reader goes out of scope).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import replace
 from typing import AsyncIterator
@@ -17,7 +18,7 @@ from typing import AsyncIterator
 import msgspec
 
 import engine
-from protocol import APIError, PromptTokensDetails, Usage
+from protocol import APIError, CompletionTokensDetails, PromptTokensDetails, Usage
 from loading import Served
 
 ABORT = -1  # the choice index of an event that ends every choice at once (shutdown)
@@ -32,7 +33,10 @@ class Runs:
         self.live: set[Run] = set()
 
     def held(self) -> int:
-        return sum(run.n for run in self.live)
+        """Generations admitted and not yet ended by the engine. Counting what the engine ended,
+        not what requests closed, means a run whose stream was never read (its client left
+        before the first byte) holds nothing once its generations reach their limits."""
+        return sum(run.n - run.ended for run in self.live)
 
     def abort(self, error: APIError) -> None:
         for run in list(self.live):
@@ -45,6 +49,7 @@ class Choice(msgspec.Struct):
     text: str = ""
     finish_reason: str | None = None
     logprobs: list = []
+    reasoning: str = ""
 
 
 class Run:
@@ -55,7 +60,9 @@ class Run:
         self.runs, self.served, self.n, self.metrics, self.info = runs, served, n, metrics, info
         self.events: asyncio.Queue[tuple[int, engine.Event]] = asyncio.Queue()
         self.generations: list[engine.Generation] = []
-        self.n_prompt = self.n_completion = self.n_cached = 0
+        self.n_prompt = self.n_completion = self.n_cached = self.n_reasoning = 0
+        self.thinking: bool | None = None  # a thinking model's run (see engine.Generation.thinking)
+        self.ended = 0  # generations the engine has ended
         self.n_choices = 1  # choices for each prompt
         self.aborted: APIError | None = None
         self.started = self.last_token = time.perf_counter()
@@ -71,19 +78,25 @@ class Run:
         self.close()
 
     def submit(self, prompts: list[list[int]], n: int, max_tokens: int, sampling: engine.Sampling, stop: list[str],
-               top_logprobs: int | None = None) -> None:
+               top_logprobs: int | None = None, thinking: bool | None = None) -> None:
         """Start n choices for each prompt; seeded sampling gives each choice its own seed."""
         deadline = time.monotonic() + self.served.config.request_timeout_s
-        self.n_choices = n
+        self.n_choices, self.thinking = n, thinking
         self.n_prompt = sum(len(p) for p in prompts)
         for prompt in prompts:
             for i in range(n):
                 index = len(self.generations)
-                emit = lambda event, index=index: self.events.put_nowait((index, event))  # noqa: E731
+                emit = functools.partial(self._emit, index)
                 choice = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i)  # n distinct answers
-                self.generations.append(engine.Generation(prompt, max_tokens, choice, emit, stop, top_logprobs, deadline))
+                self.generations.append(engine.Generation(prompt, max_tokens, choice, emit, stop, top_logprobs, deadline,
+                                                     thinking=thinking))
         for gen in self.generations:
             self.served.engine.submit(gen)
+
+    def _emit(self, index: int, event: engine.Event) -> None:
+        """The engine's event for choice `index` (on the event loop)."""
+        self.ended += bool(event.finish_reason)
+        self.events.put_nowait((index, event))
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, engine.Event]]:
         """(choice index, event) as the engine produces them, until every choice has finished."""
@@ -101,6 +114,7 @@ class Run:
             if event.finish_reason:
                 finished.add(index)
                 self.n_completion += event.completion_tokens
+                self.n_reasoning += event.reasoning_tokens
                 self.n_cached += event.cached_tokens if index % self.n_choices == 0 else 0  # once per prompt
                 self.metrics.reused_tokens.inc(event.cached_tokens)
             yield index, event
@@ -137,6 +151,7 @@ class Run:
         choices = [Choice() for _ in self.generations]
         async for i, event in self:
             choices[i].text += event.text
+            choices[i].reasoning += event.reasoning
             choices[i].logprobs += event.logprobs
             choices[i].finish_reason = choices[i].finish_reason or event.finish_reason
         return choices
@@ -160,6 +175,7 @@ class Run:
             completion_tokens=self.n_completion,
             total_tokens=self.n_prompt + self.n_completion,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=self.n_cached),
+            completion_tokens_details=msgspec.UNSET if self.thinking is None else CompletionTokensDetails(self.n_reasoning),
         )
 
 

@@ -239,7 +239,7 @@ async def apply_template(request: Request) -> ApplyTemplateResponse:
     """The exact text the model would receive for a chat request (as at llama.cpp's server)."""
     body = await parse(request, TemplateRequest)
     served = served_model(request, body.model) if body.model else ready(request)
-    prompt = await prompts.off_loop(prompts.chat_prompt, served, body.messages, body.tools)
+    prompt = await prompts.off_loop(prompts.chat_prompt, served, body.messages, body.tools, chat.template_kwargs(served, body))
     return ApplyTemplateResponse(prompt.text)
 
 

@@ -302,12 +302,12 @@ def jinja_template(source: str, bos_token: str, eos_token: str, tools: list | No
     except jinja2.TemplateError as e:
         raise TemplateError(f"the chat template does not compile: {e}") from None
 
-    def render(messages: Messages, tools: list | None = tools) -> str:
+    def render(messages: Messages, tools: list | None = tools, **extra) -> str:
+        """`extra`: a request's chat_template_kwargs (enable_thinking...), passed on as llama.cpp does."""
         try:
             with time_limit(RENDER_SECONDS):
-                return template.render(
-                    messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True, tools=tools
-                )
+                fixed = dict(messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True, tools=tools)
+                return template.render({**extra, **fixed})
         except TemplateError:
             raise
         except Exception as e:  # a template is the model file's code: any failure is the template's

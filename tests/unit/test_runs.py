@@ -107,3 +107,21 @@ def test_the_engine_refuses_an_empty_prompt():
     gen = engine.Generation([], 1, engine.Sampling(), emit=None)
     with pytest.raises(ValueError):
         engine.Engine.submit(SimpleNamespace(inbox=None), gen)
+
+
+def test_a_run_nobody_reads_stops_holding_the_queue_once_the_engine_ends_it():
+    """A stream whose client left before its first byte is never read, so never left: what the
+    engine ended no longer counts against the queue."""
+    async def main():
+        runs, served, metrics = setup(capacity=2)
+        leaked = run_of(runs, served, metrics, n=2)
+        await leaked.__aenter__()
+        leaked.submit([[1, 2]], 2, 8, engine.Sampling(), [])
+        assert runs.held() == 2
+        for gen in served.engine.submitted:
+            gen.emit(engine.Event("", "length", completion_tokens=8))
+        assert runs.held() == 0
+        async with run_of(runs, served, metrics, n=2):
+            pass
+
+    asyncio.run(main())

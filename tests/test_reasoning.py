@@ -1,0 +1,122 @@
+"""Thinking models end to end: SmolLM2's real weights with official thinking templates written
+into copies of its GGUF (gguf_new_metadata), through a real granian and the OpenAI SDK."""
+
+import json
+
+import httpx
+import jinja2
+import pytest
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from openai import OpenAI
+
+from conftest import SHARED, Server
+from test_hostile import with_template
+
+R1 = (SHARED / "chat-templates" / "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja").read_text()
+QWEN3 = (SHARED / "chat-templates" / "Qwen-Qwen3-0.6B.jinja").read_text()
+ASK = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+def serve(tmp_path_factory, name: str, template: str, **env) -> Server:
+    model = with_template(tmp_path_factory.mktemp(name), name, template)
+    return Server({"MODEL": str(model), "N_THREADS": "2", **env}).wait_ready()
+
+
+@pytest.fixture(scope="module")
+def r1(tmp_path_factory):
+    """The R1 distill template: with thinking on, its generation prompt opens `<think>`, so
+    everything SmolLM2 writes before a `</think>` is reasoning."""
+    s = serve(tmp_path_factory, "r1", R1)
+    yield s
+    s.stop()
+
+
+def sdk(server: Server) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_the_prompt_opens_thinking_unless_it_is_switched_off(r1):
+    def prompt(**extra):
+        return httpx.post(f"{r1.url}/apply-template", json={"messages": ASK, **extra}).json()["prompt"]
+
+    assert prompt().endswith("<｜Assistant｜><think>\n")
+    assert prompt(chat_template_kwargs={"enable_thinking": False}).endswith("<think>\n</think>")
+    assert prompt(reasoning_effort="none").endswith("<think>\n</think>")
+    r = httpx.post(f"{r1.url}/apply-template", json={"messages": ASK, "chat_template_kwargs": [1]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
+
+
+def test_what_it_writes_while_thinking_is_reasoning_content(r1):
+    r = sdk(r1).chat.completions.create(model="r1", messages=ASK, max_tokens=24, temperature=0)
+    message = r.choices[0].message
+    thought = message.model_extra["reasoning_content"]
+    assert thought and "<think>" not in thought and "</think>" not in thought
+    assert not message.content  # it never closed the block: no answer yet
+    assert r.usage.completion_tokens_details.reasoning_tokens == r.usage.completion_tokens == 24
+    assert "reasoning" not in message.model_extra  # only with REASONING_FORMAT=both
+
+
+def test_streamed_reasoning_equals_the_whole(r1):
+    whole = sdk(r1).chat.completions.create(model="r1", messages=ASK, max_tokens=24, temperature=0)
+    chunks = list(sdk(r1).chat.completions.create(model="r1", messages=ASK, max_tokens=24, temperature=0, stream=True,
+                                                  stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.model_extra["reasoning_content"]
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == 24
+
+
+def test_stop_strings_do_not_fire_inside_the_reasoning(r1):
+    whole = sdk(r1).chat.completions.create(model="r1", messages=ASK, max_tokens=24, temperature=0)
+    thought = whole.choices[0].message.model_extra["reasoning_content"]
+    word = thought.split()[1]  # a word it writes while thinking
+    stopped = sdk(r1).chat.completions.create(model="r1", messages=ASK, max_tokens=24, temperature=0, stop=[word])
+    assert stopped.choices[0].message.model_extra["reasoning_content"] == thought
+    assert stopped.choices[0].finish_reason == "length"
+
+
+def test_thinking_off_answers_in_content(r1):
+    r = sdk(r1).chat.completions.create(model="r1", messages=ASK, max_tokens=8, temperature=0, reasoning_effort="minimal")
+    assert r.choices[0].message.content and r.usage.completion_tokens_details.reasoning_tokens == 0
+
+
+@pytest.mark.parametrize("fmt,fields", [("both", {"reasoning_content", "reasoning"}), ("none", set())])
+def test_reasoning_format(tmp_path_factory, fmt, fields):
+    s = serve(tmp_path_factory, f"r1-{fmt}", R1, REASONING_FORMAT=fmt)
+    try:
+        r = httpx.post(f"{s.url}/v1/chat/completions", timeout=60,
+                       json={"model": f"r1-{fmt}", "messages": ASK, "max_tokens": 8, "temperature": 0}).json()
+        message = r["choices"][0]["message"]
+        assert {k for k in ("reasoning_content", "reasoning") if k in message} == fields
+        if fmt == "none":
+            assert message["content"] and "completion_tokens_details" not in r["usage"]
+        else:
+            assert message["reasoning"] == message["reasoning_content"] and message["content"] == ""
+    finally:
+        s.stop()
+
+
+def official_qwen3(messages, **extra) -> str:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
+    return env.from_string(QWEN3).render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="",
+                                         raise_exception=jinja2.TemplateError, **extra)
+
+
+def test_qwen3_prompt_with_thinking_off_and_history_is_the_official_one(tmp_path_factory):
+    s = serve(tmp_path_factory, "qwen3", QWEN3)
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!", "reasoning_content": "The user greets me."},
+        {"role": "user", "content": "What is 2 + 2?"},
+    ]
+    try:
+        def prompt(**extra):
+            return httpx.post(f"{s.url}/apply-template", json={"messages": history, **extra}).json()["prompt"]
+
+        assert prompt(chat_template_kwargs={"enable_thinking": False}) == official_qwen3(history, enable_thinking=False)
+        assert prompt() == official_qwen3(history)  # thinking on: the template's default
+        # the reasoning of a turn before the last user message is dropped, as Qwen3's authors wrote
+        assert "The user greets me." not in prompt()
+    finally:
+        s.stop()
