@@ -380,7 +380,8 @@ async def count_input_tokens(served: Served, body: ResponsesInput, earlier: list
     chat_body = chat_request(body, earlier, served.config.model_id)
     plan = tool_plan(chat_body)
     try:
-        prompt = await prompts.off_loop(prompts.chat_prompt, served, chat_body.messages, plan.tools)
+        prompt = await prompts.off_loop(prompts.chat_prompt, served, chat_body.messages, plan.tools,
+                                        chat.template_kwargs(served, chat_body))
     except APIError as e:
         raise as_responses_error(e) from None
     return InputTokenCount(input_tokens=len(prompt.tokens))
