@@ -1,0 +1,150 @@
+"""The real container image: the Containerfile built with buildah (deploy/build-image.sh, on a
+base made from Debian's packages), then run as its CMD says (its user, its environment,
+PORT set) with `buildah run --isolation chroot` on the host's network: podman can't start
+containers in this sandbox, buildah's chroot isolation can. The OpenAI SDK gets an answer
+from it, and SIGTERM drains it."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from conftest import ROOT, free_port
+
+PREBUILT = os.environ.get("GGUF_SERVE_IMAGE")  # an image to test as it is; by default the Containerfile is built
+IMAGE = PREBUILT or "localhost/gguf-serve:ci"
+pytestmark = pytest.mark.skipif(os.environ.get("CI") != "true" and not os.environ.get("IMAGE_TEST"),
+                                reason="builds the image (~5 min): runs in CI, or with IMAGE_TEST=1")
+
+
+@pytest.fixture(scope="module")
+def image() -> dict:
+    """The image's config (buildah inspect), built first (buildah reuses unchanged layers)."""
+    if not PREBUILT:
+        subprocess.run([ROOT / "deploy" / "build-image.sh", IMAGE], check=True, timeout=3600)
+    inspect = subprocess.run(["buildah", "inspect", "--type", "image", IMAGE], capture_output=True, check=True, text=True)
+    return json.loads(inspect.stdout)["OCIv1"]["config"]
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant of `pid`, from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+class Container:
+    """One working container of the image, its CMD run as the image's USER with PORT set."""
+
+    def __init__(self, config: dict, env: dict[str, str]):
+        self.name = subprocess.run(["buildah", "from", "--quiet", IMAGE], capture_output=True, check=True,
+                                   text=True).stdout.strip()
+        self.log = open(f"/tmp/{self.name}.log", "w+")
+        args = [a for k, v in env.items() for a in ("--env", f"{k}={v}")]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(["buildah", "run", "--isolation", "chroot", *args, self.name, "--", *config["Cmd"]],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def service_pid(self) -> int:
+        """The CMD's process (PID 1 in a real runtime), the one SIGTERM is for."""
+        for pid in children(self.proc.pid):  # parents first: granian's main process, then its worker
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"python3") and argv[1:2] == [b"service.py"]:  # not buildah-chroot-exec's
+                return pid
+        raise AssertionError("the CMD's process is not running:\n" + self.output())
+
+    def remove(self) -> None:
+        if self.proc.poll() is None:
+            for pid in [*children(self.proc.pid), self.proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait(timeout=10)
+        subprocess.run(["buildah", "rm", self.name], capture_output=True)
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+def test_the_image_serves_as_its_cmd_says_and_drains_on_sigterm(image):
+    assert image["User"] not in ("", "root", "0") and image["Cmd"] == ["python3", "service.py"]
+    port = free_port()
+    # Loopback only; a grace long enough for the stream below on a busy machine.
+    container = Container(image, {"PORT": str(port), "HOST": "127.0.0.1", "SHUTDOWN_GRACE_S": "30"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert container.proc.poll() is None and time.monotonic() < deadline, container.output()
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=8,
+                                               messages=[{"role": "user", "content": "What is the capital of France?"}])
+        first_answer = time.monotonic() - container.started
+        assert reply.usage.completion_tokens >= 1 and reply.choices[0].message.content
+        print(f"\nimage {IMAGE}: start -> ready -> first answer {first_answer:.1f} s")
+
+        pid = container.service_pid()
+        status = Path(f"/proc/{pid}/status").read_text()
+        uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+        assert uid == image["User"].split(":")[0] or uid == "10001"  # the unprivileged user, not root
+        assert httpx.get(f"{url}/openapi.json", timeout=10).status_code == 200  # no test-only package needed
+
+        # SIGTERM while a stream runs: it finishes inside SHUTDOWN_GRACE_S (or, past it, ends
+        # with an error event, never a silent cut), the instance stops being ready, and the
+        # process exits 0.
+        stream = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=16, temperature=0,
+                                                messages=[{"role": "user", "content": "Tell me a story."}], stream=True)
+        chunks = [next(stream)]
+        os.kill(pid, signal.SIGTERM)
+        try:
+            assert httpx.get(f"{url}/ready", timeout=2).status_code == 503  # draining
+        except httpx.TransportError:
+            pass  # or the listener has closed already
+        try:
+            chunks += list(stream)
+            assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        except openai.APIError as e:  # a machine so busy that 16 tokens outlast the grace: the
+            assert "shutting down" in e.message  # stream ends with the documented error event
+        assert container.proc.wait(timeout=60) == 0, container.output()
+    finally:
+        container.remove()
+
+
+def test_test_only_packages_are_not_in_the_image(image):
+    container = subprocess.run(["buildah", "from", "--quiet", IMAGE], capture_output=True, check=True, text=True).stdout.strip()
+    try:
+        check = "import importlib.util as u; print([m for m in ('faker', 'polyfactory', 'pip', 'pytest') if u.find_spec(m)])"
+        r = subprocess.run(["buildah", "run", "--isolation", "chroot", container, "--", "python3", "-c", check],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+    finally:
+        subprocess.run(["buildah", "rm", container], capture_output=True)
