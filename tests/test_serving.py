@@ -313,7 +313,8 @@ def test_fuzzed_requests_never_get_a_5xx(busy, endpoint, fields, valid_base):
 
 
 def test_one_json_log_line_per_request_with_the_request_id(single):
-    r = httpx.post(f"{single.url}/v1/chat/completions", json=chat_body(max_tokens=3), headers={"x-request-id": "abc-123"})
+    r = httpx.post(f"{single.url}/v1/chat/completions", json=chat_body(max_tokens=3), headers={"x-request-id": "abc-123"},
+                   timeout=60)
     assert r.headers["x-request-id"] == "abc-123"
     generated = httpx.get(f"{single.url}/health").headers["x-request-id"]
     deadline = time.monotonic() + 5
