@@ -329,11 +329,11 @@ def test_one_json_log_line_per_request_with_the_request_id(single):
 
 
 def test_request_time_limit_ends_a_generation_as_length():
-    s = Server({"PARALLEL": "1", "REQUEST_TIMEOUT_S": "1"}).wait_ready()
+    s = Server({"PARALLEL": "1", "REQUEST_TIMEOUT_S": "2"}).wait_ready()
     try:
         started = time.monotonic()
         r = httpx.post(f"{s.url}/v1/chat/completions", json=chat_body(max_tokens=1900), timeout=60)
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 10  # 1900 tokens take about 20 s here
         assert r.json()["choices"][0]["finish_reason"] == "length"
         assert 0 < r.json()["usage"]["completion_tokens"] < 1900
     finally:
