@@ -60,13 +60,23 @@ def gate(app):
             else:
                 await app(scope, receive, send_with_id)
         finally:
-            endpoint = path if path in ENDPOINTS else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+            endpoint = endpoint_of(path)
             state.metrics.requests.labels(endpoint, str(status)).inc()
             line = {"request_id": rid, "model": config.model_id, "endpoint": endpoint, "method": scope["method"],
                     "status": status, **info, "duration_s": round(time.perf_counter() - started, 4)}
             print(msgspec.json.encode(line).decode(), flush=True)
 
     return gated
+
+
+def endpoint_of(path: str) -> str:
+    """The metric label and log name of a path: an endpoint, its template for ids, or "other"."""
+    if path in ENDPOINTS:
+        return path
+    for prefix in ("/v1/models/", "/v1/responses/"):
+        if path.startswith(prefix):
+            return prefix + "{id}"
+    return "other"
 
 
 def authorized(header: bytes, keys: tuple[str, ...]) -> bool:

@@ -66,6 +66,8 @@ class Config:
     log_prompts: bool
     reasoning: bool | None  # the entry's word on thinking (None: ask the template)
     reasoning_format: str  # REASONING_FORMAT: where a thinking model's reasoning goes
+    responses_store_max: int  # finished Responses API responses kept (least recently used go first)
+    responses_store_ttl_s: float  # and for at most this long
 
 
 class ConfigError(Exception):
@@ -123,6 +125,8 @@ def load_config(env: dict[str, str]) -> Config:
         log_prompts=env.get("LOG_PROMPTS") == "1",
         reasoning=entry.reasoning,
         reasoning_format=reasoning_format,
+        responses_store_max=_int(env, "RESPONSES_STORE_MAX", 1000),
+        responses_store_ttl_s=float(_int(env, "RESPONSES_STORE_TTL_S", 3600)),
     )
 
 

@@ -8,7 +8,6 @@ that the next request can continue from it (`previous_response_id`).
 from __future__ import annotations
 
 import itertools
-import os
 import time
 import uuid
 from collections import OrderedDict
@@ -218,14 +217,6 @@ class ResponseStore:
         self.max_count, self.ttl_s = max_count, ttl_s
         self.kept: OrderedDict[str, Stored] = OrderedDict()
 
-    @classmethod
-    def from_env(cls, env) -> ResponseStore:
-        try:
-            max_count, ttl_s = int(env.get("RESPONSES_STORE_MAX", 1000)), float(env.get("RESPONSES_STORE_TTL_S", 3600))
-        except ValueError as e:
-            raise APIError(500, f"RESPONSES_STORE_MAX or RESPONSES_STORE_TTL_S is not a number: {e}") from None
-        return cls(max_count, ttl_s)
-
     def put(self, response: ResponseObject, conversation: list[InputItem]) -> None:
         if self.max_count <= 0:
             return
@@ -255,11 +246,8 @@ class ResponseStore:
 
 
 def store(request: Request) -> ResponseStore:
-    """The app's store, made on first use."""
-    state = request.app.state
-    if state.get("responses") is None:
-        state.responses = ResponseStore.from_env(os.environ)
-    return state.responses
+    """The app's store (made with the app, sized by RESPONSES_STORE_MAX and RESPONSES_STORE_TTL_S)."""
+    return request.app.state.responses
 
 
 # --- Serving --------------------------------------------------------------------------------

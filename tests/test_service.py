@@ -255,6 +255,7 @@ def test_startup_fails_clearly(tmp_path):
     assert "convert_hf_to_gguf.py" in startup_failure({"MODEL": str(weights)})
     assert "chatml" in startup_failure({"CHAT_FORMAT": "vicuna"})  # lists the valid formats
     assert "auto, on, off" in startup_failure({"FLASH_ATTN": "yes"})
+    assert "RESPONSES_STORE_MAX" in startup_failure({"RESPONSES_STORE_MAX": "lots"})
 
 
 def test_threads_default_to_the_cores_this_process_may_use():
