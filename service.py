@@ -166,9 +166,10 @@ def ready(request: Request) -> Served:
     return served
 
 
-def served_model(request: Request, name: str) -> Served:
+def served_model(request: Request, name: str | None) -> Served:
+    """The served model, if `name` names it (endpoints where `model` is optional pass None)."""
     served = ready(request)
-    if name not in served.config.aliases:
+    if name is not None and name not in served.config.aliases:
         raise APIError(
             404, f"The model `{name}` does not exist; this server serves `{served.config.model_id}`.", "model", "model_not_found"
         )
@@ -239,7 +240,7 @@ async def completions_route(request: Request) -> Response:
 async def apply_template(request: Request) -> ApplyTemplateResponse:
     """The exact text the model would receive for a chat request (as at llama.cpp's server)."""
     body = await parse(request, TemplateRequest)
-    served = served_model(request, body.model) if body.model else ready(request)
+    served = served_model(request, body.model or None)
     prompt = await prompts.off_loop(prompts.chat_prompt, served, body.messages, body.tools, chat.template_kwargs(served, body))
     return ApplyTemplateResponse(prompt.text)
 
@@ -253,7 +254,7 @@ async def create_response(request: Request) -> Response:
 @post("/v1/responses/input_tokens", status_code=200)
 async def count_input_tokens(request: Request) -> InputTokenCount:
     body = await parse(request, ResponsesInput)
-    served = served_model(request, body.model) if body.model else ready(request)
+    served = served_model(request, body.model or None)
     return await responses.count_input_tokens(served, body, responses.history(request, body))
 
 
