@@ -154,7 +154,7 @@ class CallSpotter:
             out, self.held, self.pending = self.pending[:start], self.pending[start:], ""
             self.holding = True
             return out
-        keep = next((k for k in range(len(self.BLOCK) - 1, 0, -1) if self.pending.endswith(self.BLOCK[:k])), 0)
+        keep = reasoning.partial_tail(self.pending, self.BLOCK)
         out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
         return out
 

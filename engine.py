@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from reasoning import ThinkSplitter
+from reasoning import ThinkSplitter, partial_tail
 
 
 def _c_api():
@@ -353,7 +353,7 @@ class StopScanner:
         if hits:
             out, self.pending = self.pending[: min(hits)], ""
             return out, True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        hold = max((partial_tail(self.pending, s) for s in self.stops), default=0)
         out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
         return out, False
 

@@ -58,7 +58,7 @@ class ThinkSplitter:
                     reasoning += self.pending[:end].rstrip()
                     self.pending, self.state = self.pending[end + len(CLOSE):], "after"
                     continue
-                body = self.pending[: len(self.pending) - _partial_tail(self.pending, CLOSE)].rstrip()
+                body = self.pending[: len(self.pending) - partial_tail(self.pending, CLOSE)].rstrip()
                 keep = len(self.pending) - len(body)
                 reasoning += self.pending[: len(self.pending) - keep]
                 self.pending = self.pending[len(self.pending) - keep:]
@@ -83,8 +83,8 @@ class ThinkSplitter:
         return self.state in ("reasoning", "after") or (self.state == "content" and self.began)
 
 
-def _partial_tail(text: str, tag: str) -> int:
-    """The length of the longest end of `text` that begins `tag`."""
+def partial_tail(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that begins `tag` (and might be its start)."""
     return next((k for k in range(len(tag) - 1, 0, -1) if text.endswith(tag[:k])), 0)
 
 
