@@ -75,7 +75,7 @@ class ConfigError(Exception):
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-FLASH_ATTN_MODES = ("auto", "on", "off")  # as llama-server's --flash-attn; engine.FLASH_ATTN maps them
+FLASH_ATTN_MODES = ("auto", "on", "off")  # as llama-server's --flash-attn; model.FLASH_ATTN maps them
 
 
 def load_config(env: dict[str, str]) -> Config:

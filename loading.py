@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import engine
+from model import Model
 import reasoning
 import templates
 from config import Config, ConfigError
@@ -25,7 +26,7 @@ class StartError(Exception):
 @dataclass
 class Served:
     config: Config
-    model: engine.Model
+    model: Model
     engine: engine.Engine
     render: templates.Render
     stops: list[str]  # end-of-turn texts that are not single special tokens
@@ -49,7 +50,7 @@ class Served:
         return "tools" in (self.own_template or "")
 
 
-def chat_renderer(config: Config, model: engine.Model) -> tuple[templates.Render, tuple[str, ...]]:
+def chat_renderer(config: Config, model: Model) -> tuple[templates.Render, tuple[str, ...]]:
     """The model's prompt format and end-of-turn texts: its own template unless a family is forced."""
     family = templates.family_of(model.metadata, config.model_path.name)
     template = model.metadata.get("tokenizer.chat_template")
@@ -79,7 +80,7 @@ def start_loading(config: Config) -> concurrent.futures.Future:
 
     def read() -> None:
         try:
-            model = engine.Model(config.model_path, config.n_ctx, config.n_threads, config.parallel,
+            model = Model(config.model_path, config.n_ctx, config.n_threads, config.parallel,
                                  flash_attn=config.flash_attn)
             loaded.set_result((model, started))
         except BaseException as e:

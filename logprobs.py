@@ -5,15 +5,16 @@ from __future__ import annotations
 import msgspec
 
 import engine
+from model import Model
 from protocol import ChatLogprobs, TextLogprobs, TokenInfo, TopLogprob
 
 
-def token_text(model: engine.Model, token: int) -> tuple[str, list[int]]:
+def token_text(model: Model, token: int) -> tuple[str, list[int]]:
     piece = model.piece(token)
     return piece.decode(errors="replace"), list(piece)
 
 
-def chat_logprobs(model: engine.Model, entries: list[engine.TokenLogprob]) -> ChatLogprobs:
+def chat_logprobs(model: Model, entries: list[engine.TokenLogprob]) -> ChatLogprobs:
     def info(token, logprob):
         text, raw = token_text(model, token)
         return TopLogprob(token=text, logprob=logprob, bytes=raw)
@@ -24,7 +25,7 @@ def chat_logprobs(model: engine.Model, entries: list[engine.TokenLogprob]) -> Ch
     ])
 
 
-def text_logprobs(model: engine.Model, entries: list[engine.TokenLogprob], offset: int) -> TextLogprobs:
+def text_logprobs(model: Model, entries: list[engine.TokenLogprob], offset: int) -> TextLogprobs:
     tokens, offsets = [], []
     for e in entries:
         offsets.append(offset)

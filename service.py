@@ -35,13 +35,13 @@ from litestar.exceptions import HTTPException
 
 import chat
 import completions
-import engine
 import prompts
 import loading
 import responses
 from access import gate
 from config import ConfigError, load_config
 from metrics import Metrics
+from model import ModelFileError, check_model_file
 from protocol import (APIError, ApplyTemplateResponse, ChatRequest, CompletionRequest, DeletedResponse, InputTokenCount,
                       ModelCard, ModelList, ResponseObject, ResponsesInput, ResponsesRequest, TemplateRequest, decode,
                       error_body, openapi, retry_after)
@@ -55,7 +55,7 @@ def create_app(env: dict[str, str] = os.environ):
     """The ASGI app for one model, configured from `env`: Litestar's, inside the access gate.
     Raises ConfigError or ModelFileError with one line when the configuration can't work."""
     config = load_config(env)
-    engine.check_model_file(config.model_path)
+    check_model_file(config.model_path)
     model_loading = loading.start_loading(config)  # overlaps building the app and starting the server
     app = Litestar(
         [health, readiness, metrics, openapi_document, list_models, get_model, chat_completions, completions_route,
@@ -81,7 +81,7 @@ def __getattr__(name: str):
     global app
     try:
         app = create_app()
-    except (ConfigError, engine.ModelFileError) as e:
+    except (ConfigError, ModelFileError) as e:
         sys.exit(f"gguf-serve: {e}")
     return app
 
@@ -121,7 +121,7 @@ async def load_model(app: Litestar) -> None:
     try:
         on_failure = lambda reason: fail(app, reason)  # noqa: E731
         served = await loading.load(app.state.config, app.state.model_loading, on_failure)
-    except (ConfigError, engine.ModelFileError, loading.StartError) as e:
+    except (ConfigError, ModelFileError, loading.StartError) as e:
         print(f"gguf-serve: {e}", file=sys.stderr, flush=True)
         os._exit(1)  # a startup failure: one line, not an ASGI traceback
     app.state.metrics.model_load.set(served.load_seconds)

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import msgspec
 
 import engine
+from model import Model
 from protocol import (APIError, AssistantMessage, ChatRequest, FunctionCall, FunctionName, NamedToolChoice, ToolCall,
                       ToolDef)
 
@@ -81,7 +82,7 @@ def tool_plan(body: ChatRequest) -> ToolPlan:
     return ToolPlan(tools, "required" if choice == "required" else None, legacy)
 
 
-def output_grammar(model: engine.Model, body: ChatRequest, plan: ToolPlan) -> str | None:
+def output_grammar(model: Model, body: ChatRequest, plan: ToolPlan) -> str | None:
     """The grammar a chat answer must follow: a forced tool call, JSON mode or a JSON Schema."""
     if plan.forced:
         calls = [

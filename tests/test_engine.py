@@ -3,13 +3,15 @@
 import asyncio
 
 import engine
+
+from model import Model
 from conftest import smollm2_path
 
 
 def test_sampled_tokens_reach_the_loop_before_a_prompt_chunk_is_computed():
     """A running stream never waits behind another request's prompt (seconds, for a long one
     on a CPU) for a token that was already sampled."""
-    model = engine.Model(smollm2_path(), n_ctx=1024, n_threads=2, parallel=2)
+    model = Model(smollm2_path(), n_ctx=1024, n_threads=2, parallel=2)
     never_ends = {t: float("-inf") for t in range(model.n_vocab) if model.is_end_of_generation(t)}
     greedy = engine.Sampling(temperature=0, logit_bias=never_ends)
 
@@ -49,7 +51,7 @@ def test_sampled_tokens_reach_the_loop_before_a_prompt_chunk_is_computed():
 def test_a_dead_decode_thread_fails_what_is_in_flight_and_says_so():
     """Outside a step (here: admitting a generation) an exception ends the thread: every
     generation in flight gets an error event and the owner is told, never a silent hang."""
-    model = engine.Model(smollm2_path(), n_ctx=512, n_threads=2, parallel=2)
+    model = Model(smollm2_path(), n_ctx=512, n_threads=2, parallel=2)
 
     async def run():
         loop = asyncio.get_running_loop()

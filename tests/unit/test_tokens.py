@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-import engine
+from model import Model
 from templates import FAMILIES, render_with_spans
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 
 
-def vocab(name: str) -> engine.Model:
-    return engine.Model(SHARED / "vocab" / f"ggml-vocab-{name}.gguf", vocab_only=True)
+def vocab(name: str) -> Model:
+    return Model(SHARED / "vocab" / f"ggml-vocab-{name}.gguf", vocab_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_gguf_written_by_the_gguf_package_loads(tmp_path: Path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    model = engine.Model(path, vocab_only=True)
+    model = Model(path, vocab_only=True)
     assert model.metadata["general.name"] == "Tiny Test Qwen"
     assert model.metadata["tokenizer.chat_template"].startswith("{% for m in messages %}")
     assert model.special == {"<|im_start|>": 0, "<|im_end|>": 1}
