@@ -261,6 +261,35 @@ class ApplyTemplateResponse(msgspec.Struct):
     prompt: str
 
 
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    """POST /v1/embeddings. `input`: a string, a list of strings, a list of token ids or a list of
+    token-id lists (one union array, as msgspec allows; embeddings.input_tokens sorts them out)."""
+
+    model: str
+    input: str | Annotated[list[str | int | list[int]], msgspec.Meta(min_length=1, max_length=2048)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Positive | None = None
+    user: str | None = None
+
+
+class EmbeddingData(msgspec.Struct, kw_only=True):
+    object: str = "embedding"
+    index: int
+    embedding: list[float] | str  # base64: little-endian float32
+
+
+class EmbeddingUsage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
 class ErrorBody(msgspec.Struct, kw_only=True):
     message: str
     type: str
@@ -346,6 +375,8 @@ class InputItem(msgspec.Struct, kw_only=True, omit_defaults=True):
     type: str = "message"
     role: Literal["user", "system", "developer", "assistant"] | None = None
     content: str | list[ContentPart] | None = None
+    summary: list[ContentPart] | None = None  # a reasoning item's
+    encrypted_content: str | None = None  # a reasoning item's, from OpenAI's own models: meaningless here
     id: str | None = None
     status: str | None = None
     call_id: str | None = None
@@ -383,6 +414,14 @@ class TextConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     verbosity: Literal["low", "medium", "high"] | None = None
 
 
+class ReasoningConfig(msgspec.Struct, kw_only=True):
+    """`reasoning`: `effort` as chat's `reasoning_effort` (none/minimal switch thinking off where
+    the template can); no summaries are written, so `summary` is accepted and echoed only."""
+
+    effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+
+
 class ResponsesInput(msgspec.Struct, kw_only=True):
     """What makes a Responses prompt: the fields POST /v1/responses/input_tokens takes too."""
 
@@ -394,13 +433,14 @@ class ResponsesInput(msgspec.Struct, kw_only=True):
     tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoice | None = None
     parallel_tool_calls: bool = True
     text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
     # OpenAI features this server has no part of: refused, never ignored.
     conversation: str | dict | None = None
     prompt: dict | None = None
 
 
 class ResponsesRequest(ResponsesInput, kw_only=True):
-    """POST /v1/responses. Unknown fields are ignored as on chat (`reasoning`, `include`,
+    """POST /v1/responses. Unknown fields are ignored as on chat (`include`,
     `truncation`, `prompt_cache_key`...); `stop` and the penalties are not Responses fields."""
 
     model: str
@@ -419,31 +459,41 @@ class ResponsesRequest(ResponsesInput, kw_only=True):
     repeat_penalty: Annotated[float, msgspec.Meta(gt=0, le=10)] | None = None
 
 
-class OutputText(msgspec.Struct, kw_only=True):
-    type: str = "output_text"
+class OutputText(msgspec.Struct, kw_only=True, tag_field="type", tag="output_text"):
     text: str
     annotations: list = []
     logprobs: list = []
 
 
-class OutputMessage(msgspec.Struct, kw_only=True):
+class OutputMessage(msgspec.Struct, kw_only=True, tag_field="type", tag="message"):
     id: str
-    type: str = "message"
     status: Literal["in_progress", "completed", "incomplete"]
     role: str = "assistant"
     content: list[OutputText]
 
 
-class FunctionCallItem(msgspec.Struct, kw_only=True):
+class FunctionCallItem(msgspec.Struct, kw_only=True, tag_field="type", tag="function_call"):
     id: str
-    type: str = "function_call"
     status: Literal["in_progress", "completed", "incomplete"]
     call_id: str
     name: str
     arguments: str
 
 
-OutputItem = OutputMessage | FunctionCallItem
+class ReasoningText(msgspec.Struct, kw_only=True, tag_field="type", tag="reasoning_text"):
+    text: str
+
+
+class ReasoningItem(msgspec.Struct, kw_only=True, tag_field="type", tag="reasoning"):
+    """A thinking model's reasoning: its own words (`content`), no summary."""
+
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    summary: list = []
+    content: list[ReasoningText]
+
+
+OutputItem = ReasoningItem | OutputMessage | FunctionCallItem
 
 
 class InputTokensDetails(msgspec.Struct, kw_only=True):
@@ -501,7 +551,7 @@ class ResponseObject(msgspec.Struct, kw_only=True):
     background: bool = False
     truncation: str = "disabled"
     service_tier: str = "default"
-    reasoning: dict = msgspec.field(default_factory=lambda: {"effort": None, "summary": None})  # no reasoning model is served
+    reasoning: ReasoningConfig = msgspec.field(default_factory=ReasoningConfig)
 
 
 class StreamEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -514,7 +564,7 @@ class StreamEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     item_id: str | None = None
     content_index: int | None = None
     item: OutputItem | None = None
-    part: OutputText | None = None
+    part: OutputText | ReasoningText | None = None
     delta: str | None = None
     text: str | None = None
     arguments: str | None = None
@@ -533,3 +583,4 @@ class DeletedResponse(msgspec.Struct, kw_only=True):
 
 
 BODIES.update({"/v1/responses": ResponsesRequest, "/v1/responses/input_tokens": ResponsesInput})
+BODIES["/v1/embeddings"] = EmbeddingRequest

@@ -20,16 +20,16 @@ from litestar import Request, Response
 import chat
 import prompts
 from loading import Served
-from protocol import (APIError, ChatMessage, ChatRequest, FunctionCall, FunctionCallItem, FunctionDef, FunctionName,
+from protocol import (APIError, ChatMessage, ContentPart, ChatRequest, FunctionCall, FunctionCallItem, FunctionDef, FunctionName,
                       IncompleteDetails, InputItem, InputTokenCount, InputTokensDetails, JSONSchemaFormat,
-                      NamedToolChoice, OutputItem, OutputMessage, OutputText, OutputTokensDetails, ResponseError,
-                      ResponseFormat, ResponseObject, ResponsesInput, ResponsesRequest, ResponseUsage, StreamEvent,
-                      TextConfig, ToolCall, ToolDef, Usage)
+                      NamedToolChoice, OutputItem, OutputMessage, OutputText, OutputTokensDetails, ReasoningConfig,
+                      ReasoningItem, ReasoningText, ResponseError, ResponseFormat, ResponseObject, ResponsesInput,
+                      ResponsesRequest, ResponseUsage, StreamEvent, TextConfig, ToolCall, ToolDef, Usage)
 from runs import Run
 from streaming import event_stream, sse
 from tools import ToolPlan, answer, tool_plan
 
-TEXT_PARTS = ("input_text", "output_text", "text")
+TEXT_PARTS = ("input_text", "output_text", "text", "reasoning_text", "summary_text")
 
 # Where chat's code names a field, the field this API calls it.
 CHAT_PARAMS = {"messages": "input", "response_format": "text.format", "max_tokens": "max_output_tokens"}
@@ -59,17 +59,23 @@ def required(item: InputItem, fields: tuple[str, ...], param: str) -> None:
 def append_messages(messages: list[ChatMessage], items: list[InputItem], param: str) -> None:
     """Each item as chat messages: a message as itself, a function call as an assistant tool
     call (the calls of one turn, and the text before them, in one assistant message, as chat
-    templates expect), a call's output as a tool message."""
+    templates expect), a call's output as a tool message, and a reasoning item as the
+    `reasoning_content` of the assistant turn that follows it (the template decides whether to
+    keep it: Qwen3's keeps only the reasoning after the last user message)."""
+    thought = None  # the reasoning items just before this item
     for i, item in enumerate(items):
         where = f"{param}[{i}]"
+        last = messages[-1] if messages else None
+        if item.type == "reasoning":
+            thought = (thought or "") + text_of(item.content or item.summary or [], f"{where}.content")
+            continue
         if item.type == "message":
             required(item, ("role", "content"), where)
             messages.append(ChatMessage(role=item.role, content=text_of(item.content, f"{where}.content")))
         elif item.type == "function_call":
             required(item, ("call_id", "name", "arguments"), where)
             call = ToolCall(id=item.call_id, function=FunctionCall(item.name, item.arguments))
-            last = messages[-1] if messages else None
-            if last is not None and last.role == "assistant":
+            if last is not None and last.role == "assistant" and thought is None:
                 last.tool_calls = [*(last.tool_calls or []), call]
             else:
                 messages.append(ChatMessage(role="assistant", tool_calls=[call]))
@@ -77,8 +83,11 @@ def append_messages(messages: list[ChatMessage], items: list[InputItem], param: 
             required(item, ("call_id", "output"), where)
             messages.append(ChatMessage(role="tool", content=text_of(item.output, f"{where}.output"), tool_call_id=item.call_id))
         else:
-            raise APIError(400, f"input item type `{item.type}` is not supported; use message, function_call or "
-                                f"function_call_output", f"{where}.type", "unsupported_item")
+            raise APIError(400, f"input item type `{item.type}` is not supported; use message, function_call, "
+                                f"function_call_output or reasoning", f"{where}.type", "unsupported_item")
+        if messages[-1].role == "assistant" and thought is not None:
+            messages[-1].reasoning_content = thought
+        thought = None
 
 
 def input_items(body: ResponsesInput) -> list[InputItem]:
@@ -101,7 +110,8 @@ def chat_request(body: ResponsesInput, history: list[InputItem], model: str) -> 
         max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
         top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty)
     return ChatRequest(model=model, messages=messages, tools=function_tools(body), tool_choice=chat_tool_choice(body),
-                       parallel_tool_calls=body.parallel_tool_calls, response_format=response_format(body), **sampling)
+                       parallel_tool_calls=body.parallel_tool_calls, response_format=response_format(body),
+                       reasoning_effort=body.reasoning and body.reasoning.effort, **sampling)
 
 
 def function_tools(body: ResponsesInput) -> list[ToolDef] | None:
@@ -155,6 +165,10 @@ def as_responses_error(e: APIError) -> APIError:
 # --- Output items ---------------------------------------------------------------------------
 
 
+def reasoning_item(thought: str, status: str) -> ReasoningItem:
+    return ReasoningItem(id=f"rs_{uuid.uuid4().hex}", status=status, content=[ReasoningText(text=thought)])
+
+
 def message_item(text: str, status: str) -> OutputMessage:
     return OutputMessage(id=f"msg_{uuid.uuid4().hex}", status=status, content=[OutputText(text=text)])
 
@@ -179,7 +193,8 @@ def finish(response: ResponseObject, output: list[OutputItem], finish_reason: st
         input_tokens=usage.prompt_tokens,
         input_tokens_details=InputTokensDetails(cached_tokens=usage.prompt_tokens_details.cached_tokens),
         output_tokens=usage.completion_tokens,
-        output_tokens_details=OutputTokensDetails(),
+        output_tokens_details=OutputTokensDetails(reasoning_tokens=usage.completion_tokens_details.reasoning_tokens
+                                                  if usage.completion_tokens_details else 0),
         total_tokens=usage.total_tokens,
     )
 
@@ -193,7 +208,9 @@ def as_input(output: list[OutputItem]) -> list[InputItem]:
     """Output items as the input items that give them back to the model."""
     items = []
     for item in output:
-        if isinstance(item, OutputMessage):
+        if isinstance(item, ReasoningItem):
+            items.append(InputItem(type="reasoning", content=[ContentPart("reasoning_text", item.content[0].text)]))
+        elif isinstance(item, OutputMessage):
             items.append(InputItem(role="assistant", content=item.content[0].text))
         else:
             items.append(InputItem(type="function_call", call_id=item.call_id, name=item.name, arguments=item.arguments))
@@ -265,7 +282,7 @@ def new_response(served: Served, body: ResponsesRequest, chat_body: ChatRequest)
         id=f"resp_{uuid.uuid4().hex}", created_at=int(time.time()), status="in_progress", model=served.config.model_id,
         output=[], instructions=body.instructions, max_output_tokens=body.max_output_tokens,
         temperature=sampling.temperature, top_p=sampling.top_p, tools=body.tools or [], tool_choice=body.tool_choice or "auto",
-        parallel_tool_calls=body.parallel_tool_calls, text=body.text or TextConfig(),
+        parallel_tool_calls=body.parallel_tool_calls, text=body.text or TextConfig(), reasoning=body.reasoning or ReasoningConfig(),
         previous_response_id=body.previous_response_id, store=body.store, metadata=body.metadata or {}, user=body.user,
     )
 
@@ -290,7 +307,9 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
     message, reason = answer(choice.text, choice.finish_reason, plan)
     calls = answered_calls(message, body)
     status = status_of(reason)
-    output = [*([message_item(message.content or "", status)] if message.content or not calls else []),
+    thought_status = "completed" if message.content or calls else status  # or it was cut off while thinking
+    output = [*([reasoning_item(choice.reasoning, thought_status)] if choice.reasoning else []),
+              *([message_item(message.content or "", status)] if message.content or not calls else []),
               *call_items(calls, status)]
     finish(response, output, reason, run.usage())
     if body.store:
@@ -301,53 +320,76 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
 async def events(request: Request, run: Run, body: ResponsesRequest, plan: ToolPlan, response: ResponseObject,
                  conversation: list[InputItem]) -> AsyncIterator[bytes]:
     """The Responses stream: the response created and in progress, then its output items as
-    they come (a message's text delta by delta; with tools, text that may begin a call is held
-    as on chat and sent as function_call items at the end), then the response completed,
-    incomplete, or failed."""
+    they come (a thinking model's reasoning item, then the message's text delta by delta; with
+    tools, text that may begin a call is held as on chat and sent as function_call items at
+    the end), then the response completed, incomplete, or failed."""
     numbers = itertools.count()
 
     def event(kind: str, **fields) -> bytes:
         data = msgspec.json.encode(StreamEvent(type=kind, sequence_number=next(numbers), **fields))
         return b"event: " + kind.encode() + b"\n" + sse(data)
 
+    # An item with a text part (a reasoning item's reasoning_text, a message's output_text):
+    # opened, its text sent delta by delta, closed. `kind` names its events.
+    def opened(item: ReasoningItem | OutputMessage) -> list[bytes]:
+        output.append(item)
+        where = dict(output_index=len(output) - 1)
+        return [event("response.output_item.added", **where, item=item),
+                event("response.content_part.added", item_id=item.id, **where, content_index=0,
+                      part=type(item.content[0])(text=""))]
+
+    def delta(item: ReasoningItem | OutputMessage, kind: str, text: str) -> bytes:
+        item.content[0].text += text
+        extra = {"logprobs": []} if kind == "output_text" else {}
+        return event(f"response.{kind}.delta", item_id=item.id, output_index=output.index(item), content_index=0,
+                     delta=text, **extra)
+
+    def closed(item: ReasoningItem | OutputMessage, kind: str, status: str) -> list[bytes]:
+        item.status, part, where = status, item.content[0], dict(output_index=output.index(item))
+        extra = {"logprobs": []} if kind == "output_text" else {}
+        return [event(f"response.{kind}.done", item_id=item.id, **where, content_index=0, text=part.text, **extra),
+                event("response.content_part.done", item_id=item.id, **where, content_index=0, part=part),
+                event("response.output_item.done", **where, item=item)]
+
     yield event("response.created", response=response)
     yield event("response.in_progress", response=response)
     spotter, output = chat.CallSpotter(forced=plan.forced is not None), []
-    message, calls, reason = None, [], "stop"
-
-    def open_message() -> list[bytes]:
-        nonlocal message
-        message = message_item("", "in_progress")
-        output.append(message)
-        return [event("response.output_item.added", output_index=0, item=message),
-                event("response.content_part.added", item_id=message.id, output_index=0, content_index=0,
-                      part=OutputText(text=""))]
-
+    thought, message, calls, reason = None, None, [], "stop"
     try:
         async for _, step in run:
+            if step.reasoning:
+                if thought is None:
+                    thought = reasoning_item("", "in_progress")
+                    for sent in opened(thought):
+                        yield sent
+                yield delta(thought, "reasoning_text", step.reasoning)
             text, parsed, finished = (spotter.step(step.text, step.finish_reason, plan) if plan.tools
                                       else (step.text, None, step.finish_reason))
             reason, calls = finished or reason, answered_calls(parsed, body) if parsed else calls
+            if (text or calls) and thought is not None and thought.status == "in_progress":
+                for sent in closed(thought, "reasoning_text", "completed"):
+                    yield sent
             if text:
-                for opened in open_message() if message is None else []:
-                    yield opened
-                message.content[0].text += text
-                yield event("response.output_text.delta", item_id=message.id, output_index=0, content_index=0,
-                            delta=text, logprobs=[])
+                if message is None:
+                    message = message_item("", "in_progress")
+                    for sent in opened(message):
+                        yield sent
+                yield delta(message, "output_text", text)
     except APIError as e:
         response.status, response.error = "failed", ResponseError(code=e.code or "server_error", message=e.message)
         yield event("response.failed", response=response)
         return
     status = status_of(reason)
+    if thought is not None and thought.status == "in_progress":  # cut off while thinking
+        for sent in closed(thought, "reasoning_text", status):
+            yield sent
     if message is None and not calls:
-        for opened in open_message():
-            yield opened
+        message = message_item("", "in_progress")
+        for sent in opened(message):
+            yield sent
     if message is not None:
-        message.status, part = status, message.content[0]
-        yield event("response.output_text.done", item_id=message.id, output_index=0, content_index=0, text=part.text,
-                    logprobs=[])
-        yield event("response.content_part.done", item_id=message.id, output_index=0, content_index=0, part=part)
-        yield event("response.output_item.done", output_index=0, item=message)
+        for sent in closed(message, "output_text", status):
+            yield sent
     for item in call_items(calls, "in_progress"):
         index = len(output)
         output.append(item)

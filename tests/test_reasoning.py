@@ -80,6 +80,56 @@ def test_thinking_off_answers_in_content(r1):
     assert r.choices[0].message.content and r.usage.completion_tokens_details.reasoning_tokens == 0
 
 
+# --- the Responses API ---
+
+
+def test_responses_give_the_reasoning_as_a_reasoning_item(r1):
+    chat = sdk(r1).chat.completions.create(model="r1", messages=ASK, max_tokens=24, temperature=0)
+    r = sdk(r1).responses.create(model="r1", input=ASK[0]["content"], max_output_tokens=24, temperature=0)
+    thought, message = r.output
+    assert thought.type == "reasoning" and thought.id.startswith("rs_") and thought.summary == []
+    assert thought.content[0].type == "reasoning_text"
+    assert thought.content[0].text == chat.choices[0].message.model_extra["reasoning_content"]
+    assert thought.status == "incomplete"  # cut off by max_output_tokens while still thinking
+    assert message.type == "message" and r.output_text == ""
+    assert r.usage.output_tokens_details.reasoning_tokens == r.usage.output_tokens == 24
+    assert r.reasoning.effort is None
+
+
+def test_responses_stream_the_reasoning_before_the_message(r1):
+    whole = sdk(r1).responses.create(model="r1", input=ASK[0]["content"], max_output_tokens=24, temperature=0)
+    # the SDK's stream helper, which accumulates the events into items as they come
+    with sdk(r1).responses.stream(model="r1", input=ASK[0]["content"], max_output_tokens=24, temperature=0) as stream:
+        events = list(stream)
+    final = events[-1].response
+    kinds = [e.type for e in events]
+    deltas = [e.delta for e in events if e.type == "response.reasoning_text.delta"]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[4:4 + len(deltas)] == ["response.reasoning_text.delta"] * len(deltas)
+    assert kinds[4 + len(deltas):4 + len(deltas) + 3] == ["response.reasoning_text.done", "response.content_part.done",
+                                                          "response.output_item.done"]
+    assert events[2].item.type == "reasoning" and events[3].part.type == "reasoning_text"
+    assert "".join(deltas) == whole.output[0].content[0].text == final.output[0].content[0].text
+    message_added = events[4 + len(deltas) + 3]
+    assert message_added.type == "response.output_item.added" and message_added.output_index == 1
+    assert final.usage.output_tokens_details.reasoning_tokens == 24 and kinds[-1] == "response.incomplete"
+
+
+def test_responses_take_their_reasoning_back_and_effort_none_switches_it_off(r1):
+    client = sdk(r1)
+    first = client.responses.create(model="r1", input=ASK[0]["content"], max_output_tokens=8, temperature=0)
+    # as the Agents SDK and manual context management do: the output items back as input
+    again = client.responses.create(model="r1", max_output_tokens=8, temperature=0, reasoning={"effort": "none"},
+                                    input=[*ASK, *[item.model_dump(exclude_none=True) for item in first.output],
+                                           {"role": "user", "content": "And 3 + 3?"}])
+    assert [item.type for item in again.output] == ["message"] and again.output_text
+    assert again.usage.output_tokens_details.reasoning_tokens == 0 and again.reasoning.effort == "none"
+    continued = client.responses.create(model="r1", previous_response_id=first.id, input="And 3 + 3?",
+                                        max_output_tokens=8, temperature=0)
+    assert continued.output[0].type == "reasoning" and continued.usage.input_tokens_details.cached_tokens > 0
+
+
 @pytest.mark.parametrize("fmt,fields", [("both", {"reasoning_content", "reasoning"}), ("none", set())])
 def test_reasoning_format(tmp_path_factory, fmt, fields):
     s = serve(tmp_path_factory, f"r1-{fmt}", R1, REASONING_FORMAT=fmt)

@@ -1,11 +1,15 @@
 """Responses requests -> chat requests, output items -> input items, and the bounded store:
 pure logic, no model."""
 
+import asyncio
+
 import msgspec
 import pytest
 
 import responses
-from protocol import APIError, FunctionCallItem, OutputMessage, OutputText, ResponseObject, ResponsesRequest, TextConfig
+from engine import Event
+from protocol import (APIError, CompletionTokensDetails, FunctionCallItem, OutputMessage, OutputText, PromptTokensDetails,
+                      ReasoningItem, ReasoningText, ResponseObject, ResponsesRequest, TextConfig, Usage)
 
 WEATHER = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
 
@@ -46,6 +50,43 @@ def test_a_call_with_no_text_before_it_is_its_own_assistant_message():
     body = chat(input=[{"role": "user", "content": "Hi"},
                        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}])
     assert body.messages[-1].role == "assistant" and body.messages[-1].content is None
+
+
+def test_a_reasoning_item_is_the_reasoning_content_of_the_assistant_turn_after_it():
+    # as the Agents SDK sends a thinking model's output back: reasoning, message, call
+    body = chat(input=[
+        {"role": "user", "content": "Weather?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "Use the tool."}]},
+        {"role": "assistant", "content": "Checking."},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"type": "reasoning", "id": "rs_2", "summary": [{"type": "summary_text", "text": "Sunny: say so."}]},
+        {"type": "function_call", "call_id": "c2", "name": "get_weather", "arguments": "{}"},
+        {"type": "reasoning", "id": "rs_3", "summary": [], "encrypted_content": "opaque"},  # nothing to give
+        {"role": "user", "content": "Thanks"},
+    ])
+    assert [m.role for m in body.messages] == ["user", "assistant", "tool", "assistant", "user"]
+    first, second = body.messages[1], body.messages[3]
+    assert (first.reasoning_content, first.content, [c.id for c in first.tool_calls]) == ("Use the tool.", "Checking.", ["c1"])
+    assert (second.reasoning_content, second.tool_calls[0].id) == ("Sunny: say so.", "c2")
+    assert body.messages[4].reasoning_content is None
+
+
+def test_reasoning_effort_is_chats():
+    assert chat(reasoning={"effort": "none", "summary": "auto"}).reasoning_effort == "none"
+    assert chat().reasoning_effort is None
+    with pytest.raises(msgspec.ValidationError, match="reasoning.effort"):
+        request(reasoning={"effort": "extreme"})
+
+
+def test_a_reasoning_output_item_goes_back_as_a_reasoning_input_item():
+    history = responses.as_input([
+        ReasoningItem(id="rs_1", status="completed", content=[ReasoningText(text="Hmm.")]),
+        OutputMessage(id="msg_1", status="completed", content=[OutputText(text="Hello!")]),
+    ])
+    body = chat([msgspec.convert({"role": "user", "content": "Hey"}, responses.InputItem), *history])
+    assert [(m.role, m.reasoning_content, m.content) for m in body.messages] == [
+        ("user", None, "Hey"), ("assistant", "Hmm.", "Hello!"), ("user", None, "Hi")]
 
 
 def test_history_comes_between_instructions_and_input():
@@ -131,3 +172,50 @@ def test_store_of_size_zero_keeps_nothing():
     store = responses.ResponseStore(max_count=0, ttl_s=60)
     store.put(stored_response(0), [])
     assert not store.kept
+
+
+class RecordedRun:
+    """A run's events as the engine sent them for a thinking model that finished its thought."""
+
+    def __init__(self, events):
+        self.events = events
+
+    async def __aiter__(self):
+        for event in self.events:
+            yield 0, event
+
+    def usage(self):
+        return Usage(prompt_tokens=5, completion_tokens=4, total_tokens=9, prompt_tokens_details=PromptTokensDetails(0),
+                     completion_tokens_details=CompletionTokensDetails(2))
+
+
+def test_a_thought_then_an_answer_stream_as_two_items():
+    body = request(stream=True, store=False)
+    chat_body = responses.chat_request(body, [], "m")
+    run = RecordedRun([Event("", reasoning="Two and"), Event("", reasoning=" two."), Event("Four"),
+                       Event(".", finish_reason="stop")])
+    response = msgspec.convert({"id": "resp_1", "created_at": 0, "status": "in_progress", "model": "m", "output": [],
+                                "instructions": None, "max_output_tokens": None, "temperature": 1, "top_p": 1,
+                                "tools": [], "tool_choice": "auto", "parallel_tool_calls": True, "text": {},
+                                "previous_response_id": None, "store": False, "metadata": {}, "user": None},
+                               ResponseObject)
+
+    async def sent():
+        return [b async for b in responses.events(None, run, body, responses.tool_plan(chat_body), response, [])]
+
+    events = [msgspec.json.decode(block.split(b"\ndata: ")[1]) for block in asyncio.run(sent())]
+    assert [(e["type"], e.get("output_index")) for e in events] == [
+        ("response.created", None), ("response.in_progress", None),
+        ("response.output_item.added", 0), ("response.content_part.added", 0),
+        ("response.reasoning_text.delta", 0), ("response.reasoning_text.delta", 0),
+        ("response.reasoning_text.done", 0), ("response.content_part.done", 0), ("response.output_item.done", 0),
+        ("response.output_item.added", 1), ("response.content_part.added", 1),
+        ("response.output_text.delta", 1), ("response.output_text.delta", 1),
+        ("response.output_text.done", 1), ("response.content_part.done", 1), ("response.output_item.done", 1),
+        ("response.completed", None)]
+    assert events[6]["text"] == "Two and two." and events[8]["item"]["status"] == "completed"
+    final = events[-1]["response"]
+    assert [item["type"] for item in final["output"]] == ["reasoning", "message"]
+    assert final["output"][0]["content"] == [{"type": "reasoning_text", "text": "Two and two."}]
+    assert final["output"][1]["content"][0]["text"] == "Four."
+    assert final["usage"]["output_tokens_details"] == {"reasoning_tokens": 2}
