@@ -46,13 +46,14 @@ class Sampling:
         return self.temperature <= 0 and not self.grammar and not (
             self.presence_penalty or self.frequency_penalty or self.repeat_penalty != 1.0)
 
-    def chain(self, model: Model):
-        """A llama.cpp sampler chain: grammar, then llama-server's order (bias, penalties,
-        truncation, temperature). Penalties look back over the whole context, as OpenAI's do."""
+    def chain(self, model: Model, root: str = "root"):
+        """A llama.cpp sampler chain: grammar (from its rule `root`), then llama-server's order
+        (bias, penalties, truncation, temperature). Penalties look back over the whole context,
+        as OpenAI's do."""
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         add = lambda sampler: llama.llama_sampler_chain_add(chain, sampler)  # noqa: E731
         if self.grammar:
-            add(grammar_sampler(model, self.grammar))
+            add(grammar_sampler(model, self.grammar, root))
         if self.logit_bias:
             biases = (llama.llama_logit_bias * len(self.logit_bias))(*self.logit_bias.items())
             add(llama.llama_sampler_init_logit_bias(model.n_vocab, len(biases), biases))
@@ -74,8 +75,8 @@ class Sampling:
         return chain
 
 
-def grammar_sampler(model: Model, grammar: str):
-    sampler = llama.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+def grammar_sampler(model: Model, grammar: str, root: str = "root"):
+    sampler = llama.llama_sampler_init_grammar(model.vocab, grammar.encode(), root.encode())
     if not sampler:
         raise ValueError("the grammar does not parse")
     return sampler
@@ -157,11 +158,18 @@ class Slot:
         self.gen: Generation | None = None
 
     def start(self, gen: Generation, model: Model) -> None:
-        # first: if the chain fails, the slot is unchanged. A grammar waits for the end of thinking.
+        # first: if a chain fails, the slot is unchanged
         self.chain = None if gen.sampling.is_argmax() else gen.sampling.chain(model)
-        self.answer_chain = None
-        if gen.thinking and gen.sampling.grammar:
-            self.chain, self.answer_chain = replace(gen.sampling, grammar=None).chain(model), self.chain
+        self.later = {}  # chains for what comes later: "reasoning" once a think block opens, "answer" once it ends
+        if gen.thinking is not None and gen.sampling.grammar:
+            # The grammar is the answer's: it starts once the thinking ends, as llama.cpp's lazy
+            # grammars do. A model that may open the block itself (Qwen3) starts under the
+            # grammar or `<think>`: whichever it writes decides which chain follows.
+            self.later = {"reasoning": replace(gen.sampling, grammar=None).chain(model), "answer": self.chain}
+            if gen.thinking:
+                self.chain = self.later.pop("reasoning")
+            else:
+                self.chain = replace(gen.sampling, grammar=gen.sampling.grammar + THINK_OR_ANSWER).chain(model, "think-or-answer")
         self.bias = (np.array(list(gen.sampling.logit_bias), dtype=np.intp),
                      np.array(list(gen.sampling.logit_bias.values()), dtype=np.float32))
         # Reuse the longest cached prefix; at least the last prompt token is decoded again,
@@ -189,24 +197,33 @@ class Slot:
             reasoning, text = reasoning + thought, text + answer + ("" if stopped else self.scanner.flush())
         self.outbox.append((gen.emit, Event(text, reason, self.n_generated, self.reused, list(logprobs), reasoning,
                                             self.n_reasoning)))
-        for chain in (self.chain, self.answer_chain):
+        for chain in (self.chain, *self.later.values()):
             if chain is not None:
                 llama.llama_sampler_free(chain)
         self.gen = None
 
     def split(self, text: str) -> tuple[str, str]:
-        """A token's text -> (reasoning, answer), switching to the grammar once thinking ends."""
+        """A token's text -> (reasoning, answer), switching chains as the thinking opens and ends."""
         if self.splitter is None:
             return "", text
         was = self.splitter.state
         reasoning, answer = self.splitter.feed(text)
         if "reasoning" in (was, self.splitter.state):
             self.n_reasoning += 1
-        if self.answer_chain is not None and self.splitter.state in ("after", "content"):
-            llama.llama_sampler_free(self.chain)
-            self.chain, self.answer_chain = self.answer_chain, None
+        if self.later and self.splitter.state != was:
+            now = "reasoning" if self.splitter.state == "reasoning" else "answer" if self.splitter.thought else None
+            if now in self.later:
+                llama.llama_sampler_free(self.chain)
+                self.chain = self.later.pop(now)
+            if now != "reasoning":  # answering: under the answer's chain, or under the grammar from the start
+                for chain in self.later.values():
+                    llama.llama_sampler_free(chain)
+                self.later = {}
         return reasoning, answer
 
+
+# The rule a grammar starts from when a thinking model may open its think block first.
+THINK_OR_ANSWER = '\nthink-or-answer ::= "<think>" | root\n'
 
 # Copying a sequence's KV cache copies its whole stream (N_CTX cells): measured, about what two
 # prompt tokens cost to compute. Below this many tokens gained, a copy is not worth a wait.

@@ -9,7 +9,8 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from openai import OpenAI
 
-from conftest import SHARED, Server
+from conftest import SHARED, Server, smollm2_path
+from model import Model
 from test_hostile import with_template
 
 R1 = (SHARED / "chat-templates" / "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja").read_text()
@@ -153,20 +154,56 @@ def official_qwen3(messages, **extra) -> str:
                                          raise_exception=jinja2.TemplateError, **extra)
 
 
-def test_qwen3_prompt_with_thinking_off_and_history_is_the_official_one(tmp_path_factory):
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """Qwen3's template: its generation prompt leaves the model free to open `<think>` itself."""
     s = serve(tmp_path_factory, "qwen3", QWEN3)
+    yield s
+    s.stop()
+
+
+def test_qwen3_prompt_with_thinking_off_and_history_is_the_official_one(qwen3):
     history = [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!", "reasoning_content": "The user greets me."},
         {"role": "user", "content": "What is 2 + 2?"},
     ]
-    try:
-        def prompt(**extra):
-            return httpx.post(f"{s.url}/apply-template", json={"messages": history, **extra}).json()["prompt"]
 
-        assert prompt(chat_template_kwargs={"enable_thinking": False}) == official_qwen3(history, enable_thinking=False)
-        assert prompt() == official_qwen3(history)  # thinking on: the template's default
-        # the reasoning of a turn before the last user message is dropped, as Qwen3's authors wrote
-        assert "The user greets me." not in prompt()
-    finally:
-        s.stop()
+    def prompt(**extra):
+        return httpx.post(f"{qwen3.url}/apply-template", json={"messages": history, **extra}).json()["prompt"]
+
+    assert prompt(chat_template_kwargs={"enable_thinking": False}) == official_qwen3(history, enable_thinking=False)
+    assert prompt() == official_qwen3(history)  # thinking on: the template's default
+    # the reasoning of a turn before the last user message is dropped, as Qwen3's authors wrote
+    assert "The user greets me." not in prompt()
+
+
+# --- a grammar is the answer's: it starts when the thinking ends ---
+
+JSON_ASK = [{"role": "user", "content": "What is 2 + 2? Answer in JSON."}]
+
+
+def first_token(text: str) -> str:
+    return str(Model(smollm2_path(), vocab_only=True).tokenize(text)[0])
+
+
+def test_a_json_answer_starts_where_the_thinking_ends(r1):
+    # SmolLM2 never closes a think block by itself: a bias on the first token of `</think>` makes it
+    r = sdk(r1).chat.completions.create(model="r1", messages=JSON_ASK, max_tokens=30, temperature=0,
+                                        response_format={"type": "json_object"}, logit_bias={first_token("</think>"): 5})
+    message = r.choices[0].message
+    thought = message.model_extra["reasoning_content"]
+    assert thought and not thought.startswith("{")  # thought freely, outside the grammar
+    assert message.content.startswith("{")  # then answered under it
+
+
+def test_qwen3_may_open_its_think_block_under_a_grammar(qwen3):
+    def ask(**extra):
+        return sdk(qwen3).chat.completions.create(model="qwen3", messages=JSON_ASK, max_tokens=16, temperature=0,
+                                                  response_format={"type": "json_object"}, **extra).choices[0].message
+
+    answered = ask()  # what SmolLM2 does: answers at once, under the grammar from its first token
+    assert answered.content.startswith("{") and answered.model_extra["reasoning_content"] is None
+    # pushed towards `<`, it opens the block (the grammar lets `<think>` through) and thinks freely
+    opened = ask(logit_bias={first_token("<think>"): 10})
+    assert opened.model_extra["reasoning_content"].startswith("<") and opened.content == ""
