@@ -19,7 +19,7 @@ def request_info(request) -> dict:
 
 
 ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/apply-template", "/health", "/ready", "/metrics",
-             "/openapi.json", "/v1/responses", "/v1/responses/input_tokens"}
+             "/openapi.json", "/v1/responses", "/v1/responses/input_tokens", "/v1/embeddings"}
 
 
 def gate(app):

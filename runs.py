@@ -13,13 +13,16 @@ import asyncio
 import functools
 import time
 from dataclasses import replace
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 import msgspec
 
 import engine
 from protocol import APIError, CompletionTokensDetails, PromptTokensDetails, Usage
-from loading import Served
+
+if TYPE_CHECKING:
+    import embeddings
+    from loading import Served
 
 ABORT = -1  # the choice index of an event that ends every choice at once (shutdown)
 
@@ -92,6 +95,13 @@ class Run:
                                                      thinking=thinking))
         for gen in self.generations:
             self.served.engine.submit(gen)
+
+    def submit_embedding(self, job: embeddings.EmbeddingJob) -> None:
+        """An embedding request's inputs: one job in the engine, queued, cancelled and counted as one generation."""
+        self.n_prompt = sum(len(tokens) for tokens in job.inputs)
+        job.emit = functools.partial(self._emit, 0)
+        self.generations.append(job)
+        self.served.engine.embed(job)
 
     def _emit(self, index: int, event: engine.Event) -> None:
         """The engine's event for choice `index` (on the event loop)."""

@@ -35,6 +35,7 @@ from litestar.exceptions import HTTPException
 
 import chat
 import completions
+import embeddings
 import prompts
 import loading
 import responses
@@ -43,8 +44,8 @@ from config import ConfigError, load_config
 from metrics import Metrics
 from model import ModelFileError, check_model_file
 from protocol import (APIError, ApplyTemplateResponse, ChatRequest, CompletionRequest, DeletedResponse, InputTokenCount,
-                      ModelCard, ModelList, ResponseObject, ResponsesInput, ResponsesRequest, TemplateRequest, decode,
-                      error_body, openapi, retry_after)
+                      EmbeddingRequest, ModelCard, ModelList, ResponseObject, ResponsesInput, ResponsesRequest,
+                      TemplateRequest, decode, error_body, openapi, retry_after)
 from runs import Runs
 from loading import Served
 
@@ -59,7 +60,7 @@ def create_app(env: dict[str, str] = os.environ):
     model_loading = loading.start_loading(config)  # overlaps building the app and starting the server
     app = Litestar(
         [health, readiness, metrics, openapi_document, list_models, get_model, chat_completions, completions_route,
-         apply_template, create_response, count_input_tokens, retrieve_response, delete_response],
+         apply_template, create_response, count_input_tokens, retrieve_response, delete_response, embeddings_route],
         lifespan=[lifespan],
         exception_handlers={Exception: error_response},
         cors_config=CORSConfig(allow_origins=list(config.cors_origins)) if config.cors_origins else None,
@@ -176,6 +177,15 @@ def served_model(request: Request, name: str | None) -> Served:
     return served
 
 
+def generating_model(request: Request, name: str | None) -> Served:
+    """The served model for an endpoint that generates text: not an embedding model."""
+    served = served_model(request, name)
+    if served.model.embedding_only:
+        raise APIError(400, f"`{served.config.model_id}` is an embedding model: it serves /v1/embeddings only", "model",
+                       "model_not_supported")
+    return served
+
+
 async def parse(request: Request, kind: type[msgspec.Struct]):
     return decode(await request.body(), kind)
 
@@ -227,20 +237,20 @@ def openapi_document(request: Request) -> dict:
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request) -> Response:
     body = await parse(request, ChatRequest)
-    return await chat.respond(request, served_model(request, body.model), body)
+    return await chat.respond(request, generating_model(request, body.model), body)
 
 
 @post("/v1/completions", status_code=200)
 async def completions_route(request: Request) -> Response:
     body = await parse(request, CompletionRequest)
-    return await completions.respond(request, served_model(request, body.model), body)
+    return await completions.respond(request, generating_model(request, body.model), body)
 
 
 @post("/apply-template", status_code=200)
 async def apply_template(request: Request) -> ApplyTemplateResponse:
     """The exact text the model would receive for a chat request (as at llama.cpp's server)."""
     body = await parse(request, TemplateRequest)
-    served = served_model(request, body.model or None)
+    served = generating_model(request, body.model or None)
     prompt = await prompts.off_loop(prompts.chat_prompt, served, body.messages, body.tools, chat.template_kwargs(served, body))
     return ApplyTemplateResponse(prompt.text)
 
@@ -248,13 +258,13 @@ async def apply_template(request: Request) -> ApplyTemplateResponse:
 @post("/v1/responses", status_code=200)
 async def create_response(request: Request) -> Response:
     body = await parse(request, ResponsesRequest)
-    return await responses.respond(request, served_model(request, body.model), body)
+    return await responses.respond(request, generating_model(request, body.model), body)
 
 
 @post("/v1/responses/input_tokens", status_code=200)
 async def count_input_tokens(request: Request) -> InputTokenCount:
     body = await parse(request, ResponsesInput)
-    served = served_model(request, body.model or None)
+    served = generating_model(request, body.model or None)
     return await responses.count_input_tokens(served, body, responses.history(request, body))
 
 
@@ -267,3 +277,9 @@ def retrieve_response(request: Request, response_id: str) -> ResponseObject:
 def delete_response(request: Request, response_id: str) -> DeletedResponse:
     responses.store(request).delete(response_id)
     return DeletedResponse(id=response_id)
+
+
+@post("/v1/embeddings", status_code=200)
+async def embeddings_route(request: Request) -> Response:
+    body = await parse(request, EmbeddingRequest)
+    return await embeddings.respond(request, served_model(request, body.model), body)
