@@ -41,6 +41,7 @@ class CatalogueEntry(msgspec.Struct, forbid_unknown_fields=True):
     chat_format: str = "auto"
     reasoning: bool | None = None  # a thinking model; unset: detected from its chat template
     threads: int = 0  # 0: every core this process may use
+    matryoshka: bool = False  # an embedding model trained so that a prefix of its vectors is one: `dimensions` may shorten them
     sampling: SamplingDefaults = SamplingDefaults()
 
 
@@ -53,6 +54,8 @@ class Config:
     n_threads: int
     parallel: int
     flash_attn: str
+    pooling: str | None  # POOLING: how inputs become one embedding (None: the model's, else mean)
+    matryoshka: bool
     chat_format: str
     sampling: SamplingDefaults
     # serving
@@ -76,6 +79,7 @@ class ConfigError(Exception):
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 FLASH_ATTN_MODES = ("auto", "on", "off")  # as llama-server's --flash-attn; model.FLASH_ATTN maps them
+POOLINGS = ("mean", "cls", "last")  # as llama-server's --pooling (none and rank give no embedding); model.POOLING maps them
 
 
 def load_config(env: dict[str, str]) -> Config:
@@ -104,6 +108,9 @@ def load_config(env: dict[str, str]) -> Config:
     flash_attn = env.get("FLASH_ATTN", "auto")
     if flash_attn not in FLASH_ATTN_MODES:
         raise ConfigError(f"FLASH_ATTN={flash_attn!r} is not one of: {', '.join(FLASH_ATTN_MODES)}")
+    pooling = env.get("POOLING") or None
+    if pooling not in (None, *POOLINGS):
+        raise ConfigError(f"POOLING={pooling!r} is not one of: {', '.join(POOLINGS)}")
     model_id = entry.id or key
     return Config(
         model_path=path,
@@ -113,6 +120,8 @@ def load_config(env: dict[str, str]) -> Config:
         n_threads=_int(env, "N_THREADS", entry.threads) or available_cpus(),
         parallel=_int(env, "PARALLEL", 4),
         flash_attn=flash_attn,
+        pooling=pooling,
+        matryoshka=entry.matryoshka,
         chat_format=chat_format,
         sampling=entry.sampling,
         max_queue=_int(env, "MAX_QUEUE", 32),

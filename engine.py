@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+import embeddings
 from model import PROMPT_CHUNK, Model, llama
 from reasoning import ThinkSplitter, partial_tail
 
@@ -241,9 +242,10 @@ class Engine:
         self.outbox: list[tuple[Callable[[Event], None], Event]] = []
         self.slots = [Slot(i, self.outbox) for i in range(parallel)]
         self.stop_tokens = set(stop_tokens)
-        self.inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Generation | embeddings.EmbeddingJob | None] = queue.SimpleQueue()
         self.waiting: deque[Generation] = deque()
         self.batch = llama.llama_batch_init(model.n_batch, 0, 1)
+        self.embedder = embeddings.Embedder(model, self.outbox)  # embedding inputs, a batch between steps
         self.thread = threading.Thread(target=self._run, name="decode", daemon=True)
         self.thread.start()
 
@@ -254,18 +256,23 @@ class Engine:
             raise RuntimeError("the decode thread has stopped")
         self.inbox.put(gen)
 
+    def embed(self, job: embeddings.EmbeddingJob) -> None:
+        if not self.thread.is_alive():
+            raise RuntimeError("the decode thread has stopped")
+        self.inbox.put(job)
+
     def close(self) -> None:
         self.inbox.put(None)
         self.thread.join()
 
     @property
     def running(self) -> int:
-        return sum(slot.gen is not None for slot in self.slots)
+        return sum(slot.gen is not None for slot in self.slots) + self.embedder.running
 
     @property
     def queued(self) -> int:
         """Generations submitted and not yet given a slot."""
-        return self.inbox.qsize() + len(self.waiting)
+        return self.inbox.qsize() + len(self.waiting) + self.embedder.queued
 
     def _run(self) -> None:
         try:
@@ -273,19 +280,22 @@ class Engine:
         except BaseException as e:  # outside a step: the thread can't go on, so neither can the process
             reason = f"engine error: the decode thread failed ({type(e).__name__}: {e})"
             self.outbox.clear()
-            for gen in [*(s.gen for s in self.slots if s.gen), *self.waiting, *_drain(self.inbox)]:
+            for gen in [*(s.gen for s in self.slots if s.gen), *self.waiting, *self.embedder.jobs, *_drain(self.inbox)]:
                 self.outbox.append((gen.emit, Event(reason, "error")))
             self.loop.call_soon_threadsafe(_emit_all, [*self.outbox, (self.on_failure, reason)])
 
     def _loop(self) -> None:
         while True:
-            idle = not self.waiting and not self.running
+            idle = not self.waiting and not self.running and not self.embedder.busy
             try:
                 while True:
                     gen = self.inbox.get(block=idle)
                     if gen is None:
                         return
-                    self.waiting.append(gen)
+                    if isinstance(gen, Generation):
+                        self.waiting.append(gen)
+                    else:
+                        self.embedder.add(gen)
                     idle = False
             except queue.Empty:
                 pass
@@ -301,6 +311,9 @@ class Engine:
                         slot.cached = []  # what the KV cache holds is unknown now: reuse nothing
                     llama.llama_memory_clear(self.model.memory, True)
                 self._deliver()
+            if self.embedder.busy:  # one batch of embedding work a step: streams wait at most that long
+                self.embedder.step(self.slots)
+                self._deliver()
 
     def _deliver(self) -> None:
         if self.outbox:
@@ -309,7 +322,7 @@ class Engine:
 
     def _admit(self) -> None:
         while self.waiting:
-            free = [s for s in self.slots if s.gen is None]
+            free = [s for s in self.slots if s.gen is None and s.seq_id not in self.embedder.held]
             if not free:
                 return
             gen = self.waiting[0]

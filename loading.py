@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import embeddings
 import engine
 from model import Model
 import reasoning
@@ -28,7 +29,7 @@ class Served:
     config: Config
     model: Model
     engine: engine.Engine
-    render: templates.Render
+    render: templates.Render | None  # None: an embedding model
     stops: list[str]  # end-of-turn texts that are not single special tokens
     created: int
     load_seconds: float  # model load and warm-up
@@ -81,7 +82,7 @@ def start_loading(config: Config) -> concurrent.futures.Future:
     def read() -> None:
         try:
             model = Model(config.model_path, config.n_ctx, config.n_threads, config.parallel,
-                                 flash_attn=config.flash_attn)
+                                 flash_attn=config.flash_attn, pooling=config.pooling)
             loaded.set_result((model, started))
         except BaseException as e:
             loaded.set_exception(e)
@@ -94,7 +95,8 @@ async def load(config: Config, loading: concurrent.futures.Future, on_failure: C
     """The model (from `start_loading`), its chat format, its decode thread running, one token
     generated. `on_failure` is called on the event loop if the decode thread dies."""
     model, t0 = await asyncio.wrap_future(loading)
-    render, stops = await asyncio.to_thread(chat_renderer, config, model)
+    # an embedding model has no chat format: it answers chat and completions with a 400
+    render, stops = (None, ()) if model.embedding_only else await asyncio.to_thread(chat_renderer, config, model)
     stop_tokens = {model.special[s] for s in stops if s in model.special}
     decoder = engine.Engine(model, config.parallel, asyncio.get_running_loop(), stop_tokens, on_failure)
     text_stops = [s for s in stops if s not in model.special]
@@ -105,14 +107,19 @@ async def load(config: Config, loading: concurrent.futures.Future, on_failure: C
 
 
 async def warm_up(served: Served) -> None:
-    """One token through the whole path: pages the weights in and proves the engine works."""
+    """One token (an embedding model: one embedding) through the whole path: pages the weights in
+    and proves the engine works."""
     done = asyncio.get_running_loop().create_future()
 
     def emit(event: engine.Event) -> None:
         if event.finish_reason and not done.done():
             done.set_result(event)
 
-    served.engine.submit(engine.Generation(served.model.tokenize_prompt("Hello"), 1, engine.Sampling(temperature=0), emit))
+    tokens = served.model.tokenize_prompt("Hello")
+    if served.model.embedding_only:
+        served.engine.embed(embeddings.EmbeddingJob([tokens], emit, deadline=float("inf")))
+    else:
+        served.engine.submit(engine.Generation(tokens, 1, engine.Sampling(temperature=0), emit))
     event = await done
     if event.finish_reason == "error":
         raise StartError(f"{served.config.model_path}: the warm-up token failed ({event.text})")

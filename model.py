@@ -75,6 +75,11 @@ FLASH_ATTN = {"auto": llama.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama.LLAMA_FLASH_
 # stream pauses at most 0.8 s (one chunk), not 2.7 s (bench/join.py).
 PROMPT_CHUNK = 128
 
+# POOLING's values and llama.cpp's pooling types (a GGUF's `<arch>.pooling_type` holds the number).
+POOLING = {"mean": llama.LLAMA_POOLING_TYPE_MEAN, "cls": llama.LLAMA_POOLING_TYPE_CLS, "last": llama.LLAMA_POOLING_TYPE_LAST}
+# An embedding model decodes many inputs at once, each a sequence: short texts fill a batch this way.
+EMBEDDING_SEQS = 64
+
 SPECIAL_ATTRS = llama.LLAMA_TOKEN_ATTR_CONTROL | llama.LLAMA_TOKEN_ATTR_USER_DEFINED | llama.LLAMA_TOKEN_ATTR_UNKNOWN
 
 
@@ -82,7 +87,7 @@ class Model:
     """A loaded GGUF: its vocabulary, metadata and (unless vocab_only) weights and context."""
 
     def __init__(self, path: Path, n_ctx: int = 0, n_threads: int = 1, parallel: int = 1, vocab_only: bool = False,
-                 flash_attn: str = "auto"):
+                 flash_attn: str = "auto", pooling: str | None = None):
         check_model_file(path)
         params = llama.llama_model_default_params()
         params.vocab_only = vocab_only
@@ -105,6 +110,13 @@ class Model:
         self.special = self._special_tokens()
         self._special_re = re.compile("|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)))
         self.n_ctx_train = llama.llama_model_n_ctx_train(self.model)
+        self.n_embd = llama.llama_model_n_embd_out(self.model)
+        # An embedding model is one whose GGUF says how it pools (BERT-family encoders, Qwen3-Embedding...):
+        # it serves embeddings only. A chat model pools as POOLING says, by default the mean of its
+        # last hidden states (see embeddings.py).
+        declared = {v: k for k, v in POOLING.items()}.get(int(self.metadata.get(f"{self.architecture}.pooling_type", 0)))
+        self.embedding_only = declared is not None
+        self.pooling = pooling or declared or "mean"
         self.ctx = None
         if not vocab_only:
             self.n_ctx = min(n_ctx or self.n_ctx_train, self.n_ctx_train)
@@ -112,6 +124,13 @@ class Model:
             cparams.n_ctx = self.n_ctx * parallel  # every sequence gets the full context length
             cparams.n_seq_max = parallel
             cparams.n_batch = cparams.n_ubatch = max(PROMPT_CHUNK, parallel)
+            if self.embedding_only:
+                # llama.cpp pools each input in the graph, which needs all of it in one ubatch (an
+                # encoder has no KV cache to go on from), so a batch is the whole context; its
+                # sequences share one KV stream, emptied after every batch.
+                cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = self.n_ctx
+                cparams.n_seq_max, cparams.kv_unified = EMBEDDING_SEQS, True
+                cparams.embeddings, cparams.pooling_type = True, POOLING[self.pooling]
             cparams.n_threads = cparams.n_threads_batch = n_threads
             cparams.flash_attn_type = FLASH_ATTN[flash_attn]
             cparams.no_perf = True
@@ -120,6 +139,10 @@ class Model:
                 raise ModelFileError(f"{path}: llama.cpp could not create a context of {n_ctx} tokens; lower N_CTX")
             self.memory = llama.llama_get_memory(self.ctx)
             self.n_batch = llama.llama_n_batch(self.ctx)
+
+    @property
+    def architecture(self) -> str:
+        return self.metadata.get("general.architecture", "")
 
     def _read_metadata(self) -> dict[str, str]:
         buf = ctypes.create_string_buffer(1 << 16)
@@ -150,11 +173,12 @@ class Model:
 
     # --- Tokens ---
 
-    def tokenize(self, text: str, special: bool = False) -> list[int]:
-        """Plain tokenization; with `special`, special-token texts become their tokens."""
+    def tokenize(self, text: str, special: bool = False, add_special: bool = False) -> list[int]:
+        """Plain tokenization; with `special`, special-token texts become their tokens; with
+        `add_special`, the BOS/EOS (BERT: CLS/SEP) the model's tokenizer adds around a text."""
         data = text.encode()
         buf = (llama.llama_token * (len(data) + 8))()
-        n = llama.llama_tokenize(self.vocab, data, len(data), buf, len(buf), False, special)
+        n = llama.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_special, special)
         return buf[:n]
 
     def tokenize_prompt(self, prompt: str, content_spans: list[tuple[int, int]] = ()) -> list[int]:
