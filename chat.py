@@ -14,14 +14,12 @@ import prompts
 import reasoning
 from access import request_info
 from logprobs import chat_logprobs
-from protocol import (AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, Delta, TemplateRequest,
-                      ToolCallDelta)
+from protocol import (CLIENT_CLOSED, AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, Delta,
+                      TemplateRequest, ToolCallDelta)
 from runs import Run
 from loading import Served
 from streaming import event_stream, include_usage, sse
 from tools import ToolPlan, answer, output_grammar, tool_plan
-
-CLIENT_CLOSED = 499  # as nginx logs it: the client went away before the answer
 
 
 class Job(NamedTuple):

@@ -12,9 +12,8 @@ from litestar import Request, Response
 
 import prompts
 from access import request_info
-from chat import CLIENT_CLOSED
 from logprobs import text_logprobs
-from protocol import APIError, Completion, CompletionRequest, TextChoice
+from protocol import CLIENT_CLOSED, APIError, Completion, CompletionRequest, TextChoice
 from runs import Run
 from loading import Served
 from streaming import event_stream, include_usage, sse

@@ -309,6 +309,7 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+CLIENT_CLOSED = 499  # as nginx logs it: the client went away before the answer (nobody reads this status)
 ERROR_TYPES = {429: "rate_limit_exceeded"}  # OpenAI types a 401 as invalid_request_error too
 
 

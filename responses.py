@@ -20,11 +20,11 @@ from litestar import Request, Response
 import chat
 import prompts
 from loading import Served
-from protocol import (APIError, ChatMessage, ContentPart, ChatRequest, FunctionCall, FunctionCallItem, FunctionDef, FunctionName,
-                      IncompleteDetails, InputItem, InputTokenCount, InputTokensDetails, JSONSchemaFormat,
-                      NamedToolChoice, OutputItem, OutputMessage, OutputText, OutputTokensDetails, ReasoningConfig,
-                      ReasoningItem, ReasoningText, ResponseError, ResponseFormat, ResponseObject, ResponsesInput,
-                      ResponsesRequest, ResponseUsage, StreamEvent, TextConfig, ToolCall, ToolDef, Usage)
+from protocol import (CLIENT_CLOSED, APIError, ChatMessage, ChatRequest, ContentPart, FunctionCall, FunctionCallItem,
+                      FunctionDef, FunctionName, IncompleteDetails, InputItem, InputTokenCount, InputTokensDetails,
+                      JSONSchemaFormat, NamedToolChoice, OutputItem, OutputMessage, OutputText, OutputTokensDetails,
+                      ReasoningConfig, ReasoningItem, ReasoningText, ResponseError, ResponseFormat, ResponseObject,
+                      ResponsesInput, ResponsesRequest, ResponseUsage, StreamEvent, TextConfig, ToolCall, ToolDef, Usage)
 from runs import Run
 from streaming import event_stream, sse
 from tools import ToolPlan, answer, tool_plan
@@ -302,7 +302,7 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
             return event_stream(owner.pop_all(), events(request, run, body, plan, response, conversation))
         results = await run.collect_unless_disconnected(request.receive)
     if results is None:
-        return Response(b"", status_code=chat.CLIENT_CLOSED)
+        return Response(b"", status_code=CLIENT_CLOSED)
     [choice] = results
     message, reason = answer(choice.text, choice.finish_reason, plan)
     calls = answered_calls(message, body)
