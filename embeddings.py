@@ -35,13 +35,12 @@ from litestar import Request, Response
 import engine
 from access import request_info
 from model import Model, llama
-from protocol import APIError, EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from protocol import CLIENT_CLOSED, APIError, EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 import runs
 
 if TYPE_CHECKING:
     from loading import Served
 
-CLIENT_CLOSED = 499  # as chat's: the client went away before the answer
 
 TIKTOKEN_HINT = ("token ids are this model's own; LangChain's OpenAIEmbeddings sends OpenAI's (tiktoken's) unless "
                  "created with check_embedding_ctx_length=False")
