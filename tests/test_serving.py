@@ -102,21 +102,27 @@ def single():
     s.stop()
 
 
-def test_abandoned_stream_stops_its_generation(single):
-    with httpx.stream("POST", f"{single.url}/v1/chat/completions", json=chat_body(max_tokens=1900, stream=True),
-                      timeout=60) as r:
+# 1900 tokens would take ~20 s: a request for them, on chat and on the Responses API
+LONG = {"/v1/chat/completions": chat_body(max_tokens=1900),
+        "/v1/responses": {"model": MODEL, "input": "Tell me a long story.", "max_output_tokens": 1900}}
+
+
+@pytest.mark.parametrize("path", LONG)
+def test_abandoned_stream_stops_its_generation(single, path):
+    with httpx.stream("POST", f"{single.url}{path}", json={**LONG[path], "stream": True}, timeout=60) as r:
         lines = r.iter_lines()
         for _ in range(6):
             next(lines)
-    # 1900 tokens would take ~20 s: leaving the stream frees the only sequence long before.
+    # leaving the stream frees the only sequence long before the 1900 tokens
     single.wait_metric("gguf_running", 0, timeout=10)
     r = httpx.post(f"{single.url}/v1/chat/completions", json=chat_body(max_tokens=5), timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
 
 
-def test_abandoned_non_streaming_request_stops_its_generation(single):
+@pytest.mark.parametrize("path", LONG)
+def test_abandoned_non_streaming_request_stops_its_generation(single, path):
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{single.url}/v1/chat/completions", json=chat_body(max_tokens=1900), timeout=0.5)
+        httpx.post(f"{single.url}{path}", json=LONG[path], timeout=0.5)
     single.wait_metric("gguf_running", 0, timeout=10)
     r = httpx.post(f"{single.url}/v1/chat/completions", json=chat_body(max_tokens=5), timeout=60)
     assert r.status_code == 200
