@@ -441,11 +441,13 @@ class ResponsesInput(msgspec.Struct, kw_only=True):
 
 
 class ResponsesRequest(ResponsesInput, kw_only=True):
-    """POST /v1/responses. Unknown fields are ignored as on chat (`include`,
-    `truncation`, `prompt_cache_key`...); `stop` and the penalties are not Responses fields."""
+    """POST /v1/responses. Unknown fields are ignored as on chat (`truncation`,
+    `prompt_cache_key`...); `stop` and the penalties are not Responses fields."""
 
     model: str
     stream: bool = False
+    include: list[str] | None = None  # of what OpenAI may add, only "message.output_text.logprobs" means anything here
+    top_logprobs: TopLogprobs | None = None
     store: bool = True
     max_output_tokens: Positive | None = None
     temperature: Temperature | None = None
@@ -545,6 +547,7 @@ class ResponseObject(msgspec.Struct, kw_only=True):
     tool_choice: str | ResponsesToolChoice
     parallel_tool_calls: bool
     text: TextConfig
+    top_logprobs: int | None = None
     previous_response_id: str | None
     store: bool
     metadata: dict[str, str]

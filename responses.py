@@ -19,17 +19,20 @@ from litestar import Request, Response
 
 import chat
 import prompts
+from logprobs import chat_logprobs
 from loading import Served
 from protocol import (CLIENT_CLOSED, APIError, ChatMessage, ChatRequest, ContentPart, FunctionCall, FunctionCallItem,
                       FunctionDef, FunctionName, IncompleteDetails, InputItem, InputTokenCount, InputTokensDetails,
                       JSONSchemaFormat, NamedToolChoice, OutputItem, OutputMessage, OutputText, OutputTokensDetails,
                       ReasoningConfig, ReasoningItem, ReasoningText, ResponseError, ResponseFormat, ResponseObject,
-                      ResponsesInput, ResponsesRequest, ResponseUsage, StreamEvent, TextConfig, ToolCall, ToolDef, Usage)
+                      ResponsesInput, ResponsesRequest, ResponseUsage, StreamEvent, TextConfig, TokenInfo, ToolCall, ToolDef,
+                      Usage)
 from runs import Run
 from streaming import event_stream, sse
 from tools import ToolPlan, answer, tool_plan
 
 TEXT_PARTS = ("input_text", "output_text", "text", "reasoning_text", "summary_text")
+LOGPROBS = "message.output_text.logprobs"  # in `include`: the answer's tokens' logprobs, as chat's `logprobs`
 
 # Where chat's code names a field, the field this API calls it.
 CHAT_PARAMS = {"messages": "input", "response_format": "text.format", "max_tokens": "max_output_tokens"}
@@ -108,7 +111,8 @@ def chat_request(body: ResponsesInput, history: list[InputItem], model: str) -> 
     append_messages(messages, input_items(body), "input")
     sampling = {} if not generates else dict(
         max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-        top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty)
+        top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
+        logprobs=LOGPROBS in (body.include or ()), top_logprobs=body.top_logprobs)
     return ChatRequest(model=model, messages=messages, tools=function_tools(body), tool_choice=chat_tool_choice(body),
                        parallel_tool_calls=body.parallel_tool_calls, response_format=response_format(body),
                        reasoning_effort=body.reasoning and body.reasoning.effort, **sampling)
@@ -169,8 +173,13 @@ def reasoning_item(thought: str, status: str) -> ReasoningItem:
     return ReasoningItem(id=f"rs_{uuid.uuid4().hex}", status=status, content=[ReasoningText(text=thought)])
 
 
-def message_item(text: str, status: str) -> OutputMessage:
-    return OutputMessage(id=f"msg_{uuid.uuid4().hex}", status=status, content=[OutputText(text=text)])
+def message_item(text: str, status: str, logprobs: list[TokenInfo] = ()) -> OutputMessage:
+    return OutputMessage(id=f"msg_{uuid.uuid4().hex}", status=status, content=[OutputText(text=text, logprobs=list(logprobs))])
+
+
+def output_logprobs(run: Run, body: ChatRequest, entries: list) -> list[TokenInfo]:
+    """Chat's logprobs entries are the Responses API's too (token, logprob, bytes, top_logprobs)."""
+    return chat_logprobs(run.served.model, entries).content if body.logprobs and entries else []
 
 
 def call_items(calls: list[ToolCall], status: str) -> list[FunctionCallItem]:
@@ -283,6 +292,7 @@ def new_response(served: Served, body: ResponsesRequest, chat_body: ChatRequest)
         output=[], instructions=body.instructions, max_output_tokens=body.max_output_tokens,
         temperature=sampling.temperature, top_p=sampling.top_p, tools=body.tools or [], tool_choice=body.tool_choice or "auto",
         parallel_tool_calls=body.parallel_tool_calls, text=body.text or TextConfig(), reasoning=body.reasoning or ReasoningConfig(),
+        top_logprobs=body.top_logprobs,
         previous_response_id=body.previous_response_id, store=body.store, metadata=body.metadata or {}, user=body.user,
     )
 
@@ -299,7 +309,7 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
         except APIError as e:
             raise as_responses_error(e) from None
         if body.stream:
-            return event_stream(owner.pop_all(), events(request, run, body, plan, response, conversation))
+            return event_stream(owner.pop_all(), events(request, run, body, chat_body, plan, response, conversation))
         results = await run.collect_unless_disconnected(request.receive)
     if results is None:
         return Response(b"", status_code=CLIENT_CLOSED)
@@ -309,7 +319,8 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
     status = status_of(reason)
     thought_status = "completed" if message.content or calls else status  # or it was cut off while thinking
     output = [*([reasoning_item(choice.reasoning, thought_status)] if choice.reasoning else []),
-              *([message_item(message.content or "", status)] if message.content or not calls else []),
+              *([message_item(message.content or "", status, output_logprobs(run, chat_body, choice.logprobs))]
+                if message.content or not calls else []),
               *call_items(calls, status)]
     finish(response, output, reason, run.usage())
     if body.store:
@@ -317,8 +328,8 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
     return Response(response)
 
 
-async def events(request: Request, run: Run, body: ResponsesRequest, plan: ToolPlan, response: ResponseObject,
-                 conversation: list[InputItem]) -> AsyncIterator[bytes]:
+async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: ChatRequest, plan: ToolPlan,
+                 response: ResponseObject, conversation: list[InputItem]) -> AsyncIterator[bytes]:
     """The Responses stream: the response created and in progress, then its output items as
     they come (a thinking model's reasoning item, then the message's text delta by delta; with
     tools, text that may begin a call is held as on chat and sent as function_call items at
@@ -338,15 +349,17 @@ async def events(request: Request, run: Run, body: ResponsesRequest, plan: ToolP
                 event("response.content_part.added", item_id=item.id, **where, content_index=0,
                       part=type(item.content[0])(text=""))]
 
-    def delta(item: ReasoningItem | OutputMessage, kind: str, text: str) -> bytes:
+    def delta(item: ReasoningItem | OutputMessage, kind: str, text: str, logprobs: list[TokenInfo] = ()) -> bytes:
         item.content[0].text += text
-        extra = {"logprobs": []} if kind == "output_text" else {}
+        extra = {"logprobs": list(logprobs)} if kind == "output_text" else {}
+        if logprobs:
+            item.content[0].logprobs += logprobs
         return event(f"response.{kind}.delta", item_id=item.id, output_index=output.index(item), content_index=0,
                      delta=text, **extra)
 
     def closed(item: ReasoningItem | OutputMessage, kind: str, status: str) -> list[bytes]:
         item.status, part, where = status, item.content[0], dict(output_index=output.index(item))
-        extra = {"logprobs": []} if kind == "output_text" else {}
+        extra = {"logprobs": part.logprobs} if kind == "output_text" else {}
         return [event(f"response.{kind}.done", item_id=item.id, **where, content_index=0, text=part.text, **extra),
                 event("response.content_part.done", item_id=item.id, **where, content_index=0, part=part),
                 event("response.output_item.done", **where, item=item)]
@@ -355,8 +368,10 @@ async def events(request: Request, run: Run, body: ResponsesRequest, plan: ToolP
     yield event("response.in_progress", response=response)
     spotter, output = chat.CallSpotter(forced=plan.forced is not None), []
     thought, message, calls, reason = None, None, [], "stop"
+    entries = []  # logprobs of tokens whose text has not been sent yet
     try:
         async for _, step in run:
+            entries += step.logprobs
             if step.reasoning:
                 if thought is None:
                     thought = reasoning_item("", "in_progress")
@@ -374,7 +389,8 @@ async def events(request: Request, run: Run, body: ResponsesRequest, plan: ToolP
                     message = message_item("", "in_progress")
                     for sent in opened(message):
                         yield sent
-                yield delta(message, "output_text", text)
+                yield delta(message, "output_text", text, output_logprobs(run, chat_body, entries))
+                entries = []
     except APIError as e:
         response.status, response.error = "failed", ResponseError(code=e.code or "server_error", message=e.message)
         yield event("response.failed", response=response)

@@ -38,6 +38,21 @@ def test_plain_text_response(client):
     assert r.tool_choice == "auto" and r.parallel_tool_calls and r.text.format.type == "text" and r.store
 
 
+def test_logprobs_when_included_are_chats(client):
+    include = ["message.output_text.logprobs", "reasoning.encrypted_content"]  # the second means nothing here
+    r = create(client, max_output_tokens=6, temperature=0, include=include, top_logprobs=2)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=6,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    logprobs = r.output[0].content[0].logprobs
+    assert [(lp.token, lp.logprob, [t.token for t in lp.top_logprobs]) for lp in logprobs] == [
+        (lp.token, lp.logprob, [t.token for t in lp.top_logprobs]) for lp in chat.choices[0].logprobs.content]
+    assert "".join(lp.token for lp in logprobs) == r.output_text and r.top_logprobs == 2
+    events = list(create(client, max_output_tokens=6, temperature=0, include=include, top_logprobs=2, stream=True))
+    streamed = [lp.token for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert streamed == [lp.token for lp in logprobs]
+    assert create(client, max_output_tokens=6, temperature=0).output[0].content[0].logprobs == []
+
+
 def test_max_output_tokens_makes_it_incomplete(client):
     r = create(client, input="Write a long story about a dragon.", max_output_tokens=5)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"

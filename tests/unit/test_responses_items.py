@@ -201,7 +201,7 @@ def test_a_thought_then_an_answer_stream_as_two_items():
                                ResponseObject)
 
     async def sent():
-        return [b async for b in responses.events(None, run, body, responses.tool_plan(chat_body), response, [])]
+        return [b async for b in responses.events(None, run, body, chat_body, responses.tool_plan(chat_body), response, [])]
 
     events = [msgspec.json.decode(block.split(b"\ndata: ")[1]) for block in asyncio.run(sent())]
     assert [(e["type"], e.get("output_index")) for e in events] == [
