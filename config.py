@@ -53,6 +53,7 @@ class Config:
     n_ctx: int
     n_threads: int
     parallel: int
+    kv_cache: tuple[str, str]  # KV_CACHE_TYPE_K, KV_CACHE_TYPE_V: what the KV cache stores keys and values as
     flash_attn: str
     pooling: str | None  # POOLING: how inputs become one embedding (None: the model's, else mean)
     matryoshka: bool
@@ -79,6 +80,9 @@ class ConfigError(Exception):
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 FLASH_ATTN_MODES = ("auto", "on", "off")  # as llama-server's --flash-attn; model.FLASH_ATTN maps them
+# as llama-server's --cache-type-k/-v (model.KV_CACHE_TYPES maps them): bytes per cached value
+# 4, 2, 2, ~1.06, 0.56, 0.63, 0.69, 0.75
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 POOLINGS = ("mean", "cls", "last")  # as llama-server's --pooling (none and rank give no embedding); model.POOLING maps them
 
 
@@ -111,6 +115,7 @@ def load_config(env: dict[str, str]) -> Config:
     pooling = env.get("POOLING") or None
     if pooling not in (None, *POOLINGS):
         raise ConfigError(f"POOLING={pooling!r} is not one of: {', '.join(POOLINGS)}")
+    kv_cache = kv_cache_types(env, flash_attn)
     model_id = entry.id or key
     return Config(
         model_path=path,
@@ -119,6 +124,7 @@ def load_config(env: dict[str, str]) -> Config:
         n_ctx=_int(env, "N_CTX", entry.n_ctx),
         n_threads=_int(env, "N_THREADS", entry.threads) or available_cpus(),
         parallel=_int(env, "PARALLEL", 4),
+        kv_cache=kv_cache,
         flash_attn=flash_attn,
         pooling=pooling,
         matryoshka=entry.matryoshka,
@@ -137,6 +143,23 @@ def load_config(env: dict[str, str]) -> Config:
         responses_store_max=_int(env, "RESPONSES_STORE_MAX", 1000),
         responses_store_ttl_s=float(_int(env, "RESPONSES_STORE_TTL_S", 3600)),
     )
+
+
+def kv_cache_types(env: dict[str, str], flash_attn: str) -> tuple[str, str]:
+    """KV_CACHE_TYPE sets both, KV_CACHE_TYPE_K and KV_CACHE_TYPE_V each (f16 by default, as
+    llama-server's). llama.cpp stores quantized values only with flash attention."""
+    both = env.get("KV_CACHE_TYPE", "f16")
+    types = []
+    for name in ("KV_CACHE_TYPE_K", "KV_CACHE_TYPE_V"):
+        value = env.get(name, both)
+        if value not in KV_CACHE_TYPES:
+            shown = name if name in env else "KV_CACHE_TYPE"
+            raise ConfigError(f"{shown}={value!r} is not one of: {', '.join(KV_CACHE_TYPES)}")
+        types.append(value)
+    if types[1] not in ("f32", "f16", "bf16") and flash_attn == "off":
+        raise ConfigError(f"KV_CACHE_TYPE_V={types[1]} needs flash attention (llama.cpp quantizes V only with it): "
+                          "set FLASH_ATTN=auto or on, or keep V in f16")
+    return types[0], types[1]
 
 
 def api_keys(env: dict[str, str]) -> tuple[str, ...]:

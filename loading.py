@@ -81,7 +81,7 @@ def start_loading(config: Config) -> concurrent.futures.Future:
 
     def read() -> None:
         try:
-            model = Model(config.model_path, config.n_ctx, config.n_threads, config.parallel,
+            model = Model(config.model_path, config.n_ctx, config.n_threads, config.parallel, kv_cache=config.kv_cache,
                                  flash_attn=config.flash_attn, pooling=config.pooling)
             loaded.set_result((model, started))
         except BaseException as e:

@@ -69,6 +69,11 @@ llama.llama_backend_init()
 FLASH_ATTN = {"auto": llama.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama.LLAMA_FLASH_ATTN_TYPE_ENABLED,
               "off": llama.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 
+# KV_CACHE_TYPE_K/_V's values, as llama-server's --cache-type-k/-v (ggml's type numbers; bf16 is 30).
+KV_CACHE_TYPES = {"f32": llama.GGML_TYPE_F32, "f16": llama.GGML_TYPE_F16, "bf16": 30, "q8_0": llama.GGML_TYPE_Q8_0,
+                  "q4_0": llama.GGML_TYPE_Q4_0, "q4_1": llama.GGML_TYPE_Q4_1, "q5_0": llama.GGML_TYPE_Q5_0,
+                  "q5_1": llama.GGML_TYPE_Q5_1}
+
 # A prompt is computed this many tokens a step, in the same chunks whether it runs alone or beside
 # others. Measured with SmolLM2 on 2 cores: 128-token chunks compute a prompt as fast as 512-token
 # ones (178 and 172 tokens/s), and while someone else's 1000-token prompt is computed a running
@@ -87,6 +92,7 @@ class Model:
     """A loaded GGUF: its vocabulary, metadata and (unless vocab_only) weights and context."""
 
     def __init__(self, path: Path, n_ctx: int = 0, n_threads: int = 1, parallel: int = 1, vocab_only: bool = False,
+                 kv_cache: tuple[str, str] = ("f16", "f16"),
                  flash_attn: str = "auto", pooling: str | None = None):
         check_model_file(path)
         params = llama.llama_model_default_params()
@@ -133,6 +139,7 @@ class Model:
                 cparams.embeddings, cparams.pooling_type = True, POOLING[self.pooling]
             cparams.n_threads = cparams.n_threads_batch = n_threads
             cparams.flash_attn_type = FLASH_ATTN[flash_attn]
+            cparams.type_k, cparams.type_v = (KV_CACHE_TYPES[t] for t in kv_cache)
             cparams.no_perf = True
             self.ctx = llama.llama_init_from_model(self.model, cparams)
             if not self.ctx:
