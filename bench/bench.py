@@ -332,6 +332,12 @@ def kernel_ceiling(binary: Path, args, clients: int) -> float | None:
         return None
 
 
+def ratio(figure: dict) -> float | None:
+    """gguf-serve's figure over llama-server's."""
+    a, b = (figure.get(n) for n in PAIRED)
+    return a / b if a is not None and b else None
+
+
 def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, out: dict) -> None:
     """Both servers loaded side by side (idle, 0% CPU, while the other one works), then args.paired pairs
     of bursts, one on each, alternating which goes first: each pair sees the same host speed, which on
@@ -360,35 +366,51 @@ def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, o
             order = PAIRED if i % 2 == 0 else PAIRED[::-1]
 
             def pair(attempt):
-                # on each server a single-client burst right before its concurrent one: their ratio is
-                # the server's own scaling, measured on the same host as each other
+                # On each server, in turn: a fresh start to its first answer (the loaded one idles), one
+                # non-streamed request, a single streaming client (its tok/s and time to first token),
+                # then the concurrent burst; its process tree's peak RSS after that work. The single
+                # client's burst and the concurrent one measure the server's own scaling on one host state.
                 first = 20_000 + stride * 4 * (3 * i + attempt)
-                singles, bursts = {}, {}
+                singles, bursts, plain, starts, rss = {}, {}, {}, {}, {}
                 for k, name in enumerate(order):
+                    starts[name] = restart(name, *commands[name], args, eog, logdir, 100 * (i + 1) + attempt) \
+                        if args.paired_starts else None
+                    with httpx.Client(timeout=benches[name].timeout) as client:
+                        plain[name] = benches[name].complete(client, first + stride * 2 * k + stride // 2)
+                    plain[name]["tokens_ok"] = full_run(plain[name], args.max_tokens)
                     singles[name] = burst(name, benches[name], 1, args, first + stride * 2 * k)
                     bursts[name] = burst(name, benches[name], clients, args, first + stride * (2 * k + 1))
+                    rss[name] = peak_rss(procs[PAIRED.index(name)].pid)["total_mb"]
                 ceiling = kernel_ceiling(binary, args, clients)
                 agg = {name: bursts[name]["agg_tps"] for name in PAIRED}
                 single = {name: singles[name]["agg_tps"] for name in PAIRED}
+                ttft = {name: (lambda v: v * 1000 if v is not None else None)(singles[name]["runs"][0]["ttft_s"])
+                        for name in PAIRED}
+                figures = {"nonstream_tps": {n: plain[n]["tps"] for n in PAIRED}, "stream_tps": single,
+                           "ttft_ms": ttft, "first_answer_s": starts, "peak_rss_mb": rss, "agg_tps": agg}
                 return {"pair": i + 1, "order": list(order), "agg_tps": agg, "single_tps": single,
                         "scaling": {n: agg[n] / single[n] if single[n] else None for n in PAIRED},
                         "ttft_mean_ms": {n: (lambda v: v * 1000 if v is not None else None)(bursts[n]["ttft_mean_s"])
                                          for n in PAIRED},
                         "ratio": agg[PAIRED[0]] / agg[PAIRED[1]] if agg[PAIRED[1]] else None,
-                        "kernel_ceiling": ceiling,
-                        "tokens_ok": all(c["tokens_ok"] for c in [*bursts.values(), *singles.values()]),
-                        "bursts": bursts, "single_bursts": singles}
+                        "figures": figures, "ratios": {key: ratio(v) for key, v in figures.items()},
+                        "kernel_ceiling": ceiling, "loadavg": os.getloadavg()[0],
+                        "tokens_ok": all(c["tokens_ok"] for c in [*bursts.values(), *singles.values(), *plain.values()]),
+                        "bursts": bursts, "single_bursts": singles, "nonstream": plain}
 
             wait_idle(args.wait_idle)
             attempts = until_quiet(pair, [p.pid for p in procs], args.wait_idle, f"pair {i + 1}")
             p = attempts[-1]
             p["quiet"], p["redone"] = p["other_cpu_pct"] < QUIET, attempts[:-1]
             out["pairs"].append(p)
+            f, r = p["figures"], p["ratios"]
             print(f"   pair {i + 1}, {order[0]} first: " + "; ".join(
-                f"{n} {p['agg_tps'][n]:.1f} tok/s ({fmt(p['scaling'][n], '{:.2f}')}x its 1 client), "
-                f"TTFT {fmt(p['ttft_mean_ms'][n], '{:.0f}')} ms" for n in PAIRED)
-                + f"; ratio {fmt(p['ratio'], '{:.3f}')}; llama.cpp alone {fmt(p['kernel_ceiling'], '{:.2f}')}x"
-                + f"; others {p['other_cpu_pct']:.0f}% CPU", flush=True)
+                f"{n} {f['nonstream_tps'][n]:.1f} / {f['stream_tps'][n]:.1f} tok/s, TTFT {fmt(f['ttft_ms'][n], '{:.0f}')} ms, "
+                f"start {fmt(f['first_answer_s'][n], '{:.2f}')} s, {f['peak_rss_mb'][n]:.0f} MiB, "
+                f"{clients} clients {p['agg_tps'][n]:.1f} tok/s ({fmt(p['scaling'][n], '{:.2f}')}x)" for n in PAIRED)
+                + "; ratios " + ", ".join(f"{k} {fmt(v, '{:.3f}')}" for k, v in r.items())
+                + f"; llama.cpp alone {fmt(p['kernel_ceiling'], '{:.2f}')}x"
+                + f"; others {p['other_cpu_pct']:.0f}% CPU, load {p['loadavg']:.2f}", flush=True)
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"
         print(f"   FAILED: {out['error']}", flush=True)
@@ -421,6 +443,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="about a minute: fewer repeats, only 4 clients, never builds")
     ap.add_argument("--paired", type=int, metavar="N", help="N pairs of alternating bursts on gguf-serve and "
                     "llama-server-np4, both loaded side by side (see above); only those two servers")
+    ap.add_argument("--no-paired-starts", dest="paired_starts", action="store_false",
+                    help="--paired: skip the fresh start of each server in every pair (start -> first answer)")
     ap.add_argument("--json", type=Path, help="where to write every measurement (default bench/results.json; "
                     "with --paired bench/paired.json)")
     ap.add_argument("--plot", type=Path, help="write a PNG bar chart (needs matplotlib)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from procs import QUIET
-from stats import PAIRED, SCALING_TARGET, TARGET, full_run, med, paired_summary
+from stats import FIGURES, PAIRED, SCALING_TARGET, TARGET, full_run, med, paired_summary
 
 
 def metrics(r: dict | None) -> dict:
@@ -165,17 +165,30 @@ def paired_report(paired: dict, args) -> str:
                    f"{s['pairs_redone']} (the summary uses the undisturbed pairs: {s['pairs_used']} of {s['pairs']})")
     if s["all_disturbed"]:
         out.append("WARNING: no pair could be measured undisturbed; the summary uses disturbed pairs")
-    out.append(f"Pairs of bursts (on each server 1 streaming client, then {paired['clients']} concurrent ones, each "
-               f"x {paired['rounds']} request(s) of {args.max_tokens} tokens), both servers loaded throughout, "
-               f"alternating which goes first:")
+    out.append(f"Pairs (on each server in turn: a fresh start to its first answer, one request, 1 streaming client, "
+               f"then {paired['clients']} concurrent ones, each x {paired['rounds']} request(s) of {args.max_tokens} tokens), "
+               f"both servers loaded throughout, alternating which goes first:")
     out.append(table([[str(p["pair"]), p["order"][0]]
-                      + [f"{p['single_tps'][n]:.1f} / {p['agg_tps'][n]:.1f} = {fmt(p['scaling'][n], '{:.2f}')}" for n in PAIRED]
-                      + [fmt(p["ttft_mean_ms"][n], "{:.0f}") for n in PAIRED]
-                      + [fmt(p["ratio"], "{:.3f}"), fmt(p.get("kernel_ceiling"), "{:.2f}"),
+                      + [f"{fmt(p['figures']['nonstream_tps'][n], '{:.1f}')} / {p['single_tps'][n]:.1f} / {p['agg_tps'][n]:.1f}"
+                         for n in PAIRED]
+                      + [f"{fmt(p['figures']['ttft_ms'][n], '{:.0f}')} / {fmt(p['ttft_mean_ms'][n], '{:.0f}')}" for n in PAIRED]
+                      + [f"{fmt(p['figures']['first_answer_s'][n], '{:.2f}')}" for n in PAIRED]
+                      + [f"{p['figures']['peak_rss_mb'][n]:.0f}" for n in PAIRED]
+                      + [fmt(p.get("kernel_ceiling"), "{:.2f}"), f"{p['loadavg']:.2f}",
                          f"{p['other_cpu_pct']:.0f}" + ("" if p["quiet"] else " (disturbed)")]
-                      for p in pairs],
-                     ["pair", "first"] + [f"{n} tok/s: 1 / {paired['clients']} clients" for n in PAIRED]
-                     + [f"{n} TTFT ms" for n in PAIRED] + ["ratio", "llama.cpp alone", "others' CPU %"]))
+                      for p in pairs if p.get("figures")],
+                     ["pair", "first"] + [f"{n} tok/s: 1 req / 1 stream / {paired['clients']} cl" for n in PAIRED]
+                     + [f"{n} TTFT ms: 1 / {paired['clients']} cl" for n in PAIRED]
+                     + [f"{n} start s" for n in PAIRED] + [f"{n} RSS MiB" for n in PAIRED]
+                     + ["llama.cpp alone", "load", "others' CPU %"]))
+    if s.get("ratios"):
+        out.append(f"\nHeadline figures, {PAIRED[0]} / {PAIRED[1]} pair by pair ({s['pairs_used']} pairs; tok/s: >1 is "
+                   f"better, the rest: <1 is better; load average during the pairs {fmt(s['loadavg'].get('median'), '{:.2f}')}, "
+                   f"{fmt(s['loadavg'].get('min'), '{:.2f}')}-{fmt(s['loadavg'].get('max'), '{:.2f}')}):")
+        out.append(table([[FIGURES[k]] + [fmt(s["figures"][k][n].get("median"), "{:.4g}") for n in PAIRED]
+                          + [fmt(r.get(x), "{:.3f}") for x in ("median", "min", "max", "mean")] + [str(r.get("n", 0))]
+                          for k, r in s["ratios"].items()],
+                         ["figure"] + [f"{n} median" for n in PAIRED] + ["ratio median", "min", "max", "mean", "pairs"]))
     out.append(f"\nMedians over {s['pairs_used']} pairs (aggregate tok/s of the burst; mean TTFT within the concurrent one):")
     ok = {n: sum(p["bursts"][n]["tokens_ok"] + p["single_bursts"][n]["tokens_ok"] for p in pairs) for n in PAIRED}
     out.append(table([[n, fmt(s[n]["single_tps"]["median"], "{:.1f}")]
@@ -192,6 +205,9 @@ def paired_report(paired: dict, args) -> str:
     out.append(table([[name] + [fmt(r.get(k), "{:.3f}") for k in ("median", "mean", "min", "max")]
                       + [f"{at}/{r.get('n', 0)} >= {target}"] for name, r, at, target in rows],
                      ["ratio", "median", "mean", "min", "max", "pairs at target"]))
+    if s.get("runs_tokens_ok", 2 * len(pairs)) < 2 * len(pairs):
+        out.append(f"WARNING: {2 * len(pairs) - s['runs_tokens_ok']} non-streamed request(s) did not make exactly "
+                   f"{args.max_tokens} tokens")
     if s["bursts_tokens_ok"] < 4 * len(pairs):
         out.append(f"WARNING: {4 * len(pairs) - s['bursts_tokens_ok']} burst(s) did not make exactly "
                    f"{args.max_tokens} tokens per request (see the lines NOT ... above and the JSON)")

@@ -9,6 +9,12 @@ TARGET = 0.95  # the continuous-batching goal: gguf-serve's 4-client aggregate >
 SCALING_TARGET = 1.5  # and >= 1.5x gguf-serve's own single-client aggregate
 
 
+# --paired's headline figures (higher is better for tok/s, lower for the rest), in the report's order
+FIGURES = {"nonstream_tps": "tok/s, one request", "stream_tps": "tok/s streamed, one client", "ttft_ms": "time to first token, ms",
+           "first_answer_s": "start → first answer, s", "peak_rss_mb": "peak RSS, MiB (process tree)",
+           "agg_tps": "tok/s, 4 clients"}
+
+
 def summary(values: list[float]) -> dict:
     values = [v for v in values if v is not None]
     if not values:
@@ -47,7 +53,14 @@ def paired_summary(pairs: list[dict]) -> dict:
     out = {"pairs": len(pairs), "pairs_used": len(used), "all_disturbed": bool(pairs) and not any(p["quiet"] for p in pairs),
            "pairs_redone": sum(p["attempts"] > 1 for p in pairs), "target": TARGET,
            "ratio": summary(ratios), "pairs_at_target": sum(r >= TARGET for r in ratios),
-           "bursts_tokens_ok": sum(c["tokens_ok"] for p in pairs for c in [*p["bursts"].values(), *p["single_bursts"].values()])}
+           "bursts_tokens_ok": sum(c["tokens_ok"] for p in pairs for c in [*p["bursts"].values(), *p["single_bursts"].values()]),
+           "runs_tokens_ok": sum(c["tokens_ok"] for p in pairs for c in (p.get("nonstream") or {}).values())}
+    # every headline figure of each server, and gguf-serve's over llama-server's pair by pair
+    keys = [k for k in FIGURES if any(k in (p.get("figures") or {}) for p in used)]
+    out["figures"] = {k: {n: summary([p["figures"][k][n] for p in used if p.get("figures")]) for n in PAIRED} for k in keys}
+    out["ratios"] = {k: summary([p["ratios"][k] for p in used if p.get("ratios")]) for k in keys}
+    loads = [p["loadavg"] for p in pairs if p.get("loadavg") is not None]
+    out["loadavg"] = summary(loads)
     for name in PAIRED:
         scaling = [p["scaling"][name] for p in used if p["scaling"][name] is not None]
         out[name] = {"agg_tps": summary([p["agg_tps"][name] for p in used]),

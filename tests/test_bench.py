@@ -2,8 +2,10 @@
 vary with the machine); only that it measures and that every run produced its tokens."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +34,22 @@ def test_join_benchmark_runs():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "round 1: longest pause" in run.stdout
     assert run.stdout.splitlines()[-1].startswith("gguf-serve ")
+
+
+def test_paired_benchmark_runs(tmp_path):
+    """--paired: every headline figure of gguf-serve and llama-server -np 4, pair by pair. It needs
+    llama-server built (`python bench/bench.py` builds it once, 10-15 minutes), so it is skipped
+    where nobody has built it."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gguf-serve" / "llama-server-build" / "bin"
+    if not all(os.access(cache / tool, os.X_OK) for tool in ("llama-server", "llama-batched-bench")):
+        pytest.skip(f"llama-server is not built in {cache}: python bench/bench.py builds it")
+    out = tmp_path / "paired.json"
+    run = subprocess.run([sys.executable, ROOT / "bench" / "bench.py", "--paired", "1", "--max-tokens", "16", "--no-build",
+                          "--wait-idle", "2", "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    [pair] = json.loads(out.read_text())["paired"]["pairs"]
+    assert pair["tokens_ok"]
+    for figure in ("nonstream_tps", "stream_tps", "ttft_ms", "first_answer_s", "peak_rss_mb", "agg_tps"):
+        assert all(pair["figures"][figure][name] > 0 for name in ("gguf-serve", "llama-server-np4")), figure
+        assert pair["ratios"][figure] > 0
+    assert "Headline figures" in run.stdout and "start → first answer" in run.stdout
