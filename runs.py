@@ -69,6 +69,7 @@ class Run:
         self.n_choices = 1  # choices for each prompt
         self.aborted: APIError | None = None
         self.started = self.last_token = time.perf_counter()
+        self.whole = False  # only the finished text is read (collect): the engine holds the events
 
     async def __aenter__(self) -> Run:
         held = self.runs.held()
@@ -134,7 +135,7 @@ class Run:
         if "ttft_s" not in self.info:
             self.info["ttft_s"] = round(now - self.started, 4)
             self.metrics.ttft.observe(now - self.started)
-        else:
+        elif not self.whole:  # a whole run's events come together at its end: no inter-token time
             self.metrics.inter_token.observe(now - self.last_token)
         self.last_token = now
 
@@ -158,6 +159,12 @@ class Run:
         self.events.put_nowait((ABORT, engine.Event("", "aborted")))
 
     async def collect(self) -> list[Choice]:
+        """Each choice's whole text: the engine is told so, and merges a choice's events after
+        its first into the one that ends it."""
+        self.whole = True
+        for gen in self.generations:
+            if isinstance(gen, engine.Generation):
+                gen.stream = False
         choices = [Choice() for _ in self.generations]
         async for i, event in self:
             choices[i].text += event.text
