@@ -1,26 +1,23 @@
 #!/usr/bin/env python3
-"""Where one token's time goes, in process, layer by layer: no HTTP client, no granian.
+"""Where one token's time goes, in process: llama.cpp alone, then the engine around it.
 
     python bench/tokentime.py                 # SmolLM2, 2 threads, 128 tokens, 5 repeats per layer
     python bench/tokentime.py --model x.gguf --tokens 256 --reps 3
 
-Each layer is the one below plus one thing, so the differences of their per-token times are
-what that thing costs (medians of --reps runs of one greedy 128-token generation each):
+Each layer is the one below plus one thing, so the difference of their per-token times is
+what that thing costs (medians of --reps runs of one greedy generation each, the bench's logit
+bias on end-of-generation tokens):
 
   C loop     llama_decode of one token, then llama.cpp's greedy sampler, in a bare Python loop:
              the floor of any server on these bindings
   engine     engine.Engine on a real asyncio loop, events collected by a plain callback:
              + batch filling, sampling (argmax of the biased logits), detokenization, stop
              scanning, the Event and its delivery to the event loop
-  app        service.create_app's ASGI app driven in process (a fake ASGI server that keeps the
-             bytes): + the access gate, Litestar, request parsing and prompt building (once),
-             the Run, chat's chunk shaping and msgspec encoding, streamed and not
 
-Within the engine layer each piece is timed on its own on the decode thread (perf_counter_ns
-around llama_decode, the batch filling, _sample and _deliver), and the event loop's CPU time
-per token is read from the loop thread (time.thread_time) for the app layer. granian (HTTP
-parsing, its Rust runtime and the socket) is what `bench.py --paired` adds on top: compare its
-single-stream figures with the app layer's.
+Within the engine layer each piece is timed on the decode thread (perf_counter_ns around
+llama_decode, the batch filling, _sample and _deliver). What HTTP adds (Litestar, the run,
+chunk shaping, granian) is the difference between the engine layer and `bench.py --paired`'s
+single-stream figures.
 """
 
 from __future__ import annotations
@@ -157,82 +154,6 @@ def engine_layer(model, prompt: list[int], tokens: int, bias: dict[int, float], 
             **{k + "_us": statistics.median(p[k] for p in per_step) for k in per_step[0]}}
 
 
-async def asgi(app, method: str, path: str, body: dict | None = None) -> tuple[int, list[bytes]]:
-    """One request through an ASGI app in process: status and the body's parts."""
-    data = json.dumps(body).encode() if body is not None else b""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"localhost"), (b"content-type", b"application/json"),
-                         (b"content-length", str(len(data)).encode())],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
-    sent, status, parts = False, 0, []
-    gone = asyncio.Event()
-
-    async def receive():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": data, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            parts.append(message.get("body", b""))
-
-    await app(scope, receive, send)
-    gone.set()
-    return status, parts
-
-
-def app_layer(model_path: Path, args, bias: dict[int, float]) -> dict:
-    os.environ.update(MODEL=str(model_path), N_THREADS=str(args.threads), N_CTX=str(args.ctx), PARALLEL="4")
-    import service
-
-    app = service.create_app(dict(os.environ))
-    path_id = app.state.config.model_id if hasattr(app, "state") else model_path.stem
-    out = {}
-
-    async def run():
-        startup = asyncio.Queue()
-        await startup.put({"type": "lifespan.startup"})
-        started = asyncio.get_running_loop().create_future()
-
-        async def send(message):
-            if message["type"].startswith("lifespan.startup") and not started.done():
-                started.set_result(message["type"])
-
-        async def receive():
-            return await startup.get()
-
-        life = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send))
-        await started
-        while (await asgi(app, "GET", "/ready"))[0] != 200:
-            await asyncio.sleep(0.05)
-        for stream in (False, True):
-            walls, cpus = [], []
-            for rep in range(args.reps + 1):
-                body = {"model": path_id, "messages": messages_for(30_000 + rep + 100 * stream), "max_tokens": args.tokens,
-                        "temperature": 0, "logit_bias": {str(k): v for k, v in bias.items()}, "stream": stream}
-                c0, t0 = time.thread_time(), time.perf_counter()
-                status, parts = await asgi(app, "POST", "/v1/chat/completions", body)
-                wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
-                assert status == 200, parts
-                if rep:
-                    walls.append(wall / args.tokens * 1e6)
-                    cpus.append(cpu / args.tokens * 1e6)
-            out["streamed" if stream else "non-streamed"] = {"us_per_token": statistics.median(walls),
-                                                             "loop_cpu_us": statistics.median(cpus)}
-        await startup.put({"type": "lifespan.shutdown"})
-        await asyncio.wait_for(life, 30)
-
-    asyncio.run(run())
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path)
@@ -240,7 +161,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--layers", default="c,engine,app")
+    ap.add_argument("--layers", default="c,engine")
     args = ap.parse_args()
     path = (args.model or default_model()).resolve()
     bias = {t: -100.0 for t in inspect_model(path)["eog"]}
@@ -258,8 +179,6 @@ def main() -> None:
         if "engine" in layers:
             results["engine"] = engine_layer(model, prompt, args.tokens, bias, args.reps)
         del model
-    if "app" in layers:
-        results.update({f"app, {k}": v for k, v in app_layer(path, args, bias).items()})
     print(f"load average {os.getloadavg()[0]:.2f}")
     for name, r in results.items():
         print(f"{name:22s} " + "  ".join(f"{k} {v:.1f}" for k, v in r.items()))
