@@ -36,6 +36,18 @@ def test_join_benchmark_runs():
     assert run.stdout.splitlines()[-1].startswith("gguf-serve ")
 
 
+def test_embeddings_benchmark_runs(tmp_path):
+    out = tmp_path / "embeddings.json"
+    run = subprocess.run([sys.executable, ROOT / "bench" / "embeddings.py", "--servers", "gguf-serve", "--pairs", "1",
+                          "--short", "8", "--long", "2", "--long-tokens", "120", "--wait-idle", "10", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["short"]["gguf-serve"] > 0 and results["long"]["gguf-serve"] > 0
+    assert results["gguf-serve"]["rss_after_mb"] > 0
+    assert "8 short texts" in run.stdout and "gguf-serve resident memory" in run.stdout
+
+
 def test_paired_benchmark_runs(tmp_path):
     """--paired: every headline figure of gguf-serve and llama-server -np 4, pair by pair. It needs
     llama-server built (`python bench/bench.py` builds it once, 10-15 minutes), so it is skipped
