@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -112,7 +111,6 @@ class EmbeddingJob:
 
     inputs: list[list[int]]
     emit: Callable[[engine.Event], None]
-    deadline: float
     cancelled: bool = False  # set by the request's run when it ends
     vectors: np.ndarray | None = None  # one row per input, filled in the decode thread
     begun: int = 0  # inputs given a sequence so far
@@ -170,9 +168,11 @@ class Embedder:
     def step(self, slots: list) -> None:
         """One batch: inputs already begun go on, new ones begin in free sequences (a chat model's:
         slots with no generation, those caching the least first), oldest job first."""
-        for job in [job for job in self.jobs if job.cancelled or time.monotonic() > job.deadline]:
-            self._end(job, engine.Event("", "cancelled") if job.cancelled else engine.Event(
-                "the embeddings took longer than REQUEST_TIMEOUT_S", "error"))
+        # No time limit, unlike a generation's REQUEST_TIMEOUT_S: an embedding has no partial answer
+        # to end with. Its size bounds it (2048 inputs of at most N_CTX tokens, MAX_BODY_BYTES), and
+        # it stops when its client leaves.
+        for job in [job for job in self.jobs if job.cancelled]:
+            self._end(job, engine.Event("", "cancelled"))
         if self.chunked:
             free = sorted((s for s in slots if s.gen is None and s.seq_id not in self.held), key=lambda s: len(s.cached))
         else:
@@ -276,7 +276,7 @@ async def respond(request: Request, served: Served, body: EmbeddingRequest) -> R
     async with runs.Run(state.runs, served, 1, state.metrics, info) as run:
         inputs = await asyncio.to_thread(input_tokens, body.input, lambda text: model.tokenize(text, add_special=True),
                                          model.n_vocab, model.n_ctx)
-        job = EmbeddingJob(inputs, emit=None, deadline=time.monotonic() + served.config.request_timeout_s)
+        job = EmbeddingJob(inputs, emit=None)
         run.submit_embedding(job)
         if await run.collect_unless_disconnected(request.receive) is None:
             return Response(b"", status_code=CLIENT_CLOSED)

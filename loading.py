@@ -117,7 +117,7 @@ async def warm_up(served: Served) -> None:
 
     tokens = served.model.tokenize_prompt("Hello")
     if served.model.embedding_only:
-        served.engine.embed(embeddings.EmbeddingJob([tokens], emit, deadline=float("inf")))
+        served.engine.embed(embeddings.EmbeddingJob([tokens], emit))
     else:
         served.engine.submit(engine.Generation(tokens, 1, engine.Sampling(temperature=0), emit))
     event = await done
