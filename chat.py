@@ -94,8 +94,9 @@ async def chunks(served: Served, run: Run, body: ChatRequest, head: dict, plan: 
     if it was no call after all)."""
 
     def chunk(*choices: ChunkChoice, usage=msgspec.UNSET) -> bytes:
-        return sse(msgspec.json.encode(Completion(**head, choices=list(choices), usage=usage)))
+        return encode_chunk(head, *choices, usage=usage)
 
+    plain = [text_chunk_ends(head, i) for i in range(len(run.generations))]
     for i in range(len(run.generations)):
         yield chunk(ChunkChoice(index=i, delta=Delta(role="assistant", content="")))
     spotters = [CallSpotter(forced=plan.forced is not None) for _ in run.generations]
@@ -112,11 +113,25 @@ async def chunks(served: Served, run: Run, body: ChatRequest, head: dict, plan: 
                     delta = Delta(content=text or None, tool_calls=calls or None, function_call=message.function_call or None)
                     yield chunk(ChunkChoice(index=i, delta=delta, logprobs=logprobs))
                     text, logprobs = "", None
-        if text or reason or logprobs:
+        if text and not (reason or logprobs):
+            yield plain[i][0] + msgspec.json.encode(text) + plain[i][1]
+        elif text or reason or logprobs:
             yield chunk(ChunkChoice(index=i, delta=Delta(content=text or None), finish_reason=reason, logprobs=logprobs))
     if include_usage(body):
         yield chunk(usage=run.usage())
     yield sse(b"[DONE]")
+
+
+def encode_chunk(head: dict, *choices: ChunkChoice, usage=msgspec.UNSET) -> bytes:
+    return sse(msgspec.json.encode(Completion(**head, choices=list(choices), usage=usage)))
+
+
+def text_chunk_ends(head: dict, index: int) -> tuple[bytes, bytes]:
+    """A token's usual chunk (text for choice `index`, nothing else) as what comes before and after
+    the text, encoded once: only the text is encoded per token, not the chunk's structs. The text
+    is the chunk's last string, so whatever the id or model name hold, the split is there."""
+    before, _, after = encode_chunk(head, ChunkChoice(index=index, delta=Delta(content="\0"))).rpartition(b'"\\u0000"')
+    return before, after
 
 
 class CallSpotter:
