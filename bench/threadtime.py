@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""CPU time per generated token, thread by thread: gguf-serve against llama-server, one client.
+
+    python bench/threadtime.py                     # SmolLM2, 2 threads, 3 rounds of 6 + 6 requests
+    python bench/threadtime.py --loop asyncio      # gguf-serve on asyncio's own event loop
+    python bench/threadtime.py --model x.gguf --rounds 5 --requests 8
+
+Both servers are started side by side (gguf-serve with PARALLEL=4, llama-server -np 4, as in
+bench.py --paired); each round, alternating which goes first, sends each server --requests
+streamed chats of --max-tokens tokens and as many not streamed, one at a time, and reads every
+thread's CPU time (/proc/<pid>/task/<tid>/stat) before and after.
+
+llama.cpp's compute threads (each server's --threads busiest threads: its OpenMP team) spin at
+their barriers, so their CPU time says little about their work. Every other thread's is work
+that, when the machine has no core to spare, takes one from the team while it computes: with
+two cores and two llama.cpp threads, a thread's microsecond of CPU is about a microsecond that
+step waits. Printed per token (medians over the rounds): tokens/s, and µs of CPU of gguf-serve's
+event loop (its worker's main thread), of its other threads beside the team (granian's runtime,
+the prompt worker), and of llama-server's threads beside its team (its HTTP threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from llama_build import BUILD_DIR, llama_server_binary  # noqa: E402
+from machine import default_model, inspect_model  # noqa: E402
+from procs import kill, process_tree  # noqa: E402
+from servers import gguf_serve_command, launch, llama_server_command  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[tuple[int, int], float]:
+    """CPU seconds of every thread of pid's process tree, by (process, thread)."""
+    out = {}
+    for p in process_tree(pid):
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                stat = Path(f"/proc/{p}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[(p, int(tid))] = (int(stat[11]) + int(stat[12])) / TICK
+    return out
+
+
+def measure(proc, bench, stream: bool, n: int, first_index: int, team: int) -> dict:
+    """n requests one after the other: tokens/s and µs of CPU per token by kind of thread."""
+    client = httpx.Client(timeout=bench.timeout)
+    before, t0, tokens = thread_cpu(proc.pid), time.perf_counter(), 0
+    for i in range(first_index, first_index + n):
+        tokens += (bench.stream if stream else bench.complete)(client, i)["tokens"]
+    wall, after = time.perf_counter() - t0, thread_cpu(proc.pid)
+    client.close()
+    used = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    ranked = sorted(used, key=used.get, reverse=True)
+    worker = ranked[0][0]  # the process llama.cpp computes in
+    per_token = lambda keys: sum(used[k] for k in keys) / tokens * 1e6  # noqa: E731
+    return {"tok_s": tokens / wall, "main_us": per_token([k for k in ranked[team:] if k == (worker, worker)]),
+            "others_us": per_token([k for k in ranked[team:] if k != (worker, worker)]),
+            "team_us": per_token(ranked[:team])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--requests", type=int, default=6, help="requests a round, each way (streamed, not)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--loop", help="gguf-serve's event loop (GRANIAN_LOOP: asyncio, uvloop; default: granian's choice)")
+    ap.add_argument("--llama-server", type=Path)
+    ap.add_argument("--llama-server-args", default="")
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--start-timeout", type=float, default=180)
+    ap.add_argument("--wait-idle", type=float, default=120)
+    args = ap.parse_args()
+    args.model = (args.model or default_model()).resolve()
+    eog = inspect_model(args.model)["eog"]
+    binary, why = (args.llama_server, "") if args.llama_server else llama_server_binary(BUILD_DIR, False, 0)
+    if binary is None:
+        raise SystemExit(f"{why}; or pass --llama-server")
+    cmd, env, cwd = gguf_serve_command(args)
+    if args.loop:
+        env["GRANIAN_LOOP"] = args.loop
+    logdir = Path(tempfile.mkdtemp(prefix="gguf-serve-threadtime-"))
+    servers = {}
+    try:
+        servers["gguf-serve"] = launch("gguf-serve", cmd, env, cwd, args, eog, logdir, {})
+        servers["llama-server"] = launch("llama-server", llama_server_command(binary, args, args.parallel), None, None,
+                                         args, eog, logdir, {})
+        runs = {(name, stream): [] for name in servers for stream in (True, False)}
+        for r in range(args.rounds):
+            order = list(servers) if r % 2 == 0 else list(servers)[::-1]
+            for name in order:
+                proc, bench = servers[name]
+                for stream in (True, False):
+                    m = measure(proc, bench, stream, args.requests, 1000 * (r + 1) + 100 * stream, args.threads)
+                    runs[name, stream].append(m)
+                    print(f"   round {r + 1} {name:12s} {'streamed' if stream else 'not streamed':12s} {m['tok_s']:6.1f} tok/s; "
+                          f"µs of CPU a token: event loop {m['main_us']:4.0f}, other threads {m['others_us']:4.0f}, "
+                          f"llama.cpp's team {m['team_us']:5.0f}", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            kill(proc)
+    print(f"\nMedians of {args.rounds} rounds ({args.requests} requests of {args.max_tokens} tokens each; load average "
+          f"{os.getloadavg()[0]:.2f}; gguf-serve's loop: {args.loop or 'granian default'}):")
+    print(f"{'server':14s} {'request':13s} {'tok/s':>6s} {'event loop µs/token':>20s} {'other threads µs/token':>23s}")
+    for (name, stream), ms in runs.items():
+        med = lambda key: statistics.median(m[key] for m in ms)  # noqa: E731
+        loop = f"{med('main_us'):.0f}" if name == "gguf-serve" else "-"
+        print(f"{name:14s} {'streamed' if stream else 'not streamed':13s} {med('tok_s'):6.1f} {loop:>20s} {med('others_us'):>23.0f}")
+
+
+if __name__ == "__main__":
+    main()
