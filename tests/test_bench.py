@@ -48,13 +48,17 @@ def test_embeddings_benchmark_runs(tmp_path):
     assert "8 short texts" in run.stdout and "gguf-serve resident memory" in run.stdout
 
 
-def test_paired_benchmark_runs(tmp_path):
-    """--paired: every headline figure of gguf-serve and llama-server -np 4, pair by pair. It needs
-    llama-server built (`python bench/bench.py` builds it once, 10-15 minutes), so it is skipped
-    where nobody has built it."""
+def needs_llama_server() -> None:
+    """The benchmarks against llama-server need it built (`python bench/bench.py` builds it once,
+    10-15 minutes): skipped where nobody has built it."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gguf-serve" / "llama-server-build" / "bin"
     if not all(os.access(cache / tool, os.X_OK) for tool in ("llama-server", "llama-batched-bench")):
         pytest.skip(f"llama-server is not built in {cache}: python bench/bench.py builds it")
+
+
+def test_paired_benchmark_runs(tmp_path):
+    """--paired: every headline figure of gguf-serve and llama-server -np 4, pair by pair."""
+    needs_llama_server()
     out = tmp_path / "paired.json"
     run = subprocess.run([sys.executable, ROOT / "bench" / "bench.py", "--paired", "1", "--max-tokens", "16", "--no-build",
                           "--wait-idle", "2", "--json", str(out)], capture_output=True, text=True, timeout=900)
@@ -65,3 +69,13 @@ def test_paired_benchmark_runs(tmp_path):
         assert all(pair["figures"][figure][name] > 0 for name in ("gguf-serve", "llama-server-np4")), figure
         assert pair["ratios"][figure] > 0
     assert "Headline figures" in run.stdout and "start → first answer" in run.stdout
+
+
+def test_threadtime_benchmark_runs():
+    needs_llama_server()
+    run = subprocess.run([sys.executable, ROOT / "bench" / "threadtime.py", "--rounds", "1", "--requests", "1",
+                          "--max-tokens", "16", "--wait-idle", "2"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    table = run.stdout[run.stdout.index("Medians of 1 rounds"):].splitlines()[2:]
+    assert [line.split()[:2] for line in table] == [["gguf-serve", "streamed"], ["gguf-serve", "not"],
+                                                   ["llama-server", "streamed"], ["llama-server", "not"]]
