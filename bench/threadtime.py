@@ -21,7 +21,6 @@ the prompt worker), and of llama-server's threads beside its team (its HTTP thre
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from llama_build import BUILD_DIR, llama_server_binary  # noqa: E402
-from machine import default_model, inspect_model  # noqa: E402
+from machine import bench_arguments, default_model, inspect_model  # noqa: E402
 from procs import kill, process_tree  # noqa: E402
 from servers import gguf_serve_command, launch, llama_server_command  # noqa: E402
 
@@ -77,10 +76,7 @@ def measure(proc, bench, stream: bool, n: int, first_index: int, team: int) -> d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--ctx", type=int, default=2048)
+    ap = bench_arguments(__doc__)
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--requests", type=int, default=6, help="requests a round, each way (streamed, not)")

@@ -12,7 +12,9 @@ bias on end-of-generation tokens):
              the floor of any server on these bindings
   engine     engine.Engine on a real asyncio loop, events collected by a plain callback:
              + batch filling, sampling (argmax of the biased logits), detokenization, stop
-             scanning, the Event and its delivery to the event loop
+             scanning, the Event and its delivery to the event loop, every token (a stream)
+  whole      the same for a request that only wants the finished text: the engine merges its events
+             and wakes the event loop for its first and last token only
 
 Within the engine layer each piece is timed on the decode thread (perf_counter_ns around
 llama_decode, the batch filling, _sample and _deliver). What HTTP adds (Litestar, the run,
@@ -22,11 +24,11 @@ single-stream figures.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +38,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # first: bench/responses.py is not the service's responses.py
 
 from client import messages_for  # noqa: E402
-from machine import default_model, inspect_model  # noqa: E402
+from machine import bench_arguments, default_model, inspect_model  # noqa: E402
 
 
 def c_loop(model, prompt: list[int], tokens: int, bias: dict[int, float]) -> dict:
@@ -117,7 +119,7 @@ class Timed:
         eng._decode, eng._sample, eng._deliver = decode, sample, deliver
 
 
-def engine_layer(model, prompt: list[int], tokens: int, bias: dict[int, float], reps: int) -> dict:
+def engine_layer(model, prompt: list[int], tokens: int, bias: dict[int, float], reps: int, stream: bool) -> dict:
     import engine
     from model import llama
 
@@ -136,7 +138,7 @@ def engine_layer(model, prompt: list[int], tokens: int, bias: dict[int, float], 
                 if event.finish_reason and not done.done():
                     done.set_result(event)
 
-            gen = engine.Generation(prompt, tokens, engine.Sampling(temperature=0, logit_bias=bias), emit)
+            gen = engine.Generation(prompt, tokens, engine.Sampling(temperature=0, logit_bias=bias), emit, stream=stream)
             before = dict(timed.ns)
             t0 = time.perf_counter()
             eng.submit(gen)
@@ -155,20 +157,27 @@ def engine_layer(model, prompt: list[int], tokens: int, bias: dict[int, float], 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--ctx", type=int, default=2048)
+    ap = bench_arguments(__doc__)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--layers", default="c,engine")
+    ap.add_argument("--layers", default="c,engine,whole")
     args = ap.parse_args()
     path = (args.model or default_model()).resolve()
     bias = {t: -100.0 for t in inspect_model(path)["eog"]}
     layers = args.layers.split(",")
     print(f"load average {os.getloadavg()[0]:.2f}; {path.name}; {args.threads} threads; {args.tokens} tokens")
     results = {}
-    if "c" in layers or "engine" in layers:
+    if len(layers) > 1:
+        # Each layer in a process of its own: llama.cpp's OpenMP gives every thread that decodes a team of
+        # its own, and with more OpenMP threads than cores libgomp stops spinning at its barriers, so an
+        # engine layer run after the C loop (main thread, then the decode thread) decoded 13% slower
+        # (llama_decode 18.9 ms a token against 16.7 in a process of its own).
+        for layer in layers:
+            cmd = [sys.executable, __file__, "--layers", layer, "--model", str(path), "--threads", str(args.threads),
+                   "--ctx", str(args.ctx), "--tokens", str(args.tokens), "--reps", str(args.reps)]
+            results.update(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1]))
+        layers = []
+    if {"c", "engine", "whole"} & set(layers):
         from model import Model
 
         model = Model(path, args.ctx, args.threads, 4)
@@ -177,7 +186,9 @@ def main() -> None:
             runs = [c_loop(model, prompt, args.tokens, bias) for _ in range(args.reps + 1)][1:]
             results["C loop"] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         if "engine" in layers:
-            results["engine"] = engine_layer(model, prompt, args.tokens, bias, args.reps)
+            results["engine"] = engine_layer(model, prompt, args.tokens, bias, args.reps, stream=True)
+        if "whole" in layers:
+            results["engine, not streamed"] = engine_layer(model, prompt, args.tokens, bias, args.reps, stream=False)
         del model
     print(f"load average {os.getloadavg()[0]:.2f}")
     for name, r in results.items():
