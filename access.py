@@ -39,7 +39,8 @@ def gate(app):
         path, status = scope["path"], 500
 
         # Not a coroutine: every streamed token's chunk passes here, and returning send's awaitable
-        # saves making a coroutine for each (measured with bench/threadtime.py, see README).
+        # saves making a coroutine for each (one of the per-chunk cuts measured together with
+        # bench/threadtime.py, see README).
         def send_with_id(message):
             nonlocal status
             if message["type"] == "http.response.start":

@@ -170,8 +170,9 @@ def main() -> None:
     if len(layers) > 1:
         # Each layer in a process of its own: llama.cpp's OpenMP gives every thread that decodes a team of
         # its own, and with more OpenMP threads than cores libgomp stops spinning at its barriers, so an
-        # engine layer run after the C loop (main thread, then the decode thread) decoded 13% slower
-        # (llama_decode 18.9 ms a token against 16.7 in a process of its own).
+        # engine layer run after the C loop (main thread, then the decode thread) decoded slower: once,
+        # llama_decode 18.9 ms a token against 16.7 in a process of its own (a single pair of runs, on a
+        # host that drifts ±15%: the reason is libgomp's documented throttling, the figure is loose).
         for layer in layers:
             cmd = [sys.executable, __file__, "--layers", layer, "--model", str(path), "--threads", str(args.threads),
                    "--ctx", str(args.ctx), "--tokens", str(args.tokens), "--reps", str(args.reps)]
