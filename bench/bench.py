@@ -66,9 +66,10 @@ in the JSON before reading much into its ratios.
 drift cancels out. On a shared VM the host's speed drifts by +-15% within minutes, so one server
 measured after the other gives ratios anywhere between 0.8 and 1.17. Here both servers are
 started side by side (each idle, 0% CPU, while the other works), warmed with one request, and
-then N pairs of bursts run: on one server a single streaming client, then --clients concurrent
-ones (default 4; the first of a list), each with --rounds requests (default 1); then the same on
-the other server; alternating which goes first. Each pair sees the same host conditions; the
+then N pairs run. In a pair each measurement is made on one server and at once on the other
+(alternating which goes first): a fresh start to the first answer, one request not streamed, a
+single streaming client, then --clients concurrent ones (default 4; the first of a list), each
+client with --rounds requests (default 1); then each server's peak RSS. Each pair sees the same host conditions; the
 medians of the per-pair ratios are the stable figures, printed with their mean, min, max and how
 many pairs reach the continuous-batching goals: gguf-serve / llama-server-np4 at 4 clients
 (>= 0.95), and each server's 4-client aggregate over its own single client's (>= 1.5 for
@@ -366,21 +367,24 @@ def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, o
             order = PAIRED if i % 2 == 0 else PAIRED[::-1]
 
             def pair(attempt):
-                # On each server, in turn: a fresh start to its first answer (the loaded one idles), one
-                # non-streamed request, a single streaming client (its tok/s and time to first token),
-                # then the concurrent burst; its process tree's peak RSS after that work. The single
-                # client's burst and the concurrent one measure the server's own scaling on one host state.
+                # Each measurement on one server, then at once the same on the other: a fresh start to
+                # its first answer (the loaded one idles), one non-streamed request, a single streaming
+                # client (its tok/s and time to first token), the concurrent burst; then each process
+                # tree's peak RSS after that work. So the two halves of a figure are seconds apart, not
+                # the other server's whole turn (a restart and three bursts) apart.
                 first = 20_000 + stride * 4 * (3 * i + attempt)
-                singles, bursts, plain, starts, rss = {}, {}, {}, {}, {}
+                starts = {name: restart(name, *commands[name], args, eog, logdir, 100 * (i + 1) + attempt)
+                          if args.paired_starts else None for name in order}
+                plain, singles, bursts = {}, {}, {}
                 for k, name in enumerate(order):
-                    starts[name] = restart(name, *commands[name], args, eog, logdir, 100 * (i + 1) + attempt) \
-                        if args.paired_starts else None
                     with httpx.Client(timeout=benches[name].timeout) as client:
                         plain[name] = benches[name].complete(client, first + stride * 2 * k + stride // 2)
                     plain[name]["tokens_ok"] = full_run(plain[name], args.max_tokens)
+                for k, name in enumerate(order):
                     singles[name] = burst(name, benches[name], 1, args, first + stride * 2 * k)
+                for k, name in enumerate(order):
                     bursts[name] = burst(name, benches[name], clients, args, first + stride * (2 * k + 1))
-                    rss[name] = peak_rss(procs[PAIRED.index(name)].pid)["total_mb"]
+                rss = {name: peak_rss(procs[PAIRED.index(name)].pid)["total_mb"] for name in order}
                 ceiling = kernel_ceiling(binary, args, clients)
                 agg = {name: bursts[name]["agg_tps"] for name in PAIRED}
                 single = {name: singles[name]["agg_tps"] for name in PAIRED}

@@ -79,3 +79,17 @@ def test_threadtime_benchmark_runs():
     table = run.stdout[run.stdout.index("Medians of 1 rounds"):].splitlines()[2:]
     assert [line.split()[:2] for line in table] == [["gguf-serve", "streamed"], ["gguf-serve", "not"],
                                                    ["llama-server", "streamed"], ["llama-server", "not"]]
+
+
+def test_split_benchmark_runs():
+    needs_llama_server()
+    run = subprocess.run([sys.executable, ROOT / "bench" / "split.py", "--pairs", "1", "--max-tokens", "16",
+                          "--wait-idle", "2"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for kind in ("Not streamed", "Streamed"):
+        table = run.stdout[run.stdout.index(f"{kind}, 1 pairs"):].splitlines()[1:5]
+        parts = {line[2:29].strip(): line[29:].split() for line in table}
+        assert list(parts) == ["whole request (client)", "first token (server)", "a token after it (server)", "outside the server"]
+        mine, theirs = (float(x) for x in parts["a token after it (server)"][:2])
+        assert mine > 0 and theirs > 0
+        assert all(row[2] == "ratio" for what, row in parts.items() if what != "outside the server")

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Where one request's time goes on each server, pair by pair: gguf-serve against llama-server.
+
+    python bench/split.py                      # SmolLM2, 2 threads, 12 pairs of each kind of request
+    python bench/split.py --pairs 24 --model x.gguf
+
+Both servers are started side by side (gguf-serve with PARALLEL=4, llama-server -np 4, as in
+bench.py --paired). Each pair sends the same chat (128 tokens, end of generation banned) to one
+server and then to the other, alternating which goes first, once not streamed and once streamed.
+Each request's time is split by what the server itself measured:
+
+  first token   the server's time from the request to its first generated token (gguf-serve: the
+                log line's ttft_s, from the request's arrival to the token reaching the event loop;
+                llama-server: timings.prompt_ms, its prompt's evaluation and first sampling)
+  a token       the server's time per generated token after the first (gguf-serve: the log line's
+                duration_s less ttft_s; llama-server: timings.predicted_ms), over the tokens - 1
+                steps between them
+  outside       what the client measured less what the server did: HTTP, the body, the sockets
+
+Printed: per-pair ratios gguf-serve / llama-server of the whole request (the client's wall time),
+of the first token and of a token, with their median, min and max, and the medians of each part
+in milliseconds, so the gap (if any) is where its milliseconds are.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from llama_build import BUILD_DIR, llama_server_binary  # noqa: E402
+from machine import bench_arguments, default_model, inspect_model  # noqa: E402
+from procs import kill  # noqa: E402
+from servers import gguf_serve_command, launch, llama_server_command  # noqa: E402
+
+
+def log_line(log: Path, request_id: str, deadline_s: float = 10.0) -> dict:
+    """gguf-serve's JSON log line for request_id (written once the response is sent: wait for it)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        for line in reversed(log.read_text(errors="replace").splitlines()):
+            if request_id in line and line.startswith("{"):
+                return json.loads(line)
+        time.sleep(0.01)
+    raise RuntimeError(f"no log line for request {request_id} in {log}")
+
+
+def request(name: str, bench, log: Path, client: httpx.Client, i: int, stream: bool) -> dict:
+    """One chat: the client's wall time, and the server's own first-token and per-token times, in ms.
+    A connection the server dropped is said and the request asked once more, on a new connection."""
+    try:
+        return timed_request(name, bench, log, client, i, stream)
+    except httpx.RemoteProtocolError as e:
+        print(f"   {name} dropped the connection ({e}); asking again", flush=True)
+        return timed_request(name, bench, log, client, i, stream)
+
+
+def timed_request(name: str, bench, log: Path, client: httpx.Client, i: int, stream: bool) -> dict:
+    t0, timings, usage, chunks = time.perf_counter(), None, None, 0
+    with client.stream("POST", f"{bench.base}/v1/chat/completions", json=bench.body(i, stream)) as r:
+        if r.status_code != 200:
+            r.read()
+            raise RuntimeError(f"{name}: HTTP {r.status_code}: {r.text[:300]}")
+        if stream:
+            for line in r.iter_lines():
+                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                    continue
+                obj = json.loads(line[5:])
+                usage, timings = obj.get("usage") or usage, obj.get("timings") or timings
+                chunks += 1
+        else:
+            obj = json.loads(r.read())
+            usage, timings = obj["usage"], obj.get("timings")
+    wall = (time.perf_counter() - t0) * 1e3
+    n = usage["completion_tokens"]
+    if n != bench.args.max_tokens:
+        raise RuntimeError(f"{name}: {n} tokens, not {bench.args.max_tokens}")
+    if name == "gguf-serve":
+        line = log_line(log, r.headers["x-request-id"])
+        first, server = line["ttft_s"] * 1e3, line["duration_s"] * 1e3
+    else:
+        first, server = timings["prompt_ms"], timings["prompt_ms"] + timings["predicted_ms"]
+    return {"wall_ms": wall, "first_ms": first, "token_ms": (server - first) / (n - 1), "outside_ms": wall - server}
+
+
+PARTS = {"wall_ms": "whole request (client)", "first_ms": "first token (server)", "token_ms": "a token after it (server)",
+         "outside_ms": "outside the server"}
+
+
+def main() -> None:
+    ap = bench_arguments(__doc__)
+    ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--pairs", type=int, default=12)
+    ap.add_argument("--idle", type=float, default=0.0, help="seconds both servers idle before each request (default 0)")
+    ap.add_argument("--llama-server", type=Path)
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--start-timeout", type=float, default=180)
+    ap.add_argument("--wait-idle", type=float, default=120)
+    ap.add_argument("--llama-server-args", default="")
+    args = ap.parse_args()
+    args.model = (args.model or default_model()).resolve()
+    eog = inspect_model(args.model)["eog"]
+    binary, why = (args.llama_server, "") if args.llama_server else llama_server_binary(BUILD_DIR, False, 0)
+    if binary is None:
+        raise SystemExit(f"{why}; or pass --llama-server")
+    logdir = Path(tempfile.mkdtemp(prefix="gguf-serve-split-"))
+    servers, runs = {}, []
+    try:
+        servers["gguf-serve"] = launch("gguf-serve", *gguf_serve_command(args), args, eog, logdir, {})
+        servers["llama-server"] = launch("llama-server", llama_server_command(binary, args, args.parallel), None, None,
+                                         args, eog, logdir, {})
+        clients = {name: httpx.Client(timeout=b.timeout) for name, (_, b) in servers.items()}
+        for k in range(args.pairs):
+            order = list(servers) if k % 2 == 0 else list(servers)[::-1]
+            for stream in (False, True):
+                pair = {}
+                for name in order:
+                    time.sleep(args.idle)
+                    pair[name] = request(name, servers[name][1], logdir / f"{name}.log", clients[name], 5000 + 2 * k + stream, stream)
+                runs.append({"stream": stream, **pair})
+                g, s = pair["gguf-serve"], pair["llama-server"]
+                print(f"   pair {k + 1:2d} {'streamed' if stream else 'not streamed':12s} wall {g['wall_ms']:6.0f} / {s['wall_ms']:6.0f} ms, "
+                      f"first token {g['first_ms']:5.1f} / {s['first_ms']:5.1f}, a token {g['token_ms']:5.2f} / {s['token_ms']:5.2f}, "
+                      f"outside {g['outside_ms']:5.1f} / {s['outside_ms']:5.1f}", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            kill(proc)
+    for stream in (False, True):
+        pairs = [r for r in runs if r["stream"] == stream]
+        if not pairs:
+            continue
+        print(f"\n{'Streamed' if stream else 'Not streamed'}, {len(pairs)} pairs: medians in ms (gguf-serve, llama-server), "
+              "and gguf-serve / llama-server pair by pair (median, min-max)")
+        for key, what in PARTS.items():
+            mine, theirs = ([p[name][key] for p in pairs] for name in ("gguf-serve", "llama-server"))
+            line = f"  {what:27s} {statistics.median(mine):8.2f} {statistics.median(theirs):8.2f}"
+            if key != "outside_ms":  # a difference of a few ms: its ratio says nothing
+                ratios = [a / b for a, b in zip(mine, theirs)]
+                line += f"   ratio {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
