@@ -67,7 +67,8 @@ drift cancels out. On a shared VM the host's speed drifts by +-15% within minute
 measured after the other gives ratios anywhere between 0.8 and 1.17. Here both servers are
 started side by side (each idle, 0% CPU, while the other works), warmed with one request, and
 then N pairs run. In a pair each measurement is made on one server and at once on the other
-(alternating which goes first): a fresh start to the first answer, one request not streamed, a
+(alternating which goes first): a fresh start to the first answer, one request not streamed, one
+streamed (read lightly, see client.Bench.stream: these two are the single-request figures), a
 single streaming client, then --clients concurrent ones (default 4; the first of a list), each
 client with --rounds requests (default 1); then each server's peak RSS. Each pair sees the same host conditions; the
 medians of the per-pair ratios are the stable figures, printed with their mean, min, max and how
@@ -375,11 +376,15 @@ def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, o
                 first = 20_000 + stride * 4 * (3 * i + attempt)
                 starts = {name: restart(name, *commands[name], args, eog, logdir, 100 * (i + 1) + attempt)
                           if args.paired_starts else None for name in order}
-                plain, singles, bursts = {}, {}, {}
+                plain, streamed, singles, bursts = {}, {}, {}, {}
                 for k, name in enumerate(order):
                     with httpx.Client(timeout=benches[name].timeout) as client:
                         plain[name] = benches[name].complete(client, first + stride * 2 * k + stride // 2)
                     plain[name]["tokens_ok"] = full_run(plain[name], args.max_tokens)
+                for k, name in enumerate(order):
+                    with httpx.Client(timeout=benches[name].timeout) as client:
+                        streamed[name] = benches[name].stream(client, first + stride * 2 * k + stride // 2 + 1)
+                    streamed[name]["tokens_ok"] = full_run(streamed[name], args.max_tokens)
                 for k, name in enumerate(order):
                     singles[name] = burst(name, benches[name], 1, args, first + stride * 2 * k)
                 for k, name in enumerate(order):
@@ -388,9 +393,8 @@ def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, o
                 ceiling = kernel_ceiling(binary, args, clients)
                 agg = {name: bursts[name]["agg_tps"] for name in PAIRED}
                 single = {name: singles[name]["agg_tps"] for name in PAIRED}
-                ttft = {name: (lambda v: v * 1000 if v is not None else None)(singles[name]["runs"][0]["ttft_s"])
-                        for name in PAIRED}
-                figures = {"nonstream_tps": {n: plain[n]["tps"] for n in PAIRED}, "stream_tps": single,
+                ttft = {name: (lambda v: v * 1000 if v is not None else None)(streamed[name]["ttft_s"]) for name in PAIRED}
+                figures = {"nonstream_tps": {n: plain[n]["tps"] for n in PAIRED}, "stream_tps": {n: streamed[n]["tps"] for n in PAIRED},
                            "ttft_ms": ttft, "first_answer_s": starts, "peak_rss_mb": rss, "agg_tps": agg}
                 return {"pair": i + 1, "order": list(order), "agg_tps": agg, "single_tps": single,
                         "scaling": {n: agg[n] / single[n] if single[n] else None for n in PAIRED},
@@ -399,8 +403,9 @@ def bench_paired(args, eog: list[int], clients: int, logdir: Path, vers: dict, o
                         "ratio": agg[PAIRED[0]] / agg[PAIRED[1]] if agg[PAIRED[1]] else None,
                         "figures": figures, "ratios": {key: ratio(v) for key, v in figures.items()},
                         "kernel_ceiling": ceiling, "loadavg": os.getloadavg()[0],
-                        "tokens_ok": all(c["tokens_ok"] for c in [*bursts.values(), *singles.values(), *plain.values()]),
-                        "bursts": bursts, "single_bursts": singles, "nonstream": plain}
+                        "tokens_ok": all(c["tokens_ok"] for c in [*bursts.values(), *singles.values(), *plain.values(),
+                                                                   *streamed.values()]),
+                        "bursts": bursts, "single_bursts": singles, "nonstream": plain, "stream": streamed}
 
             wait_idle(args.wait_idle)
             attempts = until_quiet(pair, [p.pid for p in procs], args.wait_idle, f"pair {i + 1}")

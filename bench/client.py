@@ -103,16 +103,30 @@ class Bench:
         return True
 
     def stream(self, client: httpx.Client, i: int) -> dict:
+        """One streamed chat, read as lightly as a client can: the chunks are parsed as they come
+        only up to the first with content (its time is the time to first token); the rest are
+        kept as bytes and parsed once the stream has ended. The bench shares the machine's cores
+        with the server, and a client that parses every chunk as it arrives (`astream`) used
+        about 1,100 µs of CPU a token on 2 cores, taken from the server's decoding; a client
+        elsewhere takes none."""
         state = {"usage": None, "chunks": 0, "t_first": None, "finish": None}
         t0 = time.perf_counter()
         with client.stream("POST", f"{self.base}/v1/chat/completions", json=self.body(i, True), timeout=self.timeout) as r:
             if r.status_code != 200:
                 r.read()
                 raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
-            for line in r.iter_lines():
-                if not self.parse_line(line, state):
-                    break
-        return self._stream_result(t0, state["t_first"], time.perf_counter(), state["usage"], state["finish"], state["chunks"])
+            pending, rest = b"", []
+            for data in r.iter_bytes():
+                if state["t_first"] is None:
+                    *lines, pending = (pending + data).split(b"\n")
+                    for line in lines:
+                        self.parse_line(line.decode(), state)
+                else:
+                    rest.append(data)
+            t_end = time.perf_counter()
+        for line in (pending + b"".join(rest)).split(b"\n"):
+            self.parse_line(line.decode(), state)
+        return self._stream_result(t0, state["t_first"], t_end, state["usage"], state["finish"], state["chunks"])
 
     async def astream(self, client: httpx.AsyncClient, i: int) -> dict:
         state = {"usage": None, "chunks": 0, "t_first": None, "finish": None}

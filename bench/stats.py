@@ -54,7 +54,7 @@ def paired_summary(pairs: list[dict]) -> dict:
            "pairs_redone": sum(p["attempts"] > 1 for p in pairs), "target": TARGET,
            "ratio": summary(ratios), "pairs_at_target": sum(r >= TARGET for r in ratios),
            "bursts_tokens_ok": sum(c["tokens_ok"] for p in pairs for c in [*p["bursts"].values(), *p["single_bursts"].values()]),
-           "runs_tokens_ok": sum(c["tokens_ok"] for p in pairs for c in (p.get("nonstream") or {}).values())}
+           "runs_tokens_ok": sum(c["tokens_ok"] for p in pairs for kind in ("nonstream", "stream") for c in (p.get(kind) or {}).values())}
     # every headline figure of each server, and gguf-serve's over llama-server's pair by pair
     keys = [k for k in FIGURES if any(k in (p.get("figures") or {}) for p in used)]
     out["figures"] = {k: {n: summary([p["figures"][k][n] for p in used if p.get("figures")]) for n in PAIRED} for k in keys}
