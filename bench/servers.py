@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from client import Bench, wait_ready
-from llama_build import llama_server_has
-from machine import REPO
+from llama_build import BUILD_DIR, llama_server_binary, llama_server_has
+from machine import REPO, default_model, inspect_model
 from procs import free_port, kill, spawn, wait_idle
 from stats import summary
 
@@ -117,3 +117,36 @@ def first_answers(result: dict, again: Callable[[int], float], starts: int) -> N
     if starts > 1:
         print(f"   start → first answer: median {result['first_answer_s']:.2f} s of {starts} starts "
               f"({', '.join(f'{x:.2f}' for x in runs)})", flush=True)
+
+
+def side_by_side_arguments(ap) -> None:
+    """The options of a benchmark that runs gguf-serve and llama-server side by side."""
+    ap.add_argument("--parallel", type=int, default=4, help="gguf-serve's PARALLEL and llama-server's -np (default 4)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--llama-server", type=Path, help="a llama-server binary (default: the one bench.py builds)")
+    ap.add_argument("--llama-server-args", default="")
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--start-timeout", type=float, default=180)
+    ap.add_argument("--wait-idle", type=float, default=120)
+
+
+def start_side_by_side(args, logdir: Path, env: dict[str, str] | None = None) -> dict[str, tuple[subprocess.Popen, Bench]]:
+    """gguf-serve (PARALLEL=args.parallel, `env` added to its environment) and llama-server
+    -np args.parallel on args.model (default: the bench's model), each started and answering:
+    {name: (process, Bench)}. The caller kills them."""
+    args.model = (args.model or default_model()).resolve()
+    eog = inspect_model(args.model)["eog"]
+    binary, why = (args.llama_server, "") if args.llama_server else llama_server_binary(BUILD_DIR, False, 0)
+    if binary is None:
+        raise SystemExit(f"{why}; or pass --llama-server")
+    cmd, serve_env, cwd = gguf_serve_command(args)
+    servers = {}
+    try:
+        servers["gguf-serve"] = launch("gguf-serve", cmd, {**serve_env, **(env or {})}, cwd, args, eog, logdir, {})
+        servers["llama-server"] = launch("llama-server", llama_server_command(binary, args, args.parallel), None, None,
+                                         args, eog, logdir, {})
+    except BaseException:
+        for proc, _ in servers.values():
+            kill(proc)
+        raise
+    return servers

@@ -36,10 +36,9 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from llama_build import BUILD_DIR, llama_server_binary  # noqa: E402
-from machine import bench_arguments, default_model, inspect_model  # noqa: E402
+from machine import bench_arguments  # noqa: E402
 from procs import kill  # noqa: E402
-from servers import gguf_serve_command, launch, llama_server_command  # noqa: E402
+from servers import side_by_side_arguments, start_side_by_side  # noqa: E402
 
 
 def log_line(log: Path, request_id: str, deadline_s: float = 10.0) -> dict:
@@ -97,27 +96,14 @@ PARTS = {"wall_ms": "whole request (client)", "first_ms": "first token (server)"
 
 def main() -> None:
     ap = bench_arguments(__doc__)
-    ap.add_argument("--parallel", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    side_by_side_arguments(ap)
     ap.add_argument("--pairs", type=int, default=12)
     ap.add_argument("--idle", type=float, default=0.0, help="seconds both servers idle before each request (default 0)")
-    ap.add_argument("--llama-server", type=Path)
-    ap.add_argument("--timeout", type=float, default=300)
-    ap.add_argument("--start-timeout", type=float, default=180)
-    ap.add_argument("--wait-idle", type=float, default=120)
-    ap.add_argument("--llama-server-args", default="")
     args = ap.parse_args()
-    args.model = (args.model or default_model()).resolve()
-    eog = inspect_model(args.model)["eog"]
-    binary, why = (args.llama_server, "") if args.llama_server else llama_server_binary(BUILD_DIR, False, 0)
-    if binary is None:
-        raise SystemExit(f"{why}; or pass --llama-server")
     logdir = Path(tempfile.mkdtemp(prefix="gguf-serve-split-"))
     servers, runs = {}, []
     try:
-        servers["gguf-serve"] = launch("gguf-serve", *gguf_serve_command(args), args, eog, logdir, {})
-        servers["llama-server"] = launch("llama-server", llama_server_command(binary, args, args.parallel), None, None,
-                                         args, eog, logdir, {})
+        servers = start_side_by_side(args, logdir)
         clients = {name: httpx.Client(timeout=b.timeout) for name, (_, b) in servers.items()}
         for k in range(args.pairs):
             order = list(servers) if k % 2 == 0 else list(servers)[::-1]

@@ -33,10 +33,9 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from llama_build import BUILD_DIR, llama_server_binary  # noqa: E402
-from machine import bench_arguments, default_model, inspect_model  # noqa: E402
+from machine import bench_arguments  # noqa: E402
 from procs import kill, process_tree  # noqa: E402
-from servers import gguf_serve_command, launch, llama_server_command  # noqa: E402
+from servers import side_by_side_arguments, start_side_by_side  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -77,31 +76,15 @@ def measure(proc, bench, stream: bool, n: int, first_index: int, team: int) -> d
 
 def main() -> None:
     ap = bench_arguments(__doc__)
-    ap.add_argument("--parallel", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    side_by_side_arguments(ap)
     ap.add_argument("--requests", type=int, default=6, help="requests a round, each way (streamed, not)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--loop", help="gguf-serve's event loop (GRANIAN_LOOP: asyncio, uvloop; default: granian's choice)")
-    ap.add_argument("--llama-server", type=Path)
-    ap.add_argument("--llama-server-args", default="")
-    ap.add_argument("--timeout", type=float, default=300)
-    ap.add_argument("--start-timeout", type=float, default=180)
-    ap.add_argument("--wait-idle", type=float, default=120)
     args = ap.parse_args()
-    args.model = (args.model or default_model()).resolve()
-    eog = inspect_model(args.model)["eog"]
-    binary, why = (args.llama_server, "") if args.llama_server else llama_server_binary(BUILD_DIR, False, 0)
-    if binary is None:
-        raise SystemExit(f"{why}; or pass --llama-server")
-    cmd, env, cwd = gguf_serve_command(args)
-    if args.loop:
-        env["GRANIAN_LOOP"] = args.loop
     logdir = Path(tempfile.mkdtemp(prefix="gguf-serve-threadtime-"))
     servers = {}
     try:
-        servers["gguf-serve"] = launch("gguf-serve", cmd, env, cwd, args, eog, logdir, {})
-        servers["llama-server"] = launch("llama-server", llama_server_command(binary, args, args.parallel), None, None,
-                                         args, eog, logdir, {})
+        servers = start_side_by_side(args, logdir, {"GRANIAN_LOOP": args.loop} if args.loop else None)
         runs = {(name, stream): [] for name in servers for stream in (True, False)}
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(servers)[::-1]
