@@ -129,6 +129,9 @@ class Generation:
     # the first are merged in the engine and handed over when it ends, one wake-up of the event
     # loop instead of one a token (which on 2 cores takes a core from llama.cpp's threads).
     stream: bool = True
+    # Tokens sampled so far, set by the decode thread: what a request whose client left counts, as
+    # the engine's own count comes in the event that ends the generation, after the request is gone.
+    generated: int = 0
 
 
 class StopScanner:
@@ -427,6 +430,7 @@ class Engine:
         if model.is_end_of_generation(token) or token in self.stop_tokens:
             return slot.finish("stop")
         slot.n_generated += 1
+        gen.generated = slot.n_generated
         logprobs = [self._logprob(index, token, gen.top_logprobs)] if gen.top_logprobs is not None else []
         reasoning, answer = slot.split(slot.utf8.decode(model.piece(token)))
         text, stopped = slot.scanner.feed(answer)

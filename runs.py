@@ -66,6 +66,7 @@ class Run:
         self.n_prompt = self.n_completion = self.n_cached = self.n_reasoning = 0
         self.thinking: bool | None = None  # a thinking model's run (see engine.Generation.thinking)
         self.ended = 0  # generations the engine has ended
+        self.finished: set[int] = set()  # choices whose last event was read
         self.n_choices = 1  # choices for each prompt
         self.aborted: APIError | None = None
         self.started = self.last_token = time.perf_counter()
@@ -115,7 +116,7 @@ class Run:
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, engine.Event]]:
         """(choice index, event) as the engine produces them, until every choice has finished."""
-        finished: set[int] = set()
+        finished = self.finished
         while len(finished) < len(self.generations):
             index, event = await self.events.get()
             if index == ABORT:
@@ -152,6 +153,9 @@ class Run:
         self.runs.live.discard(self)
         if not self.generations:
             return  # refused before it ran
+        # a choice still running when its client left: the tokens made for it up to now
+        self.n_completion += sum(gen.generated for i, gen in enumerate(self.generations)
+                                 if i not in self.finished and isinstance(gen, engine.Generation))
         self.info.update(prompt_tokens=self.n_prompt, completion_tokens=self.n_completion)
         self.metrics.prompt_tokens.inc(self.n_prompt)
         self.metrics.completion_tokens.inc(self.n_completion)

@@ -107,14 +107,21 @@ LONG = {"/v1/chat/completions": chat_body(max_tokens=1900),
         "/v1/responses": {"model": MODEL, "input": "Tell me a long story.", "max_output_tokens": 1900}}
 
 
+def text_deltas(lines):
+    """The lines of a chat or Responses stream that carry generated text."""
+    return (line for line in lines if '"delta":{"content":"' in line or '"type":"response.output_text.delta"' in line)
+
+
 @pytest.mark.parametrize("path", LONG)
 def test_abandoned_stream_stops_its_generation(single, path):
+    made = single.metric("gguf_completion_tokens_total")
     with httpx.stream("POST", f"{single.url}{path}", json={**LONG[path], "stream": True}, timeout=60) as r:
-        lines = r.iter_lines()
-        for _ in range(6):
-            next(lines)
+        deltas = text_deltas(r.iter_lines())
+        next(deltas), next(deltas)
     # leaving the stream frees the only sequence long before the 1900 tokens
     single.wait_metric("gguf_running", 0, timeout=10)
+    # and the tokens made for it until then are counted: at least the two it read, not 0
+    assert 2 <= single.metric("gguf_completion_tokens_total") - made < 1900
     r = httpx.post(f"{single.url}/v1/chat/completions", json=chat_body(max_tokens=5), timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
 
