@@ -129,8 +129,9 @@ class Generation:
     # the first are merged in the engine and handed over when it ends, one wake-up of the event
     # loop instead of one a token (which on 2 cores takes a core from llama.cpp's threads).
     stream: bool = True
-    # Tokens sampled so far, set by the decode thread: what a request whose client left counts, as
-    # the engine's own count comes in the event that ends the generation, after the request is gone.
+    # Tokens sampled so far, counted by the decode thread; read on the request's side too, by a
+    # request whose client left: the count the engine sends comes in the event that ends the
+    # generation, after the request is gone.
     generated: int = 0
 
 
@@ -196,7 +197,7 @@ class Slot:
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.scanner = StopScanner(gen.stop)
         self.splitter = None if gen.thinking is None else ThinkSplitter(gen.thinking)
-        self.n_generated = self.n_reasoning = 0
+        self.n_reasoning = 0
         self.held = None
 
     def finish(self, reason: str, text: str = "", logprobs: list[TokenLogprob] = (), reasoning: str = "",
@@ -211,7 +212,7 @@ class Slot:
         logprobs = list(logprobs)
         if self.held is not None and reason not in ("error", "cancelled"):
             text, reasoning, logprobs = self.held.text + text, self.held.reasoning + reasoning, self.held.logprobs + logprobs
-        self.outbox.append((gen.emit, Event(text, reason, self.n_generated, self.reused, logprobs, reasoning,
+        self.outbox.append((gen.emit, Event(text, reason, gen.generated, self.reused, logprobs, reasoning,
                                             self.n_reasoning)))
         for chain in (self.chain, *self.later.values()):
             if chain is not None:
@@ -429,17 +430,16 @@ class Engine:
                 token = int(logits.argmax())
         if model.is_end_of_generation(token) or token in self.stop_tokens:
             return slot.finish("stop")
-        slot.n_generated += 1
-        gen.generated = slot.n_generated
+        gen.generated += 1
         logprobs = [self._logprob(index, token, gen.top_logprobs)] if gen.top_logprobs is not None else []
         reasoning, answer = slot.split(slot.utf8.decode(model.piece(token)))
         text, stopped = slot.scanner.feed(answer)
         if stopped:
             return slot.finish("stop", text, logprobs, reasoning, held=False)
-        if slot.n_generated >= gen.max_tokens or len(slot.cached) + 1 >= model.n_ctx or time.monotonic() > gen.deadline:
+        if gen.generated >= gen.max_tokens or len(slot.cached) + 1 >= model.n_ctx or time.monotonic() > gen.deadline:
             return slot.finish("length", text, logprobs, reasoning)
         slot.todo = [token]
-        if gen.stream or slot.n_generated == 1:  # the first token goes out at once: time to first token
+        if gen.stream or gen.generated == 1:  # the first token goes out at once: time to first token
             self.outbox.append((gen.emit, Event(text, logprobs=logprobs, reasoning=reasoning)))
         elif slot.held is None:
             slot.held = Event(text, logprobs=logprobs, reasoning=reasoning)

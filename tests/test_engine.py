@@ -23,7 +23,7 @@ def test_sampled_tokens_reach_the_loop_before_a_prompt_chunk_is_computed():
 
         def watched(chunks, logits):
             if not logits:
-                seen.append((len(eng.outbox), any(s.gen and s.n_generated for s in eng.slots)))
+                seen.append((len(eng.outbox), any(s.gen and s.gen.generated for s in eng.slots)))
             decode(chunks, logits)
 
         eng._decode = watched

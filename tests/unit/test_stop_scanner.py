@@ -50,7 +50,7 @@ def test_held_back_text_is_sent_when_the_model_ends_its_turn():
     slot = engine.Slot(0, events)
     slot.gen = engine.Generation([1], 8, engine.Sampling(), emit=None, stop=["\n\n"])
     slot.scanner, slot.splitter, slot.chain, slot.later = engine.StopScanner(["\n\n"]), None, None, {}
-    slot.n_generated = slot.n_reasoning = slot.reused = 0
+    slot.n_reasoning = slot.reused = 0
     sent, stopped = slot.scanner.feed("Hello\n")
     assert (sent, stopped) == ("Hello", False)
     slot.finish("stop")
