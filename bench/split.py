@@ -63,7 +63,7 @@ def request(name: str, bench, log: Path, client: httpx.Client, i: int, stream: b
 
 
 def timed_request(name: str, bench, log: Path, client: httpx.Client, i: int, stream: bool) -> dict:
-    t0, timings, usage, chunks = time.perf_counter(), None, None, 0
+    t0, timings, usage = time.perf_counter(), None, None
     with client.stream("POST", f"{bench.base}/v1/chat/completions", json=bench.body(i, stream)) as r:
         if r.status_code != 200:
             r.read()
@@ -74,7 +74,6 @@ def timed_request(name: str, bench, log: Path, client: httpx.Client, i: int, str
                     continue
                 obj = json.loads(line[5:])
                 usage, timings = obj.get("usage") or usage, obj.get("timings") or timings
-                chunks += 1
         else:
             obj = json.loads(r.read())
             usage, timings = obj["usage"], obj.get("timings")
