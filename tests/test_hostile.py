@@ -148,7 +148,7 @@ def test_the_queue_is_checked_before_the_template_is_rendered(trap_model):
     take the render's time limit and come back as a template error."""
     s = Server({"MODEL": str(trap_model), "PARALLEL": "1", "MAX_QUEUE": "0", "N_THREADS": "2"}).wait_ready()
     try:
-        blocker = threading.Thread(target=lambda: chat(s.url, "Tell a long story.", max_tokens=300, model="trap"))
+        blocker = threading.Thread(target=lambda: chat(s.url, "Tell a long story.", max_tokens=300, temperature=0, model="trap"))
         blocker.start()
         deadline = time.monotonic() + 30
         while "gguf_running 1.0" not in httpx.get(f"{s.url}/metrics").text:

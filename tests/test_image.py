@@ -106,7 +106,7 @@ def test_the_image_serves_as_its_cmd_says_and_drains_on_sigterm(image):
                 pass
             time.sleep(0.1)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        reply = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=8,
+        reply = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=8, temperature=0,
                                                messages=[{"role": "user", "content": "What is the capital of France?"}])
         first_answer = time.monotonic() - container.started
         assert reply.usage.completion_tokens >= 1 and reply.choices[0].message.content

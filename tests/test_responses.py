@@ -128,7 +128,7 @@ def test_stream_helper_gives_the_final_response(client):
 
 def test_function_tool_round_trip(client):
     forced = create(client, input=ASK, tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"},
-                    max_output_tokens=40)
+                    max_output_tokens=40, temperature=0)
     [call] = forced.output
     assert forced.status == "completed" and call.type == "function_call" and call.name == "get_weather"
     assert call.id.startswith("fc_") and call.call_id.startswith("call_") and call.status == "completed"
@@ -142,7 +142,7 @@ def test_function_tool_round_trip(client):
 
 
 def test_function_call_streams_its_arguments(client):
-    events = list(create(client, input=ASK, tools=[WEATHER], tool_choice="required", max_output_tokens=40, stream=True))
+    events = list(create(client, input=ASK, tools=[WEATHER], tool_choice="required", max_output_tokens=40, temperature=0, stream=True))
     kinds = [e.type for e in events]
     assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
                      "response.function_call_arguments.delta", "response.function_call_arguments.done",

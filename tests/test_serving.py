@@ -104,7 +104,7 @@ def single():
 
 # 1900 tokens would take ~20 s: a request for them, on chat and on the Responses API
 LONG = {"/v1/chat/completions": chat_body(max_tokens=1900),
-        "/v1/responses": {"model": MODEL, "input": "Tell me a long story.", "max_output_tokens": 1900}}
+        "/v1/responses": {"model": MODEL, "input": STORY, "max_output_tokens": 1900, "temperature": 0}}
 
 
 def text_deltas(lines):
