@@ -6,6 +6,7 @@ decoded strictly and answers encoded without a detour through dicts.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -323,12 +324,19 @@ def error_body(exc: APIError) -> ErrorResponse:
     return ErrorResponse(error=ErrorBody(message=exc.message, type=kind, param=exc.param, code=exc.code))
 
 
+MISSING = re.compile(r"Object missing required field `(\w+)`(?: - at `\$\.?(.*)`)?")
+
+
 def decode(body: bytes, kind: type[msgspec.Struct]):
     """Decode a request body strictly (a string is not a number), naming the offending field."""
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as e:
         message = str(e)
+        if missing := MISSING.fullmatch(message):  # worded as OpenAI words it, the field's path its param
+            field, within = missing.groups()
+            param = f"{within}.{field}" if within else field
+            raise APIError(400, f"Missing required parameter: '{param}'.", param, "missing_required_parameter") from None
         param = message.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in message else None
         raise APIError(400, message, param) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as e:  # invalid UTF-8 in a string is the latter

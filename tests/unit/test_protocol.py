@@ -12,12 +12,25 @@ from protocol import APIError, ChatRequest, CompletionRequest, decode, error_bod
     (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 2.5}', "temperature"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 9}', "n"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}', "stop"),
-    (b'{"messages": [{"role": "user", "content": "x"}]}', None),
 ])
 def test_bad_fields_are_400_naming_the_field(body, param):
     with pytest.raises(APIError) as e:
         decode(body, ChatRequest)
     assert e.value.status == 400 and e.value.param == param
+
+
+@pytest.mark.parametrize("body,param", [
+    (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),  # as the fleet's proxy names it too
+    (b'{"model": "m"}', "messages"),
+    (b'{"model": "m", "messages": [{"content": "x"}]}', "messages[0].role"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {}}]}',
+     "tools[0].function.name"),
+])
+def test_a_missing_field_is_worded_as_openai_words_it(body, param):
+    with pytest.raises(APIError) as e:
+        decode(body, ChatRequest)
+    assert (e.value.message, e.value.param, e.value.code) == (
+        f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
 
 
 @pytest.mark.parametrize("body", [b"{", b'{"model": "m", "prompt": "\xff"}', b"[]"])
