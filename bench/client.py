@@ -182,6 +182,17 @@ class Bench:
         return {"rps": n / wall, "requests": n, "errors": errors, "seconds": wall}
 
 
+def asked_again_if_dropped(name: str, ask: Callable[[], dict]) -> dict:
+    """ask(); if the server dropped the connection without answering, say so and ask once more.
+    llama-server did, twice in some thousand requests on 2026-12-01 (split.py, threadtime.py),
+    on a new connection; gguf-serve's log had every request answered."""
+    try:
+        return ask()
+    except httpx.RemoteProtocolError as e:
+        print(f"   {name} dropped the connection ({e}); asking again", flush=True)
+        return ask()
+
+
 def poll(proc: subprocess.Popen, t_spawn: float, timeout: float, log: Path, what: str,
          ask: Callable[[httpx.Client], httpx.Response], client_timeout: httpx.Timeout | float,
          again: Callable[[int], bool] = lambda status: True) -> tuple[float, httpx.Response]:

@@ -36,6 +36,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from client import asked_again_if_dropped  # noqa: E402
 from machine import bench_arguments  # noqa: E402
 from procs import kill  # noqa: E402
 from servers import side_by_side_arguments, start_side_by_side  # noqa: E402
@@ -53,13 +54,8 @@ def log_line(log: Path, request_id: str, deadline_s: float = 10.0) -> dict:
 
 
 def request(name: str, bench, log: Path, client: httpx.Client, i: int, stream: bool) -> dict:
-    """One chat: the client's wall time, and the server's own first-token and per-token times, in ms.
-    A connection the server dropped is said and the request asked once more, on a new connection."""
-    try:
-        return timed_request(name, bench, log, client, i, stream)
-    except httpx.RemoteProtocolError as e:
-        print(f"   {name} dropped the connection ({e}); asking again", flush=True)
-        return timed_request(name, bench, log, client, i, stream)
+    """One chat: the client's wall time, and the server's own first-token and per-token times, in ms."""
+    return asked_again_if_dropped(name, lambda: timed_request(name, bench, log, client, i, stream))
 
 
 def timed_request(name: str, bench, log: Path, client: httpx.Client, i: int, stream: bool) -> dict:

@@ -4,6 +4,7 @@
     python bench/threadtime.py                     # SmolLM2, 2 threads, 3 rounds of 6 + 6 requests
     python bench/threadtime.py --loop asyncio      # gguf-serve on asyncio's own event loop
     python bench/threadtime.py --model x.gguf --rounds 5 --requests 8
+    python bench/threadtime.py --floor             # and a bare ASGI app on granian (floor_app.py)
 
 Both servers are started side by side (gguf-serve with PARALLEL=4, llama-server -np 4, as in
 bench.py --paired); each round, alternating which goes first, sends each server --requests
@@ -16,7 +17,10 @@ that, when the machine has no core to spare, takes one from the team while it co
 two cores and two llama.cpp threads, a thread's microsecond of CPU is about a microsecond that
 step waits. Printed per token (medians over the rounds): tokens/s, and µs of CPU of gguf-serve's
 event loop (its worker's main thread), of its other threads beside the team (granian's runtime,
-the prompt worker), and of llama-server's threads beside its team (its HTTP threads).
+the prompt worker), and of llama-server's threads beside its team (its HTTP threads). With
+--floor, a third server: floor_app.py, granian and a bare ASGI app that streams a chunk handed
+over from a thread every 15 ms, no model: what any Python ASGI server on granian spends to
+stream a token, gguf-serve's code and Litestar left out.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from machine import bench_arguments  # noqa: E402
+from client import asked_again_if_dropped  # noqa: E402
+from machine import bench_arguments, inspect_model  # noqa: E402
 from procs import kill, process_tree  # noqa: E402
-from servers import side_by_side_arguments, start_side_by_side  # noqa: E402
+from servers import launch, side_by_side_arguments, start_side_by_side  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -57,12 +62,12 @@ def thread_cpu(pid: int) -> dict[tuple[int, int], float]:
     return out
 
 
-def measure(proc, bench, stream: bool, n: int, first_index: int, team: int) -> dict:
+def measure(name: str, proc, bench, stream: bool, n: int, first_index: int, team: int) -> dict:
     """n requests one after the other: tokens/s and µs of CPU per token by kind of thread."""
     client = httpx.Client(timeout=bench.timeout)
     before, t0, tokens = thread_cpu(proc.pid), time.perf_counter(), 0
     for i in range(first_index, first_index + n):
-        tokens += (bench.stream if stream else bench.complete)(client, i)["tokens"]
+        tokens += asked_again_if_dropped(name, lambda: (bench.stream if stream else bench.complete)(client, i))["tokens"]
     wall, after = time.perf_counter() - t0, thread_cpu(proc.pid)
     client.close()
     used = {k: v - before.get(k, 0.0) for k, v in after.items()}
@@ -80,18 +85,26 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=6, help="requests a round, each way (streamed, not)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--loop", help="gguf-serve's event loop (GRANIAN_LOOP: asyncio, uvloop; default: granian's choice)")
+    ap.add_argument("--floor", action="store_true", help="also floor_app.py: granian streaming with no model and no app")
     args = ap.parse_args()
     logdir = Path(tempfile.mkdtemp(prefix="gguf-serve-threadtime-"))
     servers = {}
     try:
-        servers = start_side_by_side(args, logdir, {"GRANIAN_LOOP": args.loop} if args.loop else None)
+        loop = {"GRANIAN_LOOP": args.loop} if args.loop else {}
+        servers = start_side_by_side(args, logdir, loop)
+        if args.floor:
+            floor = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{PORT}",
+                     "floor_app:app"]
+            servers["floor"] = launch("floor", floor, {**os.environ, **loop}, HERE, args,
+                                      inspect_model(args.model)["eog"], logdir, {})
         runs = {(name, stream): [] for name in servers for stream in (True, False)}
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(servers)[::-1]
             for name in order:
                 proc, bench = servers[name]
                 for stream in (True, False):
-                    m = measure(proc, bench, stream, args.requests, 1000 * (r + 1) + 100 * stream, args.threads)
+                    team = 0 if name == "floor" else args.threads  # the floor has no llama.cpp team
+                    m = measure(name, proc, bench, stream, args.requests, 1000 * (r + 1) + 100 * stream, team)
                     runs[name, stream].append(m)
                     print(f"   round {r + 1} {name:12s} {'streamed' if stream else 'not streamed':12s} {m['tok_s']:6.1f} tok/s; "
                           f"µs of CPU a token: event loop {m['main_us']:4.0f}, other threads {m['others_us']:4.0f}, "
@@ -104,7 +117,7 @@ def main() -> None:
     print(f"{'server':14s} {'request':13s} {'tok/s':>6s} {'event loop µs/token':>20s} {'other threads µs/token':>23s}")
     for (name, stream), ms in runs.items():
         med = lambda key: statistics.median(m[key] for m in ms)  # noqa: E731
-        loop = f"{med('main_us'):.0f}" if name == "gguf-serve" else "-"
+        loop = f"{med('main_us'):.0f}" if name != "llama-server" else "-"
         print(f"{name:14s} {'streamed' if stream else 'not streamed':13s} {med('tok_s'):6.1f} {loop:>20s} {med('others_us'):>23.0f}")
 
 

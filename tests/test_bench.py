@@ -74,11 +74,12 @@ def test_paired_benchmark_runs(tmp_path):
 def test_threadtime_benchmark_runs():
     needs_llama_server()
     run = subprocess.run([sys.executable, ROOT / "bench" / "threadtime.py", "--rounds", "1", "--requests", "1",
-                          "--max-tokens", "16", "--wait-idle", "2"], capture_output=True, text=True, timeout=600)
+                          "--max-tokens", "16", "--wait-idle", "2", "--floor"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     table = run.stdout[run.stdout.index("Medians of 1 rounds"):].splitlines()[2:]
     assert [line.split()[:2] for line in table] == [["gguf-serve", "streamed"], ["gguf-serve", "not"],
-                                                   ["llama-server", "streamed"], ["llama-server", "not"]]
+                                                   ["llama-server", "streamed"], ["llama-server", "not"],
+                                                   ["floor", "streamed"], ["floor", "not"]]
 
 
 def test_split_benchmark_runs():
