@@ -59,7 +59,7 @@ def test_an_input_longer_than_the_context_names_its_index():
 
 def test_the_request_struct_bounds_input_and_format():
     assert decode(b'{"model": "m", "input": [[1, 2], [3]]}', EmbeddingRequest).input == [[1, 2], [3]]
-    for body, param in [(b'{"model": "m", "input": []}', "input"), (b'{"model": "m"}', None),
+    for body, param in [(b'{"model": "m", "input": []}', "input"), (b'{"model": "m"}', "input"),
                         (b'{"model": "m", "input": "a", "encoding_format": "hex"}', "encoding_format"),
                         (b'{"model": "m", "input": "a", "dimensions": 0}', "dimensions"),
                         (b'{"model": "m", "input": [' + b",".join([b'"a"'] * 2049) + b"]}", "input")]:
