@@ -13,7 +13,7 @@ from pathlib import Path
 from client import Bench, wait_ready
 from llama_build import BUILD_DIR, llama_server_binary, llama_server_has
 from machine import REPO, default_model, inspect_model
-from procs import free_port, kill, spawn, wait_idle
+from procs import free_port, kill, kill_all, spawn, wait_idle
 from stats import summary
 
 LLAMA_SERVER_EXTRAS = {"fastapi": "fastapi", "uvicorn": "uvicorn", "sse_starlette": "sse-starlette",
@@ -146,7 +146,6 @@ def start_side_by_side(args, logdir: Path, env: dict[str, str] | None = None) ->
         servers["llama-server"] = launch("llama-server", llama_server_command(binary, args, args.parallel), None, None,
                                          args, eog, logdir, {})
     except BaseException:
-        for proc, _ in servers.values():
-            kill(proc)
+        kill_all()
         raise
     return servers

@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 from client import asked_again_if_dropped  # noqa: E402
 from machine import bench_arguments  # noqa: E402
-from procs import kill  # noqa: E402
+from procs import kill_all  # noqa: E402
 from servers import side_by_side_arguments, start_side_by_side  # noqa: E402
 
 
@@ -113,8 +113,7 @@ def main() -> None:
                       f"first token {g['first_ms']:5.1f} / {s['first_ms']:5.1f}, a token {g['token_ms']:5.2f} / {s['token_ms']:5.2f}, "
                       f"outside {g['outside_ms']:5.1f} / {s['outside_ms']:5.1f}", flush=True)
     finally:
-        for proc, _ in servers.values():
-            kill(proc)
+        kill_all()
     for stream in (False, True):
         pairs = [r for r in runs if r["stream"] == stream]
         if not pairs:

@@ -38,8 +38,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from client import asked_again_if_dropped  # noqa: E402
-from machine import bench_arguments, inspect_model  # noqa: E402
-from procs import kill, process_tree  # noqa: E402
+from machine import bench_arguments  # noqa: E402
+from procs import kill_all, process_tree  # noqa: E402
 from servers import launch, side_by_side_arguments, start_side_by_side  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -95,8 +95,7 @@ def main() -> None:
         if args.floor:
             floor = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{PORT}",
                      "floor_app:app"]
-            servers["floor"] = launch("floor", floor, {**os.environ, **loop}, HERE, args,
-                                      inspect_model(args.model)["eog"], logdir, {})
+            servers["floor"] = launch("floor", floor, {**os.environ, **loop}, HERE, args, [], logdir, {})  # no vocabulary to ban
         runs = {(name, stream): [] for name in servers for stream in (True, False)}
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(servers)[::-1]
@@ -110,8 +109,7 @@ def main() -> None:
                           f"µs of CPU a token: event loop {m['main_us']:4.0f}, other threads {m['others_us']:4.0f}, "
                           f"llama.cpp's team {m['team_us']:5.0f}", flush=True)
     finally:
-        for proc, _ in servers.values():
-            kill(proc)
+        kill_all()
     print(f"\nMedians of {args.rounds} rounds ({args.requests} requests of {args.max_tokens} tokens each; load average "
           f"{os.getloadavg()[0]:.2f}; gguf-serve's loop: {args.loop or 'granian default'}):")
     print(f"{'server':14s} {'request':13s} {'tok/s':>6s} {'event loop µs/token':>20s} {'other threads µs/token':>23s}")
