@@ -142,7 +142,7 @@ BAD_REQUESTS = [
     (b'\xff\xfe\x00', None),
     (b"[]", None),
     (json.dumps({"messages": HELLO}).encode(), None),  # no model
-    (json.dumps({"model": MODEL}).encode(), None),  # no messages
+    (json.dumps({"model": MODEL}).encode(), "messages"),  # no messages
     (json.dumps({"model": MODEL, "messages": []}).encode(), "messages"),
     (json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}).encode(), "messages[0].role"),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": 5}]}).encode(), "messages[0].content"),
@@ -166,6 +166,15 @@ def test_bad_chat_requests_get_openai_shaped_400(base_url, body, param):
     assert error["type"] == "invalid_request_error" and error["message"]
     if param:
         assert error["param"] == param
+
+
+def test_a_missing_field_is_worded_as_openai_words_it_and_the_server_keeps_serving(base_url):
+    r = httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": [{"content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": "Missing required parameter: 'messages[0].role'.", "type": "invalid_request_error",
+        "param": "messages[0].role", "code": "missing_required_parameter"}
+    ok = httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_bad_request_with_sdk_and_server_keeps_serving(client):
