@@ -71,6 +71,7 @@ class Config:
     reasoning: bool | None  # the entry's word on thinking (None: ask the template)
     reasoning_format: str  # REASONING_FORMAT: where a thinking model's reasoning goes
     responses_store_max: int  # finished Responses API responses kept (least recently used go first)
+    responses_store_max_bytes: int  # and the bytes they may hold together (their JSON)
     responses_store_ttl_s: float  # and for at most this long
 
 
@@ -141,6 +142,8 @@ def load_config(env: dict[str, str]) -> Config:
         reasoning=entry.reasoning,
         reasoning_format=reasoning_format,
         responses_store_max=_int(env, "RESPONSES_STORE_MAX", 1000),
+        # 64 MiB: an eighth of a 512 MiB Cloud Run instance, room for 16 responses of a whole 4 MiB body each
+        responses_store_max_bytes=_int(env, "RESPONSES_STORE_MAX_BYTES", 64 << 20),
         responses_store_ttl_s=float(_int(env, "RESPONSES_STORE_TTL_S", 3600)),
     )
 
