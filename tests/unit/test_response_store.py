@@ -16,8 +16,8 @@ def clock(monkeypatch):
 
 
 def response(i: int, text: str = "") -> ResponseObject:
-    return ResponseObject(id=f"resp_{i}", created_at=0, status="completed", model="m", output=[], instructions=text or None,
-                          max_output_tokens=None, temperature=1, top_p=1, tools=[], tool_choice="auto",
+    return ResponseObject(id=f"resp_{i}", created_at=0, status="completed", model="m", output=[],
+                          instructions=text or None, max_output_tokens=None, temperature=1, top_p=1, tools=[], tool_choice="auto",
                           parallel_tool_calls=True, text=TextConfig(), previous_response_id=None, store=True,
                           metadata={}, user=None)
 
