@@ -71,7 +71,10 @@ class Config:
     reasoning: bool | None  # the entry's word on thinking (None: ask the template)
     reasoning_format: str  # REASONING_FORMAT: where a thinking model's reasoning goes
     responses_store_max: int  # finished Responses API responses kept (least recently used go first)
+    responses_store_max_bytes: int  # and the bytes they may hold together (their JSON)
     responses_store_ttl_s: float  # and for at most this long
+    embeddings_max_tokens: int  # the tokens of all an embedding request's inputs together
+    embeddings_timeout_s: float  # an embedding request unfinished this long after it came ends with a 504
 
 
 class ConfigError(Exception):
@@ -141,7 +144,15 @@ def load_config(env: dict[str, str]) -> Config:
         reasoning=entry.reasoning,
         reasoning_format=reasoning_format,
         responses_store_max=_int(env, "RESPONSES_STORE_MAX", 1000),
+        # 64 MiB: an eighth of a 512 MiB Cloud Run instance, room for 16 responses of a whole 4 MiB body each
+        responses_store_max_bytes=_int(env, "RESPONSES_STORE_MAX_BYTES", 64 << 20),
         responses_store_ttl_s=float(_int(env, "RESPONSES_STORE_TTL_S", 3600)),
+        # SmolLM2 embeds about 150 tokens/s on 2 cores (README's bench/embeddings.py; measured again
+        # 2026-12-03: 2000 tokens in 15 s with the host's load at 1, 100-185 tokens/s at load 4-9):
+        # 4096 tokens, about 27 s, keep one request well under a minute there. OpenAI allows 300,000;
+        # a faster host or a small encoder (bge, MiniLM) can take far more.
+        embeddings_max_tokens=_int(env, "EMBEDDINGS_MAX_TOKENS", 4096),
+        embeddings_timeout_s=float(_int(env, "EMBEDDINGS_TIMEOUT_S", 600)),
     )
 
 

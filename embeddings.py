@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -72,6 +74,15 @@ def input_tokens(given: str | list, tokenize: Callable[[str], list[int]], n_voca
     return inputs
 
 
+def check_total(inputs: list[list[int]], max_tokens: int) -> None:
+    """All the inputs together within EMBEDDINGS_MAX_TOKENS, worded as OpenAI words its own
+    limit (300,000 tokens a request there; see config for the figure here)."""
+    total = sum(len(tokens) for tokens in inputs)
+    if total > max_tokens:
+        raise APIError(400, f"Requested {total} tokens, max {max_tokens} tokens per request (EMBEDDINGS_MAX_TOKENS); "
+                            "send fewer or shorter inputs a request", "input", "max_tokens_per_request")
+
+
 def normalized(v: np.ndarray) -> np.ndarray:
     """L2-normalised, as OpenAI's vectors are (and llama-server's by default); zero stays zero."""
     norm = float(np.linalg.norm(v))
@@ -111,6 +122,7 @@ class EmbeddingJob:
 
     inputs: list[list[int]]
     emit: Callable[[engine.Event], None]
+    deadline: float = math.inf  # time.monotonic() past which it ends, finish_reason "timeout"
     cancelled: bool = False  # set by the request's run when it ends
     vectors: np.ndarray | None = None  # one row per input, filled in the decode thread
     begun: int = 0  # inputs given a sequence so far
@@ -168,11 +180,9 @@ class Embedder:
     def step(self, slots: list) -> None:
         """One batch: inputs already begun go on, new ones begin in free sequences (a chat model's:
         slots with no generation, those caching the least first), oldest job first."""
-        # No time limit, unlike a generation's REQUEST_TIMEOUT_S: an embedding has no partial answer
-        # to end with. Its size bounds it (2048 inputs of at most N_CTX tokens, MAX_BODY_BYTES), and
-        # it stops when its client leaves.
-        for job in [job for job in self.jobs if job.cancelled]:
-            self._end(job, engine.Event("", "cancelled"))
+        now = time.monotonic()
+        for job in [job for job in self.jobs if job.cancelled or now > job.deadline]:
+            self._end(job, engine.Event("", "cancelled" if job.cancelled else "timeout"))
         if self.chunked:
             free = sorted((s for s in slots if s.gen is None and s.seq_id not in self.held), key=lambda s: len(s.cached))
         else:
@@ -270,16 +280,30 @@ class Embedder:
 
 async def respond(request: Request, served: Served, body: EmbeddingRequest) -> Response:
     """The request as one entry of the queue (a 429 when it is full, before any work), its inputs
-    tokenized off the event loop, computed in the decode thread, answered in OpenAI's shape."""
-    state, info, model = request.app.state, request_info(request), served.model
-    check_dimensions(body.dimensions, model.n_embd, served.config.matryoshka)
+    tokenized off the event loop, computed in the decode thread, answered in OpenAI's shape.
+
+    Its time is bounded twice: by its tokens (EMBEDDINGS_MAX_TOKENS, a 400 before any work) and by
+    EMBEDDINGS_TIMEOUT_S from its arrival, queue included: past that it ends with a 504, its place
+    in the queue freed. Not REQUEST_TIMEOUT_S: a generation stopped there still answers with its
+    text, an embedding would answer only an error, so its limit is the time past which a client
+    would rather have that error (a fuzz run with REQUEST_TIMEOUT_S=5 on a loaded host took longer
+    than 5 s for one 2047-token input). 504, not 503 or 408: the server's own deadline passed
+    (gRPC's DEADLINE_EXCEEDED, which Google's APIs answer 504); 408 means the client was slow to send."""
+    state, info, model, config = request.app.state, request_info(request), served.model, served.config
+    deadline = time.monotonic() + config.embeddings_timeout_s
+    check_dimensions(body.dimensions, model.n_embd, config.matryoshka)
     async with runs.Run(state.runs, served, 1, state.metrics, info) as run:
         inputs = await asyncio.to_thread(input_tokens, body.input, lambda text: model.tokenize(text, add_special=True),
                                          model.n_vocab, model.n_ctx)
-        job = EmbeddingJob(inputs, emit=None)
+        check_total(inputs, config.embeddings_max_tokens)
+        job = EmbeddingJob(inputs, emit=None, deadline=deadline)
         run.submit_embedding(job)
-        if await run.collect_unless_disconnected(request.receive) is None:
+        results = await run.collect_unless_disconnected(request.receive)
+        if results is None:
             return Response(b"", status_code=CLIENT_CLOSED)
+    if results[0].finish_reason == "timeout":
+        raise APIError(504, f"the embeddings took longer than EMBEDDINGS_TIMEOUT_S ({config.embeddings_timeout_s:g} s); "
+                            "send fewer tokens a request, or retry when the server is less busy", None, "timeout")
     vectors = shortened(job.vectors, body.dimensions)
     data = [EmbeddingData(index=i, embedding=encoded(v, body.encoding_format)) for i, v in enumerate(vectors)]
     usage = EmbeddingUsage(prompt_tokens=run.n_prompt, total_tokens=run.n_prompt)

@@ -7,7 +7,10 @@ that the next request can continue from it (`previous_response_id`).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import math
+import secrets
 import time
 import uuid
 from collections import OrderedDict
@@ -19,6 +22,7 @@ from litestar import Request, Response
 
 import chat
 import prompts
+from access import request_info
 from logprobs import chat_logprobs
 from loading import Served
 from protocol import (CLIENT_CLOSED, APIError, ChatMessage, ChatRequest, ContentPart, FunctionCall, FunctionCallItem,
@@ -230,50 +234,128 @@ def as_input(output: list[OutputItem]) -> list[InputItem]:
 
 
 class Stored(NamedTuple):
-    response: ResponseObject
-    conversation: list[InputItem]  # every item up to and including its output: what continues it
-    at: float  # time.monotonic() when stored
+    """A stored response, kept encoded: its size is the bytes it holds (no Python object per
+    item, which for a conversation of small items would weigh several times its JSON), and a
+    later change to the objects it was made from can't reach it."""
+
+    owner: bytes | None  # the key that made it (see `owner_of`); None when the server has no keys
+    response_json: bytes  # the response, as GET returns it
+    conversation_json: bytes  # every item up to and including its output: what continues it
+    at: float  # time.monotonic() when stored: its age counts from then, whenever it was read
+
+    @property
+    def size(self) -> int:
+        return len(self.response_json) + len(self.conversation_json)
+
+    @property
+    def response(self) -> ResponseObject:
+        return msgspec.json.decode(self.response_json, type=ResponseObject)
+
+    @property
+    def conversation(self) -> list[InputItem]:
+        return msgspec.json.decode(self.conversation_json, type=list[InputItem])
+
+
+def continuing(item: InputItem) -> InputItem:
+    """An item as a continuation reads it: without `id`, `status` and `encrypted_content`,
+    which nothing here reads (append_messages), so that a client can't make the store keep them."""
+    return msgspec.structs.replace(item, id=None, status=None, encrypted_content=None)
 
 
 class ResponseStore:
-    """Finished responses, bounded by count (least recently used goes first) and by age. In
-    this process only: behind a fleet, a continuation must reach the same instance."""
+    """Finished responses, bounded by count and by bytes (the least recently used go first),
+    and by age (from when each was stored, however often it was read since). In this process
+    only: behind a fleet, a continuation must reach the same instance."""
 
-    def __init__(self, max_count: int, ttl_s: float):
-        self.max_count, self.ttl_s = max_count, ttl_s
-        self.kept: OrderedDict[str, Stored] = OrderedDict()
+    def __init__(self, max_count: int, ttl_s: float, max_bytes: float = math.inf):
+        self.max_count, self.ttl_s, self.max_bytes = max_count, ttl_s, max_bytes
+        self.kept: OrderedDict[str, Stored] = OrderedDict()  # least recently used first
+        self.by_age: OrderedDict[str, Stored] = OrderedDict()  # the same entries, oldest first
+        self.bytes = 0  # the sum of the kept entries' sizes
 
-    def put(self, response: ResponseObject, conversation: list[InputItem]) -> None:
+    def put(self, response: ResponseObject, conversation: list[InputItem], owner: bytes | None = None) -> bool:
+        """Keep `response`; False if it is larger than the whole store (then it is not kept)."""
         if self.max_count <= 0:
-            return
-        self.kept[response.id] = Stored(response, conversation, time.monotonic())
+            return False
+        stored = Stored(owner, msgspec.json.encode(response),
+                        msgspec.json.encode([continuing(item) for item in conversation]), time.monotonic())
+        if response.id in self.kept:
+            self._drop(response.id)
+        if stored.size > self.max_bytes:
+            return False
         self.expire()
-        while len(self.kept) > self.max_count:
-            self.kept.popitem(last=False)
+        self.kept[response.id] = self.by_age[response.id] = stored
+        self.bytes += stored.size
+        while len(self.kept) > self.max_count or self.bytes > self.max_bytes:
+            self._drop(next(iter(self.kept)))
+        return True
 
-    def get(self, response_id: str, param: str | None = None) -> Stored:
+    def get(self, response_id: str, param: str | None = None, owner: bytes | None = None) -> Stored:
+        """The response `response_id` if `owner` made it; another key's is unknown, as OpenAI
+        answers for another organization's."""
         self.expire()
         stored = self.kept.get(response_id)
-        if stored is None:
+        if stored is None or stored.owner != owner:
             code = "previous_response_not_found" if param else "response_not_found"
             raise APIError(404, f"No response with id `{response_id}` is stored here (never stored, evicted, expired "
                                 "or deleted; stored responses live in one server process)", param, code)
         self.kept.move_to_end(response_id)
         return stored
 
-    def delete(self, response_id: str) -> None:
-        self.get(response_id)
-        del self.kept[response_id]
+    def delete(self, response_id: str, owner: bytes | None = None) -> None:
+        self.get(response_id, None, owner)
+        self._drop(response_id)
 
     def expire(self) -> None:
         oldest_kept = time.monotonic() - self.ttl_s
-        while self.kept and next(iter(self.kept.values())).at < oldest_kept:
-            self.kept.popitem(last=False)
+        while self.by_age and next(iter(self.by_age.values())).at < oldest_kept:
+            self._drop(next(iter(self.by_age)))
+
+    def _drop(self, response_id: str) -> None:
+        del self.by_age[response_id]
+        self.bytes -= self.kept.pop(response_id).size
 
 
-def store(request: Request) -> ResponseStore:
-    """The app's store (made with the app, sized by RESPONSES_STORE_MAX and RESPONSES_STORE_TTL_S)."""
-    return request.app.state.responses
+class ScopedStore(NamedTuple):
+    """The store as one API key sees it: the responses made with that key, and no other."""
+
+    store: ResponseStore
+    owner: bytes | None
+
+    def put(self, response: ResponseObject, conversation: list[InputItem]) -> bool:
+        return self.store.put(response, conversation, self.owner)
+
+    def get(self, response_id: str, param: str | None = None) -> Stored:
+        return self.store.get(response_id, param, self.owner)
+
+    def delete(self, response_id: str) -> None:
+        self.store.delete(response_id, self.owner)
+
+
+OWNER_SALT = secrets.token_bytes(16)  # this process's: an owner hash means nothing outside it
+
+
+def owner_of(request: Request) -> bytes | None:
+    """Who a request is, to the store: a keyed hash of its API key (the key itself is never
+    kept), or None when the server has no keys (then every client is the same owner)."""
+    if not request.app.state.config.api_keys:
+        return None
+    key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    return hashlib.blake2b(key.encode(), key=OWNER_SALT, digest_size=16).digest()
+
+
+def store(request: Request) -> ScopedStore:
+    """The app's store (made with the app, sized by RESPONSES_STORE_MAX, RESPONSES_STORE_MAX_BYTES
+    and RESPONSES_STORE_TTL_S) as the request's API key sees it."""
+    return ScopedStore(request.app.state.responses, owner_of(request))
+
+
+def keep(request: Request, response: ResponseObject, conversation: list[InputItem]) -> None:
+    """Store a finished response; one larger than the whole store is answered all the same,
+    its `store` false (it can't be retrieved or continued), and its log line says why."""
+    if not store(request).put(response, [*conversation, *as_input(response.output)]):
+        response.store = False
+        request_info(request)["response_not_stored"] = "larger than RESPONSES_STORE_MAX_BYTES"
 
 
 # --- Serving --------------------------------------------------------------------------------
@@ -283,6 +365,29 @@ def history(request: Request, body: ResponsesInput) -> list[InputItem]:
     if body.previous_response_id is None:
         return []
     return store(request).get(body.previous_response_id, "previous_response_id").conversation
+
+
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's limits
+
+
+def check_metadata(metadata: dict[str, str] | None) -> None:
+    """OpenAI's limits on `metadata`, worded as OpenAI words them (a key too long is shown cut:
+    an error must not echo megabytes back)."""
+    if not metadata:
+        return
+    if len(metadata) > METADATA_PAIRS:
+        raise APIError(400, f"Invalid 'metadata': too many properties. Expected an object with at most {METADATA_PAIRS} "
+                            f"properties, but got an object with {len(metadata)} properties instead.", "metadata")
+    for key, value in metadata.items():
+        if len(key) > METADATA_KEY_CHARS:
+            shown = key[:METADATA_KEY_CHARS] + "..."
+            raise APIError(400, f"Invalid property name in 'metadata': '{shown}' is too long. Expected a string with "
+                                f"maximum length {METADATA_KEY_CHARS}, but got a string with length {len(key)} instead.",
+                           "metadata")
+        if len(value) > METADATA_VALUE_CHARS:
+            raise APIError(400, f"Invalid 'metadata.{key}': string too long. Expected a string with maximum length "
+                                f"{METADATA_VALUE_CHARS}, but got a string with length {len(value)} instead.",
+                           f"metadata.{key}")
 
 
 def new_response(served: Served, body: ResponsesRequest, chat_body: ChatRequest) -> ResponseObject:
@@ -298,6 +403,7 @@ def new_response(served: Served, body: ResponsesRequest, chat_body: ChatRequest)
 
 
 async def respond(request: Request, served: Served, body: ResponsesRequest) -> Response:
+    check_metadata(body.metadata)
     earlier = history(request, body)
     chat_body = chat_request(body, earlier, served.config.model_id)
     plan = tool_plan(chat_body)
@@ -324,7 +430,7 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
               *call_items(calls, status)]
     finish(response, output, reason, run.usage())
     if body.store:
-        store(request).put(response, [*conversation, *as_input(output)])
+        keep(request, response, conversation)
     return Response(response)
 
 
@@ -417,7 +523,7 @@ async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: 
         yield event("response.output_item.done", output_index=index, item=item)
     finish(response, output, reason, run.usage())
     if body.store:
-        store(request).put(response, [*conversation, *as_input(output)])
+        keep(request, response, conversation)
     yield event(f"response.{response.status}", response=response)
 
 

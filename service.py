@@ -69,7 +69,8 @@ def create_app(env: dict[str, str] = os.environ):
     )
     app.state.config = config
     app.state.model_loading = model_loading
-    app.state.responses = responses.ResponseStore(config.responses_store_max, config.responses_store_ttl_s)
+    app.state.responses = responses.ResponseStore(config.responses_store_max, config.responses_store_ttl_s,
+                                                  config.responses_store_max_bytes)
     app.state.metrics = Metrics(lambda: app.state.served and app.state.served.engine)
     return gate(app)
 

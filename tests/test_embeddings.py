@@ -78,6 +78,7 @@ def test_a_long_input_is_computed_in_chunks(client):
     ({"input": [[9906, 100_000]]}, "input[0]", None),  # tiktoken's ids, as LangChain sends them by default
     ({"input": "word " * 2100}, "input", "context_length_exceeded"),
     ({"input": ["ok", "word " * 2100]}, "input[1]", "context_length_exceeded"),
+    ({"input": [" a" * 1000] * 8}, "input", "max_tokens_per_request"),  # 8,000 tokens in all: EMBEDDINGS_MAX_TOKENS
     ({"input": "a", "dimensions": 64}, "dimensions", "unsupported_parameter"),  # SmolLM2 was not trained for it
     ({"input": "a", "dimensions": 577}, "dimensions", None),
     ({"input": "a", "encoding_format": "hex"}, "encoding_format", None),
@@ -145,7 +146,7 @@ def test_a_chat_goes_on_while_a_long_embedding_runs(server, client):
 
 
 def test_a_client_that_leaves_cancels_its_embeddings(server, base_url, client):
-    inputs = [" ".join([f"Line {i} of a long document about mountains."] * 40) for i in range(40)]  # ~16k tokens
+    inputs = [" ".join([f"Line {i} of a long document about mountains."] * 40) for i in range(9)]  # ~3,600 tokens
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base_url}/v1/embeddings", json={"model": MODEL, "input": inputs}, timeout=1.5)
     server.wait_metric("gguf_running", 0)  # cancelled, not computed on for minutes

@@ -94,3 +94,91 @@ def test_after_the_corpus_the_server_still_answers(keyed):
 
 
 # --- 1. The API key is decided on the path as routed ------------------------------------------
+
+
+# --- 5, 6, 7, 8. Stored responses bounded and scoped; embeddings bounded ------------------------
+# (metadata beyond OpenAI's limits and an embedding request of too many tokens: tests/hostile/05-*, 07-*)
+
+K1, K2 = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
+
+
+@pytest.fixture(scope="module")
+def two_keys():
+    s = Server({"N_THREADS": "2", "API_KEY": "k1,k2"}).wait_ready()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def short_lived():
+    """Stored responses live 3 s and hold 6 kB in all; an embedding may take 1 s."""
+    s = Server({"N_THREADS": "2", "RESPONSES_STORE_TTL_S": "3", "RESPONSES_STORE_MAX_BYTES": "6000",
+                "EMBEDDINGS_TIMEOUT_S": "1"}).wait_ready()
+    yield s
+    s.stop()
+
+
+def create_response(url: str, headers: dict[str, str] | None = None, **fields) -> httpx.Response:
+    body = {"model": MODEL, "input": "Say hi.", "max_output_tokens": 1, "temperature": 0, **fields}
+    return httpx.post(f"{url}/v1/responses", json=body, headers=headers, timeout=60)
+
+
+def test_a_stored_response_is_the_key_s_that_made_it(two_keys):
+    url = two_keys.url
+    made = create_response(url, K1).json()["id"]
+    unknown = httpx.get(f"{url}/v1/responses/resp_unknown", headers=K1, timeout=10)
+    assert unknown.status_code == 404
+    for key in (K2, K1):  # another key: as for an id never stored; then its own key: the response
+        got = httpx.get(f"{url}/v1/responses/{made}", headers=key, timeout=10)
+        continued = create_response(url, key, previous_response_id=made)
+        counted = httpx.post(f"{url}/v1/responses/input_tokens", headers=key, timeout=10,
+                             json={"model": MODEL, "input": "And?", "previous_response_id": made})
+        if key is K2:
+            assert got.status_code == 404 and got.json()["error"]["code"] == unknown.json()["error"]["code"]
+            assert got.json()["error"]["message"] == unknown.json()["error"]["message"].replace("resp_unknown", made)
+            for r in (continued, counted):
+                assert r.status_code == 404
+                assert_openai_error(r.status_code, r.content, "previous_response_not_found", "previous_response_id")
+            gone = httpx.delete(f"{url}/v1/responses/{made}", headers=K2, timeout=10)
+            assert gone.status_code == 404 and gone.json() == got.json()
+        else:
+            assert got.status_code == 200 and got.json()["id"] == made
+            assert continued.status_code == 200 and counted.status_code == 200
+            assert httpx.delete(f"{url}/v1/responses/{made}", headers=K1, timeout=10).json()["deleted"]
+
+
+def test_a_stored_response_read_since_still_expires(short_lived):
+    """The first response, read after each new one is stored (so that a fresh one is always less
+    recently used than it), still goes once its 3 s are up: the old store kept it as long as the
+    reads went on."""
+    url = short_lived.url
+    first = create_response(url).json()["id"]
+    for _ in range(100):
+        assert create_response(url).status_code == 200
+        read = httpx.get(f"{url}/v1/responses/{first}", timeout=10)
+        if read.status_code == 404:
+            break
+    else:
+        pytest.fail("a response read all along was never forgotten")
+    assert_openai_error(read.status_code, read.content, "response_not_found")
+
+
+def test_a_response_larger_than_the_store_is_answered_not_kept(short_lived):
+    metadata = {f"key{i}": "v" * 512 for i in range(16)}  # within OpenAI's limits, echoed: 8 kB, over the 6 kB store
+    r = create_response(short_lived.url, metadata=metadata)
+    assert r.status_code == 200 and r.json()["store"] is False
+    assert httpx.get(f"{short_lived.url}/v1/responses/{r.json()['id']}", timeout=10).status_code == 404
+    small = create_response(short_lived.url).json()
+    assert small["store"] is True
+    assert httpx.get(f"{short_lived.url}/v1/responses/{small['id']}", timeout=10).status_code == 200
+
+
+def test_an_embedding_past_its_deadline_is_a_504_and_frees_its_place(short_lived):
+    inputs = [" ".join([f"Line {i} of a long document about mountains."] * 40) for i in range(9)]  # ~3,600 tokens
+    r = httpx.post(f"{short_lived.url}/v1/embeddings", json={"model": MODEL, "input": inputs}, timeout=120)
+    assert r.status_code == 504, r.text[:300]
+    assert "EMBEDDINGS_TIMEOUT_S" in assert_openai_error(r.status_code, r.content, "timeout")["message"]
+    short_lived.wait_metric("gguf_running", 0)
+    assert short_lived.metric("gguf_queue_depth") == 0
+    after = httpx.post(f"{short_lived.url}/v1/embeddings", json={"model": MODEL, "input": "a"}, timeout=60)
+    assert after.status_code == 200
