@@ -134,9 +134,10 @@ def one_place():
 def test_template_and_token_counts_wait_their_turn_in_the_queue(one_place):
     """Rendering and tokenizing run in worker threads: unadmitted, they would pile up there unbounded."""
     url = one_place.url
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(max_tokens=1000, stream=True), headers=AUTH,
-                      timeout=60) as stream:
-        next(stream.iter_lines())  # it holds the one place
+    endless = chat_body(max_tokens=1000, stream=True, logit_bias={"0": -100, "2": -100})  # no end-of-text, no <|im_end|>
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=endless, headers=AUTH, timeout=60) as stream:
+        lines = stream.iter_lines()  # kept: an iterator dropped closes the stream
+        next(lines)  # it holds the one place
         for path, body in [("/apply-template", {"messages": [{"role": "user", "content": "Hi"}]}),
                            ("/v1/responses/input_tokens", {"model": MODEL, "input": "Hi"})]:
             r = httpx.post(f"{url}{path}", json=body, headers=AUTH, timeout=60)
