@@ -82,15 +82,21 @@ def endpoint_namer(routes: tuple[Route, ...]):
     """The metric label and log name of a path: its route's template (ids in it as `{name}`),
     or "other", so that the labels are as few as the routes."""
     exact = {route.path: route.template for route in routes if "{" not in route.path}
-    patterns = [(re.compile(re.sub(r"\{\w+:path\}", ".+", re.sub(r"\{\w+:str\}", "[^/]+", route.path))), route.template)
-                for route in routes if "{" in route.path]
+    templated = [(path_pattern(route.path), route.template) for route in routes if "{" in route.path]
 
     def endpoint_of(path: str) -> str:
         if path in exact:
             return exact[path]
-        return next((template for pattern, template in patterns if pattern.fullmatch(path)), "other")
+        return next((template for pattern, template in templated if pattern.fullmatch(path)), "other")
 
     return endpoint_of
+
+
+def path_pattern(path: str) -> re.Pattern:
+    """A route's path as Litestar matches it: a `{name:path}` parameter takes the rest, any other one segment."""
+    pieces = re.split(r"(\{\w+:\w+\})", path)
+    return re.compile("".join(".+" if piece.endswith(":path}") else "[^/]+" if piece.startswith("{") else re.escape(piece)
+                              for piece in pieces))
 
 
 def authorized(header: bytes, keys: tuple[str, ...]) -> bool:

@@ -2,7 +2,8 @@
 
     granian --interface asgi service:app        # or: python service.py (honours HOST, PORT)
 
-Read top to bottom: the app factory, its lifespan (model load, drain on SIGTERM), the routes.
+Read top to bottom: the app factory, its lifespan (model load, drain on SIGTERM), the routes,
+and the route table that lists them once for Litestar, the access gate and /openapi.json.
 Each route decodes its body (protocol), finds the served model and hands over to the module
 that serves it (chat, completions). Importing this module does nothing else: the app is made
 when `service:app` is first asked for.
