@@ -4,13 +4,14 @@ and afterwards one JSON log line and the request metrics."""
 from __future__ import annotations
 
 import hmac
+import re
 import time
 import uuid
 
 import msgspec
 
 from config import Config
-from protocol import APIError, error_body, retry_after
+from protocol import APIError, Route, error_body, retry_after
 
 
 def request_info(request) -> dict:
@@ -18,22 +19,27 @@ def request_info(request) -> dict:
     return request.scope["state"].setdefault("gguf", {})
 
 
-ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/apply-template", "/health", "/ready", "/metrics",
-             "/openapi.json", "/v1/responses", "/v1/responses/input_tokens", "/v1/embeddings"}
+def gate(app, routes: tuple[Route, ...]):
+    """The ASGI app around `app` (a Litestar app serving `routes`) that every HTTP request passes
+    through, routed or not (Litestar's own middleware runs only once a route is found, so a 404
+    or 405 would escape it): a request id, the API key, 503 while draining, and afterwards one
+    JSON log line and the request metrics.
 
-
-def gate(app):
-    """The ASGI app around `app` (a Litestar app) that every HTTP request passes through, routed
-    or not (Litestar's own middleware runs only once a route is found, so a 404 or 405 would
-    escape it): a request id, the API key on /v1/*, 503 while draining, and afterwards one JSON
-    log line and the request metrics."""
+    Only the exact paths of the probes (and those PUBLIC_PATHS names) are open: Litestar routes
+    a path after collapsing its slashes (`//v1/chat/completions`, `/%2Fv1/...` as granian
+    decodes it), so any other path, whatever route it reaches, needs the key and is refused
+    while draining. A CORS preflight (OPTIONS, never sent with a key) is Litestar's own answer,
+    which runs no handler."""
+    config: Config = app.state.config
+    probes = frozenset(route.path for route in routes if route.public)
+    public = probes | frozenset(config.public_paths)
+    endpoint_of = endpoint_namer(routes)
 
     async def gated(scope, receive, send):
         if scope["type"] != "http":
             return await app(scope, receive, send)
         state, started = app.state, time.perf_counter()
         info = scope.setdefault("state", {}).setdefault("gguf", {})
-        config: Config = state.config
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode(errors="replace")[:128] or uuid.uuid4().hex
         path, status = scope["path"], 500
@@ -50,8 +56,8 @@ def gate(app):
 
         try:
             refusal = None
-            if path.startswith(("/v1/", "/apply-template")) and scope["method"] != "OPTIONS":
-                if config.api_keys and not authorized(headers.get(b"authorization", b""), config.api_keys):
+            if path not in probes and scope["method"] != "OPTIONS":
+                if config.api_keys and path not in public and not authorized(headers.get(b"authorization", b""), config.api_keys):
                     refusal = APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.", None, "invalid_api_key")
                 elif state.draining:
                     refusal = APIError(503, "the server is shutting down; retry on another instance", None, "server_shutting_down")
@@ -63,7 +69,7 @@ def gate(app):
             else:
                 await app(scope, receive, send_with_id)
         finally:
-            endpoint = endpoint_of(path)
+            endpoint = endpoint_of(scope["path"])  # Litestar sets the path it routed on
             state.metrics.requests.labels(endpoint, str(status)).inc()
             line = {"request_id": rid, "model": config.model_id, "endpoint": endpoint, "method": scope["method"],
                     "status": status, **info, "duration_s": round(time.perf_counter() - started, 4)}
@@ -72,14 +78,25 @@ def gate(app):
     return gated
 
 
-def endpoint_of(path: str) -> str:
-    """The metric label and log name of a path: an endpoint, its template for ids, or "other"."""
-    if path in ENDPOINTS:
-        return path
-    for prefix in ("/v1/models/", "/v1/responses/"):
-        if path.startswith(prefix):
-            return prefix + "{id}"
-    return "other"
+def endpoint_namer(routes: tuple[Route, ...]):
+    """The metric label and log name of a path: its route's template (ids in it as `{name}`),
+    or "other", so that the labels are as few as the routes."""
+    exact = {route.path: route.template for route in routes if "{" not in route.path}
+    templated = [(path_pattern(route.path), route.template) for route in routes if "{" in route.path]
+
+    def endpoint_of(path: str) -> str:
+        if path in exact:
+            return exact[path]
+        return next((template for pattern, template in templated if pattern.fullmatch(path)), "other")
+
+    return endpoint_of
+
+
+def path_pattern(path: str) -> re.Pattern:
+    """A route's path as Litestar matches it: a `{name:path}` parameter takes the rest, any other one segment."""
+    pieces = re.split(r"(\{\w+:\w+\})", path)
+    return re.compile("".join(".+" if piece.endswith(":path}") else "[^/]+" if piece.startswith("{") else re.escape(piece)
+                              for piece in pieces))
 
 
 def authorized(header: bytes, keys: tuple[str, ...]) -> bool:

@@ -66,6 +66,7 @@ class Config:
     request_timeout_s: float  # a generation running longer ends as if at max_tokens
     shutdown_grace_s: float  # after SIGTERM, in-flight requests get this long to finish
     api_keys: tuple[str, ...]
+    public_paths: tuple[str, ...]  # PUBLIC_PATHS: what answers without the key besides /health and /ready
     cors_origins: tuple[str, ...]
     log_prompts: bool
     reasoning: bool | None  # the entry's word on thinking (None: ask the template)
@@ -86,6 +87,7 @@ FLASH_ATTN_MODES = ("auto", "on", "off")  # as llama-server's --flash-attn; mode
 # as llama-server's --cache-type-k/-v (model.KV_CACHE_TYPES maps them): bytes per cached value
 # 4, 2, 2, ~1.06, 0.56, 0.63, 0.69, 0.75
 KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+MAY_BE_PUBLIC = ("/metrics", "/openapi.json")  # PUBLIC_PATHS' choices: /health and /ready always are
 POOLINGS = ("mean", "cls", "last")  # as llama-server's --pooling (none and rank give no embedding); model.POOLING maps them
 
 
@@ -139,6 +141,7 @@ def load_config(env: dict[str, str]) -> Config:
         request_timeout_s=float(_int(env, "REQUEST_TIMEOUT_S", 600)),
         shutdown_grace_s=float(_int(env, "SHUTDOWN_GRACE_S", 8)),
         api_keys=api_keys(env),
+        public_paths=public_paths(env),
         cors_origins=tuple(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()),
         log_prompts=env.get("LOG_PROMPTS") == "1",
         reasoning=entry.reasoning,
@@ -182,6 +185,16 @@ def api_keys(env: dict[str, str]) -> tuple[str, ...]:
         except OSError as e:
             raise ConfigError(f"API_KEY_FILE={env['API_KEY_FILE']}: can't be read ({e.strerror})") from None
     return tuple(k.strip() for k in keys if k.strip())
+
+
+def public_paths(env: dict[str, str]) -> tuple[str, ...]:
+    """PUBLIC_PATHS: which of /metrics and /openapi.json answer without the API key (a scraper
+    that can't send one); by default, with a key set, they need it as every route but the probes."""
+    paths = tuple(p.strip() for p in env.get("PUBLIC_PATHS", "").split(",") if p.strip())
+    for path in paths:
+        if path not in MAY_BE_PUBLIC:
+            raise ConfigError(f"PUBLIC_PATHS: {path!r} is not one of: {', '.join(MAY_BE_PUBLIC)}")
+    return paths
 
 
 def locate(entry: CatalogueEntry, catalogue_dir: Path) -> Path:

@@ -2,7 +2,8 @@
 
     granian --interface asgi service:app        # or: python service.py (honours HOST, PORT)
 
-Read top to bottom: the app factory, its lifespan (model load, drain on SIGTERM), the routes.
+Read top to bottom: the app factory, its lifespan (model load, drain on SIGTERM), the routes,
+and the route table that lists them once for Litestar, the access gate and /openapi.json.
 Each route decodes its body (protocol), finds the served model and hands over to the module
 that serves it (chat, completions). Importing this module does nothing else: the app is made
 when `service:app` is first asked for.
@@ -29,9 +30,10 @@ from typing import AsyncIterator
 
 import msgspec
 import prometheus_client
-from litestar import Litestar, Request, Response, delete, get, post
+from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
+from litestar.handlers import HTTPRouteHandler
 
 import chat
 import completions
@@ -39,14 +41,14 @@ import embeddings
 import prompts
 import loading
 import responses
-from access import gate
+from access import gate, request_info
 from config import ConfigError, load_config
 from metrics import Metrics
 from model import ModelFileError, check_model_file
 from protocol import (APIError, ApplyTemplateResponse, ChatRequest, CompletionRequest, DeletedResponse, InputTokenCount,
-                      EmbeddingRequest, ModelCard, ModelList, ResponseObject, ResponsesInput, ResponsesRequest,
+                      EmbeddingRequest, ModelCard, ModelList, ResponseObject, ResponsesInput, ResponsesRequest, Route,
                       TemplateRequest, decode, error_body, openapi, retry_after)
-from runs import Runs
+from runs import Run, Runs
 from loading import Served
 
 # --- The app --------------------------------------------------------------------------------
@@ -59,8 +61,7 @@ def create_app(env: dict[str, str] = os.environ):
     check_model_file(config.model_path)
     model_loading = loading.start_loading(config)  # overlaps building the app and starting the server
     app = Litestar(
-        [health, readiness, metrics, openapi_document, list_models, get_model, chat_completions, completions_route,
-         apply_template, create_response, count_input_tokens, retrieve_response, delete_response, embeddings_route],
+        [route_handler(route) for route in ROUTES],
         lifespan=[lifespan],
         exception_handlers={Exception: error_response},
         cors_config=CORSConfig(allow_origins=list(config.cors_origins)) if config.cors_origins else None,
@@ -72,7 +73,7 @@ def create_app(env: dict[str, str] = os.environ):
     app.state.responses = responses.ResponseStore(config.responses_store_max, config.responses_store_ttl_s,
                                                   config.responses_store_max_bytes)
     app.state.metrics = Metrics(lambda: app.state.served and app.state.served.engine)
-    return gate(app)
+    return gate(app, ROUTES)
 
 
 def __getattr__(name: str):
@@ -120,14 +121,23 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
 
 
 async def load_model(app: Litestar) -> None:
+    config = app.state.config
     try:
         on_failure = lambda reason: fail(app, reason)  # noqa: E731
-        served = await loading.load(app.state.config, app.state.model_loading, on_failure)
+        served = await loading.load(config, app.state.model_loading, on_failure)
     except (ConfigError, ModelFileError, loading.StartError) as e:
-        print(f"gguf-serve: {e}", file=sys.stderr, flush=True)
-        os._exit(1)  # a startup failure: one line, not an ASGI traceback
+        exit_at_start(str(e))
+    except Exception as e:  # anything else a hostile or broken file raises (metadata it can't read...)
+        exit_at_start(f"{config.model_path}: can't be loaded ({type(e).__name__}: {e})")
     app.state.metrics.model_load.set(served.load_seconds)
     app.state.served = served
+
+
+def exit_at_start(reason: str) -> None:
+    """A failed load ends the process at once, non-zero, with one line (not an ASGI traceback,
+    and not a task dying quietly while /ready stays 503 for ever)."""
+    print(f"gguf-serve: {reason}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def fail(app: Litestar, reason: str) -> None:
@@ -191,13 +201,18 @@ async def parse(request: Request, kind: type[msgspec.Struct]):
     return decode(await request.body(), kind)
 
 
-@get("/health", sync_to_thread=False)
+def queued(request: Request, served: Served) -> Run:
+    """A place in the queue for a request that renders or tokenizes but generates nothing: its
+    work in a worker thread is bounded, as a generation's is, by PARALLEL + MAX_QUEUE (429 past it)."""
+    state = request.app.state
+    return Run(state.runs, served, 1, state.metrics, request_info(request))
+
+
 def health() -> dict[str, str]:
     """Liveness: the process serves HTTP. Never waits on the model."""
     return {"status": "ok"}
 
 
-@get("/ready", sync_to_thread=False)
 def readiness(request: Request) -> dict[str, str]:
     """Readiness: 200 once the model is loaded and has produced a token, 503 before that and
     while draining for shutdown, so that a platform or proxy only routes to ready instances."""
@@ -207,17 +222,15 @@ def readiness(request: Request) -> dict[str, str]:
     return {"status": "ready"}
 
 
-@get("/metrics", sync_to_thread=False, media_type=prometheus_client.CONTENT_TYPE_LATEST)
-def metrics(request: Request) -> bytes:
-    return prometheus_client.generate_latest(request.app.state.metrics.registry)
+def metrics(request: Request) -> Response:
+    return Response(prometheus_client.generate_latest(request.app.state.metrics.registry),
+                    media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
-@get("/v1/models", sync_to_thread=False)
 def list_models(request: Request) -> ModelList:
     return ModelList(data=[model_card(ready(request))])
 
 
-@get("/v1/models/{model_id:path}", sync_to_thread=False)
 def get_model(request: Request, model_id: str) -> ModelCard:
     return model_card(served_model(request, model_id.lstrip("/")))
 
@@ -226,61 +239,83 @@ def model_card(served: Served) -> ModelCard:
     return ModelCard(id=served.config.model_id, created=served.created, root=served.config.model_id)
 
 
-@get("/openapi.json", sync_to_thread=False)
 def openapi_document(request: Request) -> dict:
     """This server's OpenAPI description (generated from protocol's structs on first ask)."""
     state = request.app.state
     if state.get("openapi") is None:
-        state.openapi = openapi(sorted(state.config.aliases))
+        state.openapi = openapi(ROUTES, sorted(state.config.aliases))
     return state.openapi
 
 
-@post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request) -> Response:
     body = await parse(request, ChatRequest)
     return await chat.respond(request, generating_model(request, body.model), body)
 
 
-@post("/v1/completions", status_code=200)
 async def completions_route(request: Request) -> Response:
     body = await parse(request, CompletionRequest)
     return await completions.respond(request, generating_model(request, body.model), body)
 
 
-@post("/apply-template", status_code=200)
 async def apply_template(request: Request) -> ApplyTemplateResponse:
     """The exact text the model would receive for a chat request (as at llama.cpp's server)."""
     body = await parse(request, TemplateRequest)
     served = generating_model(request, body.model or None)
-    prompt = await prompts.off_loop(prompts.chat_prompt, served, body.messages, body.tools, chat.template_kwargs(served, body))
+    async with queued(request, served):
+        prompt = await prompts.off_loop(prompts.chat_prompt, served, body.messages, body.tools, chat.template_kwargs(served, body))
     return ApplyTemplateResponse(prompt.text)
 
 
-@post("/v1/responses", status_code=200)
 async def create_response(request: Request) -> Response:
     body = await parse(request, ResponsesRequest)
     return await responses.respond(request, generating_model(request, body.model), body)
 
 
-@post("/v1/responses/input_tokens", status_code=200)
 async def count_input_tokens(request: Request) -> InputTokenCount:
     body = await parse(request, ResponsesInput)
     served = generating_model(request, body.model or None)
-    return await responses.count_input_tokens(served, body, responses.history(request, body))
+    async with queued(request, served):
+        return await responses.count_input_tokens(served, body, responses.history(request, body))
 
 
-@get("/v1/responses/{response_id:str}", sync_to_thread=False)
 def retrieve_response(request: Request, response_id: str) -> ResponseObject:
     return responses.store(request).get(response_id).response
 
 
-@delete("/v1/responses/{response_id:str}", status_code=200, sync_to_thread=False)
 def delete_response(request: Request, response_id: str) -> DeletedResponse:
     responses.store(request).delete(response_id)
     return DeletedResponse(id=response_id)
 
 
-@post("/v1/embeddings", status_code=200)
 async def embeddings_route(request: Request) -> Response:
     body = await parse(request, EmbeddingRequest)
     return await embeddings.respond(request, served_model(request, body.model), body)
+
+
+# --- The route table ------------------------------------------------------------------------
+# Every route, once: Litestar routes these, the access gate keys them (all but the probes) and
+# names them in metrics, and /openapi.json describes them.
+
+ROUTES = (
+    Route("GET", "/health", health, public=True),
+    Route("GET", "/ready", readiness, public=True),
+    Route("GET", "/metrics", metrics),
+    Route("GET", "/openapi.json", openapi_document),
+    Route("GET", "/v1/models", list_models),
+    Route("GET", "/v1/models/{model_id:path}", get_model),
+    Route("POST", "/v1/chat/completions", chat_completions, ChatRequest),
+    Route("POST", "/v1/completions", completions_route, CompletionRequest),
+    Route("POST", "/apply-template", apply_template, TemplateRequest),
+    Route("POST", "/v1/responses", create_response, ResponsesRequest),
+    Route("POST", "/v1/responses/input_tokens", count_input_tokens, ResponsesInput),
+    Route("GET", "/v1/responses/{response_id:str}", retrieve_response),
+    Route("DELETE", "/v1/responses/{response_id:str}", delete_response),
+    Route("POST", "/v1/embeddings", embeddings_route, EmbeddingRequest),
+)
+
+
+def route_handler(route: Route) -> HTTPRouteHandler:
+    """Litestar's handler for a route: 200 on success (not POST's 201 or DELETE's 204); a plain
+    function (each is quick) runs on the event loop."""
+    in_loop = {} if asyncio.iscoroutinefunction(route.handler) else {"sync_to_thread": False}
+    return HTTPRouteHandler(route.path, http_method=route.method, status_code=200, **in_loop)(route.handler)

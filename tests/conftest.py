@@ -34,6 +34,7 @@ class Server:
     """One `granian --interface asgi service:app` process, as the README starts it."""
 
     def __init__(self, env: dict[str, str] | None = None):
+        self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a pipe nobody reads fills and blocks the server
@@ -66,7 +67,8 @@ class Server:
     def metric(self, name: str) -> float:
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        key = self.env.get("API_KEY", "").split(",")[0]  # /metrics needs it where one is set
+        text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=5).text
         return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
 
     def wait_metric(self, name: str, value: float, timeout: float = 30) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Server
+from conftest import Server, smollm2_path
 
 MODEL = "smollm2-135m-instruct"
 KEY = "sk-hostile-test"
@@ -93,7 +94,85 @@ def test_after_the_corpus_the_server_still_answers(keyed):
     assert keyed.metric("gguf_running") == 0 and keyed.metric("gguf_queue_depth") == 0
 
 
-# --- 1. The API key is decided on the path as routed ------------------------------------------
+# --- 1, 11, 12, 15. The key on the path as routed, admission, load failures, deploy defaults ---
+
+
+def chat_body(**extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0, **extra}
+
+
+@pytest.mark.parametrize("path", ["//v1/responses/{id}", "/%2Fv1/responses/{id}"])
+def test_a_stored_response_is_read_with_the_key_only_however_the_path_is_spelled(keyed, path):
+    made = httpx.post(f"{keyed.url}/v1/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 2,
+                                                        "temperature": 0}, headers=AUTH, timeout=60)
+    path = path.format(id=made.json()["id"])
+    status, body = raw_request(keyed.url, "GET", path, {}, None)
+    assert status == 401 and assert_openai_error(status, body, "invalid_api_key")
+    status, body = raw_request(keyed.url, "GET", path, AUTH, None)
+    assert status == 200 and json.loads(body)["id"] == made.json()["id"]
+
+
+def test_a_path_that_only_routes_to_a_route_is_named_by_it_in_the_metrics(keyed):
+    def count(endpoint: str, status: str) -> float:
+        return sum(s.value for f in text_string_to_metric_families(httpx.get(f"{keyed.url}/metrics", headers=AUTH).text)
+                   for s in f.samples if s.name == "gguf_requests_total" and s.labels == {"endpoint": endpoint, "status": status})
+
+    before = count("/v1/models/{model_id}", "200"), count("other", "401")
+    assert raw_request(keyed.url, "GET", f"//v1/models/{MODEL}", AUTH, None)[0] == 200  # routed: its route's label
+    assert raw_request(keyed.url, "GET", "//v1/models/any/thing", {}, None)[0] == 401  # refused unrouted: "other"
+    assert (count("/v1/models/{model_id}", "200"), count("other", "401")) == (before[0] + 1, before[1] + 1)
+
+
+@pytest.fixture(scope="module")
+def one_place():
+    """A keyed server that holds one request (PARALLEL=1, MAX_QUEUE=0) and lets /metrics be scraped without the key."""
+    s = Server({"N_THREADS": "2", "API_KEY": KEY, "PARALLEL": "1", "MAX_QUEUE": "0", "PUBLIC_PATHS": "/metrics"}).wait_ready()
+    yield s
+    s.stop()
+
+
+def test_template_and_token_counts_wait_their_turn_in_the_queue(one_place):
+    """Rendering and tokenizing run in worker threads: unadmitted, they would pile up there unbounded."""
+    url = one_place.url
+    endless = chat_body(max_tokens=1000, stream=True, logit_bias={"0": -100, "2": -100})  # no end-of-text, no <|im_end|>
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=endless, headers=AUTH, timeout=60) as stream:
+        lines = stream.iter_lines()  # kept: an iterator dropped closes the stream
+        next(lines)  # it holds the one place
+        for path, body in [("/apply-template", {"messages": [{"role": "user", "content": "Hi"}]}),
+                           ("/v1/responses/input_tokens", {"model": MODEL, "input": "Hi"})]:
+            r = httpx.post(f"{url}{path}", json=body, headers=AUTH, timeout=60)
+            assert r.status_code == 429 and assert_openai_error(429, r.content, "queue_full"), path
+    one_place.wait_metric("gguf_running", 0)
+    r = httpx.post(f"{url}/apply-template", json={"messages": [{"role": "user", "content": "Hi"}]}, headers=AUTH, timeout=60)
+    assert r.status_code == 200 and r.json()["prompt"].endswith("<|im_start|>assistant\n")
+
+
+def test_metrics_and_openapi_need_the_key_unless_public_paths_names_them(keyed, one_place):
+    for url, public in [(keyed.url, ()), (one_place.url, ("/metrics",))]:
+        for path in ("/metrics", "/openapi.json"):
+            r = httpx.get(f"{url}{path}", timeout=10)
+            if path in public:
+                assert r.status_code == 200
+            else:
+                assert r.status_code == 401 and assert_openai_error(401, r.content, "invalid_api_key")
+                assert httpx.get(f"{url}{path}", headers=AUTH, timeout=10).status_code == 200
+
+
+def test_a_model_whose_metadata_cant_be_read_stops_the_start_with_one_line(tmp_path):
+    """A metadata key that is not UTF-8 (llama.cpp loads it; reading it raises UnicodeDecodeError):
+    the process ends non-zero, saying why, rather than staying unready for ever."""
+    garbled = tmp_path / "garbled.gguf"
+    data = smollm2_path().read_bytes()
+    assert data.count(b"general.license") == 1
+    garbled.write_bytes(data.replace(b"general.license", b"general.licens\xff"))
+    s = Server({"MODEL": str(garbled), "N_THREADS": "2"})
+    try:
+        assert s.proc.wait(timeout=60) != 0
+    finally:
+        s.stop()
+    [line] = [line for line in s.output().splitlines() if line.startswith("gguf-serve:")]
+    assert str(garbled) in line and "UnicodeDecodeError" in line
+    assert "Traceback" not in s.output()
 
 
 # --- 5, 6, 7, 8. Stored responses bounded and scoped; embeddings bounded ------------------------

@@ -1,0 +1,99 @@
+"""The route table (service.ROUTES) and what is derived from it: the access gate's key and
+draining rules, the metric labels and the OpenAPI document. The gate is called as granian
+calls it, with the path as the client spelled it (granian decodes %2F before this)."""
+
+import asyncio
+import json
+
+import pytest
+from litestar import Litestar
+
+from access import endpoint_namer, gate
+from config import ConfigError, load_config
+from conftest import smollm2_path
+from metrics import Metrics
+from protocol import openapi
+from service import ROUTES, error_response, route_handler
+
+KEY = "sk-unit"
+SPELLINGS = ["/v1/chat/completions", "//v1/chat/completions", "/v1//chat/completions", "//v1/responses/resp_1",
+             "//apply-template", "///v1/models/", "/health/", "//health", "/nope", "/v1/models/x"]
+
+
+def gated(env: dict[str, str], draining: bool = False):
+    """The gate around Litestar's app for ROUTES, the model not loaded (a request the gate lets
+    through to a model's route gets 503 model_loading)."""
+    app = Litestar([route_handler(route) for route in ROUTES], exception_handlers={Exception: error_response}, openapi_config=None)
+    app.state.config = load_config({"MODEL": str(smollm2_path()), **env})
+    app.state.metrics = Metrics(lambda: None)
+    app.state.draining, app.state.served = draining, None
+    return gate(app, ROUTES)
+
+
+def call(app, method: str, path: str, headers: dict[str, str] = {}) -> tuple[int, dict]:
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "http_version": "1.1", "method": method, "path": path, "raw_path": path.encode(),
+             "root_path": "", "query_string": b"", "scheme": "http", "server": ("127.0.0.1", 8000),
+             "client": ("127.0.0.1", 1), "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    asyncio.run(app(scope, receive, send))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body) if body else {}
+
+
+@pytest.mark.parametrize("path", SPELLINGS)
+def test_with_a_key_set_only_the_exact_probe_paths_answer_without_it(path):
+    status, body = call(gated({"API_KEY": KEY}), "GET", path)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert call(gated({"API_KEY": KEY}), "GET", path, {"Authorization": f"Bearer {KEY}"})[0] != 401
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready"])
+def test_the_probes_need_no_key(path):
+    assert call(gated({"API_KEY": KEY}), "GET", path)[0] in (200, 503)  # /ready: 503 model_loading here
+
+
+@pytest.mark.parametrize("path", SPELLINGS)
+def test_while_draining_every_path_but_the_probes_is_refused(path):
+    status, body = call(gated({}, draining=True), "POST" if "chat" in path else "GET", path)
+    assert status == 503 and body["error"]["code"] == "server_shutting_down"
+    assert call(gated({}, draining=True), "GET", "/health") == (200, {"status": "ok"})
+
+
+def test_a_cors_preflight_needs_no_key():
+    app = gated({"API_KEY": KEY, "CORS_ORIGINS": "https://app.example"})
+    status, _ = call(app, "OPTIONS", "/v1/chat/completions", {"Origin": "https://app.example",
+                                                                "Access-Control-Request-Method": "POST"})
+    assert status in (200, 204)
+
+
+def test_metric_labels_are_the_route_templates_or_other():
+    endpoint_of = endpoint_namer(ROUTES)
+    assert endpoint_of("/v1/chat/completions") == "/v1/chat/completions"
+    assert endpoint_of("/v1/models/org/model.gguf") == "/v1/models/{model_id}"
+    assert endpoint_of("/v1/responses/resp_1") == "/v1/responses/{response_id}"
+    assert endpoint_of("/v1/responses/input_tokens") == "/v1/responses/input_tokens"
+    for unrouted in ("//v1/chat/completions", "/v1/responses/a/b", "/v1/models/", "/nope", "/health/"):
+        assert endpoint_of(unrouted) == "other"
+
+
+def test_the_openapi_document_describes_every_route():
+    document = openapi(ROUTES, ["m"])
+    described = {(method.upper(), path) for path, operations in document["paths"].items() for method in operations}
+    assert described == {(route.method, route.template) for route in ROUTES}
+    assert ("GET", "/v1/responses/{response_id}") in described and ("DELETE", "/v1/responses/{response_id}") in described
+    [parameter] = document["paths"]["/v1/models/{model_id}"]["get"]["parameters"]
+    assert parameter["schema"]["enum"] == ["m"]
+
+
+def test_public_paths_opens_only_metrics_and_openapi():
+    assert load_config({"MODEL": str(smollm2_path()), "PUBLIC_PATHS": " /metrics, /openapi.json"}).public_paths == (
+        "/metrics", "/openapi.json")
+    with pytest.raises(ConfigError, match="PUBLIC_PATHS: '/v1/models' is not one of: /metrics, /openapi.json"):
+        load_config({"MODEL": str(smollm2_path()), "PUBLIC_PATHS": "/metrics,/v1/models"})
