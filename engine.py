@@ -85,8 +85,40 @@ def grammar_sampler(model: Model, grammar: str, root: str = "root"):
 
 
 def check_grammar(model: Model, grammar: str) -> None:
-    """Raise ValueError now, in the request, rather than later in the decode thread."""
-    llama.llama_sampler_free(grammar_sampler(model, grammar))
+    """Raise ValueError now, in the request, rather than later in the decode thread. Compiled
+    on a thread of GRAMMAR_STACK, as in the decode thread, not on the caller's stack."""
+    failed: list[ValueError] = []
+
+    def compile_grammar() -> None:
+        try:
+            llama.llama_sampler_free(grammar_sampler(model, grammar))
+        except ValueError as e:
+            failed.append(e)
+
+    start_thread(compile_grammar, "grammar").join()
+    if failed:
+        raise failed[0]
+
+
+# llama.cpp's grammar parser recurses once per nested group, about 450 bytes of C stack a level
+# (measured on llama-cpp-python 0.3.36: 1 MiB overflows below 5,000 levels, 8 MiB between 10,000
+# and 20,000), and an overflow is a SIGSEGV of the whole process. The threads that compile
+# grammars get this much stack, whatever the platform's default for threads (glibc takes
+# `ulimit -s`, musl 128 KiB), so that tools.MAX_GRAMMAR_DEPTH has a known margin.
+GRAMMAR_STACK = 16 << 20
+_stack_size = threading.Lock()  # threading.stack_size is process-wide: set, start, restore
+
+
+def start_thread(target: Callable[[], None], name: str) -> threading.Thread:
+    """A started daemon thread with GRAMMAR_STACK of stack."""
+    with _stack_size:
+        previous = threading.stack_size(GRAMMAR_STACK)
+        try:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(previous)
+    return thread
 
 
 @dataclass
@@ -298,8 +330,7 @@ class Engine:
         self.batch = llama.llama_batch_init(model.n_batch, 0, 1)
         self.row = ctypes.c_float * model.n_vocab  # one row of logits
         self.embedder = embeddings.Embedder(model, self.outbox)  # embedding inputs, a batch between steps
-        self.thread = threading.Thread(target=self._run, name="decode", daemon=True)
-        self.thread.start()
+        self.thread = start_thread(self._run, "decode")  # it compiles each generation's grammar
 
     def submit(self, gen: Generation) -> None:
         if not gen.prompt:  # nothing to decode: the slot would never sample, and never finish
