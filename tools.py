@@ -102,7 +102,7 @@ def check_schema_size(schema, param: str) -> None:
                        for bounds in _QUANTIFIER.findall(node["pattern"]) for n in bounds if n]
         for key, count in counts:
             if not isinstance(count, int) or not 0 <= count <= MAX_REPEAT:
-                refuse(f"`{key}` asks for {count} repetitions; at most {MAX_REPEAT}")
+                refuse(f"`{key}` must count from 0 to {MAX_REPEAT} repetitions (each is written out in the grammar)")
         size += (name + 16) * (1 + sum(count for _, count in counts))
         for key, value in node.items():
             if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
