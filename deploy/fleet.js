@@ -14,9 +14,11 @@
 // The instance gets the path as the client sent it, still percent-encoded ($request_uri, less
 // its query, which @fleet adds from $args): nginx's decoded r.uri would write a "%0d%0a" to the
 // instance as a real line break, a header or a whole second request of the client's making. A
-// path holding a control character, encoded or not, is refused before any instance sees it.
+// path holding a control character, encoded or not, is refused before any instance sees it, and
+// so is one with dot segments, which nginx resolved to route it but the instance would get as sent.
 
 const CONTROL = /[\x00-\x1f\x7f-\x9f]/;  // C0, DEL and C1
+const DOT_SEGMENT = /(^|\/)\.\.?(\/|$)/;
 
 function error(r, status, message, type, param, code) {
     r.headersOut['Content-Type'] = 'application/json';
@@ -27,7 +29,7 @@ function model(r, path) {
     const prefixed = r.uri.match(/^\/([^\/]+)(\/v1\/.*)$/);
     if (prefixed && prefixed[1] !== 'v1') {
         // The prefix is cut from the path as sent: its first segment, once decoded, must be the
-        // model nginx routed by (not so after nginx merged slashes or resolved dot segments).
+        // model nginx routed by (not so after nginx merged slashes).
         const cut = path.indexOf('/', 1);
         if (cut < 0 || decoded(path.slice(1, cut)) !== prefixed[1]) {
             return {};
@@ -61,12 +63,14 @@ function decoded(segment) {
 
 function route(r) {
     const path = r.variables.request_uri.split('?')[0];
-    if (CONTROL.test(r.uri) || CONTROL.test(path)) {
-        return error(r, 400, 'the request path holds a control character', 'invalid_request_error', null, 'invalid_path');
+    const plain = decoded(path);
+    if (plain === null || CONTROL.test(plain) || DOT_SEGMENT.test(plain)) {
+        return error(r, 400, 'the request path holds a control character, a dot segment or malformed percent-encoding',
+                     'invalid_request_error', null, 'invalid_path');
     }
     const target = model(r, path);
     if (target.uri === undefined) {
-        return error(r, 400, 'the path must begin with a model id, then /v1/, as written (no // or dot segments)',
+        return error(r, 400, 'the path must begin with a model id, then /v1/, as written (no //)',
                      'invalid_request_error', null, 'invalid_path');
     }
     if (target.name === undefined) {

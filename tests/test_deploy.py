@@ -215,7 +215,8 @@ def served(instance: Server) -> int:
 def test_a_path_cannot_split_the_request(fleet):
     """nginx decodes the path; fleet.js forwarded it decoded, so a %0d%0a reached the instance
     as a line break: here a header of the client's and a second request (issue #25). A control
-    character in the path, encoded or not, is the proxy's 400, and no instance sees the request."""
+    character in the path, encoded or not, or a dot segment is the proxy's 400, and no instance
+    sees the request."""
     proxy, _, gemma, _ = fleet
     chat = json.dumps({"model": GEMMA, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}).encode()
     g = GEMMA.encode()
@@ -227,6 +228,7 @@ def test_a_path_cannot_split_the_request(fleet):
         ("GET", b"/" + g + b"/v1/models%7f", b""),
         ("GET", b"/" + g + b"/v1/models%c2%85", b""),  # NEL, a C1 control
         ("GET", b"/" + g + b"/v1/models\xc2\x85", b""),  # the same, not encoded
+        ("GET", b"/" + g + b"/v1/x/../models", b""),  # nginx routes it resolved; the instance would get it as sent
     ):
         status, headers, answer = raw(proxy, method, path, body)
         assert status == 400, (path, answer)
