@@ -4,6 +4,7 @@ follow (a forced call, JSON mode, a JSON Schema), and the tool calls found in a 
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import uuid
@@ -24,11 +25,43 @@ SCHEMA_KEYWORDS = {
 }
 SCHEMA_FORMATS = {"date", "time", "date-time", "uuid"}
 
+# Bounds on a schema, so that neither the converter nor llama.cpp's grammar parser is given more
+# than it can take (issue #25: `"maxLength": 20000` became 20,000 nested groups, and the parser,
+# which recurses once per group, overflowed the C stack: SIGSEGV). Measured on llama-cpp-python
+# 0.3.36, whose parser takes about 450 bytes of stack a nesting level (an 8 MiB stack overflows
+# between 10,000 and 20,000 levels, 1 MiB below 5,000):
+# - a count the converter writes as nested optional copies (maxLength, maxItems, a pattern's {n,m})
+#   or flat ones (minLength, minItems, {n}): the parser refuses more than 1,000 nested copies
+#   ("exceeds sane defaults"), only after recursing through them all; 1,000 compiles in 9 ms;
+MAX_REPEAT = 1000
+REPEAT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems")
+# - JSON nesting (two levels an object: the schema, its `properties`): the converter recurses
+#   through it; OpenAI's structured outputs allow 10 levels of objects;
+MAX_SCHEMA_DEPTH = 64
+# - properties of one object (the converter's time grows with the square of the optional ones:
+#   900 took 1.6 s) and values of one enum: each is an alternative that llama.cpp's grammar
+#   sampler tries against the whole vocabulary at each token, in the decode thread every stream
+#   waits on (SmolLM2, 49k tokens: 128 optional properties up to 0.18 s a token, 256 values
+#   sharing a prefix up to 0.4 s, 1,000 values 1.3 s);
+MAX_PROPERTIES = 128
+MAX_ENUM = 256
+# - the grammar's size: it is compiled in the request and again in the decode thread, where
+#   every stream waits for it (an 800 KB grammar took 0.4 s); estimated from the schema before
+#   the converter runs, so that the converter's own work is bounded too, then checked;
+MAX_GRAMMAR_BYTES = 256 << 10
+# - the grammar's nesting of groups, whatever made it: what the parser recurses through, well
+#   within engine.GRAMMAR_STACK (16 MiB: about 35,000 levels).
+MAX_GRAMMAR_DEPTH = 2 * MAX_REPEAT
+_QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+_LITERALS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]')  # a GBNF's strings and character classes
+
 
 def schema_grammar(schema: dict, param: str) -> str:
-    """The GBNF for a JSON Schema, or a 400 naming the features the converter can't enforce."""
+    """The GBNF for a JSON Schema, or a 400 naming the features the converter can't enforce or
+    the bound the schema is over."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+    check_schema_size(schema, param)
     unsupported = sorted(schema_features(schema) - SCHEMA_KEYWORDS)
     if unsupported:
         raise APIError(400, f"JSON Schema features not supported: {', '.join(unsupported)}", param, "unsupported_schema")
@@ -36,9 +69,63 @@ def schema_grammar(schema: dict, param: str) -> str:
         grammar = json_schema_to_gbnf(msgspec.json.encode(schema).decode())
     except Exception as e:  # the converter raises assorted errors on schemas it can't handle
         raise APIError(400, f"JSON Schema not supported: {e}", param, "unsupported_schema") from None
+    if len(grammar) > MAX_GRAMMAR_BYTES or grammar_depth(grammar) > MAX_GRAMMAR_DEPTH:
+        raise APIError(400, f"JSON Schema not supported: its grammar is over {MAX_GRAMMAR_BYTES} bytes or nests "
+                            f"over {MAX_GRAMMAR_DEPTH} groups deep", param, "unsupported_schema")
     # The converter's string characters admit raw control characters (newlines...), which JSON
     # forbids inside strings; llama.cpp's own converter has since excluded them.
     return grammar.replace(r'char ::= [^"\\] |', r'char ::= [^"\\\x7F\x00-\x1F] |')
+
+
+def check_schema_size(schema, param: str) -> None:
+    """A 400 naming the bound (above) a schema is over. The grammar's size is estimated as the
+    converter writes it: each schema's rule names grow with the property names on its path, and
+    a count of copies writes that many of them."""
+    size = 0
+
+    def refuse(message: str):
+        raise APIError(400, f"JSON Schema not supported: {message}", param, "unsupported_schema")
+
+    def walk(node, depth: int, name: int) -> None:
+        nonlocal size
+        if not isinstance(node, (dict, list)):
+            return
+        if depth > MAX_SCHEMA_DEPTH:
+            refuse(f"nested more than {MAX_SCHEMA_DEPTH} levels deep")
+        if isinstance(node, list):
+            for item in node:
+                walk(item, depth + 1, name)
+            return
+        counts = [(key, node[key]) for key in REPEAT_KEYWORDS if key in node]
+        if isinstance(node.get("pattern"), str):
+            counts += [("pattern", int(n) if len(n) < 10 else MAX_REPEAT + 1)
+                       for bounds in _QUANTIFIER.findall(node["pattern"]) for n in bounds if n]
+        for key, count in counts:
+            if not isinstance(count, int) or not 0 <= count <= MAX_REPEAT:
+                refuse(f"`{key}` must count from 0 to {MAX_REPEAT} repetitions (each is written out in the grammar)")
+        size += (name + 16) * (1 + sum(count for _, count in counts))
+        for key, value in node.items():
+            if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+                if len(value) > MAX_PROPERTIES:
+                    refuse(f"`{key}` has {len(value)} entries; at most {MAX_PROPERTIES}")
+                for entry, sub in value.items():
+                    walk(sub, depth + 2, name + len(entry) + 1)
+            elif key in ("enum", "const"):
+                if key == "enum" and isinstance(value, list) and len(value) > MAX_ENUM:
+                    refuse(f"`enum` has {len(value)} values; at most {MAX_ENUM}")
+                size += 2 * len(msgspec.json.encode(value))  # escaped again, as GBNF literals
+            elif key not in ("default", "examples", "required", "pattern"):
+                walk(value, depth + 1, name + len(key) + 1)
+        if size > MAX_GRAMMAR_BYTES:
+            refuse(f"its grammar would be over {MAX_GRAMMAR_BYTES} bytes")
+
+    walk(schema, 1, 0)
+
+
+def grammar_depth(grammar: str) -> int:
+    """How deep a GBNF's groups nest."""
+    parens = (1 if c == "(" else -1 for c in _LITERALS.sub("", grammar) if c in "()")
+    return max(itertools.accumulate(parens), default=0)
 
 
 def schema_features(schema) -> set[str]:

@@ -10,20 +10,35 @@
 // OpenAI's 404 `model_not_found`, a body that names none a 400. nginx has read the whole body
 // before this runs (client_body_buffer_size = client_max_body_size keeps it in memory), and
 // passes it on unchanged through the internal redirect to @fleet, which proxies it.
+//
+// The instance gets the path as the client sent it, still percent-encoded ($request_uri, less
+// its query, which @fleet adds from $args): nginx's decoded r.uri would write a "%0d%0a" to the
+// instance as a real line break, a header or a whole second request of the client's making. A
+// path holding a control character, encoded or not, is refused before any instance sees it, and
+// so is one with dot segments, which nginx resolved to route it but the instance would get as sent.
+
+const CONTROL = /[\x00-\x1f\x7f-\x9f]/;  // C0, DEL and C1
+const DOT_SEGMENT = /(^|\/)\.\.?(\/|$)/;
 
 function error(r, status, message, type, param, code) {
     r.headersOut['Content-Type'] = 'application/json';
     r.return(status, JSON.stringify({error: {message: message, type: type, param: param, code: code}}));
 }
 
-function model(r) {
+function model(r, path) {
     const prefixed = r.uri.match(/^\/([^\/]+)(\/v1\/.*)$/);
     if (prefixed && prefixed[1] !== 'v1') {
-        return {name: prefixed[1], uri: prefixed[2]};
+        // The prefix is cut from the path as sent: its first segment, once decoded, must be the
+        // model nginx routed by (not so after nginx merged slashes).
+        const cut = path.indexOf('/', 1);
+        if (cut < 0 || decoded(path.slice(1, cut)) !== prefixed[1]) {
+            return {};
+        }
+        return {name: prefixed[1], uri: path.slice(cut)};
     }
     const named = r.uri.match(/^\/v1\/models\/([^\/]+)$/);
     if (named) {
-        return {name: named[1], uri: r.uri};
+        return {name: named[1], uri: path};
     }
     let body;
     try {
@@ -32,14 +47,32 @@ function model(r) {
         body = null;
     }
     if (body && typeof body.model === 'string') {
-        return {name: body.model, uri: r.uri};
+        return {name: body.model, uri: path};
     }
     // A request with no body (GET /v1/responses/{id}, DELETE ...) may name it in a header.
-    return {name: r.headersIn['X-Model'], uri: r.uri};
+    return {name: r.headersIn['X-Model'], uri: path};
+}
+
+function decoded(segment) {
+    try {
+        return decodeURIComponent(segment);
+    } catch (e) {  // malformed percent-encoding
+        return null;
+    }
 }
 
 function route(r) {
-    const target = model(r);
+    const path = r.variables.request_uri.split('?')[0];
+    const plain = decoded(path);
+    if (plain === null || CONTROL.test(plain) || DOT_SEGMENT.test(plain)) {
+        return error(r, 400, 'the request path holds a control character, a dot segment or malformed percent-encoding',
+                     'invalid_request_error', null, 'invalid_path');
+    }
+    const target = model(r, path);
+    if (target.uri === undefined) {
+        return error(r, 400, 'the path must begin with a model id, then /v1/, as written (no //)',
+                     'invalid_request_error', null, 'invalid_path');
+    }
     if (target.name === undefined) {
         return error(r, 400, 'you must provide a model parameter: a JSON body with a string "model" (or an X-Model header)',
                      'invalid_request_error', 'model', null);

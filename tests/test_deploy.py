@@ -2,9 +2,11 @@
 deploy/fleet.js, its upstreams and model list from deploy/fleet.py), reached by one OpenAI
 client and LangChain on one base URL. The container image is tested in test_image.py."""
 
+import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -96,8 +98,10 @@ def fleet(tmp_path_factory):
     gemma.stop()
 
 
-def sdk(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=60)
+def sdk(base_url: str, max_retries: int = 2) -> openai.OpenAI:
+    """A client that retries as the SDK does by default: a POST that meets the loading instance
+    gets its 503, which the proxy does not replay (see test_a_post_is_never_replayed)."""
+    return openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=max_retries, timeout=60)
 
 
 def hi(client: openai.OpenAI, model: str, **kwargs):
@@ -128,7 +132,7 @@ def test_langchain_with_the_same_base_url(fleet):
 
     proxy = fleet[0]
     for model in (SMOLLM2, GEMMA):
-        llm = ChatOpenAI(base_url=f"{proxy}/v1", api_key=KEY, model=model, max_tokens=3, max_retries=0)
+        llm = ChatOpenAI(base_url=f"{proxy}/v1", api_key=KEY, model=model, max_tokens=3, max_retries=2)
         assert llm.invoke("Hi").response_metadata["model_name"] == model
         assert "".join(chunk.content for chunk in llm.stream("Hi"))
 
@@ -190,6 +194,69 @@ def test_streams_pass_through_unbuffered(fleet):
     assert arrivals[-1] - arrivals[1] > 0.5 * (arrivals[-1] - arrivals[0]) > 0.3
 
 
+def raw(proxy: str, method: str, path: bytes, body: bytes = b"") -> tuple[int, dict, bytes]:
+    """One request with its path sent byte for byte (httpx, the SDKs and http.client check or
+    normalize paths)."""
+    host, port = proxy.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"%s %s HTTP/1.1\r\nHost: fleet\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (method.encode(), path, KEY.encode(), len(body), body))
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
+
+
+def served(instance: Server) -> int:
+    """Requests an instance has answered: one JSON log line each."""
+    return instance.output().count('"request_id"')
+
+
+@needs_nginx
+def test_a_path_cannot_split_the_request(fleet):
+    """nginx decodes the path; fleet.js forwarded it decoded, so a %0d%0a reached the instance
+    as a line break: here a header of the client's and a second request (issue #25). A control
+    character in the path, encoded or not, or a dot segment is the proxy's 400, and no instance
+    sees the request."""
+    proxy, _, gemma, _ = fleet
+    chat = json.dumps({"model": GEMMA, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}).encode()
+    g = GEMMA.encode()
+    before = served(gemma)
+    for method, path, body in (
+        ("POST", b"/v1/chat/completions%20HTTP/1.1%0d%0aX-Smuggled:%201%0d%0a%0d%0aGET%20/health", chat),
+        ("POST", b"/" + g + b"/v1/chat/completions%0aX-Smuggled:%201", chat),
+        ("GET", b"/v1/models/" + g + b"%00", b""),
+        ("GET", b"/" + g + b"/v1/models%7f", b""),
+        ("GET", b"/" + g + b"/v1/models%c2%85", b""),  # NEL, a C1 control
+        ("GET", b"/" + g + b"/v1/models\xc2\x85", b""),  # the same, not encoded
+        ("GET", b"/" + g + b"/v1/x/../models", b""),  # nginx routes it resolved; the instance would get it as sent
+    ):
+        status, headers, answer = raw(proxy, method, path, body)
+        assert status == 400, (path, answer)
+        error = json.loads(answer)["error"]  # fleet.js's invalid_path, or nginx's own 400 (a NUL)
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        assert error["code"] in ("invalid_path", "invalid_request") and "x-request-id" not in headers
+    assert served(gemma) == before
+    # The path goes on as sent: the prefix is cut from it, however it was encoded.
+    status, headers, answer = raw(proxy, "GET", b"/%67" + g[1:] + b"/v1/models")
+    assert status == 200 and [m["id"] for m in json.loads(answer)["data"]] == [GEMMA]
+    assert served(gemma) == before + 1
+
+
+@needs_nginx
+def test_a_post_is_never_replayed(fleet):
+    """A POST that reached an instance is answered by that instance: one that crashed it (issue
+    #25, a schema that segfaulted) is not replayed to each of the others in turn. The loading
+    instance's 503 reaches the client, who retries; nginx used to resend the POST to the next one."""
+    proxy, _, _, loading = fleet
+    hits, deadline = loading.hits, time.monotonic() + 30
+    while loading.hits == hits:  # after a 503 it is left out for fail_timeout (5 s): until it is tried again
+        assert time.monotonic() < deadline, "the loading instance was never tried"
+        r = httpx.post(f"{proxy}/v1/chat/completions", json={"model": SMOLLM2}, headers={"authorization": f"Bearer {KEY}"},
+                       timeout=60)
+        time.sleep(0.05)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+
+
 @needs_nginx
 def test_a_stopped_instance_gives_a_clean_503_while_the_other_serves(fleet):
     proxy, smollm2, gemma, _ = fleet
@@ -198,7 +265,7 @@ def test_a_stopped_instance_gives_a_clean_503_while_the_other_serves(fleet):
     gemma.stop()
     for base in (f"{proxy}/v1", f"{proxy}/{GEMMA}/v1"):
         with pytest.raises(openai.InternalServerError) as e:
-            hi(sdk(base), GEMMA)
+            hi(sdk(base, max_retries=0), GEMMA)
         assert e.value.status_code == 503 and e.value.code == "model_unavailable" and GEMMA in e.value.message
     assert hi(client, SMOLLM2).usage.completion_tokens == 3
     assert list(hi(client, SMOLLM2, stream=True))[-1].choices[0].finish_reason == "length"
