@@ -40,8 +40,10 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
         message = {"role": role, "content": templates.strip_markers(content or "")}
         if calls:
             message["tool_calls"] = [
-                {"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
-                for c in calls
+                {"id": c.id, "type": c.type, "function": {
+                    "name": c.function.name,
+                    "arguments": _json_or_text(c.function.arguments, f"messages[{i}].tool_calls[{j}].function.arguments")}}
+                for j, c in enumerate(calls)
             ]
         if m.tool_call_id or m.name:
             message["tool_call_id"] = m.tool_call_id or m.name
@@ -51,11 +53,13 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
     return out
 
 
-def _json_or_text(text: str):
+def _json_or_text(text: str, param: str):
     try:
         return msgspec.json.decode(text)
     except msgspec.DecodeError:
         return text
+    except RecursionError:
+        raise APIError(400, "the arguments nest arrays and objects too deeply", param) from None
 
 
 class ChatPrompt(NamedTuple):
@@ -122,9 +126,11 @@ def infill(served: Served, prefix: list[int], suffix: str) -> list[int]:
 def sampling(served: Served, body: Sampled, grammar: str | None) -> engine.Sampling:
     d = served.config.sampling
     bias = {}
+    n_vocab = served.model.n_vocab
     for token, value in (body.logit_bias or {}).items():
-        if not token.lstrip("-").isdigit() or not 0 <= int(token) < served.model.n_vocab:
-            raise APIError(400, f"logit_bias key {token!r} is not a token id of this model", "logit_bias")
+        # ASCII digits only: str.isdigit takes "²", and int() refuses that and anything over 4,300 digits
+        if not (token.isascii() and token.isdigit() and len(token) <= len(str(n_vocab)) and int(token) < n_vocab):
+            raise APIError(400, f"logit_bias key {token[:32]!r} is not a token id of this model", "logit_bias")
         bias[int(token)] = -float("inf") if value <= -100 else value
     return engine.Sampling(
         temperature=d.temperature if body.temperature is None else body.temperature,

@@ -291,6 +291,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
 
+# What the server gives a template (HF's globals): a request's chat_template_kwargs can't replace them.
+TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                                "raise_exception", "strftime_now"})
+
+
 def jinja_template(source: str, bos_token: str, eos_token: str, tools: list | None = None) -> Render:
     """Compile a GGUF's `tokenizer.chat_template` in a sandbox, with the globals HF gives it.
     A render that fails or takes longer than RENDER_SECONDS raises TemplateError."""
