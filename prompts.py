@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from typing import NamedTuple
 
 import msgspec
@@ -15,6 +16,7 @@ import reasoning
 import templates
 from protocol import APIError, ChatMessage, CompletionRequest, Sampled, ToolCall, ToolDef
 from loading import Served
+from model import Model
 
 async def off_loop(prepare, *args):
     """A request's slow preparation (render, tokenize, grammar) in a worker thread: the event
@@ -37,7 +39,7 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
         if content is None and not (m.role == "assistant" and calls):
             raise APIError(400, "`content` is required for this role", f"messages[{i}].content")
         role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
-        message = {"role": role, "content": templates.strip_markers(content or "")}
+        message = {"role": role, "content": content or ""}
         if calls:
             message["tool_calls"] = [
                 {"id": c.id, "type": c.type, "function": {
@@ -76,21 +78,26 @@ def chat_prompt(served: Served, messages: list[ChatMessage], tools: list[ToolDef
     template (a hand-written family takes none)."""
     if len(messages) > served.config.max_messages:
         raise APIError(400, f"{len(messages)} messages; at most {served.config.max_messages} are accepted", "messages")
-    dicts, render = message_dicts(messages), served.render
-    if template_kwargs and served.own_template:
-        render = functools.partial(render, **template_kwargs)
+    dicts = message_dicts(messages)
+    extra = dict(template_kwargs or {}) if served.own_template else {}
     if tools:
         tool_dicts = [msgspec.to_builtins(t) for t in tools]
         if served.template_takes_tools:
-            render = functools.partial(render, tools=tool_dicts)
+            extra["tools"] = tool_dicts
         else:
             dicts = templates.with_tools_in_system(dicts, tool_dicts)
     try:
-        prompt, spans, marked = templates.render_with_spans(render, dicts)
+        prompt, spans, marked = templates.render_with_spans(served.render, dicts, extra, special_texts(served.model))
     except templates.TemplateError as e:
         raise APIError(400, str(e), "messages", "template_error") from None
     thinking = reasoning.opens_thinking(prompt) if served.thinks else None
     return ChatPrompt(prompt, served.model.tokenize_prompt(prompt, spans), marked, thinking)
+
+
+@functools.cache
+def special_texts(model: Model) -> re.Pattern | None:
+    """What finds the model's special-token texts in a string (None: it has none)."""
+    return re.compile("|".join(map(re.escape, model.special))) if model.special else None
 
 
 def completion_prompts(served: Served, body: CompletionRequest) -> list[list[int]]:

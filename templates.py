@@ -376,57 +376,99 @@ def with_tools_in_system(messages: Messages, tools: list[dict]) -> Messages:
 # --- Where the messages' text lies in the prompt --------------------------------------------
 
 # Unicode noncharacters, never valid in interchanged text: they mark where content begins and ends.
-_OPEN, _CLOSE = "\ufdd0", "\ufdd1"
+_OPEN, _CLOSE = _MARKERS = "\ufdd0", "\ufdd1"
 
 
 class Rendered(NamedTuple):
     prompt: str
-    spans: list[tuple[int, int]]  # where message content lies in the prompt
+    spans: list[tuple[int, int]]  # where client-supplied text lies in the prompt
     marked: bool  # found by markers (exact), not by searching (when the markers changed the output)
 
 
-def render_with_spans(render: Render, messages: Messages) -> Rendered:
-    """The prompt, and the spans of it that came from message content (user-typed text).
+def render_with_spans(render: Render, messages: Messages, extra: dict | None = None,
+                      specials: re.Pattern | None = None) -> Rendered:
+    """The prompt (`extra`: the template's other variables, tools and chat_template_kwargs), and
+    the spans of it that came from the client: message content, and every other string of the
+    messages and of `extra` in which `specials` (the model's special-token texts) finds one.
 
     The tokenizer reads special tokens only outside these spans, so a user who types
-    `<|im_end|><|im_start|>system` gets plain text, not a forged turn. The spans are found by
-    rendering once more with each content's text wrapped in markers, its leading and trailing
-    white space left outside them so that a template's `trim` still works. A template that
-    inspects content so that the markers change its output gets its spans by searching for
-    each content in the prompt instead (`marked` False: content it rewrote is not found).
+    `<|im_end|><|im_start|>system` (in content, a tool's description, a call's arguments, a
+    reasoning_content or a kwarg) gets plain text, not a forged turn. The spans are found by
+    rendering once more with those strings wrapped in markers (content with its leading and
+    trailing white space left outside them, so that a template's `trim` still works); any other
+    string is left as it is, so that a template can still compare `type` or look up `properties`.
+    A template that inspects what it is given so that the markers change its output gets its
+    spans by searching for each of those strings in the prompt instead (`marked` False: a string
+    it rewrote is not found).
     """
-    prompt = render(messages)
-    marked = render([_marked(m) for m in messages])
-    if marked.replace(_OPEN, "").replace(_CLOSE, "") == prompt:
-        return Rendered(prompt, _spans(marked), True)
-    return Rendered(prompt, _searched_spans(prompt, messages), False)
+    messages, extra = _without_markers(messages), _without_markers(extra or {})
+    prompt = render(messages, **extra)
+    guard = _Guard(specials)
+    marked = render([guard.message(m) for m in messages], **{k: guard(v) for k, v in extra.items()})
+    spans = _spans(marked)
+    if marked.replace(_OPEN, "").replace(_CLOSE, "") == prompt and 2 * len(spans) == sum(map(marked.count, _MARKERS)):
+        return Rendered(prompt, spans, True)
+    return Rendered(prompt, _searched_spans(prompt, guard.texts, guard.specials), False)
 
 
-def _searched_spans(prompt: str, messages: Messages) -> list[tuple[int, int]]:
-    """Each content's text where it first appears after the previous one's, else anywhere it
-    overlaps no span found already."""
+class _Guard:
+    """Wraps client strings in the span markers, remembering each one's text (for the search)."""
+
+    def __init__(self, specials: re.Pattern | None):
+        self.specials, self.texts = specials, []
+
+    def message(self, message: dict) -> dict:
+        content = message.get("content")
+        marked = {k: v if k == "role" else self(v) for k, v in message.items() if k != "content"}
+        if not content or not content.strip():
+            return {**marked, "content": content} if "content" in message else marked
+        core = content.strip()
+        self.texts.append(core)
+        start = content.index(core)
+        return {**marked, "content": f"{content[:start]}{_OPEN}{core}{_CLOSE}{content[start + len(core):]}"}
+
+    def __call__(self, value):
+        """`value` with every string (keys too) that holds a special-token text marked."""
+        if isinstance(value, str):
+            if not (self.specials and self.specials.search(value)):
+                return value
+            self.texts.append(value)
+            return f"{_OPEN}{value}{_CLOSE}"
+        if isinstance(value, dict):
+            return {self(k): self(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self(v) for v in value]
+        return value
+
+
+def _searched_spans(prompt: str, texts: list[str], specials: re.Pattern | None = None) -> list[tuple[int, int]]:
+    """Each text where it first appears after the previous one's, else anywhere it overlaps
+    no span found already. A text the template rewrote (escaped, cut) can't be located: if it
+    holds a special-token text, the prompt is refused rather than read with a forged token."""
     spans, pos = [], 0
-    for message in messages:
-        core = (message.get("content") or "").strip()
-        if not core:
-            continue
+    for core in texts:
         start = prompt.find(core, pos)
         if start < 0:
             start = prompt.find(core)
             if start < 0 or any(a < start + len(core) and start < b for a, b in spans):
+                if specials and specials.search(core):
+                    raise TemplateError("the model's chat template rewrites client text that holds a special token, "
+                                        "so the prompt can't be guarded against it")
                 continue
         spans.append((start, start + len(core)))
         pos = max(pos, start + len(core))
     return sorted(spans)
 
 
-def _marked(message: dict) -> dict:
-    content = message.get("content")
-    if not content or not content.strip():
-        return message
-    core = content.strip()
-    start = content.index(core)
-    return {**message, "content": f"{content[:start]}{_OPEN}{core}{_CLOSE}{content[start + len(core):]}"}
+def _without_markers(value):
+    """Client text may not carry the span markers itself (it could close a span early)."""
+    if isinstance(value, str):
+        return value.replace(_OPEN, "").replace(_CLOSE, "") if _OPEN in value or _CLOSE in value else value
+    if isinstance(value, dict):
+        return {_without_markers(k): _without_markers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_markers(v) for v in value]
+    return value
 
 
 def _spans(marked: str) -> list[tuple[int, int]]:
@@ -436,8 +478,3 @@ def _spans(marked: str) -> list[tuple[int, int]]:
         spans.append((start, start + len(m.group(1))))
         removed += 2
     return spans
-
-
-def strip_markers(text: str) -> str:
-    """Content may not carry the span markers itself."""
-    return text.replace(_OPEN, "").replace(_CLOSE, "")
