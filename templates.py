@@ -313,7 +313,7 @@ def jinja_template(source: str, bos_token: str, eos_token: str, tools: list | No
             with time_limit(RENDER_SECONDS):
                 fixed = dict(messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True, tools=tools)
                 return template.render({**extra, **fixed})
-        except TemplateError:
+        except (TemplateError, MemoryError):  # the latter: the render process's limit (template_process.py)
             raise
         except Exception as e:  # a template is the model file's code: any failure is the template's
             raise TemplateError(f"the model's chat template failed on these messages: {type(e).__name__}: {e}") from None
