@@ -125,8 +125,10 @@ def serve(stdin, stdout) -> None:
     every answer is (True, prompt) or (False, the TemplateError's message), and False last if
     the process ran out of memory, after which it ends."""
     import resource
+    import signal
 
     resource.setrlimit(resource.RLIMIT_AS, (RENDER_MEMORY, RENDER_MEMORY))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the server, which ends this by closing its pipe
 
     def answer(ok: bool, value: str, fit: bool = True) -> None:
         data = msgspec.json.encode((ok, value, fit))
