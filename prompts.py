@@ -57,11 +57,30 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
 
 def _json_or_text(text: str, param: str):
     try:
-        return msgspec.json.decode(text)
+        value = msgspec.json.decode(text)
     except msgspec.DecodeError:
         return text
     except RecursionError:
-        raise APIError(400, "the arguments nest arrays and objects too deeply", param) from None
+        raise APIError(400, f"`{param}` nests arrays and objects more than {MAX_NESTING} deep", param) from None
+    _check_nesting(value, param)
+    return value
+
+
+# How deep arrays and objects may nest in tools, tool-call arguments and template kwargs:
+# preparing a prompt walks them recursively (Python allows 1,000 frames, and a comprehension
+# takes two a level). OpenAI's structured outputs take 5 levels of schema.
+MAX_NESTING = 64
+
+
+def _check_nesting(value, param: str) -> None:
+    """A 400 naming `param` if `value` nests deeper than MAX_NESTING (found without recursing)."""
+    stack = [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth == MAX_NESTING:
+                raise APIError(400, f"`{param}` nests arrays and objects more than {MAX_NESTING} deep", param)
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
 
 
 class ChatPrompt(NamedTuple):
@@ -80,8 +99,12 @@ def chat_prompt(served: Served, messages: list[ChatMessage], tools: list[ToolDef
         raise APIError(400, f"{len(messages)} messages; at most {served.config.max_messages} are accepted", "messages")
     dicts = message_dicts(messages)
     extra = dict(template_kwargs or {}) if served.own_template else {}
+    for key, value in extra.items():
+        _check_nesting(value, f"chat_template_kwargs.{key}")
     if tools:
         tool_dicts = [msgspec.to_builtins(t) for t in tools]
+        for k, tool in enumerate(tool_dicts):
+            _check_nesting(tool, f"tools[{k}]")
         if served.template_takes_tools:
             extra["tools"] = tool_dicts
         else:
