@@ -401,25 +401,32 @@ def render_with_spans(render: Render, messages: Messages, extra: dict | None = N
     spans by searching for each of those strings in the prompt instead (`marked` False: a string
     it rewrote is not found).
     """
-    messages, extra = _without_markers(messages), _without_markers(extra or {})
+    messages, extra = _strings(messages, _without_markers), _strings(extra or {}, _without_markers)
     prompt = render(messages, **extra)
     guard = _Guard(specials)
-    marked = render([guard.message(m) for m in messages], **{k: guard(v) for k, v in extra.items()})
+    marked = render([guard.message(m) for m in messages], **{k: _strings(v, guard) for k, v in extra.items()})
     spans = _spans(marked)
     if marked.replace(_OPEN, "").replace(_CLOSE, "") == prompt and 2 * len(spans) == sum(map(marked.count, _MARKERS)):
         return Rendered(prompt, spans, True)
-    return Rendered(prompt, _searched_spans(prompt, guard.texts, guard.specials), False)
+    spans, lost = _searched_spans(prompt, guard.texts, specials)
+    if lost:  # texts holding special tokens that are not in the prompt as sent: dropped, or rewritten?
+        defang = lambda text: _replace_all(text, lost, specials)  # noqa: E731
+        if render(_strings(messages, defang), **_strings(extra, defang)) != prompt:
+            raise TemplateError("the model's chat template rewrites client text that holds a special token, "
+                                "so the prompt can't be guarded against it")
+    return Rendered(prompt, spans, False)
 
 
 class _Guard:
-    """Wraps client strings in the span markers, remembering each one's text (for the search)."""
+    """Wraps client strings in the span markers, remembering each one's text (for the search):
+    a message's content always, any other string only if it holds a special-token text."""
 
     def __init__(self, specials: re.Pattern | None):
         self.specials, self.texts = specials, []
 
     def message(self, message: dict) -> dict:
         content = message.get("content")
-        marked = {k: v if k == "role" else self(v) for k, v in message.items() if k != "content"}
+        marked = {k: v if k == "role" else _strings(v, self) for k, v in message.items() if k != "content"}
         if not content or not content.strip():
             return {**marked, "content": content} if "content" in message else marked
         core = content.strip()
@@ -427,48 +434,53 @@ class _Guard:
         start = content.index(core)
         return {**marked, "content": f"{content[:start]}{_OPEN}{core}{_CLOSE}{content[start + len(core):]}"}
 
-    def __call__(self, value):
-        """`value` with every string (keys too) that holds a special-token text marked."""
-        if isinstance(value, str):
-            if not (self.specials and self.specials.search(value)):
-                return value
-            self.texts.append(value)
-            return f"{_OPEN}{value}{_CLOSE}"
-        if isinstance(value, dict):
-            return {self(k): self(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [self(v) for v in value]
-        return value
+    def __call__(self, text: str) -> str:
+        if not (self.specials and self.specials.search(text)):
+            return text
+        self.texts.append(text)
+        return f"{_OPEN}{text}{_CLOSE}"
 
 
-def _searched_spans(prompt: str, texts: list[str], specials: re.Pattern | None = None) -> list[tuple[int, int]]:
+def _strings(value, change: Callable[[str], str]):
+    """`value` with `change` applied to every string in it, dictionary keys included."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {_strings(k, change): _strings(v, change) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strings(v, change) for v in value]
+    return value
+
+
+def _without_markers(text: str) -> str:
+    """Client text may not carry the span markers itself (it could close a span early)."""
+    return text.replace(_OPEN, "").replace(_CLOSE, "") if _OPEN in text or _CLOSE in text else text
+
+
+def _replace_all(text: str, lost: list[str], specials: re.Pattern) -> str:
+    for core in lost:
+        if core in text:
+            text = text.replace(core, specials.sub("", core))
+    return text
+
+
+def _searched_spans(prompt: str, texts: list[str],
+                    specials: re.Pattern | None = None) -> tuple[list[tuple[int, int]], list[str]]:
     """Each text where it first appears after the previous one's, else anywhere it overlaps
-    no span found already. A text the template rewrote (escaped, cut) can't be located: if it
-    holds a special-token text, the prompt is refused rather than read with a forged token."""
-    spans, pos = [], 0
+    no span found already; and the texts holding a special-token text that were not found
+    (the template dropped them, or rewrote them: escaped, cut)."""
+    spans, lost, pos = [], [], 0
     for core in texts:
         start = prompt.find(core, pos)
         if start < 0:
             start = prompt.find(core)
             if start < 0 or any(a < start + len(core) and start < b for a, b in spans):
                 if specials and specials.search(core):
-                    raise TemplateError("the model's chat template rewrites client text that holds a special token, "
-                                        "so the prompt can't be guarded against it")
+                    lost.append(core)
                 continue
         spans.append((start, start + len(core)))
         pos = max(pos, start + len(core))
-    return sorted(spans)
-
-
-def _without_markers(value):
-    """Client text may not carry the span markers itself (it could close a span early)."""
-    if isinstance(value, str):
-        return value.replace(_OPEN, "").replace(_CLOSE, "") if _OPEN in value or _CLOSE in value else value
-    if isinstance(value, dict):
-        return {_without_markers(k): _without_markers(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_without_markers(v) for v in value]
-    return value
+    return sorted(spans), lost
 
 
 def _spans(marked: str) -> list[tuple[int, int]]:

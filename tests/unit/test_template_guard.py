@@ -72,3 +72,12 @@ def test_text_with_a_special_token_that_the_template_rewrote_is_refused():
     render = templates.jinja_template("{{ messages[0].reasoning_content[1:] }}", "", "")
     with pytest.raises(templates.TemplateError, match="special token"):
         render_with_spans(render, [{"role": "user", "content": "", "reasoning_content": ATTACK}], None, SPECIALS)
+
+
+def test_text_with_a_special_token_that_the_template_drops_is_no_reason_to_refuse():
+    """Searching, a string that can't be found may simply not be printed (an old turn's reasoning)."""
+    template = "{{ messages[0].content|length }}{% for m in messages %}{{ m.content }}|{% endfor %}"
+    render = templates.jinja_template(template, "", "")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok", "reasoning_content": ATTACK}]
+    prompt, spans, marked = render_with_spans(render, messages, None, SPECIALS)
+    assert not marked and prompt == "2Hi|ok|" and [prompt[a:b] for a, b in spans] == ["Hi", "ok"]
