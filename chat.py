@@ -12,9 +12,10 @@ from litestar import Request, Response
 
 import prompts
 import reasoning
+import templates
 from access import request_info
 from logprobs import chat_logprobs
-from protocol import (CLIENT_CLOSED, AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, Delta,
+from protocol import (CLIENT_CLOSED, APIError, AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, Delta,
                       TemplateRequest, ToolCallDelta)
 from runs import Run
 from loading import Served
@@ -56,7 +57,13 @@ async def start(owner: AsyncExitStack, request: Request, served: Served, body: C
 
 
 def template_kwargs(served: Served, body: ChatRequest | TemplateRequest) -> dict | None:
-    """What the template is given beyond the messages: a thinking model thinks unless asked not to."""
+    """What the template is given beyond the messages: a thinking model thinks unless asked not to.
+    A key may not replace what the server itself gives the template (llama.cpp lets it, and a
+    `messages` or `tools` from there would bypass every check on the real ones)."""
+    for key in body.chat_template_kwargs or ():
+        if key in templates.TEMPLATE_VARIABLES:
+            raise APIError(400, f"`{key}` is set by the server; it can't be a chat template kwarg",
+                           f"chat_template_kwargs.{key}")
     if served.thinks:
         return reasoning.template_kwargs(body.chat_template_kwargs, body.reasoning_effort)
     return body.chat_template_kwargs

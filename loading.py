@@ -18,6 +18,7 @@ from model import Model
 import reasoning
 import templates
 from config import Config, ConfigError
+from template_process import TemplateProcess
 
 
 class StartError(Exception):
@@ -60,8 +61,8 @@ def chat_renderer(config: Config, model: Model) -> tuple[templates.Render, tuple
         raise ConfigError(f"{config.model_path}: CHAT_FORMAT=jinja but the model carries no chat template")
     if fmt == "jinja" or (fmt == "auto" and template):
         try:
-            render = templates.jinja_template(template, model.token_text(model.bos), model.token_text(model.eos))
-            templates.probe(render)
+            render = TemplateProcess(template, model.token_text(model.bos), model.token_text(model.eos))
+            templates.probe(render)  # compiles it, and renders an ordinary chat
         except templates.TemplateError as e:
             raise ConfigError(
                 f"{config.model_path}: its chat template can't be used ({e}); "

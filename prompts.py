@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from typing import NamedTuple
 
 import msgspec
@@ -15,6 +16,7 @@ import reasoning
 import templates
 from protocol import APIError, ChatMessage, CompletionRequest, Sampled, ToolCall, ToolDef
 from loading import Served
+from model import Model
 
 async def off_loop(prepare, *args):
     """A request's slow preparation (render, tokenize, grammar) in a worker thread: the event
@@ -37,11 +39,13 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
         if content is None and not (m.role == "assistant" and calls):
             raise APIError(400, "`content` is required for this role", f"messages[{i}].content")
         role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
-        message = {"role": role, "content": templates.strip_markers(content or "")}
+        message = {"role": role, "content": content or ""}
         if calls:
             message["tool_calls"] = [
-                {"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
-                for c in calls
+                {"id": c.id, "type": c.type, "function": {
+                    "name": c.function.name,
+                    "arguments": _json_or_text(c.function.arguments, f"messages[{i}].tool_calls[{j}].function.arguments")}}
+                for j, c in enumerate(calls)
             ]
         if m.tool_call_id or m.name:
             message["tool_call_id"] = m.tool_call_id or m.name
@@ -51,11 +55,32 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
     return out
 
 
-def _json_or_text(text: str):
+def _json_or_text(text: str, param: str):
     try:
-        return msgspec.json.decode(text)
+        value = msgspec.json.decode(text)
     except msgspec.DecodeError:
         return text
+    except RecursionError:
+        raise APIError(400, f"`{param}` nests arrays and objects more than {MAX_NESTING} deep", param) from None
+    _check_nesting(value, param)
+    return value
+
+
+# How deep arrays and objects may nest in tools, tool-call arguments and template kwargs:
+# preparing a prompt walks them recursively (Python allows 1,000 frames, and a comprehension
+# takes two a level). OpenAI's structured outputs take 5 levels of schema.
+MAX_NESTING = 64
+
+
+def _check_nesting(value, param: str) -> None:
+    """A 400 naming `param` if `value` nests deeper than MAX_NESTING (found without recursing)."""
+    stack = [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth == MAX_NESTING:
+                raise APIError(400, f"`{param}` nests arrays and objects more than {MAX_NESTING} deep", param)
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
 
 
 class ChatPrompt(NamedTuple):
@@ -72,21 +97,30 @@ def chat_prompt(served: Served, messages: list[ChatMessage], tools: list[ToolDef
     template (a hand-written family takes none)."""
     if len(messages) > served.config.max_messages:
         raise APIError(400, f"{len(messages)} messages; at most {served.config.max_messages} are accepted", "messages")
-    dicts, render = message_dicts(messages), served.render
-    if template_kwargs and served.own_template:
-        render = functools.partial(render, **template_kwargs)
+    dicts = message_dicts(messages)
+    extra = dict(template_kwargs or {}) if served.own_template else {}
+    for key, value in extra.items():
+        _check_nesting(value, f"chat_template_kwargs.{key}")
     if tools:
         tool_dicts = [msgspec.to_builtins(t) for t in tools]
+        for k, tool in enumerate(tool_dicts):
+            _check_nesting(tool, f"tools[{k}]")
         if served.template_takes_tools:
-            render = functools.partial(render, tools=tool_dicts)
+            extra["tools"] = tool_dicts
         else:
             dicts = templates.with_tools_in_system(dicts, tool_dicts)
     try:
-        prompt, spans, marked = templates.render_with_spans(render, dicts)
+        prompt, spans, marked = templates.render_with_spans(served.render, dicts, extra, special_texts(served.model))
     except templates.TemplateError as e:
         raise APIError(400, str(e), "messages", "template_error") from None
     thinking = reasoning.opens_thinking(prompt) if served.thinks else None
     return ChatPrompt(prompt, served.model.tokenize_prompt(prompt, spans), marked, thinking)
+
+
+@functools.cache
+def special_texts(model: Model) -> re.Pattern | None:
+    """What finds the model's special-token texts in a string (None: it has none)."""
+    return re.compile("|".join(map(re.escape, model.special))) if model.special else None
 
 
 def completion_prompts(served: Served, body: CompletionRequest) -> list[list[int]]:
@@ -122,9 +156,11 @@ def infill(served: Served, prefix: list[int], suffix: str) -> list[int]:
 def sampling(served: Served, body: Sampled, grammar: str | None) -> engine.Sampling:
     d = served.config.sampling
     bias = {}
+    n_vocab = served.model.n_vocab
     for token, value in (body.logit_bias or {}).items():
-        if not token.lstrip("-").isdigit() or not 0 <= int(token) < served.model.n_vocab:
-            raise APIError(400, f"logit_bias key {token!r} is not a token id of this model", "logit_bias")
+        # ASCII digits only: str.isdigit takes "²", and int() refuses that and anything over 4,300 digits
+        if not (token.isascii() and token.isdigit() and len(token) <= len(str(n_vocab)) and int(token) < n_vocab):
+            raise APIError(400, f"logit_bias key {token[:32]!r} is not a token id of this model", "logit_bias")
         bias[int(token)] = -float("inf") if value <= -100 else value
     return engine.Sampling(
         temperature=d.temperature if body.temperature is None else body.temperature,

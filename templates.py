@@ -291,6 +291,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
 
+# What the server gives a template (HF's globals): a request's chat_template_kwargs can't replace them.
+TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                                "raise_exception", "strftime_now"})
+
+
 def jinja_template(source: str, bos_token: str, eos_token: str, tools: list | None = None) -> Render:
     """Compile a GGUF's `tokenizer.chat_template` in a sandbox, with the globals HF gives it.
     A render that fails or takes longer than RENDER_SECONDS raises TemplateError."""
@@ -308,7 +313,7 @@ def jinja_template(source: str, bos_token: str, eos_token: str, tools: list | No
             with time_limit(RENDER_SECONDS):
                 fixed = dict(messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True, tools=tools)
                 return template.render({**extra, **fixed})
-        except TemplateError:
+        except (TemplateError, MemoryError):  # the latter: the render process's limit (template_process.py)
             raise
         except Exception as e:  # a template is the model file's code: any failure is the template's
             raise TemplateError(f"the model's chat template failed on these messages: {type(e).__name__}: {e}") from None
@@ -371,57 +376,111 @@ def with_tools_in_system(messages: Messages, tools: list[dict]) -> Messages:
 # --- Where the messages' text lies in the prompt --------------------------------------------
 
 # Unicode noncharacters, never valid in interchanged text: they mark where content begins and ends.
-_OPEN, _CLOSE = "\ufdd0", "\ufdd1"
+_OPEN, _CLOSE = _MARKERS = "\ufdd0", "\ufdd1"
 
 
 class Rendered(NamedTuple):
     prompt: str
-    spans: list[tuple[int, int]]  # where message content lies in the prompt
+    spans: list[tuple[int, int]]  # where client-supplied text lies in the prompt
     marked: bool  # found by markers (exact), not by searching (when the markers changed the output)
 
 
-def render_with_spans(render: Render, messages: Messages) -> Rendered:
-    """The prompt, and the spans of it that came from message content (user-typed text).
+def render_with_spans(render: Render, messages: Messages, extra: dict | None = None,
+                      specials: re.Pattern | None = None) -> Rendered:
+    """The prompt (`extra`: the template's other variables, tools and chat_template_kwargs), and
+    the spans of it that came from the client: message content, and every other string of the
+    messages and of `extra` in which `specials` (the model's special-token texts) finds one.
 
     The tokenizer reads special tokens only outside these spans, so a user who types
-    `<|im_end|><|im_start|>system` gets plain text, not a forged turn. The spans are found by
-    rendering once more with each content's text wrapped in markers, its leading and trailing
-    white space left outside them so that a template's `trim` still works. A template that
-    inspects content so that the markers change its output gets its spans by searching for
-    each content in the prompt instead (`marked` False: content it rewrote is not found).
+    `<|im_end|><|im_start|>system` (in content, a tool's description, a call's arguments, a
+    reasoning_content or a kwarg) gets plain text, not a forged turn. The spans are found by
+    rendering once more with those strings wrapped in markers (content with its leading and
+    trailing white space left outside them, so that a template's `trim` still works); any other
+    string is left as it is, so that a template can still compare `type` or look up `properties`.
+    A template that inspects what it is given so that the markers change its output gets its
+    spans by searching for each of those strings in the prompt instead (`marked` False: a string
+    it rewrote is not found).
     """
-    prompt = render(messages)
-    marked = render([_marked(m) for m in messages])
-    if marked.replace(_OPEN, "").replace(_CLOSE, "") == prompt:
-        return Rendered(prompt, _spans(marked), True)
-    return Rendered(prompt, _searched_spans(prompt, messages), False)
+    messages, extra = _strings(messages, _without_markers), _strings(extra or {}, _without_markers)
+    prompt = render(messages, **extra)
+    guard = _Guard(specials)
+    marked = render([guard.message(m) for m in messages], **{k: _strings(v, guard) for k, v in extra.items()})
+    spans = _spans(marked)
+    if marked.replace(_OPEN, "").replace(_CLOSE, "") == prompt and 2 * len(spans) == sum(map(marked.count, _MARKERS)):
+        return Rendered(prompt, spans, True)
+    spans, lost = _searched_spans(prompt, guard.texts, specials)
+    if lost:  # texts holding special tokens that are not in the prompt as sent: dropped, or rewritten?
+        defang = lambda text: _replace_all(text, lost, specials)  # noqa: E731
+        if render(_strings(messages, defang), **_strings(extra, defang)) != prompt:
+            raise TemplateError("the model's chat template rewrites client text that holds a special token, "
+                                "so the prompt can't be guarded against it")
+    return Rendered(prompt, spans, False)
 
 
-def _searched_spans(prompt: str, messages: Messages) -> list[tuple[int, int]]:
-    """Each content's text where it first appears after the previous one's, else anywhere it
-    overlaps no span found already."""
-    spans, pos = [], 0
-    for message in messages:
-        core = (message.get("content") or "").strip()
-        if not core:
-            continue
+class _Guard:
+    """Wraps client strings in the span markers, remembering each one's text (for the search):
+    a message's content always, any other string only if it holds a special-token text."""
+
+    def __init__(self, specials: re.Pattern | None):
+        self.specials, self.texts = specials, []
+
+    def message(self, message: dict) -> dict:
+        content = message.get("content")
+        marked = {k: v if k == "role" else _strings(v, self) for k, v in message.items() if k != "content"}
+        if not content or not content.strip():
+            return {**marked, "content": content} if "content" in message else marked
+        core = content.strip()
+        self.texts.append(core)
+        start = content.index(core)
+        return {**marked, "content": f"{content[:start]}{_OPEN}{core}{_CLOSE}{content[start + len(core):]}"}
+
+    def __call__(self, text: str) -> str:
+        if not (self.specials and self.specials.search(text)):
+            return text
+        self.texts.append(text)
+        return f"{_OPEN}{text}{_CLOSE}"
+
+
+def _strings(value, change: Callable[[str], str]):
+    """`value` with `change` applied to every string in it, dictionary keys included."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {_strings(k, change): _strings(v, change) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strings(v, change) for v in value]
+    return value
+
+
+def _without_markers(text: str) -> str:
+    """Client text may not carry the span markers itself (it could close a span early)."""
+    return text.replace(_OPEN, "").replace(_CLOSE, "") if _OPEN in text or _CLOSE in text else text
+
+
+def _replace_all(text: str, lost: list[str], specials: re.Pattern) -> str:
+    for core in lost:
+        if core in text:
+            text = text.replace(core, specials.sub("", core))
+    return text
+
+
+def _searched_spans(prompt: str, texts: list[str],
+                    specials: re.Pattern | None = None) -> tuple[list[tuple[int, int]], list[str]]:
+    """Each text where it first appears after the previous one's, else anywhere it overlaps
+    no span found already; and the texts holding a special-token text that were not found
+    (the template dropped them, or rewrote them: escaped, cut)."""
+    spans, lost, pos = [], [], 0
+    for core in texts:
         start = prompt.find(core, pos)
         if start < 0:
             start = prompt.find(core)
             if start < 0 or any(a < start + len(core) and start < b for a, b in spans):
+                if specials and specials.search(core):
+                    lost.append(core)
                 continue
         spans.append((start, start + len(core)))
         pos = max(pos, start + len(core))
-    return sorted(spans)
-
-
-def _marked(message: dict) -> dict:
-    content = message.get("content")
-    if not content or not content.strip():
-        return message
-    core = content.strip()
-    start = content.index(core)
-    return {**message, "content": f"{content[:start]}{_OPEN}{core}{_CLOSE}{content[start + len(core):]}"}
+    return sorted(spans), lost
 
 
 def _spans(marked: str) -> list[tuple[int, int]]:
@@ -431,8 +490,3 @@ def _spans(marked: str) -> list[tuple[int, int]]:
         spans.append((start, start + len(m.group(1))))
         removed += 2
     return spans
-
-
-def strip_markers(text: str) -> str:
-    """Content may not carry the span markers itself."""
-    return text.replace(_OPEN, "").replace(_CLOSE, "")

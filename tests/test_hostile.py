@@ -20,6 +20,9 @@ NESTED_LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor
 # CVE-2024-34359: a template reaching Python's classes to run a shell command.
 ESCAPE = ("{% for c in [].__class__.__base__.__subclasses__() %}{% if c.__name__ == 'catch_warnings' %}"
           "{{ c()._module.__builtins__['__import__']('os').popen('touch {marker}').read() }}{% endif %}{% endfor %}")
+# One C call each, 300 MB of text that no time limit can interrupt (issue #25, item 10).
+BOMBS = {"pad": "{{ '%0300000000d' % 1 }}", "center": "{{ 'x'|center(300000000) }}",
+         "indent": "{{ messages|tojson(indent=300000000) }}"}
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -51,6 +54,7 @@ def chat(url: str, content: str, **extra) -> httpx.Response:
     ("failing", "{{ raise_exception('this template refuses everything') }}", "refuses everything"),
     ("broken", "{% for m in messages %}", "does not compile"),
     ("huge", "{{ 'x' * 10000000000 }}", "builds a sequence"),
+    *[(name, bomb, "needs more than") for name, bomb in BOMBS.items()],
 ])
 def test_a_template_that_cant_render_an_ordinary_chat_stops_the_start(tmp_path, name, template, says):
     line = refused_start(with_template(tmp_path, name, template))
@@ -67,9 +71,10 @@ def test_the_sandbox_escape_template_runs_no_command(tmp_path):
 @pytest.fixture(scope="module")
 def trap_model(tmp_path_factory) -> Path:
     """A template that renders ordinary chats, but loops for hours on the message "slow",
-    fails on the message "boom", and prints the length of a message starting "count" (which
-    the span markers change)."""
-    template = ("{% if messages[-1]['content'] == 'slow' %}" + NESTED_LOOP + "{% endif %}"
+    fails on the message "boom", builds 300 MB on the name of a bomb ("pad"...), and prints
+    the length of a message starting "count" (which the span markers change)."""
+    bombs = "".join(f"{{% if messages[-1]['content'] == '{name}' %}}{bomb}{{% endif %}}" for name, bomb in BOMBS.items())
+    template = ("{% if messages[-1]['content'] == 'slow' %}" + NESTED_LOOP + "{% endif %}" + bombs +
                 "{% if messages[-1]['content'] == 'boom' %}{{ messages[-1]['content'] / 0 }}{% endif %}"
                 "{% if messages[-1]['content'].startswith('count') %}{{ messages[-1]['content']|length }}{% endif %}" + CHATML)
     return with_template(tmp_path_factory.mktemp("trap"), "trap", template)
@@ -119,6 +124,25 @@ def test_a_slow_render_gets_an_error_and_everyone_else_goes_on(trap):
 def test_a_template_that_fails_on_one_chat_is_a_400_and_the_next_chat_answers(trap):
     r = chat(trap.url, "boom", model="trap")
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert chat(trap.url, "Hi", model="trap").status_code == 200
+
+
+def peak_rss_mb(server: Server) -> float:
+    """The peak resident memory of the process that serves the app (granian's worker)."""
+    [worker] = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+    status = Path(f"/proc/{worker}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+@pytest.mark.parametrize("bomb", BOMBS)
+def test_a_template_bomb_is_a_400_and_the_server_stays_small(trap, bomb):
+    """The template is rendered in a process of its own whose memory the OS bounds: there the
+    300 MB fail, and the server's own memory does not move."""
+    before = peak_rss_mb(trap)
+    r = chat(trap.url, bomb, model="trap")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "template_error", r.text
+    assert "needs more than" in r.json()["error"]["message"]
+    assert peak_rss_mb(trap) - before < 50
     assert chat(trap.url, "Hi", model="trap").status_code == 200
 
 

@@ -223,5 +223,5 @@ def test_users_text_is_located_in_every_official_templates_prompt(filename):
     conversation = [msg("user", f"Hi {ATTACK}"), msg("assistant", "Hello."), msg("user", f"Again {ATTACK} please")]
     prompt, spans, marked = render_with_spans(render, conversation)
     assert marked and sum(ATTACK in prompt[a:b] for a, b in spans) == 2
-    searched = templates._searched_spans(prompt, conversation)  # the fallback, on the same prompt
+    searched, _ = templates._searched_spans(prompt, [m["content"] for m in conversation])  # the fallback, on the same prompt
     assert sum(ATTACK in prompt[a:b] for a, b in searched) == 2 and searched == sorted(searched)

@@ -1,0 +1,163 @@
+"""A GGUF's own chat template, rendered in a process of its own whose memory the OS bounds.
+
+The template is the model file's code. The sandbox (templates._Sandbox) stops it escaping and
+the time limit stops its loops, but one C call can still build hundreds of megabytes that no
+Python-level check sees: `'%0300000000d' % 1`, `'x'|center(300000000)`, `x|tojson(indent=N)`.
+So the server never renders it itself: a render process (started with exec, not forked: the
+server holds llama.cpp's threads) imports only jinja2 and templates.py, limits its address
+space to RENDER_MEMORY, and renders one conversation per request on its pipes. A render that
+outgrows the limit fails there (MemoryError) and one that outlasts the time limit in C code is
+killed; either way the request gets the 400 template_error it got before, and the next render
+starts a fresh process.
+
+Run as a script, this file is the render process.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import msgspec
+
+import templates
+
+# The render process's address space: 27 MB with Python, jinja2 and msgspec loaded; a prompt of
+# 4 MB of non-Latin text (the largest body, held as 16 MB of UCS-4, rendered and encoded) fits.
+RENDER_MEMORY = 256 << 20
+# The longest prompt a render may return: twice the largest body, and far beyond any context.
+MAX_PROMPT_CHARS = 8 << 20
+# How long the server waits for a render beyond the template's own time limit (which the
+# process enforces on Python code) before it kills the process: C code the trace can't stop.
+GRACE_SECONDS = 1.0
+
+_LENGTH = struct.Struct("<I")
+
+
+class TemplateProcess:
+    """A Render (templates.Render) that renders `source` in render processes: one per render under
+    way (each request's thread waits on its own), kept for the next render unless it was killed
+    (it ran out of memory, died, or outlasted the time limit)."""
+
+    def __init__(self, source: str, bos_token: str, eos_token: str):
+        self.start = msgspec.json.encode((source, bos_token, eos_token))
+        self.idle: list[_Worker] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, messages: templates.Messages, **extra) -> str:
+        with self.lock:
+            worker = self.idle.pop() if self.idle else None
+        worker = worker or _Worker(self.start)  # raises TemplateError if the template doesn't compile
+        try:
+            return worker.render(messages, extra)
+        finally:
+            if worker.proc.returncode is None:  # not killed (a template's error, or its time limit, leaves it fit)
+                with self.lock:
+                    self.idle.append(worker)
+
+
+class _Worker:
+    """One render process and its pipes."""
+
+    def __init__(self, start: bytes):
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, close_fds=True)
+        try:
+            self._call(start, deadline=30.0)  # the process's start and the template's compilation
+        except templates.TemplateError:
+            self.kill()
+            raise
+
+    def render(self, messages: templates.Messages, extra: dict) -> str:
+        # JSON, not msgpack: what came as JSON goes back as JSON (an integer of any size included)
+        return self._call(msgspec.json.encode((messages, extra)), templates.RENDER_SECONDS + GRACE_SECONDS)
+
+    def _call(self, request: bytes, deadline: float) -> str:
+        try:
+            self.proc.stdin.write(_LENGTH.pack(len(request)) + request)
+            self.proc.stdin.flush()
+            ok, answer, fit = msgspec.json.decode(self._read(deadline))
+        except TimeoutError:
+            self.kill()
+            raise templates.TemplateError(
+                f"the model's chat template took longer than {templates.RENDER_SECONDS:g} s to render") from None
+        except (OSError, EOFError, msgspec.DecodeError):
+            self.kill()
+            raise templates.TemplateError("the model's chat template failed on these messages: the render process died") from None
+        if not fit:
+            self.kill()  # it ran out of memory: start afresh
+        if not ok:
+            raise templates.TemplateError(answer)
+        return answer
+
+    def _read(self, seconds: float) -> bytes:
+        fd, data, need = self.proc.stdout.fileno(), b"", _LENGTH.size
+        deadline = time.monotonic() + seconds
+        while len(data) < need:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise TimeoutError
+            chunk = os.read(fd, max(need - len(data), 1 << 16))
+            if not chunk:
+                raise EOFError
+            data += chunk
+            if need == _LENGTH.size and len(data) >= need:
+                need += _LENGTH.unpack_from(data)[0]
+        return data[_LENGTH.size:]
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+
+
+# --- The render process ----------------------------------------------------------------------
+
+
+def serve(stdin, stdout) -> None:
+    """Compile the template the first request carries, then render each request's conversation:
+    every answer is (True, prompt) or (False, the TemplateError's message), and False last if
+    the process ran out of memory, after which it ends."""
+    import resource
+    import signal
+
+    resource.setrlimit(resource.RLIMIT_AS, (RENDER_MEMORY, RENDER_MEMORY))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the server, which ends this by closing its pipe
+
+    def answer(ok: bool, value: str, fit: bool = True) -> None:
+        data = msgspec.json.encode((ok, value, fit))
+        stdout.write(_LENGTH.pack(len(data)) + data)
+        stdout.flush()
+
+    def requests():
+        while header := stdin.read(_LENGTH.size):
+            yield msgspec.json.decode(stdin.read(_LENGTH.unpack(header)[0]))
+
+    render = None
+    for request in requests():
+        try:
+            if render is None:
+                render = templates.jinja_template(*request)
+                answer(True, "")
+                continue
+            messages, extra = request
+            prompt = render(messages, **extra)
+            if len(prompt) > MAX_PROMPT_CHARS:
+                raise templates.TemplateError(f"the model's chat template wrote a prompt of {len(prompt)} characters")
+            answer(True, prompt)
+        except templates.TemplateError as e:
+            answer(False, str(e))
+        except MemoryError:
+            answer(False, f"the model's chat template needs more than {RENDER_MEMORY >> 20} MB to render these messages",
+                   fit=False)
+            return
+
+
+if __name__ == "__main__":
+    serve(sys.stdin.buffer, sys.stdout.buffer)
