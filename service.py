@@ -47,7 +47,7 @@ from metrics import Metrics
 from model import ModelFileError, check_model_file
 from protocol import (APIError, ApplyTemplateResponse, ChatRequest, CompletionRequest, DeletedResponse, InputTokenCount,
                       EmbeddingRequest, ModelCard, ModelList, ResponseObject, ResponsesInput, ResponsesRequest, Route,
-                      TemplateRequest, decode, error_body, openapi, retry_after)
+                      TemplateRequest, decode, deep_field, error_body, openapi, retry_after)
 from runs import Run, Runs
 from loading import Served
 
@@ -198,7 +198,12 @@ def generating_model(request: Request, name: str | None) -> Served:
 
 
 async def parse(request: Request, kind: type[msgspec.Struct]):
-    return decode(await request.body(), kind)
+    body = await request.body()
+    try:
+        return decode(body, kind)
+    except RecursionError:
+        param = await prompts.off_loop(deep_field, body)  # a scan that would hold every stream for 0.5 s
+        raise APIError(400, "the body nests arrays and objects too deeply", param) from None
 
 
 def queued(request: Request, served: Served) -> Run:

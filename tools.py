@@ -210,7 +210,7 @@ def parse_tool_calls(text: str, names: list[str], whole_json: bool = False) -> t
     def call(source: str) -> tuple[str, str] | None:
         try:
             obj = json.loads(source)
-        except ValueError:
+        except (ValueError, RecursionError):  # the model's own text: it can nest past Python's limit
             return None
         if not isinstance(obj, dict) or obj.get("name") not in names:
             return None
