@@ -34,14 +34,15 @@ def with_template(tmp_path: Path, name: str, template: str) -> Path:
     return out
 
 
-def refused_start(model: Path) -> str:
+def refused_start(model: Path) -> tuple[str, str]:
+    """The one `gguf-serve:` line of a start that `model` stops, and the whole output."""
     s = Server({"MODEL": str(model), "N_THREADS": "2"})
     try:
         assert s.proc.wait(timeout=60) != 0
     finally:
         s.stop()
     [line] = [line for line in s.output().splitlines() if line.startswith("gguf-serve:")]
-    return line
+    return line, s.output()
 
 
 def chat(url: str, content: str, **extra) -> httpx.Response:
@@ -57,13 +58,13 @@ def chat(url: str, content: str, **extra) -> httpx.Response:
     *[(name, bomb, "needs more than") for name, bomb in BOMBS.items()],
 ])
 def test_a_template_that_cant_render_an_ordinary_chat_stops_the_start(tmp_path, name, template, says):
-    line = refused_start(with_template(tmp_path, name, template))
+    line, _ = refused_start(with_template(tmp_path, name, template))
     assert name in line and says in line and "CHAT_FORMAT" in line
 
 
 def test_the_sandbox_escape_template_runs_no_command(tmp_path):
     marker = tmp_path / "pwned"
-    line = refused_start(with_template(tmp_path, "escape", ESCAPE.replace("{marker}", str(marker))))
+    line, _ = refused_start(with_template(tmp_path, "escape", ESCAPE.replace("{marker}", str(marker))))
     assert "unsafe" in line or "not safely callable" in line or "access to attribute" in line, line
     assert not marker.exists()
 

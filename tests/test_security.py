@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Server, smollm2_path
+from test_hostile import refused_start, with_template
 
 MODEL = "smollm2-135m-instruct"
 KEY = "sk-hostile-test"
@@ -165,14 +166,9 @@ def test_a_model_whose_metadata_cant_be_read_stops_the_start_with_one_line(tmp_p
     data = smollm2_path().read_bytes()
     assert data.count(b"general.license") == 1
     garbled.write_bytes(data.replace(b"general.license", b"general.licens\xff"))
-    s = Server({"MODEL": str(garbled), "N_THREADS": "2"})
-    try:
-        assert s.proc.wait(timeout=60) != 0
-    finally:
-        s.stop()
-    [line] = [line for line in s.output().splitlines() if line.startswith("gguf-serve:")]
+    line, output = refused_start(garbled)
     assert str(garbled) in line and "UnicodeDecodeError" in line
-    assert "Traceback" not in s.output()
+    assert "Traceback" not in output
 
 
 # --- 5, 6, 7, 8. Stored responses bounded and scoped; embeddings bounded ------------------------
@@ -408,7 +404,6 @@ def guarded_chat(special: str) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
-    from test_hostile import with_template
 
     model = with_template(tmp_path_factory.mktemp("guard"), "guard", GUARD_TEMPLATE)
     s = Server({"MODEL": str(model), "N_THREADS": "2"}).wait_ready()
