@@ -48,6 +48,16 @@ def test_embeddings_benchmark_runs(tmp_path):
     assert "8 short texts" in run.stdout and "gguf-serve resident memory" in run.stdout
 
 
+def test_hardening_benchmark_runs(tmp_path):
+    out = tmp_path / "hardening.json"
+    run = subprocess.run([sys.executable, ROOT / "bench" / "hardening.py", "--renders", "3", "--tokens", "50",
+                          "--out", out], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert set(figures["stop scan, µs a token (four stop strings of)"]) == {"0 chars", "100 chars", "1000 chars"}
+    assert figures["render process RSS, MB"] > 0 and "render process" in run.stdout
+
+
 def needs_llama_server() -> None:
     """The benchmarks against llama-server need it built (`python bench/bench.py` builds it once,
     10-15 minutes): skipped where nobody has built it."""

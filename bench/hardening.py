@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""What the issue-#25 hardening costs where it runs on every request: the stop-string scan per
+token in the decode thread, and a model's own template rendered in its render process against
+rendering it in the server's process, with that process's memory.
+
+    python bench/hardening.py                 # prints the figures, writes bench/results/hardening.json
+    python bench/hardening.py --renders 50 --tokens 2000
+
+The scan is fed a text that keeps almost matching its stop strings (a stop string is one
+character repeated then "z", the text that character alone), so the scanner holds back a whole
+stop string's length less one at every token: the worst case for a scanner that looks back
+over what it holds (the one before #25 rescanned it, O(L²) a token). The render is
+of a real official template (Qwen3's, from ../shared) on a 4-message chat; in-process is
+templates.jinja_template as the server rendered it before, with the same time limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from machine import REPO, machine_info, versions
+
+sys.path.insert(0, str(REPO))  # the service's modules from the checkout measured, as bench/tokentime.py does
+import engine  # noqa: E402
+import templates  # noqa: E402
+from template_process import TemplateProcess  # noqa: E402
+
+TEMPLATE = REPO.parent / "shared" / "chat-templates" / "Qwen-Qwen3-0.6B.jinja"
+
+
+def scan_us_per_token(stop_chars: int, tokens: int) -> float:
+    """µs of the decode thread a token, for four stop strings of `stop_chars` characters."""
+    stops = [c * (stop_chars - 1) + "z" for c in "abcd"] if stop_chars else []
+    scanner, piece = engine.StopScanner(stops), "aaaa"  # 4-character tokens, never a whole stop
+    started = time.perf_counter()
+    for _ in range(tokens):
+        scanner.feed(piece)
+    return (time.perf_counter() - started) / tokens * 1e6
+
+
+def render_us(render, renders: int) -> float:
+    render(templates.PROBE)  # compiled, and its process started, before timing
+    times = []
+    for _ in range(renders):
+        started = time.perf_counter()
+        render(templates.PROBE)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--renders", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=5000)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "hardening.json")
+    args = parser.parse_args()
+
+    scan = {f"{n} chars": round(scan_us_per_token(n, args.tokens), 2) for n in (0, 100, 1000)}
+    source = TEMPLATE.read_text()
+    in_process = templates.jinja_template(source, "", "<|im_end|>")
+    out_of_process = TemplateProcess(source, "", "<|im_end|>")
+    render = {"in process": round(render_us(in_process, args.renders)),
+              "render process": round(render_us(out_of_process, args.renders))}
+    [worker] = out_of_process.idle
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), "versions": versions(),
+               "stop scan, µs a token (four stop strings of)": scan,
+               "render of a 4-message chat, median µs": render,
+               "render process RSS, MB": round(rss_mb(worker.proc.pid), 1)}
+    for name, value in results.items():
+        if name not in ("machine", "versions"):
+            print(f"{name}: {value}")
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
