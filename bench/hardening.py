@@ -26,9 +26,9 @@ from pathlib import Path
 from machine import REPO, machine_info, versions
 
 sys.path.insert(0, str(REPO))  # the service's modules from the checkout measured, as bench/tokentime.py does
-import engine  # noqa: E402
-import templates  # noqa: E402
-from template_process import TemplateProcess  # noqa: E402
+from gguf_serve import engine  # noqa: E402
+from gguf_serve import templates  # noqa: E402
+from gguf_serve.template_process import TemplateProcess  # noqa: E402
 
 TEMPLATE = REPO.parent / "shared" / "chat-templates" / "Qwen-Qwen3-0.6B.jinja"
 

@@ -41,7 +41,7 @@ def rss_anon_mib() -> float:
 def worker(args) -> None:
     import numpy as np
 
-    from model import Model, llama
+    from gguf_serve.model import Model, llama
 
     eog = json.loads(args.eog)
     before = rss_anon_mib()

@@ -42,7 +42,7 @@ from machine import bench_arguments, default_model, inspect_model  # noqa: E402
 
 
 def c_loop(model, prompt: list[int], tokens: int, bias: dict[int, float]) -> dict:
-    from model import llama
+    from gguf_serve.model import llama
 
     chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
     biases = (llama.llama_logit_bias * len(bias))(*bias.items())
@@ -78,7 +78,7 @@ class Timed:
     """An engine whose decode-thread pieces are timed (ns totals, per token at the end)."""
 
     def __init__(self, eng, llama_module):
-        import engine as engine_module
+        from gguf_serve import engine as engine_module
 
         self.ns = {"llama_decode": 0, "batch fill": 0, "_sample": 0, "_deliver": 0}
         self.steps = 0
@@ -120,8 +120,8 @@ class Timed:
 
 
 def engine_layer(model, prompt: list[int], tokens: int, bias: dict[int, float], reps: int, stream: bool) -> dict:
-    import engine
-    from model import llama
+    from gguf_serve import engine
+    from gguf_serve.model import llama
 
     async def run():
         loop = asyncio.get_running_loop()
@@ -179,7 +179,7 @@ def main() -> None:
             results.update(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1]))
         layers = []
     if {"c", "engine", "whole"} & set(layers):
-        from model import Model
+        from gguf_serve.model import Model
 
         model = Model(path, args.ctx, args.threads, 4)
         prompt = model.tokenize_prompt("<|im_start|>user\n" + messages_for(0)[1]["content"] + "<|im_end|>\n<|im_start|>assistant\n")

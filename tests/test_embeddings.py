@@ -52,7 +52,7 @@ def test_a_paraphrase_is_closer_than_an_unrelated_sentence(client):
 
 
 def test_token_ids_embed_as_their_text_does(client):
-    from model import Model
+    from gguf_serve.model import Model
     from conftest import smollm2_path
 
     vocab = Model(smollm2_path(), vocab_only=True)

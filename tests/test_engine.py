@@ -2,9 +2,9 @@
 
 import asyncio
 
-import engine
+from gguf_serve import engine
 
-from model import Model
+from gguf_serve.model import Model
 from conftest import smollm2_path
 
 

@@ -7,8 +7,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from model import Model
-import templates
+from gguf_serve.model import Model
+from gguf_serve import templates
 from conftest import Server, smollm2_path
 
 MODEL = "smollm2-135m-instruct"

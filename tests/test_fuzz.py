@@ -10,9 +10,9 @@ import sys
 
 import httpx
 
-from access import endpoint_namer
+from gguf_serve.access import endpoint_namer
 from conftest import Server
-from service import ROUTES
+from gguf_serve.service import ROUTES
 
 MODEL = "smollm2-135m-instruct"
 

@@ -72,7 +72,7 @@ class Container:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if argv[0].endswith(b"python3") and argv[1:2] == [b"service.py"]:  # not buildah-chroot-exec's
+            if argv[0].endswith(b"python3") and argv[1].endswith(b"/bin/gguf-serve"):  # not buildah-chroot-exec's
                 return pid
         raise AssertionError("the CMD's process is not running:\n" + self.output())
 
@@ -90,7 +90,7 @@ class Container:
 
 
 def test_the_image_serves_as_its_cmd_says_and_drains_on_sigterm(image):
-    assert image["User"] not in ("", "root", "0") and image["Cmd"] == ["python3", "service.py"]
+    assert image["User"] not in ("", "root", "0") and image["Cmd"] == ["gguf-serve"]
     port = free_port()
     # Loopback only; a grace long enough for the stream below on a busy machine.
     container = Container(image, {"PORT": str(port), "HOST": "127.0.0.1", "SHUTDOWN_GRACE_S": "30"})

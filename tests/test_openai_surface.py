@@ -8,7 +8,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from model import Model
+from gguf_serve.model import Model
 from conftest import smollm2_path
 
 MODEL = "smollm2-135m-instruct"

@@ -10,7 +10,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from openai import OpenAI
 
 from conftest import SHARED, Server, smollm2_path
-from model import Model
+from gguf_serve.model import Model
 from test_hostile import with_template
 
 R1 = (SHARED / "chat-templates" / "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja").read_text()

@@ -54,7 +54,7 @@ def test_chat_answers_with_openai_shape(client):
 
 
 def test_usage_counts_with_the_models_tokenizer(client, base_url):
-    from model import Model
+    from gguf_serve.model import Model
 
     prompt = httpx.post(f"{base_url}/apply-template", json={"model": MODEL, "messages": HELLO}).json()["prompt"]
     vocab = Model(smollm2_path(), vocab_only=True)
@@ -268,6 +268,6 @@ def test_startup_fails_clearly(tmp_path):
 
 
 def test_threads_default_to_the_cores_this_process_may_use():
-    code = "import os; os.sched_setaffinity(0, {0}); import config; print(config.available_cpus())"
+    code = "import os; os.sched_setaffinity(0, {0}); from gguf_serve import config; print(config.available_cpus())"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1"

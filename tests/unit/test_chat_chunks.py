@@ -4,8 +4,8 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chat import encode_chunk, text_chunk_ends
-from protocol import ChunkChoice, Delta
+from gguf_serve.chat import encode_chunk, text_chunk_ends
+from gguf_serve.protocol import ChunkChoice, Delta
 
 
 @given(text=st.text(min_size=1), index=st.integers(0, 8),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from config import ConfigError, load_config
+from gguf_serve.config import ConfigError, load_config
 from conftest import smollm2_path
 
 

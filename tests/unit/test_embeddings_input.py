@@ -6,8 +6,8 @@ import base64
 import numpy as np
 import pytest
 
-from embeddings import check_dimensions, encoded, input_tokens, normalized, shortened
-from protocol import APIError, EmbeddingRequest, decode
+from gguf_serve.embeddings import check_dimensions, encoded, input_tokens, normalized, shortened
+from gguf_serve.protocol import APIError, EmbeddingRequest, decode
 
 
 def tokenize(text: str) -> list[int]:

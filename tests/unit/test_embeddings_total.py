@@ -2,8 +2,8 @@
 
 import pytest
 
-from embeddings import check_total
-from protocol import APIError
+from gguf_serve.embeddings import check_total
+from gguf_serve.protocol import APIError
 
 
 def test_all_inputs_together_within_the_cap_pass():

@@ -2,7 +2,7 @@
 as a possible stop string's start, or a non-streamed answer's merged text, was appended to
 "engine error: ...")."""
 
-import engine
+from gguf_serve import engine
 
 
 def slot_with_held_text(stream: bool) -> tuple[engine.Slot, list]:

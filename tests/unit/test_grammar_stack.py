@@ -4,17 +4,16 @@ the whole process). Run in a subprocess, so that a crash fails the test rather t
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import ROOT, smollm2_path
 
 COMPILE = """
-import sys, threading
-sys.path[:0] = [{root!r}, {tests!r}]
-import conftest, engine, tools
-from model import Model
+import threading
+from pathlib import Path
+from gguf_serve import engine, tools
+from gguf_serve.model import Model
 
-model = Model(conftest.smollm2_path(), vocab_only=True)
+model = Model(Path({model!r}), vocab_only=True)
 depth = 20000  # about 9 MB of the parser's stack: past glibc's 8 MiB default, within GRAMMAR_STACK
 grammar = "root ::= " + "(" * depth + '"a"' + ")" * depth
 assert depth > tools.MAX_GRAMMAR_DEPTH  # what a schema may make is far less: this is the margin
@@ -27,6 +26,6 @@ print("compiled")
 
 
 def test_a_deep_grammar_compiles_on_a_thread_of_known_stack():
-    code = COMPILE.format(root=str(ROOT), tests=str(ROOT / "tests"))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    code = COMPILE.format(model=str(smollm2_path()))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "compiled" in done.stdout, (done.returncode, done.stderr[-2000:])

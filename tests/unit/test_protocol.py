@@ -2,7 +2,7 @@
 
 import pytest
 
-from protocol import APIError, ChatRequest, CompletionRequest, decode, error_body
+from gguf_serve.protocol import APIError, ChatRequest, CompletionRequest, decode, error_body
 
 
 @pytest.mark.parametrize("body,param", [

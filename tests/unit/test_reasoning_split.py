@@ -2,7 +2,7 @@
 
 import pytest
 
-import reasoning
+from gguf_serve import reasoning
 
 RECORDED = [
     # Qwen3: the model opens the block itself

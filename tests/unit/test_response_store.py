@@ -4,8 +4,8 @@ clock the tests move (no sleeping), and `metadata`'s limits: pure logic, no mode
 import msgspec
 import pytest
 
-import responses
-from protocol import APIError, InputItem, ResponseObject, TextConfig
+from gguf_serve import responses
+from gguf_serve.protocol import APIError, InputItem, ResponseObject, TextConfig
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import asyncio
 import msgspec
 import pytest
 
-import responses
-from engine import Event
-from protocol import (APIError, CompletionTokensDetails, FunctionCallItem, OutputMessage, OutputText, PromptTokensDetails,
+from gguf_serve import responses
+from gguf_serve.engine import Event
+from gguf_serve.protocol import (APIError, CompletionTokensDetails, FunctionCallItem, OutputMessage, OutputText, PromptTokensDetails,
                       ReasoningItem, ReasoningText, ResponseObject, ResponsesRequest, TextConfig, Usage)
 
 WEATHER = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}

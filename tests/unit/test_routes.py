@@ -8,12 +8,12 @@ import json
 import pytest
 from litestar import Litestar
 
-from access import endpoint_namer, gate
-from config import ConfigError, load_config
+from gguf_serve.access import endpoint_namer, gate
+from gguf_serve.config import ConfigError, load_config
 from conftest import smollm2_path
-from metrics import Metrics
-from protocol import openapi
-from service import ROUTES, error_response, route_handler
+from gguf_serve.metrics import Metrics
+from gguf_serve.protocol import openapi
+from gguf_serve.service import ROUTES, error_response, route_handler
 
 KEY = "sk-unit"
 SPELLINGS = ["/v1/chat/completions", "//v1/chat/completions", "/v1//chat/completions", "//v1/responses/resp_1",

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import engine
-from metrics import Metrics
-from protocol import APIError
-from runs import Run, Runs
+from gguf_serve import engine
+from gguf_serve.metrics import Metrics
+from gguf_serve.protocol import APIError
+from gguf_serve.runs import Run, Runs
 
 
 class FakeEngine:

@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import engine
+from gguf_serve import engine
 
 ALPHABET = "ab\n<>|"  # few letters, so that stop strings and near misses are frequent
 

@@ -5,8 +5,8 @@ found across any chunking."""
 
 import random
 
-import engine
-from protocol import MAX_STOP_CHARS
+from gguf_serve import engine
+from gguf_serve.protocol import MAX_STOP_CHARS
 
 
 class CountedStop(str):

@@ -4,9 +4,9 @@ one C call (no time limit can interrupt it) can't reach the server."""
 
 import pytest
 
-import templates
-import template_process
-from template_process import TemplateProcess
+from gguf_serve import templates
+from gguf_serve import template_process
+from gguf_serve.template_process import TemplateProcess
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -12,8 +12,8 @@ import jinja2
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-import templates
-from templates import FAMILIES, family_of, render_with_spans
+from gguf_serve import templates
+from gguf_serve.templates import FAMILIES, family_of, render_with_spans
 
 OFFICIAL = Path(__file__).resolve().parents[3] / "shared" / "chat-templates"
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from model import Model
-from templates import FAMILIES, render_with_spans
+from gguf_serve.model import Model
+from gguf_serve.templates import FAMILIES, render_with_spans
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 

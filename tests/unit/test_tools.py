@@ -3,8 +3,8 @@
 import msgspec
 import pytest
 
-import tools
-from protocol import APIError, ChatRequest
+from gguf_serve import tools
+from gguf_serve.protocol import APIError, ChatRequest
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -85,7 +85,7 @@ def test_answer_turns_a_call_into_tool_calls_or_legacy_function_call():
     assert tools.answer("plain text", "length", plan)[1] == "length"
 
 
-from chat import CallSpotter  # noqa: E402
+from gguf_serve.chat import CallSpotter  # noqa: E402
 
 
 def spot(chunks: list[str], forced: bool = False) -> tuple[list[str], str]:

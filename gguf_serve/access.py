@@ -10,8 +10,8 @@ import uuid
 
 import msgspec
 
-from config import Config
-from protocol import APIError, Route, error_body, retry_after
+from .config import Config
+from .protocol import APIError, Route, error_body, retry_after
 
 
 def request_info(request) -> dict:

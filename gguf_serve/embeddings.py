@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 from litestar import Request, Response
 
-import engine
-from access import request_info
-from model import Model, llama
-from protocol import CLIENT_CLOSED, APIError, EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage
-import runs
+from . import engine
+from .access import request_info
+from .model import Model, llama
+from .protocol import CLIENT_CLOSED, APIError, EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from . import runs
 
 if TYPE_CHECKING:
-    from loading import Served
+    from .loading import Served
 
 
 TIKTOKEN_HINT = ("token ids are this model's own; LangChain's OpenAIEmbeddings sends OpenAI's (tiktoken's) unless "

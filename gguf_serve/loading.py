@@ -12,13 +12,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import embeddings
-import engine
-from model import Model
-import reasoning
-import templates
-from config import Config, ConfigError
-from template_process import TemplateProcess
+from . import embeddings, engine
+from .model import Model
+from . import reasoning, templates
+from .config import Config, ConfigError
+from .template_process import TemplateProcess
 
 
 class StartError(Exception):

@@ -14,8 +14,7 @@ import os
 
 import msgspec
 
-import reasoning
-import templates
+from . import reasoning, templates
 
 HERE = Path(__file__).resolve().parent
 

@@ -10,17 +10,15 @@ from typing import AsyncIterator, NamedTuple
 import msgspec
 from litestar import Request, Response
 
-import prompts
-import reasoning
-import templates
-from access import request_info
-from logprobs import chat_logprobs
-from protocol import (CLIENT_CLOSED, APIError, AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, Delta,
+from . import prompts, reasoning, templates
+from .access import request_info
+from .logprobs import chat_logprobs
+from .protocol import (CLIENT_CLOSED, APIError, AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, Delta,
                       TemplateRequest, ToolCallDelta)
-from runs import Run
-from loading import Served
-from streaming import event_stream, include_usage, sse
-from tools import ToolPlan, answer, output_grammar, tool_plan
+from .runs import Run
+from .loading import Served
+from .streaming import event_stream, include_usage, sse
+from .tools import ToolPlan, answer, output_grammar, tool_plan
 
 
 class Job(NamedTuple):

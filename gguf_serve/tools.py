@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 import msgspec
 
-import engine
-from model import Model
-from protocol import (APIError, AssistantMessage, ChatRequest, FunctionCall, FunctionName, NamedToolChoice, ToolCall,
+from . import engine
+from .model import Model
+from .protocol import (APIError, AssistantMessage, ChatRequest, FunctionCall, FunctionName, NamedToolChoice, ToolCall,
                       ToolDef)
 
 # Structured output: JSON Schema -> a llama.cpp grammar, with llama-cpp-python's converter.

@@ -20,9 +20,9 @@ from typing import Callable
 
 import numpy as np
 
-import embeddings
-from model import PROMPT_CHUNK, Model, llama
-from reasoning import ThinkSplitter
+from . import embeddings
+from .model import PROMPT_CHUNK, Model, llama
+from .reasoning import ThinkSplitter
 
 
 

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 import msgspec
 from litestar.response import Stream
 
-from protocol import APIError, Sampled, error_body
+from .protocol import APIError, Sampled, error_body
 
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # proxies pass events through at once
 

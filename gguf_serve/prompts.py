@@ -11,12 +11,10 @@ from typing import NamedTuple
 
 import msgspec
 
-import engine
-import reasoning
-import templates
-from protocol import APIError, ChatMessage, CompletionRequest, Sampled, ToolCall, ToolDef
-from loading import Served
-from model import Model
+from . import engine, reasoning, templates
+from .protocol import APIError, ChatMessage, CompletionRequest, Sampled, ToolCall, ToolDef
+from .loading import Served
+from .model import Model
 
 async def off_loop(prepare, *args):
     """A request's slow preparation (render, tokenize, grammar) in a worker thread: the event

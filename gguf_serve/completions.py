@@ -10,13 +10,13 @@ from typing import AsyncIterator
 import msgspec
 from litestar import Request, Response
 
-import prompts
-from access import request_info
-from logprobs import text_logprobs
-from protocol import CLIENT_CLOSED, APIError, Completion, CompletionRequest, TextChoice
-from runs import Run
-from loading import Served
-from streaming import event_stream, include_usage, sse
+from . import prompts
+from .access import request_info
+from .logprobs import text_logprobs
+from .protocol import CLIENT_CLOSED, APIError, Completion, CompletionRequest, TextChoice
+from .runs import Run
+from .loading import Served
+from .streaming import event_stream, include_usage, sse
 
 
 def prepare(served: Served, body: CompletionRequest) -> tuple[list[list[int]], int]:

@@ -20,20 +20,19 @@ from typing import AsyncIterator, NamedTuple
 import msgspec
 from litestar import Request, Response
 
-import chat
-import prompts
-from access import request_info
-from logprobs import chat_logprobs
-from loading import Served
-from protocol import (CLIENT_CLOSED, APIError, ChatMessage, ChatRequest, ContentPart, FunctionCall, FunctionCallItem,
+from . import chat, prompts
+from .access import request_info
+from .logprobs import chat_logprobs
+from .loading import Served
+from .protocol import (CLIENT_CLOSED, APIError, ChatMessage, ChatRequest, ContentPart, FunctionCall, FunctionCallItem,
                       FunctionDef, FunctionName, IncompleteDetails, InputItem, InputTokenCount, InputTokensDetails,
                       JSONSchemaFormat, NamedToolChoice, OutputItem, OutputMessage, OutputText, OutputTokensDetails,
                       ReasoningConfig, ReasoningItem, ReasoningText, ResponseError, ResponseFormat, ResponseObject,
                       ResponsesInput, ResponsesRequest, ResponseUsage, StreamEvent, TextConfig, TokenInfo, ToolCall, ToolDef,
                       Usage)
-from runs import Run
-from streaming import event_stream, sse
-from tools import ToolPlan, answer, tool_plan
+from .runs import Run
+from .streaming import event_stream, sse
+from .tools import ToolPlan, answer, tool_plan
 
 TEXT_PARTS = ("input_text", "output_text", "text", "reasoning_text", "summary_text")
 LOGPROBS = "message.output_text.logprobs"  # in `include`: the answer's tokens' logprobs, as chat's `logprobs`

@@ -10,7 +10,7 @@ outgrows the limit fails there (MemoryError) and one that outlasts the time limi
 killed; either way the request gets the 400 template_error it got before, and the next render
 starts a fresh process.
 
-Run as a script, this file is the render process.
+Run as a module (`python -m gguf_serve.template_process`), this file is the render process.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 
 import msgspec
 
-import templates
+from . import templates
 
 # The render process's address space: 27 MB with Python, jinja2 and msgspec loaded; a prompt of
 # 4 MB of non-Latin text (the largest body, held as 16 MB of UCS-4, rendered and encoded) fits.
@@ -65,7 +65,7 @@ class _Worker:
     """One render process and its pipes."""
 
     def __init__(self, start: bytes):
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", __spec__.name], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, close_fds=True)
         try:
             self._call(start, deadline=30.0)  # the process's start and the template's compilation

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 import msgspec
 
-import engine
-from protocol import APIError, CompletionTokensDetails, PromptTokensDetails, Usage
+from . import engine
+from .protocol import APIError, CompletionTokensDetails, PromptTokensDetails, Usage
 
 if TYPE_CHECKING:
-    import embeddings
-    from loading import Served
+    from . import embeddings
+    from .loading import Served
 
 ABORT = -1  # the choice index of an event that ends every choice at once (shutdown)
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Callable
 import prometheus_client
 
 if TYPE_CHECKING:
-    import engine
+    from . import engine
 
 
 class Metrics:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import msgspec
 
-import engine
-from model import Model
-from protocol import ChatLogprobs, TextLogprobs, TokenInfo, TopLogprob
+from . import engine
+from .model import Model
+from .protocol import ChatLogprobs, TextLogprobs, TokenInfo, TopLogprob
 
 
 def token_text(model: Model, token: int) -> tuple[str, list[int]]:

@@ -1,0 +1,312 @@
+"""gguf-serve: one GGUF model behind the OpenAI HTTP API.
+
+    gguf-serve --model smollm2-135m-instruct     # or: granian --interface asgi gguf_serve.service:app
+
+Read top to bottom: the app factory, its lifespan (model load, drain on SIGTERM), the routes,
+and the route table that lists them once for Litestar, the access gate and /openapi.json.
+Each route decodes its body (protocol), finds the served model and hands over to the module
+that serves it (chat, completions). Importing this module does nothing else: the app is made
+when `gguf_serve.service:app` is first asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import traceback
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import msgspec
+import prometheus_client
+from litestar import Litestar, Request, Response
+from litestar.config.cors import CORSConfig
+from litestar.exceptions import HTTPException
+from litestar.handlers import HTTPRouteHandler
+
+from . import chat, completions, embeddings, prompts, loading, responses
+from .access import gate, request_info
+from .config import ConfigError, load_config
+from .metrics import Metrics
+from .model import ModelFileError, check_model_file
+from .protocol import (APIError, ApplyTemplateResponse, ChatRequest, CompletionRequest, DeletedResponse, InputTokenCount,
+                      EmbeddingRequest, ModelCard, ModelList, ResponseObject, ResponsesInput, ResponsesRequest, Route,
+                      TemplateRequest, decode, deep_field, error_body, openapi, retry_after)
+from .runs import Run, Runs
+from .loading import Served
+
+# --- The app --------------------------------------------------------------------------------
+
+
+def create_app(env: dict[str, str] = os.environ):
+    """The ASGI app for one model, configured from `env`: Litestar's, inside the access gate.
+    Raises ConfigError or ModelFileError with one line when the configuration can't work."""
+    config = load_config(env)
+    check_model_file(config.model_path)
+    model_loading = loading.start_loading(config)  # overlaps building the app and starting the server
+    app = Litestar(
+        [route_handler(route) for route in ROUTES],
+        lifespan=[lifespan],
+        exception_handlers={Exception: error_response},
+        cors_config=CORSConfig(allow_origins=list(config.cors_origins)) if config.cors_origins else None,
+        request_max_body_size=config.max_body_bytes,
+        openapi_config=None,
+    )
+    app.state.config = config
+    app.state.model_loading = model_loading
+    app.state.responses = responses.ResponseStore(config.responses_store_max, config.responses_store_ttl_s,
+                                                  config.responses_store_max_bytes)
+    app.state.metrics = Metrics(lambda: app.state.served and app.state.served.engine)
+    return gate(app, ROUTES)
+
+
+def __getattr__(name: str):
+    """`app`, made when first asked for (by granian's worker): a configuration that
+    can't work stops the process with one line, not a traceback."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    global app
+    try:
+        app = create_app()
+    except (ConfigError, ModelFileError) as e:
+        sys.exit(f"gguf-serve: {e}")
+    return app
+
+
+def error_response(_: Request, exc: Exception) -> Response:
+    if not isinstance(exc, APIError):
+        if isinstance(exc, HTTPException):
+            exc = APIError(exc.status_code, exc.detail)
+        else:
+            traceback.print_exception(exc)  # a defect: its traceback goes to the log
+            exc = APIError(500, f"internal error: {type(exc).__name__}")
+    return Response(error_body(exc), status_code=exc.status, headers=retry_after(exc))
+
+
+# --- Lifespan: load, serve, drain -----------------------------------------------------------
+
+
+@asynccontextmanager
+async def lifespan(app: Litestar) -> AsyncIterator[None]:
+    """The model loads in the background, so that /health answers at once and /ready turns 200
+    only once the model is loaded and has produced a token. A load that fails ends the process
+    with one line. On SIGTERM the service drains: see `drain`."""
+    state = app.state
+    state.served, state.draining = None, False
+    state.runs = Runs(state.config.parallel + state.config.max_queue)
+    load = asyncio.create_task(load_model(app))
+    on_termination(asyncio.get_running_loop(), lambda: drain(app))
+    try:
+        yield
+    finally:
+        load.cancel()
+        if state.served:
+            state.served.engine.close()
+
+
+async def load_model(app: Litestar) -> None:
+    config = app.state.config
+    try:
+        on_failure = lambda reason: fail(app, reason)  # noqa: E731
+        served = await loading.load(config, app.state.model_loading, on_failure)
+    except (ConfigError, ModelFileError, loading.StartError) as e:
+        exit_at_start(str(e))
+    except Exception as e:  # anything else a hostile or broken file raises (metadata it can't read...)
+        exit_at_start(f"{config.model_path}: can't be loaded ({type(e).__name__}: {e})")
+    app.state.metrics.model_load.set(served.load_seconds)
+    app.state.served = served
+
+
+def exit_at_start(reason: str) -> None:
+    """A failed load ends the process at once, non-zero, with one line (not an ASGI traceback,
+    and not a task dying quietly while /ready stays 503 for ever)."""
+    print(f"gguf-serve: {reason}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def fail(app: Litestar, reason: str) -> None:
+    """The decode thread died, having failed every generation in flight with an error event:
+    this process can't serve any more, so it leaves, non-zero, for the platform to restart it,
+    once those events have had a moment to reach their clients."""
+    app.state.served = None  # /ready 503, new requests 503
+    print(f"gguf-serve: {reason}; exiting so that the process is restarted", file=sys.stderr, flush=True)
+    asyncio.get_running_loop().call_later(1.0, os._exit, 1)
+
+
+def on_termination(loop: asyncio.AbstractEventLoop, callback) -> None:
+    """Also call `callback` when this worker is told to stop. granian's own handlers stay: they
+    are registered with the event loop, which learns of a signal through its wakeup fd whatever
+    Python-level handler is set, so the handler set here runs beside them."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: loop.call_soon_threadsafe(callback))
+
+
+def drain(app: Litestar) -> None:
+    """Stop taking requests (503) and give those in flight SHUTDOWN_GRACE_S to finish; any
+    still running then end with an error event rather than a silent cut."""
+    state = app.state
+    if state.draining:
+        return
+    state.draining = True
+    shutting_down = APIError(503, "the server is shutting down; retry on another instance", None, "server_shutting_down")
+    asyncio.get_running_loop().call_later(state.config.shutdown_grace_s, state.runs.abort, shutting_down)
+
+
+# --- Routes ---------------------------------------------------------------------------------
+
+
+def ready(request: Request) -> Served:
+    served: Served | None = request.app.state.served
+    if served is None:
+        raise APIError(503, "the model is still loading; retry shortly", None, "model_loading")
+    return served
+
+
+def served_model(request: Request, name: str | None) -> Served:
+    """The served model, if `name` names it (endpoints where `model` is optional pass None)."""
+    served = ready(request)
+    if name is not None and name not in served.config.aliases:
+        raise APIError(
+            404, f"The model `{name}` does not exist; this server serves `{served.config.model_id}`.", "model", "model_not_found"
+        )
+    return served
+
+
+def generating_model(request: Request, name: str | None) -> Served:
+    """The served model for an endpoint that generates text: not an embedding model."""
+    served = served_model(request, name)
+    if served.model.embedding_only:
+        raise APIError(400, f"`{served.config.model_id}` is an embedding model: it serves /v1/embeddings only", "model",
+                       "model_not_supported")
+    return served
+
+
+async def parse(request: Request, kind: type[msgspec.Struct]):
+    body = await request.body()
+    try:
+        return decode(body, kind)
+    except RecursionError:
+        param = await prompts.off_loop(deep_field, body)  # a scan that would hold every stream for 0.5 s
+        raise APIError(400, "the body nests arrays and objects too deeply", param) from None
+
+
+def queued(request: Request, served: Served) -> Run:
+    """A place in the queue for a request that renders or tokenizes but generates nothing: its
+    work in a worker thread is bounded, as a generation's is, by PARALLEL + MAX_QUEUE (429 past it)."""
+    state = request.app.state
+    return Run(state.runs, served, 1, state.metrics, request_info(request))
+
+
+def health() -> dict[str, str]:
+    """Liveness: the process serves HTTP. Never waits on the model."""
+    return {"status": "ok"}
+
+
+def readiness(request: Request) -> dict[str, str]:
+    """Readiness: 200 once the model is loaded and has produced a token, 503 before that and
+    while draining for shutdown, so that a platform or proxy only routes to ready instances."""
+    if request.app.state.draining:
+        raise APIError(503, "the server is shutting down", None, "server_shutting_down")
+    ready(request)
+    return {"status": "ready"}
+
+
+def metrics(request: Request) -> Response:
+    return Response(prometheus_client.generate_latest(request.app.state.metrics.registry),
+                    media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+def list_models(request: Request) -> ModelList:
+    return ModelList(data=[model_card(ready(request))])
+
+
+def get_model(request: Request, model_id: str) -> ModelCard:
+    return model_card(served_model(request, model_id.lstrip("/")))
+
+
+def model_card(served: Served) -> ModelCard:
+    return ModelCard(id=served.config.model_id, created=served.created, root=served.config.model_id)
+
+
+def openapi_document(request: Request) -> dict:
+    """This server's OpenAPI description (generated from protocol's structs on first ask)."""
+    state = request.app.state
+    if state.get("openapi") is None:
+        state.openapi = openapi(ROUTES, sorted(state.config.aliases))
+    return state.openapi
+
+
+async def chat_completions(request: Request) -> Response:
+    body = await parse(request, ChatRequest)
+    return await chat.respond(request, generating_model(request, body.model), body)
+
+
+async def completions_route(request: Request) -> Response:
+    body = await parse(request, CompletionRequest)
+    return await completions.respond(request, generating_model(request, body.model), body)
+
+
+async def apply_template(request: Request) -> ApplyTemplateResponse:
+    """The exact text the model would receive for a chat request (as at llama.cpp's server)."""
+    body = await parse(request, TemplateRequest)
+    served = generating_model(request, body.model or None)
+    async with queued(request, served):
+        prompt = await prompts.off_loop(prompts.chat_prompt, served, body.messages, body.tools, chat.template_kwargs(served, body))
+    return ApplyTemplateResponse(prompt.text)
+
+
+async def create_response(request: Request) -> Response:
+    body = await parse(request, ResponsesRequest)
+    return await responses.respond(request, generating_model(request, body.model), body)
+
+
+async def count_input_tokens(request: Request) -> InputTokenCount:
+    body = await parse(request, ResponsesInput)
+    served = generating_model(request, body.model or None)
+    async with queued(request, served):
+        return await responses.count_input_tokens(served, body, responses.history(request, body))
+
+
+def retrieve_response(request: Request, response_id: str) -> ResponseObject:
+    return responses.store(request).get(response_id).response
+
+
+def delete_response(request: Request, response_id: str) -> DeletedResponse:
+    responses.store(request).delete(response_id)
+    return DeletedResponse(id=response_id)
+
+
+async def embeddings_route(request: Request) -> Response:
+    body = await parse(request, EmbeddingRequest)
+    return await embeddings.respond(request, served_model(request, body.model), body)
+
+
+# --- The route table ------------------------------------------------------------------------
+# Every route, once: Litestar routes these, the access gate keys them (all but the probes) and
+# names them in metrics, and /openapi.json describes them.
+
+ROUTES = (
+    Route("GET", "/health", health, public=True),
+    Route("GET", "/ready", readiness, public=True),
+    Route("GET", "/metrics", metrics),
+    Route("GET", "/openapi.json", openapi_document),
+    Route("GET", "/v1/models", list_models),
+    Route("GET", "/v1/models/{model_id:path}", get_model),
+    Route("POST", "/v1/chat/completions", chat_completions, ChatRequest),
+    Route("POST", "/v1/completions", completions_route, CompletionRequest),
+    Route("POST", "/apply-template", apply_template, TemplateRequest),
+    Route("POST", "/v1/responses", create_response, ResponsesRequest),
+    Route("POST", "/v1/responses/input_tokens", count_input_tokens, ResponsesInput),
+    Route("GET", "/v1/responses/{response_id:str}", retrieve_response),
+    Route("DELETE", "/v1/responses/{response_id:str}", delete_response),
+    Route("POST", "/v1/embeddings", embeddings_route, EmbeddingRequest),
+)
+
+
+def route_handler(route: Route) -> HTTPRouteHandler:
+    """Litestar's handler for a route: 200 on success (not POST's 201 or DELETE's 204); a plain
+    function (each is quick) runs on the event loop."""
+    in_loop = {} if asyncio.iscoroutinefunction(route.handler) else {"sync_to_thread": False}
+    return HTTPRouteHandler(route.path, http_method=route.method, status_code=200, **in_loop)(route.handler)
