@@ -7,11 +7,14 @@ import hmac
 import re
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from .config import Config
 from .protocol import APIError, Route, error_body, retry_after
+
+if TYPE_CHECKING:
+    from .serving import ServerState
 
 
 def request_info(request) -> dict:
@@ -19,18 +22,18 @@ def request_info(request) -> dict:
     return request.scope["state"].setdefault("gguf", {})
 
 
-def gate(app, routes: tuple[Route, ...]):
-    """The ASGI app around `app` (a Litestar app serving `routes`) that every HTTP request passes
-    through, routed or not (Litestar's own middleware runs only once a route is found, so a 404
-    or 405 would escape it): a request id, the API key, 503 while draining, and afterwards one
-    JSON log line and the request metrics.
+def gate(app, state: ServerState, routes: tuple[Route, ...]):
+    """The ASGI app around `app` (a Litestar app serving `routes`, with `state`) that every HTTP
+    request passes through, routed or not (Litestar's own middleware runs only once a route is
+    found, so a 404 or 405 would escape it): a request id, the API key, 503 while draining, and
+    afterwards one JSON log line and the request metrics.
 
     Only the exact paths of the probes (and those PUBLIC_PATHS names) are open: Litestar routes
     a path after collapsing its slashes (`//v1/chat/completions`, `/%2Fv1/...` as granian
     decodes it), so any other path, whatever route it reaches, needs the key and is refused
     while draining. A CORS preflight (OPTIONS, never sent with a key) is Litestar's own answer,
     which runs no handler."""
-    config: Config = app.state.config
+    config = state.config
     probes = frozenset(route.path for route in routes if route.public)
     public = probes | frozenset(config.public_paths)
     endpoint_of = endpoint_namer(routes)
@@ -38,7 +41,7 @@ def gate(app, routes: tuple[Route, ...]):
     async def gated(scope, receive, send):
         if scope["type"] != "http":
             return await app(scope, receive, send)
-        state, started = app.state, time.perf_counter()
+        started = time.perf_counter()
         info = scope.setdefault("state", {}).setdefault("gguf", {})
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode(errors="replace")[:128] or uuid.uuid4().hex

@@ -20,7 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from . import embeddings
+from .embedder import Embedder, EmbeddingJob
+from .events import Event, TokenLogprob
 from .model import PROMPT_CHUNK, Model, llama
 from .reasoning import ThinkSplitter
 
@@ -119,26 +120,6 @@ def start_thread(target: Callable[[], None], name: str) -> threading.Thread:
         finally:
             threading.stack_size(previous)
     return thread
-
-
-@dataclass
-class TokenLogprob:
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]  # the most likely tokens at this step, most likely first
-
-
-@dataclass
-class Event:
-    """What the engine tells a request after each of its tokens: new text and, at the end, why."""
-
-    text: str
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    completion_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens whose KV was reused rather than computed
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    reasoning: str = ""  # a thinking model's reasoning, apart from `text` (its answer)
-    reasoning_tokens: int = 0
 
 
 @dataclass
@@ -325,11 +306,11 @@ class Engine:
         self.outbox: list[tuple[Callable[[Event], None], Event]] = []
         self.slots = [Slot(i, self.outbox) for i in range(parallel)]
         self.stop_tokens = set(stop_tokens)
-        self.inbox: queue.SimpleQueue[Generation | embeddings.EmbeddingJob | None] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Generation | EmbeddingJob | None] = queue.SimpleQueue()
         self.waiting: deque[Generation] = deque()
         self.batch = llama.llama_batch_init(model.n_batch, 0, 1)
         self.row = ctypes.c_float * model.n_vocab  # one row of logits
-        self.embedder = embeddings.Embedder(model, self.outbox)  # embedding inputs, a batch between steps
+        self.embedder = Embedder(model, self.outbox)  # embedding inputs, a batch between steps
         self.thread = start_thread(self._run, "decode")  # it compiles each generation's grammar
 
     def submit(self, gen: Generation) -> None:
@@ -339,7 +320,7 @@ class Engine:
             raise RuntimeError("the decode thread has stopped")
         self.inbox.put(gen)
 
-    def embed(self, job: embeddings.EmbeddingJob) -> None:
+    def embed(self, job: EmbeddingJob) -> None:
         if not self.thread.is_alive():
             raise RuntimeError("the decode thread has stopped")
         self.inbox.put(job)

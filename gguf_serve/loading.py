@@ -12,7 +12,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import embeddings, engine
+from . import engine
+from .embedder import EmbeddingJob
+from .events import Event
 from .model import Model
 from . import reasoning, templates
 from .config import Config, ConfigError
@@ -110,13 +112,13 @@ async def warm_up(served: Served) -> None:
     and proves the engine works."""
     done = asyncio.get_running_loop().create_future()
 
-    def emit(event: engine.Event) -> None:
+    def emit(event: Event) -> None:
         if event.finish_reason and not done.done():
             done.set_result(event)
 
     tokens = served.model.tokenize_prompt("Hello")
     if served.model.embedding_only:
-        served.engine.embed(embeddings.EmbeddingJob([tokens], emit))
+        served.engine.embed(EmbeddingJob([tokens], emit))
     else:
         served.engine.submit(engine.Generation(tokens, 1, engine.Sampling(temperature=0), emit))
     event = await done

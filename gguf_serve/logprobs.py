@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from . import engine
+from .events import TokenLogprob
 from .model import Model
 from .protocol import ChatLogprobs, TextLogprobs, TokenInfo, TopLogprob
 
@@ -14,7 +14,7 @@ def token_text(model: Model, token: int) -> tuple[str, list[int]]:
     return piece.decode(errors="replace"), list(piece)
 
 
-def chat_logprobs(model: Model, entries: list[engine.TokenLogprob]) -> ChatLogprobs:
+def chat_logprobs(model: Model, entries: list[TokenLogprob]) -> ChatLogprobs:
     def info(token, logprob):
         text, raw = token_text(model, token)
         return TopLogprob(token=text, logprob=logprob, bytes=raw)
@@ -25,7 +25,7 @@ def chat_logprobs(model: Model, entries: list[engine.TokenLogprob]) -> ChatLogpr
     ])
 
 
-def text_logprobs(model: Model, entries: list[engine.TokenLogprob], offset: int) -> TextLogprobs:
+def text_logprobs(model: Model, entries: list[TokenLogprob], offset: int) -> TextLogprobs:
     tokens, offsets = [], []
     for e in entries:
         offsets.append(offset)

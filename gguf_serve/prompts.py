@@ -1,10 +1,10 @@
-"""Requests -> what the engine runs: prompt tokens (chat rendered through the model's format,
-or a completion's raw prompt), the token budget, sampling parameters and stop strings.
+"""Requests -> what the engine runs (a Job): prompt tokens (chat rendered through the model's
+format, or a completion's raw prompt), the token budget, sampling parameters and stop strings.
+Slow work (render, tokenize, compile a grammar): the endpoints run it in a worker thread.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import re
 from typing import NamedTuple
@@ -12,14 +12,55 @@ from typing import NamedTuple
 import msgspec
 
 from . import engine, reasoning, templates
-from .protocol import APIError, ChatMessage, CompletionRequest, Sampled, ToolCall, ToolDef
 from .loading import Served
 from .model import Model
+from .protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, Sampled, TemplateRequest, ToolCall,
+                       ToolDef)
+from .tools import ToolPlan, output_grammar
 
-async def off_loop(prepare, *args):
-    """A request's slow preparation (render, tokenize, grammar) in a worker thread: the event
-    loop, and with it every running stream, goes on meanwhile."""
-    return await asyncio.to_thread(prepare, *args)
+
+class Job(NamedTuple):
+    """What one request asks of the engine: n choices for each prompt."""
+
+    prompts: list[list[int]]
+    n: int
+    max_tokens: int
+    sampling: engine.Sampling
+    stop: list[str]
+    top_logprobs: int | None = None  # each token's logprob and this many alternatives (None: none)
+    thinking: bool | None = None  # a thinking model's prompt: see engine.Generation.thinking
+    logged: str | list | None = None  # the prompt as LOG_PROMPTS logs it
+    located_by_search: bool = False  # the template moved the span markers: user text was found by search
+
+
+def chat_job(served: Served, body: ChatRequest, plan: ToolPlan) -> Job:
+    """A chat request (or a Responses request as one), rendered, tokenized, its grammar compiled."""
+    prompt = chat_prompt(served, body.messages, plan.tools, template_kwargs(served, body))
+    grammar = output_grammar(served.model, body, plan)
+    max_tokens = token_budget(served, [prompt.tokens], body.max_completion_tokens or body.max_tokens, None)
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return Job([prompt.tokens], body.n, max_tokens, sampling(served, body, grammar), [*served.stops, *stop_strings(body)],
+               top_logprobs, prompt.thinking, prompt.text, not prompt.marked)
+
+
+def completion_job(served: Served, body: CompletionRequest) -> Job:
+    """A completion request's prompts, tokenized, and each choice's token budget."""
+    tokens = completion_prompts(served, body)
+    return Job(tokens, body.n, token_budget(served, tokens, body.max_tokens, 16), sampling(served, body, None),
+               stop_strings(body), body.logprobs, logged=body.prompt)
+
+
+def template_kwargs(served: Served, body: ChatRequest | TemplateRequest) -> dict | None:
+    """What the template is given beyond the messages: a thinking model thinks unless asked not to.
+    A key may not replace what the server itself gives the template (llama.cpp lets it, and a
+    `messages` or `tools` from there would bypass every check on the real ones)."""
+    for key in body.chat_template_kwargs or ():
+        if key in templates.TEMPLATE_VARIABLES:
+            raise APIError(400, f"`{key}` is set by the server; it can't be a chat template kwarg",
+                           f"chat_template_kwargs.{key}")
+    if served.thinks:
+        return reasoning.template_kwargs(body.chat_template_kwargs, body.reasoning_effort)
+    return body.chat_template_kwargs
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:

@@ -1,38 +1,39 @@
 """POST /v1/responses: OpenAI's Responses API on chat's path. A request's input items become chat
 messages and its settings a ChatRequest, which runs exactly as on /v1/chat/completions (the
-template, tools, grammar, queue, run and engine: `chat.start`); the answer becomes output items,
-whole or as the Responses stream of events. A finished response is kept in a bounded store, so
-that the next request can continue from it (`previous_response_id`).
+template, tools, grammar, queue, run and engine: `prompts.chat_job`, `serving.serve`); the
+answer becomes output items, whole or as the Responses stream of events. A finished response is
+kept in the store (response_store), so that the next request can continue from it
+(`previous_response_id`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
-import math
 import secrets
 import time
 import uuid
-from collections import OrderedDict
-from contextlib import AsyncExitStack
-from typing import AsyncIterator, NamedTuple
+from typing import AsyncIterator
 
 import msgspec
 from litestar import Request, Response
 
-from . import chat, prompts
+from . import prompts, serving
 from .access import request_info
-from .logprobs import chat_logprobs
 from .loading import Served
-from .protocol import (CLIENT_CLOSED, APIError, ChatMessage, ChatRequest, ContentPart, FunctionCall, FunctionCallItem,
+from .logprobs import chat_logprobs
+from .prompts import Job
+from .protocol import (APIError, ChatMessage, ChatRequest, ContentPart, FunctionCall, FunctionCallItem,
                       FunctionDef, FunctionName, IncompleteDetails, InputItem, InputTokenCount, InputTokensDetails,
                       JSONSchemaFormat, NamedToolChoice, OutputItem, OutputMessage, OutputText, OutputTokensDetails,
                       ReasoningConfig, ReasoningItem, ReasoningText, ResponseError, ResponseFormat, ResponseObject,
                       ResponsesInput, ResponsesRequest, ResponseUsage, StreamEvent, TextConfig, TokenInfo, ToolCall, ToolDef,
                       Usage)
-from .runs import Run
-from .streaming import event_stream, sse
-from .tools import ToolPlan, answer, tool_plan
+from .response_store import ScopedStore
+from .runs import Choice, Run
+from .streaming import sse
+from .tools import CallSpotter, ToolPlan, answer, tool_plan
 
 TEXT_PARTS = ("input_text", "output_text", "text", "reasoning_text", "summary_text")
 LOGPROBS = "message.output_text.logprobs"  # in `include`: the answer's tokens' logprobs, as chat's `logprobs`
@@ -232,112 +233,13 @@ def as_input(output: list[OutputItem]) -> list[InputItem]:
 # --- The store ------------------------------------------------------------------------------
 
 
-class Stored(NamedTuple):
-    """A stored response, kept encoded: its size is the bytes it holds (no Python object per
-    item, which for a conversation of small items would weigh several times its JSON), and a
-    later change to the objects it was made from can't reach it."""
-
-    owner: bytes | None  # the key that made it (see `owner_of`); None when the server has no keys
-    response_json: bytes  # the response, as GET returns it
-    conversation_json: bytes  # every item up to and including its output: what continues it
-    at: float  # time.monotonic() when stored: its age counts from then, whenever it was read
-
-    @property
-    def size(self) -> int:
-        return len(self.response_json) + len(self.conversation_json)
-
-    @property
-    def response(self) -> ResponseObject:
-        return msgspec.json.decode(self.response_json, type=ResponseObject)
-
-    @property
-    def conversation(self) -> list[InputItem]:
-        return msgspec.json.decode(self.conversation_json, type=list[InputItem])
-
-
-def continuing(item: InputItem) -> InputItem:
-    """An item as a continuation reads it: without `id`, `status` and `encrypted_content`,
-    which nothing here reads (append_messages), so that a client can't make the store keep them."""
-    return msgspec.structs.replace(item, id=None, status=None, encrypted_content=None)
-
-
-class ResponseStore:
-    """Finished responses, bounded by count and by bytes (the least recently used go first),
-    and by age (from when each was stored, however often it was read since). In this process
-    only: behind a fleet, a continuation must reach the same instance."""
-
-    def __init__(self, max_count: int, ttl_s: float, max_bytes: float = math.inf):
-        self.max_count, self.ttl_s, self.max_bytes = max_count, ttl_s, max_bytes
-        self.kept: OrderedDict[str, Stored] = OrderedDict()  # least recently used first
-        self.by_age: OrderedDict[str, Stored] = OrderedDict()  # the same entries, oldest first
-        self.bytes = 0  # the sum of the kept entries' sizes
-
-    def put(self, response: ResponseObject, conversation: list[InputItem], owner: bytes | None = None) -> bool:
-        """Keep `response`; False if it is larger than the whole store (then it is not kept)."""
-        if self.max_count <= 0:
-            return False
-        stored = Stored(owner, msgspec.json.encode(response),
-                        msgspec.json.encode([continuing(item) for item in conversation]), time.monotonic())
-        if response.id in self.kept:
-            self._drop(response.id)
-        if stored.size > self.max_bytes:
-            return False
-        self.expire()
-        self.kept[response.id] = self.by_age[response.id] = stored
-        self.bytes += stored.size
-        while len(self.kept) > self.max_count or self.bytes > self.max_bytes:
-            self._drop(next(iter(self.kept)))
-        return True
-
-    def get(self, response_id: str, param: str | None = None, owner: bytes | None = None) -> Stored:
-        """The response `response_id` if `owner` made it; another key's is unknown, as OpenAI
-        answers for another organization's."""
-        self.expire()
-        stored = self.kept.get(response_id)
-        if stored is None or stored.owner != owner:
-            code = "previous_response_not_found" if param else "response_not_found"
-            raise APIError(404, f"No response with id `{response_id}` is stored here (never stored, evicted, expired "
-                                "or deleted; stored responses live in one server process)", param, code)
-        self.kept.move_to_end(response_id)
-        return stored
-
-    def delete(self, response_id: str, owner: bytes | None = None) -> None:
-        self.get(response_id, None, owner)
-        self._drop(response_id)
-
-    def expire(self) -> None:
-        oldest_kept = time.monotonic() - self.ttl_s
-        while self.by_age and next(iter(self.by_age.values())).at < oldest_kept:
-            self._drop(next(iter(self.by_age)))
-
-    def _drop(self, response_id: str) -> None:
-        del self.by_age[response_id]
-        self.bytes -= self.kept.pop(response_id).size
-
-
-class ScopedStore(NamedTuple):
-    """The store as one API key sees it: the responses made with that key, and no other."""
-
-    store: ResponseStore
-    owner: bytes | None
-
-    def put(self, response: ResponseObject, conversation: list[InputItem]) -> bool:
-        return self.store.put(response, conversation, self.owner)
-
-    def get(self, response_id: str, param: str | None = None) -> Stored:
-        return self.store.get(response_id, param, self.owner)
-
-    def delete(self, response_id: str) -> None:
-        self.store.delete(response_id, self.owner)
-
-
 OWNER_SALT = secrets.token_bytes(16)  # this process's: an owner hash means nothing outside it
 
 
 def owner_of(request: Request) -> bytes | None:
     """Who a request is, to the store: a keyed hash of its API key (the key itself is never
     kept), or None when the server has no keys (then every client is the same owner)."""
-    if not request.app.state.config.api_keys:
+    if not serving.server_state(request).config.api_keys:
         return None
     key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
     return hashlib.blake2b(key.encode(), key=OWNER_SALT, digest_size=16).digest()
@@ -346,7 +248,7 @@ def owner_of(request: Request) -> bytes | None:
 def store(request: Request) -> ScopedStore:
     """The app's store (made with the app, sized by RESPONSES_STORE_MAX, RESPONSES_STORE_MAX_BYTES
     and RESPONSES_STORE_TTL_S) as the request's API key sees it."""
-    return ScopedStore(request.app.state.responses, owner_of(request))
+    return ScopedStore(serving.server_state(request).responses, owner_of(request))
 
 
 def keep(request: Request, response: ResponseObject, conversation: list[InputItem]) -> None:
@@ -408,29 +310,30 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
     plan = tool_plan(chat_body)
     response = new_response(served, body, chat_body)
     conversation = [*earlier, *input_items(body)]
-    async with AsyncExitStack() as owner:
-        try:
-            run = await chat.start(owner, request, served, chat_body, plan)
-        except APIError as e:
-            raise as_responses_error(e) from None
-        if body.stream:
-            return event_stream(owner.pop_all(), events(request, run, body, chat_body, plan, response, conversation))
-        results = await run.collect_unless_disconnected(request.receive)
-    if results is None:
-        return Response(b"", status_code=CLIENT_CLOSED)
-    [choice] = results
-    message, reason = answer(choice.text, choice.finish_reason, plan)
-    calls = answered_calls(message, body)
-    status = status_of(reason)
-    thought_status = "completed" if message.content or calls else status  # or it was cut off while thinking
-    output = [*([reasoning_item(choice.reasoning, thought_status)] if choice.reasoning else []),
-              *([message_item(message.content or "", status, output_logprobs(run, chat_body, choice.logprobs))]
-                if message.content or not calls else []),
-              *call_items(calls, status)]
-    finish(response, output, reason, run.usage())
-    if body.store:
-        keep(request, response, conversation)
-    return Response(response)
+
+    def whole(run: Run, job: Job, results: list[Choice]) -> Response:
+        [choice] = results
+        message, reason = answer(choice.text, choice.finish_reason, plan)
+        calls = answered_calls(message, body)
+        status = status_of(reason)
+        thought_status = "completed" if message.content or calls else status  # or it was cut off while thinking
+        output = [*([reasoning_item(choice.reasoning, thought_status)] if choice.reasoning else []),
+                  *([message_item(message.content or "", status, output_logprobs(run, chat_body, choice.logprobs))]
+                    if message.content or not calls else []),
+                  *call_items(calls, status)]
+        finish(response, output, reason, run.usage())
+        if body.store:
+            keep(request, response, conversation)
+        return Response(response)
+
+    def streamed(run: Run, job: Job) -> AsyncIterator[bytes]:
+        return events(request, run, body, chat_body, plan, response, conversation)
+
+    try:  # the request runs exactly as on /v1/chat/completions
+        return await serving.serve(request, served, 1, functools.partial(prompts.chat_job, served, chat_body, plan), whole,
+                                   streamed if body.stream else None)
+    except APIError as e:
+        raise as_responses_error(e) from None
 
 
 async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: ChatRequest, plan: ToolPlan,
@@ -471,7 +374,7 @@ async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: 
 
     yield event("response.created", response=response)
     yield event("response.in_progress", response=response)
-    spotter, output = chat.CallSpotter(forced=plan.forced is not None), []
+    spotter, output = CallSpotter(forced=plan.forced is not None), []
     thought, message, calls, reason = None, None, [], "stop"
     entries = []  # logprobs of tokens whose text has not been sent yet
     try:
@@ -526,13 +429,12 @@ async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: 
     yield event(f"response.{response.status}", response=response)
 
 
-async def count_input_tokens(served: Served, body: ResponsesInput, earlier: list[InputItem]) -> InputTokenCount:
+def count_input_tokens(served: Served, body: ResponsesInput, earlier: list[InputItem]) -> InputTokenCount:
     """The prompt's tokens as POST /v1/responses would run it (tools included), nothing generated."""
     chat_body = chat_request(body, earlier, served.config.model_id)
     plan = tool_plan(chat_body)
     try:
-        prompt = await prompts.off_loop(prompts.chat_prompt, served, chat_body.messages, plan.tools,
-                                        chat.template_kwargs(served, chat_body))
+        prompt = prompts.chat_prompt(served, chat_body.messages, plan.tools, prompts.template_kwargs(served, chat_body))
     except APIError as e:
         raise as_responses_error(e) from None
     return InputTokenCount(input_tokens=len(prompt.tokens))

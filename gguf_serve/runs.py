@@ -3,7 +3,7 @@ entering, read as events, and cancelled on leaving however the request ended (as
 server cancels a response reader's tasks when the reader goes out of scope).
 
     async with Run(runs, served, n=2, metrics=metrics, info=info) as run:
-        run.submit(prompts, n=2, ...)
+        run.submit(prompts.Job(...))  # or an embedding job
         choices = await run.collect()
 """
 
@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, AsyncIterator
 import msgspec
 
 from . import engine
+from .embedder import EmbeddingJob
+from .events import Event
 from .protocol import APIError, CompletionTokensDetails, PromptTokensDetails, Usage
 
 if TYPE_CHECKING:
-    from . import embeddings
     from .loading import Served
+    from .prompts import Job
 
 ABORT = -1  # the choice index of an event that ends every choice at once (shutdown)
 
@@ -61,7 +63,7 @@ class Run:
 
     def __init__(self, runs: Runs, served: Served, n: int, metrics, info: dict):
         self.runs, self.served, self.n, self.metrics, self.info = runs, served, n, metrics, info
-        self.events: asyncio.Queue[tuple[int, engine.Event]] = asyncio.Queue()
+        self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.generations: list[engine.Generation] = []
         self.n_prompt = self.n_completion = self.n_cached = self.n_reasoning = 0
         self.thinking: bool | None = None  # a thinking model's run (see engine.Generation.thinking)
@@ -86,35 +88,39 @@ class Run:
     async def __aexit__(self, *exc) -> None:
         self.close()
 
-    def submit(self, prompts: list[list[int]], n: int, max_tokens: int, sampling: engine.Sampling, stop: list[str],
-               top_logprobs: int | None = None, thinking: bool | None = None) -> None:
-        """Start n choices for each prompt; seeded sampling gives each choice its own seed."""
-        deadline = time.monotonic() + self.served.config.request_timeout_s
-        self.n_choices, self.thinking = n, thinking
-        self.n_prompt = sum(len(p) for p in prompts)
-        for prompt in prompts:
-            for i in range(n):
-                index = len(self.generations)
-                emit = functools.partial(self._emit, index)
-                choice = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i)  # n distinct answers
-                self.generations.append(engine.Generation(prompt, max_tokens, choice, emit, stop, top_logprobs, deadline,
-                                                     thinking=thinking))
+    def submit(self, work: Job | EmbeddingJob) -> None:
+        """Start the request's work: a Job's n choices for each prompt (seeded sampling gives each
+        choice its own seed), or an embedding job, queued, cancelled and counted as one generation."""
+        if isinstance(work, EmbeddingJob):
+            self.n_prompt = sum(len(tokens) for tokens in work.inputs)
+            work.emit = functools.partial(self._emit, 0)
+            self.generations.append(work)
+            self.served.engine.embed(work)
+            return
+        config, info = self.served.config, self.info
+        if config.log_prompts:
+            info["prompt"] = work.logged
+        if work.located_by_search:
+            info["content_located_by_search"] = True
+            self.metrics.spans_searched.inc()
+        deadline = time.monotonic() + config.request_timeout_s
+        self.n_choices, self.thinking = work.n, work.thinking
+        self.n_prompt = sum(len(p) for p in work.prompts)
+        for prompt in work.prompts:
+            for i in range(work.n):
+                emit = functools.partial(self._emit, len(self.generations))
+                sampling = work.sampling if work.sampling.seed is None else replace(work.sampling, seed=work.sampling.seed + i)
+                self.generations.append(engine.Generation(prompt, work.max_tokens, sampling, emit, work.stop,
+                                                          work.top_logprobs, deadline, thinking=work.thinking))
         for gen in self.generations:
             self.served.engine.submit(gen)
 
-    def submit_embedding(self, job: embeddings.EmbeddingJob) -> None:
-        """An embedding request's inputs: one job in the engine, queued, cancelled and counted as one generation."""
-        self.n_prompt = sum(len(tokens) for tokens in job.inputs)
-        job.emit = functools.partial(self._emit, 0)
-        self.generations.append(job)
-        self.served.engine.embed(job)
-
-    def _emit(self, index: int, event: engine.Event) -> None:
+    def _emit(self, index: int, event: Event) -> None:
         """The engine's event for choice `index` (on the event loop)."""
         self.ended += bool(event.finish_reason)
         self.events.put_nowait((index, event))
 
-    async def __aiter__(self) -> AsyncIterator[tuple[int, engine.Event]]:
+    async def __aiter__(self) -> AsyncIterator[tuple[int, Event]]:
         """(choice index, event) as the engine produces them, until every choice has finished."""
         finished = self.finished
         while len(finished) < len(self.generations):
@@ -166,7 +172,7 @@ class Run:
         """End every choice now with `error` (posted apart from the choices, so that one that
         already finished can't swallow it)."""
         self.aborted = error
-        self.events.put_nowait((ABORT, engine.Event("", "aborted")))
+        self.events.put_nowait((ABORT, Event("", "aborted")))
 
     async def collect(self) -> list[Choice]:
         """Each choice's whole text: the engine is told so, and merges a choice's events after

@@ -22,20 +22,22 @@ from typing import AsyncIterator
 import msgspec
 import prometheus_client
 from litestar import Litestar, Request, Response
+from litestar.datastructures import State
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
-from . import chat, completions, embeddings, prompts, loading, responses
-from .access import gate, request_info
+from . import chat, completions, embeddings, loading, prompts, responses
+from .access import gate
 from .config import ConfigError, load_config
-from .metrics import Metrics
-from .model import ModelFileError, check_model_file
-from .protocol import (APIError, ApplyTemplateResponse, ChatRequest, CompletionRequest, DeletedResponse, InputTokenCount,
-                      EmbeddingRequest, ModelCard, ModelList, ResponseObject, ResponsesInput, ResponsesRequest, Route,
-                      TemplateRequest, decode, deep_field, error_body, openapi, retry_after)
-from .runs import Run, Runs
 from .loading import Served
+from .model import ModelFileError, check_model_file
+from .protocol import (APIError, ApplyTemplateResponse, ChatRequest, CompletionRequest, DeletedResponse, EmbeddingRequest,
+                       InputTokenCount, ModelCard, ModelList, ResponseObject, ResponsesInput, ResponsesRequest, Route,
+                       TemplateRequest, decode, deep_field, error_body, openapi, retry_after)
+from .response_store import ResponseStore
+from .runs import Runs
+from .serving import ServerState, off_loop, queued, server_state
 
 # --- The app --------------------------------------------------------------------------------
 
@@ -46,6 +48,8 @@ def create_app(env: dict[str, str] = os.environ):
     config = load_config(env)
     check_model_file(config.model_path)
     model_loading = loading.start_loading(config)  # overlaps building the app and starting the server
+    store = ResponseStore(config.responses_store_max, config.responses_store_ttl_s, config.responses_store_max_bytes)
+    state = ServerState(config, model_loading, store, Runs(config.parallel + config.max_queue))
     app = Litestar(
         [route_handler(route) for route in ROUTES],
         lifespan=[lifespan],
@@ -53,13 +57,9 @@ def create_app(env: dict[str, str] = os.environ):
         cors_config=CORSConfig(allow_origins=list(config.cors_origins)) if config.cors_origins else None,
         request_max_body_size=config.max_body_bytes,
         openapi_config=None,
+        state=State({"server": state}),
     )
-    app.state.config = config
-    app.state.model_loading = model_loading
-    app.state.responses = responses.ResponseStore(config.responses_store_max, config.responses_store_ttl_s,
-                                                  config.responses_store_max_bytes)
-    app.state.metrics = Metrics(lambda: app.state.served and app.state.served.engine)
-    return gate(app, ROUTES)
+    return gate(app, state, ROUTES)
 
 
 def __getattr__(name: str):
@@ -93,11 +93,9 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
     """The model loads in the background, so that /health answers at once and /ready turns 200
     only once the model is loaded and has produced a token. A load that fails ends the process
     with one line. On SIGTERM the service drains: see `drain`."""
-    state = app.state
-    state.served, state.draining = None, False
-    state.runs = Runs(state.config.parallel + state.config.max_queue)
-    load = asyncio.create_task(load_model(app))
-    on_termination(asyncio.get_running_loop(), lambda: drain(app))
+    state: ServerState = app.state.server
+    load = asyncio.create_task(load_model(state))
+    on_termination(asyncio.get_running_loop(), lambda: drain(state))
     try:
         yield
     finally:
@@ -106,17 +104,17 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
             state.served.engine.close()
 
 
-async def load_model(app: Litestar) -> None:
-    config = app.state.config
+async def load_model(state: ServerState) -> None:
+    config = state.config
     try:
-        on_failure = lambda reason: fail(app, reason)  # noqa: E731
-        served = await loading.load(config, app.state.model_loading, on_failure)
+        on_failure = lambda reason: fail(state, reason)  # noqa: E731
+        served = await loading.load(config, state.model_loading, on_failure)
     except (ConfigError, ModelFileError, loading.StartError) as e:
         exit_at_start(str(e))
     except Exception as e:  # anything else a hostile or broken file raises (metadata it can't read...)
         exit_at_start(f"{config.model_path}: can't be loaded ({type(e).__name__}: {e})")
-    app.state.metrics.model_load.set(served.load_seconds)
-    app.state.served = served
+    state.metrics.model_load.set(served.load_seconds)
+    state.served = served
 
 
 def exit_at_start(reason: str) -> None:
@@ -126,11 +124,11 @@ def exit_at_start(reason: str) -> None:
     os._exit(1)
 
 
-def fail(app: Litestar, reason: str) -> None:
+def fail(state: ServerState, reason: str) -> None:
     """The decode thread died, having failed every generation in flight with an error event:
     this process can't serve any more, so it leaves, non-zero, for the platform to restart it,
     once those events have had a moment to reach their clients."""
-    app.state.served = None  # /ready 503, new requests 503
+    state.served = None  # /ready 503, new requests 503
     print(f"gguf-serve: {reason}; exiting so that the process is restarted", file=sys.stderr, flush=True)
     asyncio.get_running_loop().call_later(1.0, os._exit, 1)
 
@@ -143,10 +141,9 @@ def on_termination(loop: asyncio.AbstractEventLoop, callback) -> None:
         signal.signal(sig, lambda signum, frame: loop.call_soon_threadsafe(callback))
 
 
-def drain(app: Litestar) -> None:
+def drain(state: ServerState) -> None:
     """Stop taking requests (503) and give those in flight SHUTDOWN_GRACE_S to finish; any
     still running then end with an error event rather than a silent cut."""
-    state = app.state
     if state.draining:
         return
     state.draining = True
@@ -158,7 +155,7 @@ def drain(app: Litestar) -> None:
 
 
 def ready(request: Request) -> Served:
-    served: Served | None = request.app.state.served
+    served = server_state(request).served
     if served is None:
         raise APIError(503, "the model is still loading; retry shortly", None, "model_loading")
     return served
@@ -188,15 +185,8 @@ async def parse(request: Request, kind: type[msgspec.Struct]):
     try:
         return decode(body, kind)
     except RecursionError:
-        param = await prompts.off_loop(deep_field, body)  # a scan that would hold every stream for 0.5 s
+        param = await off_loop(deep_field, body)  # a scan that would hold every stream for 0.5 s
         raise APIError(400, "the body nests arrays and objects too deeply", param) from None
-
-
-def queued(request: Request, served: Served) -> Run:
-    """A place in the queue for a request that renders or tokenizes but generates nothing: its
-    work in a worker thread is bounded, as a generation's is, by PARALLEL + MAX_QUEUE (429 past it)."""
-    state = request.app.state
-    return Run(state.runs, served, 1, state.metrics, request_info(request))
 
 
 def health() -> dict[str, str]:
@@ -207,14 +197,14 @@ def health() -> dict[str, str]:
 def readiness(request: Request) -> dict[str, str]:
     """Readiness: 200 once the model is loaded and has produced a token, 503 before that and
     while draining for shutdown, so that a platform or proxy only routes to ready instances."""
-    if request.app.state.draining:
+    if server_state(request).draining:
         raise APIError(503, "the server is shutting down", None, "server_shutting_down")
     ready(request)
     return {"status": "ready"}
 
 
 def metrics(request: Request) -> Response:
-    return Response(prometheus_client.generate_latest(request.app.state.metrics.registry),
+    return Response(prometheus_client.generate_latest(server_state(request).metrics.registry),
                     media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
@@ -232,8 +222,8 @@ def model_card(served: Served) -> ModelCard:
 
 def openapi_document(request: Request) -> dict:
     """This server's OpenAPI description (generated from protocol's structs on first ask)."""
-    state = request.app.state
-    if state.get("openapi") is None:
+    state = server_state(request)
+    if state.openapi is None:
         state.openapi = openapi(ROUTES, sorted(state.config.aliases))
     return state.openapi
 
@@ -252,8 +242,8 @@ async def apply_template(request: Request) -> ApplyTemplateResponse:
     """The exact text the model would receive for a chat request (as at llama.cpp's server)."""
     body = await parse(request, TemplateRequest)
     served = generating_model(request, body.model or None)
-    async with queued(request, served):
-        prompt = await prompts.off_loop(prompts.chat_prompt, served, body.messages, body.tools, chat.template_kwargs(served, body))
+    prompt = await queued(request, served, prompts.chat_prompt, served, body.messages, body.tools,
+                          prompts.template_kwargs(served, body))
     return ApplyTemplateResponse(prompt.text)
 
 
@@ -265,8 +255,7 @@ async def create_response(request: Request) -> Response:
 async def count_input_tokens(request: Request) -> InputTokenCount:
     body = await parse(request, ResponsesInput)
     served = generating_model(request, body.model or None)
-    async with queued(request, served):
-        return await responses.count_input_tokens(served, body, responses.history(request, body))
+    return await queued(request, served, responses.count_input_tokens, served, body, responses.history(request, body))
 
 
 def retrieve_response(request: Request, response_id: str) -> ResponseObject:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from . import engine
+from . import engine, reasoning
 from .model import Model
 from .protocol import (APIError, AssistantMessage, ChatRequest, FunctionCall, FunctionName, NamedToolChoice, ToolCall,
                       ToolDef)
@@ -241,3 +241,56 @@ def answer(text: str, finish_reason: str, plan: ToolPlan) -> tuple[AssistantMess
     if plan.legacy:
         return AssistantMessage(content=content, function_call=tool_calls[0].function), "function_call"
     return AssistantMessage(content=content, tool_calls=tool_calls), "tool_calls"
+
+
+class CallSpotter:
+    """Decides, as a choice's text streams, where a tool call may begin: an answer opening with
+    a call's first characters (`<tool_call>`, `<|python_tag|>`, or `{` for Llama 3.1's JSON
+    call), or a `<tool_call>` block later in the text. Text before that streams at once."""
+
+    OPENINGS = ("<tool_call>", "<|python_tag|>", "{")
+    BLOCK = "<tool_call>"
+
+    def __init__(self, forced: bool):
+        self.held = ""  # from where a call may begin: parsed at the end
+        self.pending = ""  # text not yet known to be content
+        self.holding = forced  # a forced call is all call
+        self.opened = forced  # the answer's opening has been seen
+
+    def feed(self, text: str) -> str:
+        """The part of `text` (with what was pending) that is content for sure."""
+        if self.holding:
+            self.held += text
+            return ""
+        self.pending += text
+        if not self.opened:
+            head = self.pending.lstrip()
+            if not head or any(opening.startswith(head) for opening in self.OPENINGS):
+                return ""  # blank so far, or a call's opening so far: undecided
+            self.opened = True
+            if head.startswith(self.OPENINGS):
+                self.holding, self.held, self.pending = True, self.pending, ""
+                return ""
+        start = self.pending.find(self.BLOCK)
+        if start >= 0:
+            out, self.held, self.pending = self.pending[:start], self.pending[start:], ""
+            self.holding = True
+            return out
+        keep = reasoning.partial_tail(self.pending, self.BLOCK)
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return out
+
+    def flush(self) -> str:
+        """What was pending at the end: content, since no call began in it."""
+        out, self.pending = self.pending, ""
+        return out
+
+    def step(self, text: str, finish_reason: str | None, plan: ToolPlan) -> tuple[str, AssistantMessage | None, str | None]:
+        """A choice's next text -> (what is content for sure, the answer parsed from the held text
+        once the choice has finished, its finish reason); the held text's own content, if any,
+        is in the first."""
+        text = self.feed(text) + (self.flush() if finish_reason else "")
+        if not (finish_reason and self.held):
+            return text, None, finish_reason
+        message, finish_reason = answer(self.held, finish_reason, plan)
+        return text + (message.content or ""), message, finish_reason

@@ -3,6 +3,7 @@ as a possible stop string's start, or a non-streamed answer's merged text, was a
 "engine error: ...")."""
 
 from gguf_serve import engine
+from gguf_serve.events import Event
 
 
 def slot_with_held_text(stream: bool) -> tuple[engine.Slot, list]:
@@ -11,7 +12,7 @@ def slot_with_held_text(stream: bool) -> tuple[engine.Slot, list]:
     slot.gen = engine.Generation([1], 8, engine.Sampling(), emit=None, stop=["\n\n"], stream=stream)
     slot.scanner, slot.splitter, slot.chain, slot.later = engine.StopScanner(["\n\n"]), None, None, {}
     slot.n_reasoning = slot.reused = 0
-    slot.held = None if stream else engine.Event("The secret is 42.")  # a non-streamed answer's text so far
+    slot.held = None if stream else Event("The secret is 42.")  # a non-streamed answer's text so far
     assert slot.scanner.feed("Hello\n") == ("Hello", False)  # "\n" held: it may begin "\n\n"
     return slot, events
 

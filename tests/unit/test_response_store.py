@@ -4,14 +4,14 @@ clock the tests move (no sleeping), and `metadata`'s limits: pure logic, no mode
 import msgspec
 import pytest
 
-from gguf_serve import responses
+from gguf_serve import response_store, responses
 from gguf_serve.protocol import APIError, InputItem, ResponseObject, TextConfig
 
 
 @pytest.fixture
 def clock(monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr(responses.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(response_store.time, "monotonic", lambda: now[0])
     return now
 
 
@@ -29,7 +29,7 @@ def unknown(store, response_id: str, **kwargs) -> APIError:
 
 
 def test_a_response_read_since_still_expires_from_when_it_was_stored(clock):
-    store = responses.ResponseStore(max_count=10, ttl_s=60)
+    store = response_store.ResponseStore(max_count=10, ttl_s=60)
     store.put(response(0), [])
     clock[0] += 10
     store.put(response(1), [])
@@ -44,8 +44,8 @@ def test_a_response_read_since_still_expires_from_when_it_was_stored(clock):
 
 
 def test_bytes_are_bounded_least_recently_used_first_and_counted_exactly(clock):
-    one = responses.Stored(None, msgspec.json.encode(response(0, "x" * 1000)), b"[]", 0).size
-    store = responses.ResponseStore(max_count=10, ttl_s=60, max_bytes=3 * one)
+    one = response_store.Stored(None, msgspec.json.encode(response(0, "x" * 1000)), b"[]", 0).size
+    store = response_store.ResponseStore(max_count=10, ttl_s=60, max_bytes=3 * one)
     for i in range(3):
         assert store.put(response(i, "x" * 1000), [])
     store.get("resp_0")
@@ -60,14 +60,14 @@ def test_bytes_are_bounded_least_recently_used_first_and_counted_exactly(clock):
 
 
 def test_a_response_larger_than_the_whole_store_is_not_kept(clock):
-    store = responses.ResponseStore(max_count=10, ttl_s=60, max_bytes=2000)
+    store = response_store.ResponseStore(max_count=10, ttl_s=60, max_bytes=2000)
     assert store.put(response(0), [])
     assert not store.put(response(1), [InputItem(role="user", content="x" * 2000)])
     assert list(store.kept) == ["resp_0"] and store.bytes == store.kept["resp_0"].size
 
 
 def test_only_what_a_continuation_reads_is_kept(clock):
-    store = responses.ResponseStore(max_count=10, ttl_s=60)
+    store = response_store.ResponseStore(max_count=10, ttl_s=60)
     item = InputItem(type="reasoning", content=[], id="rs_1", status="completed", encrypted_content="z" * 10_000)
     store.put(response(0), [item, InputItem(role="user", content="Hi", id="msg_1")])
     kept = store.get("resp_0")
@@ -76,8 +76,8 @@ def test_only_what_a_continuation_reads_is_kept(clock):
 
 
 def test_another_keys_response_is_unknown_to_it(clock):
-    store = responses.ResponseStore(max_count=10, ttl_s=60)
-    mine, theirs = responses.ScopedStore(store, b"k1"), responses.ScopedStore(store, b"k2")
+    store = response_store.ResponseStore(max_count=10, ttl_s=60)
+    mine, theirs = response_store.ScopedStore(store, b"k1"), response_store.ScopedStore(store, b"k2")
     mine.put(response(0), [])
     never = unknown(theirs, "resp_nope", param="previous_response_id")
     other = unknown(theirs, "resp_0", param="previous_response_id")

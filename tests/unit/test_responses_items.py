@@ -6,8 +6,8 @@ import asyncio
 import msgspec
 import pytest
 
-from gguf_serve import responses
-from gguf_serve.engine import Event
+from gguf_serve import response_store, responses
+from gguf_serve.events import Event
 from gguf_serve.protocol import (APIError, CompletionTokensDetails, FunctionCallItem, OutputMessage, OutputText, PromptTokensDetails,
                       ReasoningItem, ReasoningText, ResponseObject, ResponsesRequest, TextConfig, Usage)
 
@@ -142,7 +142,7 @@ def stored_response(i: int) -> ResponseObject:
 
 
 def test_store_evicts_the_least_recently_used_past_its_count():
-    store = responses.ResponseStore(max_count=2, ttl_s=60)
+    store = response_store.ResponseStore(max_count=2, ttl_s=60)
     for i in range(2):
         store.put(stored_response(i), [])
     store.get("resp_0")  # now the most recently used
@@ -155,8 +155,8 @@ def test_store_evicts_the_least_recently_used_past_its_count():
 
 def test_store_expires_by_age(monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr(responses.time, "monotonic", lambda: clock[0])
-    store = responses.ResponseStore(max_count=10, ttl_s=5)
+    monkeypatch.setattr(response_store.time, "monotonic", lambda: clock[0])
+    store = response_store.ResponseStore(max_count=10, ttl_s=5)
     store.put(stored_response(0), [])
     clock[0] += 3
     store.put(stored_response(1), [])
@@ -169,7 +169,7 @@ def test_store_expires_by_age(monkeypatch):
 
 
 def test_store_of_size_zero_keeps_nothing():
-    store = responses.ResponseStore(max_count=0, ttl_s=60)
+    store = response_store.ResponseStore(max_count=0, ttl_s=60)
     store.put(stored_response(0), [])
     assert not store.kept
 

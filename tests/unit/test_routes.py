@@ -7,12 +7,15 @@ import json
 
 import pytest
 from litestar import Litestar
+from litestar.datastructures import State
 
 from gguf_serve.access import endpoint_namer, gate
 from gguf_serve.config import ConfigError, load_config
 from conftest import smollm2_path
-from gguf_serve.metrics import Metrics
 from gguf_serve.protocol import openapi
+from gguf_serve.response_store import ResponseStore
+from gguf_serve.runs import Runs
+from gguf_serve.serving import ServerState
 from gguf_serve.service import ROUTES, error_response, route_handler
 
 KEY = "sk-unit"
@@ -23,11 +26,11 @@ SPELLINGS = ["/v1/chat/completions", "//v1/chat/completions", "/v1//chat/complet
 def gated(env: dict[str, str], draining: bool = False):
     """The gate around Litestar's app for ROUTES, the model not loaded (a request the gate lets
     through to a model's route gets 503 model_loading)."""
-    app = Litestar([route_handler(route) for route in ROUTES], exception_handlers={Exception: error_response}, openapi_config=None)
-    app.state.config = load_config({"MODEL": str(smollm2_path()), **env})
-    app.state.metrics = Metrics(lambda: None)
-    app.state.draining, app.state.served = draining, None
-    return gate(app, ROUTES)
+    state = ServerState(load_config({"MODEL": str(smollm2_path()), **env}), None, ResponseStore(1, 1), Runs(1))
+    state.draining = draining
+    app = Litestar([route_handler(route) for route in ROUTES], exception_handlers={Exception: error_response},
+                   openapi_config=None, state=State({"server": state}))
+    return gate(app, state, ROUTES)
 
 
 def call(app, method: str, path: str, headers: dict[str, str] = {}) -> tuple[int, dict]:

@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from gguf_serve import engine
+from gguf_serve.events import Event
 from gguf_serve.metrics import Metrics
+from gguf_serve.prompts import Job
 from gguf_serve.protocol import APIError
 from gguf_serve.runs import Run, Runs
 
@@ -21,7 +23,7 @@ class FakeEngine:
 
 
 def setup(capacity: int = 4):
-    served = SimpleNamespace(engine=FakeEngine(), config=SimpleNamespace(request_timeout_s=60))
+    served = SimpleNamespace(engine=FakeEngine(), config=SimpleNamespace(request_timeout_s=60, log_prompts=False))
     return Runs(capacity), served, Metrics(lambda: None)
 
 
@@ -49,7 +51,7 @@ def test_leaving_cancels_every_generation_however_the_request_ended():
         runs, served, metrics = setup()
         with pytest.raises(RuntimeError):
             async with run_of(runs, served, metrics, n=2) as run:
-                run.submit([[1, 2, 3]], 2, 8, engine.Sampling(seed=7), [])
+                run.submit(Job([[1, 2, 3]], 2, 8, engine.Sampling(seed=7), []))
                 raise RuntimeError("the handler failed")
         gens = served.engine.submitted
         assert len(gens) == 2 and all(g.cancelled for g in gens)
@@ -62,11 +64,11 @@ def test_events_come_by_choice_and_usage_adds_up():
     async def main():
         runs, served, metrics = setup()
         async with run_of(runs, served, metrics, n=2) as run:
-            run.submit([[1, 2], [3, 4, 5]], 1, 8, engine.Sampling(), [])
+            run.submit(Job([[1, 2], [3, 4, 5]], 1, 8, engine.Sampling(), []))
             a, b = served.engine.submitted
-            a.emit(engine.Event("Hel"))
-            b.emit(engine.Event("Bye", "stop", completion_tokens=1, cached_tokens=1))
-            a.emit(engine.Event("lo", "length", completion_tokens=2))
+            a.emit(Event("Hel"))
+            b.emit(Event("Bye", "stop", completion_tokens=1, cached_tokens=1))
+            a.emit(Event("lo", "length", completion_tokens=2))
             choices = await run.collect()
         assert [(c.text, c.finish_reason) for c in choices] == [("Hello", "length"), ("Bye", "stop")]
         usage = run.usage()
@@ -79,9 +81,9 @@ def test_shutdown_abort_ends_a_run_whose_first_choice_already_finished():
     async def main():
         runs, served, metrics = setup()
         async with run_of(runs, served, metrics, n=2) as run:
-            run.submit([[1, 2]], 2, 8, engine.Sampling(), [])
+            run.submit(Job([[1, 2]], 2, 8, engine.Sampling(), []))
             first, _ = served.engine.submitted
-            first.emit(engine.Event("done", "stop", completion_tokens=1))
+            first.emit(Event("done", "stop", completion_tokens=1))
             runs.abort(APIError(503, "shutting down", None, "server_shutting_down"))
             with pytest.raises(APIError) as e:
                 await asyncio.wait_for(run.collect(), 5)
@@ -94,8 +96,8 @@ def test_an_engine_error_is_a_500():
     async def main():
         runs, served, metrics = setup()
         async with run_of(runs, served, metrics) as run:
-            run.submit([[1]], 1, 8, engine.Sampling(), [])
-            served.engine.submitted[0].emit(engine.Event("engine error: boom", "error"))
+            run.submit(Job([[1]], 1, 8, engine.Sampling(), []))
+            served.engine.submitted[0].emit(Event("engine error: boom", "error"))
             with pytest.raises(APIError) as e:
                 await run.collect()
             assert e.value.status == 500
@@ -116,10 +118,10 @@ def test_a_run_nobody_reads_stops_holding_the_queue_once_the_engine_ends_it():
         runs, served, metrics = setup(capacity=2)
         leaked = run_of(runs, served, metrics, n=2)
         await leaked.__aenter__()
-        leaked.submit([[1, 2]], 2, 8, engine.Sampling(), [])
+        leaked.submit(Job([[1, 2]], 2, 8, engine.Sampling(), []))
         assert runs.held() == 2
         for gen in served.engine.submitted:
-            gen.emit(engine.Event("", "length", completion_tokens=8))
+            gen.emit(Event("", "length", completion_tokens=8))
         assert runs.held() == 0
         async with run_of(runs, served, metrics, n=2):
             pass

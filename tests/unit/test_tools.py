@@ -85,7 +85,7 @@ def test_answer_turns_a_call_into_tool_calls_or_legacy_function_call():
     assert tools.answer("plain text", "length", plan)[1] == "length"
 
 
-from gguf_serve.chat import CallSpotter  # noqa: E402
+from gguf_serve.tools import CallSpotter  # noqa: E402
 
 
 def spot(chunks: list[str], forced: bool = False) -> tuple[list[str], str]:

@@ -1,0 +1,91 @@
+"""What every endpoint shares: the server's state, typed, and one request's life on it.
+
+The life, the same for chat, completions, responses and embeddings: admitted against the queue
+(a 429 before any work), its slow work (render, tokenize, compile a grammar) done in a worker
+thread, its work submitted to the engine, then streamed (the stream owns the run until its last
+event) or collected (a client that leaves first gets a 499); however it ends, leaving the run
+stops what still runs, as llama.cpp's server cancels a reader's tasks when it goes out of scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, TypeVar
+
+from litestar import Request, Response
+
+from .access import request_info
+from .config import Config
+from .embedder import EmbeddingJob
+from .loading import Served
+from .metrics import Metrics
+from .prompts import Job
+from .protocol import CLIENT_CLOSED
+from .response_store import ResponseStore
+from .runs import Choice, Run, Runs
+from .streaming import event_stream
+
+Work = TypeVar("Work", Job, EmbeddingJob)
+Result = TypeVar("Result")
+
+
+@dataclass
+class ServerState:
+    """The app's state (Litestar's `app.state.server`), made with the app."""
+
+    config: Config
+    model_loading: concurrent.futures.Future  # the model being read (loading.start_loading)
+    responses: ResponseStore
+    runs: Runs
+    metrics: Metrics = field(init=False)
+    served: Served | None = None  # set once the model is loaded and warm; None again if the engine dies
+    draining: bool = False  # told to stop: new requests get 503
+    openapi: dict | None = None  # /openapi.json, made on first ask
+
+    def __post_init__(self):
+        self.metrics = Metrics(lambda: self.served and self.served.engine)
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def off_loop(work: Callable[..., Result], *args) -> Result:
+    """A request's slow work in a worker thread: the event loop, and with it every running
+    stream, goes on meanwhile."""
+    return await asyncio.to_thread(work, *args)
+
+
+def admitted(request: Request, served: Served, n: int) -> Run:
+    """The request's place in the queue, for `async with`: n generations, or a 429 past
+    PARALLEL + MAX_QUEUE."""
+    state = server_state(request)
+    return Run(state.runs, served, n, state.metrics, request_info(request))
+
+
+async def queued(request: Request, served: Served, work: Callable[..., Result], *args) -> Result:
+    """Work that renders or tokenizes but generates nothing, in a worker thread, bounded as a
+    generation is (it takes a place in the queue while it runs)."""
+    async with admitted(request, served, 1):
+        return await off_loop(work, *args)
+
+
+async def serve(request: Request, served: Served, n: int, prepare: Callable[[], Work],
+                answer: Callable[[Run, Work, list[Choice]], Any],
+                stream: Callable[[Run, Work], AsyncIterator[bytes]] | None = None) -> Any:
+    """One request's life: admitted for `n` generations, `prepare` (its slow work, returning what
+    the engine runs) in a worker thread, submitted, then `stream`'s events (when given) or
+    `answer` made from the finished choices."""
+    async with AsyncExitStack() as owner:
+        run = await owner.enter_async_context(admitted(request, served, n))
+        work = await off_loop(prepare)
+        run.submit(work)
+        if stream is not None:
+            return event_stream(owner.pop_all(), stream(run, work))
+        choices = await run.collect_unless_disconnected(request.receive)
+    if choices is None:
+        return Response(b"", status_code=CLIENT_CLOSED)
+    return answer(run, work, choices)
