@@ -14,7 +14,7 @@ import msgspec
 from .protocol import APIError, Route, error_body, retry_after
 
 if TYPE_CHECKING:
-    from .serving import ServerState
+    from .state import ServerState
 
 
 def request_info(request) -> dict:

@@ -37,7 +37,8 @@ from .protocol import (APIError, ApplyTemplateResponse, ChatRequest, CompletionR
                        TemplateRequest, decode, deep_field, error_body, openapi, retry_after)
 from .response_store import ResponseStore
 from .runs import Runs
-from .serving import ServerState, off_loop, queued, server_state
+from .serving import off_loop, queued, server_state
+from .state import ServerState
 
 # --- The app --------------------------------------------------------------------------------
 

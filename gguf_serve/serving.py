@@ -1,6 +1,4 @@
-"""What every endpoint shares: the server's state, typed, and one request's life on it.
-
-The life, the same for chat, completions, responses and embeddings: admitted against the queue
+"""One request's life, the same for chat, completions, responses and embeddings: admitted against the queue
 (a 429 before any work), its slow work (render, tokenize, compile a grammar) done in a worker
 thread, its work submitted to the engine, then streamed (the stream owns the run until its last
 event) or collected (a client that leaves first gets a 499); however it ends, leaving the run
@@ -10,43 +8,22 @@ stops what still runs, as llama.cpp's server cancels a reader's tasks when it go
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from litestar import Request, Response
 
 from .access import request_info
-from .config import Config
 from .embedder import EmbeddingJob
 from .loading import Served
-from .metrics import Metrics
 from .prompts import Job
 from .protocol import CLIENT_CLOSED
-from .response_store import ResponseStore
-from .runs import Choice, Run, Runs
+from .runs import Choice, Run
+from .state import ServerState
 from .streaming import event_stream
 
 Work = TypeVar("Work", Job, EmbeddingJob)
 Result = TypeVar("Result")
-
-
-@dataclass
-class ServerState:
-    """The app's state (Litestar's `app.state.server`), made with the app."""
-
-    config: Config
-    model_loading: concurrent.futures.Future  # the model being read (loading.start_loading)
-    responses: ResponseStore
-    runs: Runs
-    metrics: Metrics = field(init=False)
-    served: Served | None = None  # set once the model is loaded and warm; None again if the engine dies
-    draining: bool = False  # told to stop: new requests get 503
-    openapi: dict | None = None  # /openapi.json, made on first ask
-
-    def __post_init__(self):
-        self.metrics = Metrics(lambda: self.served and self.served.engine)
 
 
 def server_state(request: Request) -> ServerState:

@@ -15,7 +15,7 @@ from conftest import smollm2_path
 from gguf_serve.protocol import openapi
 from gguf_serve.response_store import ResponseStore
 from gguf_serve.runs import Runs
-from gguf_serve.serving import ServerState
+from gguf_serve.state import ServerState
 from gguf_serve.service import ROUTES, error_response, route_handler
 
 KEY = "sk-unit"
