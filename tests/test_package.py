@@ -1,0 +1,66 @@
+"""The package as a user installs it: `pip install .` into a fresh virtual environment, then
+`gguf-serve` answers a chat from a directory that holds no code of the project. The wheel must
+carry the package and its catalogue (models.toml) and nothing at the top level but `gguf_serve`.
+
+The environment sees the machine's site-packages (--system-site-packages) for the dependencies
+the test command installed (llama-cpp-python compiles for minutes); `gguf_serve` itself comes
+from the wheel, which the test checks."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ROOT, free_port
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Path:
+    venv = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([venv / "bin" / "pip", "install", "--quiet", "--no-cache-dir", str(ROOT)], check=True)
+    return venv
+
+
+def test_the_wheel_holds_the_package_and_its_catalogue_only(venv):
+    code = "import json, importlib.metadata as m; print(json.dumps([str(f) for f in m.files('gguf-serve')]))"
+    files = json.loads(subprocess.run([venv / "bin" / "python", "-c", code], cwd=venv, capture_output=True, text=True,
+                                      check=True).stdout)
+    installed = [f for f in files if not f.startswith(("gguf_serve-", "gguf_serve.", "../"))]  # not the dist-info, scripts
+    assert "gguf_serve/models.toml" in installed and "gguf_serve/service.py" in installed
+    assert all(f.startswith("gguf_serve/") for f in installed), installed
+
+
+def test_gguf_serve_from_the_wheel_answers_a_chat(venv, tmp_path):
+    where = subprocess.run([venv / "bin" / "python", "-c", "import gguf_serve; print(gguf_serve.__file__)"], cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout
+    assert Path(where).is_relative_to(venv), where  # the wheel's copy, not the checkout's
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "PYTHONPATH")}
+    with open(tmp_path / "log", "w+") as log:
+        proc = subprocess.Popen([venv / "bin" / "gguf-serve", "--port", str(port)], cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(1200):
+                assert proc.poll() is None, log.seek(0) or log.read()
+                try:
+                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] and r.json()["usage"]["completion_tokens"] > 0
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
