@@ -49,7 +49,7 @@ def gate(app, state: ServerState, routes: tuple[Route, ...]):
 
         # Not a coroutine: every streamed token's chunk passes here, and returning send's awaitable
         # saves making a coroutine for each (one of the per-chunk cuts measured together with
-        # bench/threadtime.py, see README).
+        # `python -m bench threadtime`, see docs/performance.md).
         def send_with_id(message):
             nonlocal status
             if message["type"] == "http.response.start":

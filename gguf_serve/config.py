@@ -149,7 +149,7 @@ def load_config(env: dict[str, str]) -> Config:
         # 64 MiB: an eighth of a 512 MiB Cloud Run instance, room for 16 responses of a whole 4 MiB body each
         responses_store_max_bytes=_int(env, "RESPONSES_STORE_MAX_BYTES", 64 << 20),
         responses_store_ttl_s=float(_int(env, "RESPONSES_STORE_TTL_S", 3600)),
-        # SmolLM2 embeds about 150 tokens/s on 2 cores (README's bench/embeddings.py; measured again
+        # SmolLM2 embeds about 150 tokens/s on 2 cores (`python -m bench embeddings`; measured again
         # 2026-12-03: 2000 tokens in 15 s with the host's load at 1, 100-185 tokens/s at load 4-9):
         # 4096 tokens, about 27 s, keep one request well under a minute there. OpenAI allows 300,000;
         # a faster host or a small encoder (bge, MiniLM) can take far more.

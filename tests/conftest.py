@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 class Server:
-    """One `granian --interface asgi service:app` process, as the README starts it."""
+    """One `granian --interface asgi service:app` process, as the README starts it from a checkout."""
 
     def __init__(self, env: dict[str, str] | None = None):
         self.env = env or {}
