@@ -4,7 +4,9 @@ and afterwards one JSON log line and the request metrics."""
 from __future__ import annotations
 
 import hmac
+import os
 import re
+import socket
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -37,6 +39,9 @@ def gate(app, state: ServerState, routes: tuple[Route, ...]):
     probes = frozenset(route.path for route in routes if route.public)
     public = probes | frozenset(config.public_paths)
     endpoint_of = endpoint_namer(routes)
+    # Which instance answered, on every answer: behind a fleet, what a client or a test reads to
+    # know where a request landed (the host name is the container's, the pid granian's worker).
+    instance = f"{socket.gethostname()}:{os.getpid()}".encode()
 
     async def gated(scope, receive, send):
         if scope["type"] != "http":
@@ -54,7 +59,7 @@ def gate(app, state: ServerState, routes: tuple[Route, ...]):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode()), (b"x-instance-id", instance)]
             return send(message)
 
         try:

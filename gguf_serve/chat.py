@@ -30,7 +30,7 @@ async def respond(request: Request, served: Served, body: ChatRequest) -> Respon
     plan = tool_plan(body)
     head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served.config.model_id)
 
-    def whole(run: Run, job: Job, results: list[Choice]) -> Response:
+    async def whole(run: Run, job: Job, results: list[Choice]) -> Response:
         choices = []
         for i, c in enumerate(results):
             message, reason = answer(c.text, c.finish_reason, plan)

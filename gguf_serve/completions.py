@@ -26,7 +26,7 @@ async def respond(request: Request, served: Served, body: CompletionRequest) -> 
     n_prompts = len(body.prompt) if listed else 1
     head = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()), model=served.config.model_id)
 
-    def whole(run: Run, job: Job, results: list[Choice]) -> Response:
+    async def whole(run: Run, job: Job, results: list[Choice]) -> Response:
         choices = []
         for i, c in enumerate(results):
             echoed = served.model.detokenize(job.prompts[i // body.n]) if body.echo else ""

@@ -73,6 +73,9 @@ class Config:
     responses_store_max: int  # finished Responses API responses kept (least recently used go first)
     responses_store_max_bytes: int  # and the bytes they may hold together (their JSON)
     responses_store_ttl_s: float  # and for at most this long
+    responses_store_url: str | None  # RESPONSES_STORE_URL: a Redis or Valkey database the fleet shares (None: this process)
+    responses_store_timeout_s: float  # the longest any call to that database may take
+    responses_store_required: bool  # /ready is 503 while that database is unreachable (else 200, saying so)
     embeddings_max_tokens: int  # the tokens of all an embedding request's inputs together
     embeddings_timeout_s: float  # an embedding request unfinished this long after it came ends with a 504
 
@@ -149,6 +152,11 @@ def load_config(env: dict[str, str]) -> Config:
         # 64 MiB: an eighth of a 512 MiB Cloud Run instance, room for 16 responses of a whole 4 MiB body each
         responses_store_max_bytes=_int(env, "RESPONSES_STORE_MAX_BYTES", 64 << 20),
         responses_store_ttl_s=float(_int(env, "RESPONSES_STORE_TTL_S", 3600)),
+        responses_store_url=responses_store_url(env),
+        # 2 s: a database on the same network answers in a millisecond; past 2 s it is down or
+        # overloaded, and a request waiting on it holds its client (and a place in the queue)
+        responses_store_timeout_s=_float(env, "RESPONSES_STORE_TIMEOUT_S", 2.0),
+        responses_store_required=env.get("RESPONSES_STORE_REQUIRED") == "1",
         # SmolLM2 embeds about 150 tokens/s on 2 cores (`python -m bench embeddings`; measured again
         # 2026-12-03: 2000 tokens in 15 s with the host's load at 1, 100-185 tokens/s at load 4-9):
         # 4096 tokens, about 27 s, keep one request well under a minute there. OpenAI allows 300,000;
@@ -211,6 +219,24 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         return int(env.get(name, default))
     except ValueError:
         raise ConfigError(f"{name}={env[name]!r} must be a whole number") from None
+
+
+def _float(env: dict[str, str], name: str, default: float) -> float:
+    try:
+        value = float(env.get(name, default))
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{name}={env[name]!r} must be a positive number of seconds")
+    return value
+
+
+def responses_store_url(env: dict[str, str]) -> str | None:
+    url = env.get("RESPONSES_STORE_URL", "").strip()
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("RESPONSES_STORE_URL must be a Redis or Valkey URL: redis://[:password@]host:port/db, "
+                          "rediss://... (TLS) or unix:///path/to/socket")
+    return url or None
 
 
 def available_cpus() -> int:

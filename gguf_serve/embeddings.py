@@ -121,7 +121,7 @@ async def respond(request: Request, served: Served, body: EmbeddingRequest) -> R
         check_total(inputs, config.embeddings_max_tokens)
         return EmbeddingJob(inputs, emit=None, deadline=deadline)
 
-    def whole(run: Run, job: EmbeddingJob, results: list[Choice]) -> Response:
+    async def whole(run: Run, job: EmbeddingJob, results: list[Choice]) -> Response:
         if results[0].finish_reason == "timeout":
             raise APIError(504, f"the embeddings took longer than EMBEDDINGS_TIMEOUT_S ({config.embeddings_timeout_s:g} s); "
                                 "send fewer tokens a request, or retry when the server is less busy", None, "timeout")

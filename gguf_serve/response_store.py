@@ -1,16 +1,26 @@
 """The store of finished Responses: each kept encoded, bounded by count, bytes and age, and seen
-by each API key as its own (a response is found only by the key that made it)."""
+by each API key as its own (a response is found only by the key that made it).
+
+Two backends behind one interface (`put`, `get`, `delete`, `status`, all awaited): MemoryStore,
+in this process (the default: nothing to run, but behind a fleet a continuation must reach the
+instance that stored it, and a scaled-to-zero instance forgets), and redis_store.RedisStore,
+shared by every instance that names the same RESPONSES_STORE_URL (Redis or Valkey).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import msgspec
 
 from .protocol import APIError, InputItem, ResponseObject
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 class Stored(NamedTuple):
@@ -18,10 +28,10 @@ class Stored(NamedTuple):
     item, which for a conversation of small items would weigh several times its JSON), and a
     later change to the objects it was made from can't reach it."""
 
-    owner: bytes | None  # the key that made it (see `owner_of`); None when the server has no keys
+    owner: bytes  # the key that made it (see `owner_of`); empty when the server has no keys
     response_json: bytes  # the response, as GET returns it
     conversation_json: bytes  # every item up to and including its output: what continues it
-    at: float  # time.monotonic() when stored: its age counts from then, whenever it was read
+    at: float = 0.0  # (MemoryStore) time.monotonic() when stored: its age counts from then, however often read
 
     @property
     def size(self) -> int:
@@ -42,10 +52,50 @@ def continuing(item: InputItem) -> InputItem:
     return msgspec.structs.replace(item, id=None, status=None, encrypted_content=None)
 
 
-class ResponseStore:
-    """Finished responses, bounded by count and by bytes (the least recently used go first),
-    and by age (from when each was stored, however often it was read since). In this process
-    only: behind a fleet, a continuation must reach the same instance."""
+def entry(response: ResponseObject, conversation: list[InputItem], owner: bytes) -> Stored:
+    return Stored(owner, msgspec.json.encode(response), msgspec.json.encode([continuing(item) for item in conversation]),
+                  time.monotonic())
+
+
+def not_found(response_id: str, param: str | None) -> APIError:
+    """Another key's response is unknown, as OpenAI answers for another organization's."""
+    code = "previous_response_not_found" if param else "response_not_found"
+    return APIError(404, f"No response with id `{response_id}` is stored (never stored, evicted, expired or deleted)",
+                    param, code)
+
+
+def owner_hash(api_key: str, api_keys: tuple[str, ...]) -> bytes:
+    """Who a request is, to the store: its API key hashed with a salt made of every key the
+    server takes (the key itself is never kept). Every instance configured with the same keys
+    computes the same hash, so a shared store scopes alike across a fleet; without the keys the
+    hash can't be computed or reversed. Empty when the server has no keys: every client is the
+    same owner."""
+    if not api_keys:
+        return b""
+    salt = hashlib.blake2b("\0".join(sorted(api_keys)).encode(), digest_size=16).digest()
+    return hashlib.blake2b(api_key.encode(), key=salt, digest_size=16).digest()
+
+
+class ResponseStore(Protocol):
+    """What the Responses API needs of a store; `owner` scopes every call (see owner_hash)."""
+
+    async def put(self, response: ResponseObject, conversation: list[InputItem], owner: bytes) -> bool:
+        """Keep `response` and the conversation it continues; False if it is larger than the
+        whole store (then it is not kept)."""
+
+    async def get(self, response_id: str, param: str | None, owner: bytes) -> Stored:
+        """The response `response_id` if `owner` made it, else a 404 (naming `param`)."""
+
+    async def delete(self, response_id: str, owner: bytes) -> None:
+        ...
+
+    async def status(self) -> str | None:
+        """None if the store works, else why not (for /ready)."""
+
+
+class MemoryStore:
+    """Finished responses in this process, bounded by count and by bytes (the least recently
+    used go first), and by age (from when each was stored, however often it was read since)."""
 
     def __init__(self, max_count: int, ttl_s: float, max_bytes: float = math.inf):
         self.max_count, self.ttl_s, self.max_bytes = max_count, ttl_s, max_bytes
@@ -53,12 +103,10 @@ class ResponseStore:
         self.by_age: OrderedDict[str, Stored] = OrderedDict()  # the same entries, oldest first
         self.bytes = 0  # the sum of the kept entries' sizes
 
-    def put(self, response: ResponseObject, conversation: list[InputItem], owner: bytes | None = None) -> bool:
-        """Keep `response`; False if it is larger than the whole store (then it is not kept)."""
+    async def put(self, response: ResponseObject, conversation: list[InputItem], owner: bytes = b"") -> bool:
         if self.max_count <= 0:
             return False
-        stored = Stored(owner, msgspec.json.encode(response),
-                        msgspec.json.encode([continuing(item) for item in conversation]), time.monotonic())
+        stored = entry(response, conversation, owner)
         if response.id in self.kept:
             self._drop(response.id)
         if stored.size > self.max_bytes:
@@ -70,21 +118,20 @@ class ResponseStore:
             self._drop(next(iter(self.kept)))
         return True
 
-    def get(self, response_id: str, param: str | None = None, owner: bytes | None = None) -> Stored:
-        """The response `response_id` if `owner` made it; another key's is unknown, as OpenAI
-        answers for another organization's."""
+    async def get(self, response_id: str, param: str | None = None, owner: bytes = b"") -> Stored:
         self.expire()
         stored = self.kept.get(response_id)
         if stored is None or stored.owner != owner:
-            code = "previous_response_not_found" if param else "response_not_found"
-            raise APIError(404, f"No response with id `{response_id}` is stored here (never stored, evicted, expired "
-                                "or deleted; stored responses live in one server process)", param, code)
+            raise not_found(response_id, param)
         self.kept.move_to_end(response_id)
         return stored
 
-    def delete(self, response_id: str, owner: bytes | None = None) -> None:
-        self.get(response_id, None, owner)
+    async def delete(self, response_id: str, owner: bytes = b"") -> None:
+        await self.get(response_id, None, owner)
         self._drop(response_id)
+
+    async def status(self) -> str | None:
+        return None
 
     def expire(self) -> None:
         oldest_kept = time.monotonic() - self.ttl_s
@@ -100,13 +147,23 @@ class ScopedStore(NamedTuple):
     """The store as one API key sees it: the responses made with that key, and no other."""
 
     store: ResponseStore
-    owner: bytes | None
+    owner: bytes
 
-    def put(self, response: ResponseObject, conversation: list[InputItem]) -> bool:
-        return self.store.put(response, conversation, self.owner)
+    async def put(self, response: ResponseObject, conversation: list[InputItem]) -> bool:
+        return await self.store.put(response, conversation, self.owner)
 
-    def get(self, response_id: str, param: str | None = None) -> Stored:
-        return self.store.get(response_id, param, self.owner)
+    async def get(self, response_id: str, param: str | None = None) -> Stored:
+        return await self.store.get(response_id, param, self.owner)
 
-    def delete(self, response_id: str) -> None:
-        self.store.delete(response_id, self.owner)
+    async def delete(self, response_id: str) -> None:
+        await self.store.delete(response_id, self.owner)
+
+
+def open_store(config: Config) -> ResponseStore:
+    """The store RESPONSES_STORE_URL names (redis:// or rediss://), or this process's own."""
+    bounds = (config.responses_store_max, config.responses_store_ttl_s, config.responses_store_max_bytes)
+    if config.responses_store_url:
+        from .redis_store import RedisStore  # only then: redis-py is not imported by a server that doesn't use it
+
+        return RedisStore(config.responses_store_url, *bounds, config.responses_store_timeout_s)
+    return MemoryStore(*bounds)

@@ -9,9 +9,7 @@ kept in the store (response_store), so that the next request can continue from i
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
-import secrets
 import time
 import uuid
 from typing import AsyncIterator
@@ -30,7 +28,7 @@ from .protocol import (APIError, ChatMessage, ChatRequest, ContentPart, Function
                       ReasoningConfig, ReasoningItem, ReasoningText, ResponseError, ResponseFormat, ResponseObject,
                       ResponsesInput, ResponsesRequest, ResponseUsage, StreamEvent, TextConfig, TokenInfo, ToolCall, ToolDef,
                       Usage)
-from .response_store import ScopedStore
+from .response_store import ScopedStore, owner_hash
 from .runs import Choice, Run
 from .streaming import sse
 from .tools import CallSpotter, ToolPlan, answer, tool_plan
@@ -233,28 +231,18 @@ def as_input(output: list[OutputItem]) -> list[InputItem]:
 # --- The store ------------------------------------------------------------------------------
 
 
-OWNER_SALT = secrets.token_bytes(16)  # this process's: an owner hash means nothing outside it
-
-
-def owner_of(request: Request) -> bytes | None:
-    """Who a request is, to the store: a keyed hash of its API key (the key itself is never
-    kept), or None when the server has no keys (then every client is the same owner)."""
-    if not serving.server_state(request).config.api_keys:
-        return None
-    key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    return hashlib.blake2b(key.encode(), key=OWNER_SALT, digest_size=16).digest()
-
-
 def store(request: Request) -> ScopedStore:
-    """The app's store (made with the app, sized by RESPONSES_STORE_MAX, RESPONSES_STORE_MAX_BYTES
-    and RESPONSES_STORE_TTL_S) as the request's API key sees it."""
-    return ScopedStore(serving.server_state(request).responses, owner_of(request))
+    """The app's store (response_store.open_store: this process's, or RESPONSES_STORE_URL's) as
+    the request's API key sees it."""
+    config = serving.server_state(request).config
+    key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    return ScopedStore(serving.server_state(request).responses, owner_hash(key, config.api_keys))
 
 
-def keep(request: Request, response: ResponseObject, conversation: list[InputItem]) -> None:
+async def keep(request: Request, response: ResponseObject, conversation: list[InputItem]) -> None:
     """Store a finished response; one larger than the whole store is answered all the same,
     its `store` false (it can't be retrieved or continued), and its log line says why."""
-    if not store(request).put(response, [*conversation, *as_input(response.output)]):
+    if not await store(request).put(response, [*conversation, *as_input(response.output)]):
         response.store = False
         request_info(request)["response_not_stored"] = "larger than RESPONSES_STORE_MAX_BYTES"
 
@@ -262,10 +250,19 @@ def keep(request: Request, response: ResponseObject, conversation: list[InputIte
 # --- Serving --------------------------------------------------------------------------------
 
 
-def history(request: Request, body: ResponsesInput) -> list[InputItem]:
+async def history(request: Request, body: ResponsesInput) -> list[InputItem]:
     if body.previous_response_id is None:
         return []
-    return store(request).get(body.previous_response_id, "previous_response_id").conversation
+    return (await store(request).get(body.previous_response_id, "previous_response_id")).conversation
+
+
+async def check_store(request: Request, body: ResponsesRequest) -> None:
+    """A response to be stored, refused at once (503) while the store is unreachable: not after
+    its whole generation."""
+    if body.store:
+        reason = await serving.server_state(request).responses.status()
+        if reason:
+            raise APIError(503, reason, None, "responses_store_unavailable")
 
 
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's limits
@@ -305,13 +302,14 @@ def new_response(served: Served, body: ResponsesRequest, chat_body: ChatRequest)
 
 async def respond(request: Request, served: Served, body: ResponsesRequest) -> Response:
     check_metadata(body.metadata)
-    earlier = history(request, body)
+    await check_store(request, body)
+    earlier = await history(request, body)
     chat_body = chat_request(body, earlier, served.config.model_id)
     plan = tool_plan(chat_body)
     response = new_response(served, body, chat_body)
     conversation = [*earlier, *input_items(body)]
 
-    def whole(run: Run, job: Job, results: list[Choice]) -> Response:
+    async def whole(run: Run, job: Job, results: list[Choice]) -> Response:
         [choice] = results
         message, reason = answer(choice.text, choice.finish_reason, plan)
         calls = answered_calls(message, body)
@@ -323,7 +321,7 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
                   *call_items(calls, status)]
         finish(response, output, reason, run.usage())
         if body.store:
-            keep(request, response, conversation)
+            await keep(request, response, conversation)
         return Response(response)
 
     def streamed(run: Run, job: Job) -> AsyncIterator[bytes]:
@@ -425,7 +423,10 @@ async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: 
         yield event("response.output_item.done", output_index=index, item=item)
     finish(response, output, reason, run.usage())
     if body.store:
-        keep(request, response, conversation)
+        try:
+            await keep(request, response, conversation)
+        except APIError as e:  # the store was lost while this ran: the answer can't be continued
+            response.status, response.error = "failed", ResponseError(code=e.code, message=e.message)
     yield event(f"response.{response.status}", response=response)
 
 

@@ -35,7 +35,7 @@ from .model import ModelFileError, check_model_file
 from .protocol import (APIError, ApplyTemplateResponse, ChatRequest, CompletionRequest, DeletedResponse, EmbeddingRequest,
                        InputTokenCount, ModelCard, ModelList, ResponseObject, ResponsesInput, ResponsesRequest, Route,
                        TemplateRequest, decode, deep_field, error_body, openapi, retry_after)
-from .response_store import ResponseStore
+from .response_store import open_store
 from .runs import Runs
 from .serving import off_loop, queued, server_state
 from .state import ServerState
@@ -49,8 +49,7 @@ def create_app(env: dict[str, str] = os.environ):
     config = load_config(env)
     check_model_file(config.model_path)
     model_loading = loading.start_loading(config)  # overlaps building the app and starting the server
-    store = ResponseStore(config.responses_store_max, config.responses_store_ttl_s, config.responses_store_max_bytes)
-    state = ServerState(config, model_loading, store, Runs(config.parallel + config.max_queue))
+    state = ServerState(config, model_loading, open_store(config), Runs(config.parallel + config.max_queue))
     app = Litestar(
         [route_handler(route) for route in ROUTES],
         lifespan=[lifespan],
@@ -195,13 +194,19 @@ def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def readiness(request: Request) -> dict[str, str]:
+async def readiness(request: Request) -> dict[str, str]:
     """Readiness: 200 once the model is loaded and has produced a token, 503 before that and
-    while draining for shutdown, so that a platform or proxy only routes to ready instances."""
-    if server_state(request).draining:
+    while draining for shutdown, so that a platform or proxy only routes to ready instances.
+    A shared response store that can't be reached is named here: a 503 with
+    RESPONSES_STORE_REQUIRED=1, else the instance serves (all but stored responses) and says so."""
+    state = server_state(request)
+    if state.draining:
         raise APIError(503, "the server is shutting down", None, "server_shutting_down")
     ready(request)
-    return {"status": "ready"}
+    store_down = await state.responses.status()
+    if store_down and state.config.responses_store_required:
+        raise APIError(503, store_down, None, "responses_store_unavailable")
+    return {"status": "ready", **({"responses_store": store_down} if store_down else {})}
 
 
 def metrics(request: Request) -> Response:
@@ -256,15 +261,15 @@ async def create_response(request: Request) -> Response:
 async def count_input_tokens(request: Request) -> InputTokenCount:
     body = await parse(request, ResponsesInput)
     served = generating_model(request, body.model or None)
-    return await queued(request, served, responses.count_input_tokens, served, body, responses.history(request, body))
+    return await queued(request, served, responses.count_input_tokens, served, body, await responses.history(request, body))
 
 
-def retrieve_response(request: Request, response_id: str) -> ResponseObject:
-    return responses.store(request).get(response_id).response
+async def retrieve_response(request: Request, response_id: str) -> ResponseObject:
+    return (await responses.store(request).get(response_id)).response
 
 
-def delete_response(request: Request, response_id: str) -> DeletedResponse:
-    responses.store(request).delete(response_id)
+async def delete_response(request: Request, response_id: str) -> DeletedResponse:
+    await responses.store(request).delete(response_id)
     return DeletedResponse(id=response_id)
 
 

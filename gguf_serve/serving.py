@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AsyncExitStack
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from litestar import Request, Response
 
@@ -51,7 +51,7 @@ async def queued(request: Request, served: Served, work: Callable[..., Result], 
 
 
 async def serve(request: Request, served: Served, n: int, prepare: Callable[[], Work],
-                answer: Callable[[Run, Work, list[Choice]], Any],
+                answer: Callable[[Run, Work, list[Choice]], Awaitable[Any]],
                 stream: Callable[[Run, Work], AsyncIterator[bytes]] | None = None) -> Any:
     """One request's life: admitted for `n` generations, `prepare` (its slow work, returning what
     the engine runs) in a worker thread, submitted, then `stream`'s events (when given) or
@@ -65,4 +65,4 @@ async def serve(request: Request, served: Served, n: int, prepare: Callable[[], 
         choices = await run.collect_unless_disconnected(request.receive)
     if choices is None:
         return Response(b"", status_code=CLIENT_CLOSED)
-    return answer(run, work, choices)
+    return await answer(run, work, choices)

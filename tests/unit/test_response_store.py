@@ -1,6 +1,8 @@
 """The Responses store's bounds (count, bytes, age from creation) and scoping by key, on a
 clock the tests move (no sleeping), and `metadata`'s limits: pure logic, no model."""
 
+import asyncio
+
 import msgspec
 import pytest
 
@@ -13,6 +15,21 @@ def clock(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(response_store.time, "monotonic", lambda: now[0])
     return now
+
+
+class Sync:
+    """A store's coroutine methods, each run to its end (the in-process store never waits)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __getattr__(self, name):
+        attr = getattr(self.store, name)
+        return (lambda *args, **kwargs: asyncio.run(attr(*args, **kwargs))) if asyncio.iscoroutinefunction(attr) else attr
+
+
+def memory(**bounds) -> Sync:
+    return Sync(response_store.MemoryStore(**bounds))
 
 
 def response(i: int, text: str = "") -> ResponseObject:
@@ -29,7 +46,7 @@ def unknown(store, response_id: str, **kwargs) -> APIError:
 
 
 def test_a_response_read_since_still_expires_from_when_it_was_stored(clock):
-    store = response_store.ResponseStore(max_count=10, ttl_s=60)
+    store = memory(max_count=10, ttl_s=60)
     store.put(response(0), [])
     clock[0] += 10
     store.put(response(1), [])
@@ -44,8 +61,8 @@ def test_a_response_read_since_still_expires_from_when_it_was_stored(clock):
 
 
 def test_bytes_are_bounded_least_recently_used_first_and_counted_exactly(clock):
-    one = response_store.Stored(None, msgspec.json.encode(response(0, "x" * 1000)), b"[]", 0).size
-    store = response_store.ResponseStore(max_count=10, ttl_s=60, max_bytes=3 * one)
+    one = response_store.Stored(b"", msgspec.json.encode(response(0, "x" * 1000)), b"[]", 0).size
+    store = memory(max_count=10, ttl_s=60, max_bytes=3 * one)
     for i in range(3):
         assert store.put(response(i, "x" * 1000), [])
     store.get("resp_0")
@@ -60,14 +77,14 @@ def test_bytes_are_bounded_least_recently_used_first_and_counted_exactly(clock):
 
 
 def test_a_response_larger_than_the_whole_store_is_not_kept(clock):
-    store = response_store.ResponseStore(max_count=10, ttl_s=60, max_bytes=2000)
+    store = memory(max_count=10, ttl_s=60, max_bytes=2000)
     assert store.put(response(0), [])
     assert not store.put(response(1), [InputItem(role="user", content="x" * 2000)])
     assert list(store.kept) == ["resp_0"] and store.bytes == store.kept["resp_0"].size
 
 
 def test_only_what_a_continuation_reads_is_kept(clock):
-    store = response_store.ResponseStore(max_count=10, ttl_s=60)
+    store = memory(max_count=10, ttl_s=60)
     item = InputItem(type="reasoning", content=[], id="rs_1", status="completed", encrypted_content="z" * 10_000)
     store.put(response(0), [item, InputItem(role="user", content="Hi", id="msg_1")])
     kept = store.get("resp_0")
@@ -76,8 +93,8 @@ def test_only_what_a_continuation_reads_is_kept(clock):
 
 
 def test_another_keys_response_is_unknown_to_it(clock):
-    store = response_store.ResponseStore(max_count=10, ttl_s=60)
-    mine, theirs = response_store.ScopedStore(store, b"k1"), response_store.ScopedStore(store, b"k2")
+    store = memory(max_count=10, ttl_s=60)
+    mine, theirs = Sync(response_store.ScopedStore(store.store, b"k1")), Sync(response_store.ScopedStore(store.store, b"k2"))
     mine.put(response(0), [])
     never = unknown(theirs, "resp_nope", param="previous_response_id")
     other = unknown(theirs, "resp_0", param="previous_response_id")
@@ -87,6 +104,39 @@ def test_another_keys_response_is_unknown_to_it(clock):
         theirs.delete("resp_0")
     assert mine.get("resp_0").response.id == "resp_0"
     mine.delete("resp_0")
+    assert not store.kept
+
+
+def test_store_evicts_the_least_recently_used_past_its_count():
+    store = memory(max_count=2, ttl_s=60)
+    for i in range(2):
+        store.put(response(i), [])
+    store.get("resp_0")  # now the most recently used
+    store.put(response(2), [])
+    assert set(store.kept) == {"resp_0", "resp_2"}
+    with pytest.raises(APIError) as e:
+        store.get("resp_1", "previous_response_id")
+    assert e.value.status == 404 and e.value.code == "previous_response_not_found"
+
+
+def test_store_expires_by_age(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(response_store.time, "monotonic", lambda: clock[0])
+    store = memory(max_count=10, ttl_s=5)
+    store.put(response(0), [])
+    clock[0] += 3
+    store.put(response(1), [])
+    clock[0] += 3
+    with pytest.raises(APIError):
+        store.get("resp_0")  # 6 s old
+    assert set(store.kept) == {"resp_1"}
+    store.delete("resp_1")
+    assert not store.kept
+
+
+def test_store_of_size_zero_keeps_nothing():
+    store = memory(max_count=0, ttl_s=60)
+    store.put(response(0), [])
     assert not store.kept
 
 

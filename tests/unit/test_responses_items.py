@@ -6,10 +6,10 @@ import asyncio
 import msgspec
 import pytest
 
-from gguf_serve import response_store, responses
+from gguf_serve import responses
 from gguf_serve.events import Event
 from gguf_serve.protocol import (APIError, CompletionTokensDetails, FunctionCallItem, OutputMessage, OutputText, PromptTokensDetails,
-                      ReasoningItem, ReasoningText, ResponseObject, ResponsesRequest, TextConfig, Usage)
+                      ReasoningItem, ReasoningText, ResponseObject, ResponsesRequest, Usage)
 
 WEATHER = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
 
@@ -132,46 +132,6 @@ def test_chat_params_are_renamed():
     assert responses.as_responses_error(APIError(400, "x", "messages[3].content")).param == "input"
     assert responses.as_responses_error(APIError(400, "x", "response_format.json_schema.schema")).param == "text.format.schema"
     assert responses.as_responses_error(APIError(400, "x", "tools")).param == "tools"
-
-
-def stored_response(i: int) -> ResponseObject:
-    return ResponseObject(id=f"resp_{i}", created_at=0, status="completed", model="m", output=[], instructions=None,
-                          max_output_tokens=None, temperature=1, top_p=1, tools=[], tool_choice="auto",
-                          parallel_tool_calls=True, text=TextConfig(), previous_response_id=None, store=True,
-                          metadata={}, user=None)
-
-
-def test_store_evicts_the_least_recently_used_past_its_count():
-    store = response_store.ResponseStore(max_count=2, ttl_s=60)
-    for i in range(2):
-        store.put(stored_response(i), [])
-    store.get("resp_0")  # now the most recently used
-    store.put(stored_response(2), [])
-    assert set(store.kept) == {"resp_0", "resp_2"}
-    with pytest.raises(APIError) as e:
-        store.get("resp_1", "previous_response_id")
-    assert e.value.status == 404 and e.value.code == "previous_response_not_found"
-
-
-def test_store_expires_by_age(monkeypatch):
-    clock = [100.0]
-    monkeypatch.setattr(response_store.time, "monotonic", lambda: clock[0])
-    store = response_store.ResponseStore(max_count=10, ttl_s=5)
-    store.put(stored_response(0), [])
-    clock[0] += 3
-    store.put(stored_response(1), [])
-    clock[0] += 3
-    with pytest.raises(APIError):
-        store.get("resp_0")  # 6 s old
-    assert set(store.kept) == {"resp_1"}
-    store.delete("resp_1")
-    assert not store.kept
-
-
-def test_store_of_size_zero_keeps_nothing():
-    store = response_store.ResponseStore(max_count=0, ttl_s=60)
-    store.put(stored_response(0), [])
-    assert not store.kept
 
 
 class RecordedRun:

@@ -13,7 +13,7 @@ from gguf_serve.access import endpoint_namer, gate
 from gguf_serve.config import ConfigError, load_config
 from conftest import smollm2_path
 from gguf_serve.protocol import openapi
-from gguf_serve.response_store import ResponseStore
+from gguf_serve.response_store import MemoryStore
 from gguf_serve.runs import Runs
 from gguf_serve.state import ServerState
 from gguf_serve.service import ROUTES, error_response, route_handler
@@ -26,7 +26,7 @@ SPELLINGS = ["/v1/chat/completions", "//v1/chat/completions", "/v1//chat/complet
 def gated(env: dict[str, str], draining: bool = False):
     """The gate around Litestar's app for ROUTES, the model not loaded (a request the gate lets
     through to a model's route gets 503 model_loading)."""
-    state = ServerState(load_config({"MODEL": str(smollm2_path()), **env}), None, ResponseStore(1, 1), Runs(1))
+    state = ServerState(load_config({"MODEL": str(smollm2_path()), **env}), None, MemoryStore(1, 1), Runs(1))
     state.draining = draining
     app = Litestar([route_handler(route) for route in ROUTES], exception_handlers={Exception: error_response},
                    openapi_config=None, state=State({"server": state}))

@@ -1,0 +1,273 @@
+"""Stored responses across a fleet (issue #27): two instances of one model share a real
+redis-server (Debian's, started here on a free port; .ci/run installs it) behind the real
+nginx of deploy/, reached by ONE OpenAI client. A response made on one instance is continued,
+read and deleted on the other (each answer names its instance in x-instance-id); another API
+key can't see it; the database down at start, lost mid-run and back again; entries expire by
+the database's TTL. The store's bounds hold in both backends (the in-process one and Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from typing import NamedTuple
+
+import httpx
+import msgspec
+import openai
+import pytest
+import redis
+
+from conftest import Server, free_port
+from gguf_serve.protocol import APIError, InputItem, ResponseObject, TextConfig
+from gguf_serve.redis_store import PREFIX, RedisStore
+from gguf_serve.response_store import MemoryStore
+from test_deploy import start_proxy
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+MODEL = "smollm2-135m-instruct"
+KEYS = ("key-one", "key-two")
+
+
+class RedisServer:
+    """A real redis-server on a loopback port, its data in an append-only file, so that a
+    restart (stop, then start on the same port) finds what was stored."""
+
+    def __init__(self, tmp):
+        self.port, self.tmp, self.proc = free_port(), tmp, None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.tmp),
+                                      "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+                                     stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def response(i: int, text: str = "") -> ResponseObject:
+    return ResponseObject(id=f"resp_{i}", created_at=0, status="completed", model="m", output=[],
+                          instructions=text or None, max_output_tokens=None, temperature=1, top_p=1, tools=[], tool_choice="auto",
+                          parallel_tool_calls=True, text=TextConfig(), previous_response_id=None, store=True, metadata={},
+                          user=None)
+
+
+# --- The store alone, in both backends ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+def open_backend(backend: str, database: RedisServer, **bounds):
+    if backend == "memory":
+        return MemoryStore(**bounds)
+    redis.Redis(port=database.port).flushdb()
+    return RedisStore(database.url, timeout_s=2.0, **bounds)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_count_and_bytes_are_bounded_least_recently_used_first(backend, database):
+    async def main():
+        one = len(msgspec.json.encode(response(0, "x" * 1000))) + 2  # the response and its empty conversation, `[]`
+        store = open_backend(backend, database, max_count=3, ttl_s=60, max_bytes=3 * one)
+        for i in range(3):
+            assert await store.put(response(i, "x" * 1000), [], b"me")
+        await store.get("resp_0", None, b"me")  # now the most recently used
+        assert await store.put(response(3, "x" * 1000), [], b"me")  # one too many: resp_1 goes
+        assert await gone(store, "resp_1")
+        for i in (0, 2, 3):
+            assert (await store.get(f"resp_{i}", None, b"me")).response.id == f"resp_{i}"
+        assert not await store.put(response(4), [InputItem(role="user", content="y" * 4 * one)], b"me")  # larger than all
+        assert await gone(store, "resp_4")
+        await store.put(response(5), [], b"me")  # small: fits beside two of the others (count 3)
+        assert sum([not await gone(store, f"resp_{i}") for i in (0, 2, 3, 5)]) == 3
+        if backend == "redis":  # the database's own accounting agrees with what it holds
+            db = redis.Redis(port=database.port)
+            sizes = {k.decode(): int(v) for k, v in db.hgetall(PREFIX + "sizes").items()}
+            assert int(db.get(PREFIX + "bytes")) == sum(sizes.values()) and set(sizes) == {
+                m.decode() for m in db.zrange(PREFIX + "used", 0, -1)} and len(sizes) == 3
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_response_is_its_keys_alone_and_deleted_once(backend, database):
+    async def main():
+        store = open_backend(backend, database, max_count=10, ttl_s=60, max_bytes=1 << 20)
+        await store.put(response(0), [InputItem(role="user", content="Hi")], b"mine")
+        for attempt in (store.get("resp_0", "previous_response_id", b"theirs"), store.delete("resp_0", b"theirs")):
+            with pytest.raises(APIError) as e:
+                await attempt
+            assert e.value.status == 404
+        kept = await store.get("resp_0", None, b"mine")
+        assert kept.conversation == [InputItem(role="user", content="Hi")] and kept.response.id == "resp_0"
+        await store.delete("resp_0", b"mine")
+        assert await gone(store, "resp_0", b"mine")
+
+    asyncio.run(main())
+
+
+def test_entries_expire_by_the_databases_ttl(database):
+    async def main():
+        store = open_backend("redis", database, max_count=10, ttl_s=1, max_bytes=1 << 20)
+        await store.put(response(0), [], b"")
+        assert 0 < redis.Redis(port=database.port).pttl(PREFIX + "r:resp_0") <= 1000
+        deadline = time.monotonic() + 10
+        while not await gone(store, "resp_0"):  # polled: the database expires it, nothing here does
+            assert time.monotonic() < deadline, "never expired"
+            await asyncio.sleep(0.1)
+
+    asyncio.run(main())
+
+
+async def gone(store, response_id: str, owner: bytes = b"me") -> bool:
+    try:
+        await store.get(response_id, None, owner)
+        return False
+    except APIError as e:
+        assert e.status == 404
+        return True
+
+
+# --- Two instances behind nginx, one client ----------------------------------------------
+
+
+class Fleet(NamedTuple):
+    proxy: str
+    instances: tuple[Server, Server]  # the second one has RESPONSES_STORE_REQUIRED=1
+    database: RedisServer
+    at_start: dict  # what each instance's /ready said while the database was down
+
+
+def readiness(server: Server) -> tuple[int, dict]:
+    r = httpx.get(f"{server.url}/ready", timeout=10)
+    return r.status_code, r.json()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fleet-store")
+    database = RedisServer(tmp)  # not started yet: the instances start without it
+    env = {"RESPONSES_STORE_URL": database.url, "API_KEY": ",".join(KEYS), "PARALLEL": "2", "N_THREADS": "1"}
+    serves, requires = Server(env), Server({**env, "RESPONSES_STORE_REQUIRED": "1"})
+    at_start = {"serves": readiness(serves.wait_ready())}
+    deadline = time.monotonic() + 120
+    while (status := readiness(requires))[1].get("error", {}).get("code") == "model_loading":  # loaded, then judged
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    at_start["requires"] = status
+    database.start()
+    requires.wait_ready()
+    nginx, proxy = start_proxy(tmp, f"{MODEL}=127.0.0.1:{serves.port},127.0.0.1:{requires.port}")
+    yield Fleet(proxy, (serves, requires), database, at_start)
+    nginx.terminate()
+    nginx.wait(timeout=10)
+    for server in (serves, requires):
+        server.stop()
+    database.stop()
+
+
+def sdk(proxy: str, key: str = KEYS[0]) -> openai.OpenAI:
+    """The one client: OpenAI's SDK on the proxy's base URL. A GET or DELETE has no body to name
+    the model by, so the client names it in X-Model (deploy/fleet.js)."""
+    return openai.OpenAI(base_url=f"{proxy}/v1", api_key=key, default_headers={"X-Model": MODEL}, max_retries=0,
+                         timeout=120)
+
+
+def landing(call, where):
+    """`call()` (a raw response) until it lands on an instance `where` accepts (nginx alternates
+    between the two, so the first or the second try)."""
+    for _ in range(4):
+        raw = call()
+        if where(raw.headers["x-instance-id"]):
+            return raw
+    pytest.fail("every try landed elsewhere")
+
+
+def test_without_its_database_an_instance_starts_and_ready_says_why(fleet):
+    (status, body), named = fleet.at_start["serves"], f"redis://127.0.0.1:{fleet.database.port}/0"
+    assert status == 200 and body["status"] == "ready" and named in body["responses_store"]
+    status, body = fleet.at_start["requires"]  # RESPONSES_STORE_REQUIRED=1: not ready without it
+    assert status == 503 and body["error"]["code"] == "responses_store_unavailable" and named in body["error"]["message"]
+
+
+def test_one_client_continues_reads_and_deletes_on_the_other_instance(fleet):
+    client = sdk(fleet.proxy)
+    made = client.responses.with_raw_response.create(model=MODEL, input="My name is Ada. Say hi.", max_output_tokens=8,
+                                                    temperature=0)
+    first, origin = made.parse(), made.headers["x-instance-id"]
+    assert first.status in ("completed", "incomplete") and first.store
+    other = lambda instance: instance != origin  # noqa: E731
+    continued = landing(lambda: client.responses.with_raw_response.create(
+        model=MODEL, input="What is my name?", previous_response_id=first.id, max_output_tokens=8, temperature=0), other)
+    assert continued.parse().usage.input_tokens > first.usage.input_tokens  # the first exchange came with it
+    read = landing(lambda: client.responses.with_raw_response.retrieve(first.id), other)
+    assert read.parse().id == first.id and read.parse().output_text == first.output_text
+    landing(lambda: client.responses.with_raw_response.retrieve(first.id), lambda instance: instance == origin)
+    deleted = client.responses.with_raw_response.delete(first.id)  # a DELETE happens once: so the next in turn
+    assert deleted.headers["x-instance-id"] != origin
+    for instance in fleet.instances:  # gone for both
+        r = httpx.get(f"{instance.url}/v1/responses/{first.id}", headers={"Authorization": f"Bearer {KEYS[0]}"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "response_not_found"
+
+
+def test_another_key_cannot_see_or_continue_a_response(fleet):
+    mine, theirs = sdk(fleet.proxy), sdk(fleet.proxy, KEYS[1])
+    made = mine.responses.create(model=MODEL, input="Hi", max_output_tokens=2, temperature=0)
+    for attempt in (lambda: theirs.responses.retrieve(made.id), lambda: theirs.responses.delete(made.id),
+                    lambda: theirs.responses.create(model=MODEL, input="Hi", previous_response_id=made.id, max_output_tokens=2)):
+        with pytest.raises(openai.NotFoundError):
+            attempt()
+    assert mine.responses.retrieve(made.id).id == made.id
+
+
+def test_the_database_lost_mid_run_then_back(fleet):
+    """Asked of the instances directly (the proxy would count each 503 as the instance failing)."""
+    serves, requires = fleet.instances
+    headers = {"Authorization": f"Bearer {KEYS[0]}"}
+    ask = {"model": MODEL, "input": "Hi", "max_output_tokens": 2, "temperature": 0}
+    kept = httpx.post(f"{serves.url}/v1/responses", json=ask, headers=headers, timeout=60).json()
+    fleet.database.stop()
+    try:
+        named = f"redis://127.0.0.1:{fleet.database.port}/0"
+        for server in fleet.instances:
+            unstored = httpx.post(f"{server.url}/v1/responses", json={**ask, "store": False}, headers=headers, timeout=60)
+            assert unstored.status_code == 200 and unstored.json()["status"] in ("completed", "incomplete")
+            chat = httpx.post(f"{server.url}/v1/chat/completions", headers=headers, timeout=60, json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+            assert chat.status_code == 200
+            for method, path, body in (("POST", "/v1/responses", ask), ("POST", "/v1/responses", {**ask, "stream": True}),
+                                       ("POST", "/v1/responses", {**ask, "store": False, "previous_response_id": kept["id"]}),
+                                       ("GET", f"/v1/responses/{kept['id']}", None),
+                                       ("DELETE", f"/v1/responses/{kept['id']}", None)):
+                r = httpx.request(method, f"{server.url}{path}", json=body, headers=headers, timeout=30)
+                error = r.json()["error"]
+                assert (r.status_code, error["code"]) == (503, "responses_store_unavailable"), (method, path, r.text)
+                assert named in error["message"] and "Retry-After" in r.headers
+        assert readiness(serves)[0] == 200 and named in readiness(serves)[1]["responses_store"]
+        assert readiness(requires)[0] == 503
+    finally:
+        fleet.database.start()
+    for server in fleet.instances:  # back: what was stored before is there, and storing works again
+        assert readiness(server) == (200, {"status": "ready"})
+        r = httpx.get(f"{server.url}/v1/responses/{kept['id']}", headers=headers, timeout=30)
+        assert r.status_code == 200 and r.json()["id"] == kept["id"]
+        again = httpx.post(f"{server.url}/v1/responses", json={**ask, "previous_response_id": kept["id"]}, headers=headers,
+                           timeout=60)
+        assert again.status_code == 200 and again.json()["store"] is True
