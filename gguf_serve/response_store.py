@@ -13,14 +13,11 @@ import hashlib
 import math
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import msgspec
 
 from .protocol import APIError, InputItem, ResponseObject
-
-if TYPE_CHECKING:
-    from .config import Config
 
 
 class Stored(NamedTuple):
@@ -158,12 +155,3 @@ class ScopedStore(NamedTuple):
     async def delete(self, response_id: str) -> None:
         await self.store.delete(response_id, self.owner)
 
-
-def open_store(config: Config) -> ResponseStore:
-    """The store RESPONSES_STORE_URL names (redis:// or rediss://), or this process's own."""
-    bounds = (config.responses_store_max, config.responses_store_ttl_s, config.responses_store_max_bytes)
-    if config.responses_store_url:
-        from .redis_store import RedisStore  # only then: redis-py is not imported by a server that doesn't use it
-
-        return RedisStore(config.responses_store_url, *bounds, config.responses_store_timeout_s)
-    return MemoryStore(*bounds)

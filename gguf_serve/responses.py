@@ -232,7 +232,7 @@ def as_input(output: list[OutputItem]) -> list[InputItem]:
 
 
 def store(request: Request) -> ScopedStore:
-    """The app's store (response_store.open_store: this process's, or RESPONSES_STORE_URL's) as
+    """The app's store (service.response_store: this process's, or RESPONSES_STORE_URL's) as
     the request's API key sees it."""
     config = serving.server_state(request).config
     key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()

@@ -29,13 +29,13 @@ from litestar.handlers import HTTPRouteHandler
 
 from . import chat, completions, embeddings, loading, prompts, responses
 from .access import gate
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .loading import Served
 from .model import ModelFileError, check_model_file
 from .protocol import (APIError, ApplyTemplateResponse, ChatRequest, CompletionRequest, DeletedResponse, EmbeddingRequest,
                        InputTokenCount, ModelCard, ModelList, ResponseObject, ResponsesInput, ResponsesRequest, Route,
                        TemplateRequest, decode, deep_field, error_body, openapi, retry_after)
-from .response_store import open_store
+from .response_store import MemoryStore, ResponseStore
 from .runs import Runs
 from .serving import off_loop, queued, server_state
 from .state import ServerState
@@ -49,7 +49,7 @@ def create_app(env: dict[str, str] = os.environ):
     config = load_config(env)
     check_model_file(config.model_path)
     model_loading = loading.start_loading(config)  # overlaps building the app and starting the server
-    state = ServerState(config, model_loading, open_store(config), Runs(config.parallel + config.max_queue))
+    state = ServerState(config, model_loading, response_store(config), Runs(config.parallel + config.max_queue))
     app = Litestar(
         [route_handler(route) for route in ROUTES],
         lifespan=[lifespan],
@@ -60,6 +60,16 @@ def create_app(env: dict[str, str] = os.environ):
         state=State({"server": state}),
     )
     return gate(app, state, ROUTES)
+
+
+def response_store(config: Config) -> ResponseStore:
+    """The store RESPONSES_STORE_URL names (Redis or Valkey), or this process's own."""
+    bounds = (config.responses_store_max, config.responses_store_ttl_s, config.responses_store_max_bytes)
+    if config.responses_store_url:
+        from .redis_store import RedisStore  # only then: a server that doesn't use it doesn't import redis-py
+
+        return RedisStore(config.responses_store_url, *bounds, config.responses_store_timeout_s)
+    return MemoryStore(*bounds)
 
 
 def __getattr__(name: str):
