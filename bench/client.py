@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from procs import tail
+from bench.procs import tail
 
 SYSTEM = "You are a helpful assistant. Answer in detail."
 TOPICS = [
