@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 SUBCOMMANDS = {
@@ -29,6 +30,9 @@ def main() -> None:
     ap.add_argument("what", choices=SUBCOMMANDS, metavar="what", help="the subcommand (below)")
     ap.add_argument("options", nargs=argparse.REMAINDER, help="its options")
     args = ap.parse_args()
+    # SIGTERM ends a run as Ctrl-C does: what was measured is reported, and the servers it started are
+    # stopped (procs.kill_all at exit), which they are not if the process just dies.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(f"stopped by signal {signum}"))
     importlib.import_module(f"bench.{args.what}").main(args.options)
 
 

@@ -88,7 +88,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -320,7 +319,6 @@ def main(argv: list[str]) -> None:
             if g not in wanted:
                 wanted.append(g)
 
-    signal.signal(signal.SIGTERM, on_signal)
     t_start = time.perf_counter()
     vers = versions()  # before anything runs: the gguf-serve tree that is measured
     if q and not args.servers:
@@ -358,10 +356,6 @@ def main(argv: list[str]) -> None:
              f"max_tokens {args.max_tokens}, {machine_info()['cpu']}")
     if interrupted:
         sys.exit(130)
-
-
-def on_signal(signum, _frame):
-    raise SystemExit(f"stopped by signal {signum}")
 
 
 def bench_servers(wanted: list[str], args, eog: list[int], levels: list[int], logdir: Path, vers: dict,

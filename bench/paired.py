@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -188,7 +187,6 @@ def main(argv: list[str]) -> None:
     if args.pairs < 1:
         sys.exit("--pairs N needs N >= 1")
     args.model = (args.model or default_model()).resolve()
-    signal.signal(signal.SIGTERM, on_signal)
     vers = versions()  # before anything runs: the gguf-serve tree that is measured
     eog = inspect_model(args.model)["eog"]
     print_header(args, vers, eog)
@@ -211,7 +209,3 @@ def main(argv: list[str]) -> None:
                   interrupted=interrupted)
     if interrupted:
         sys.exit(130)
-
-
-def on_signal(signum, _frame):
-    raise SystemExit(f"stopped by signal {signum}")
