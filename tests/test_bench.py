@@ -48,7 +48,8 @@ def test_the_subcommands_are_listed():
 
 def test_quick_comparison_runs(tmp_path):
     out = tmp_path / "compare.json"
-    run = bench("compare", "--quick", "--servers", "gguf-serve,raw", "--max-tokens", "16", "--json", out, "--wait-idle", "10")
+    run = bench("compare", "--quick", "--servers", "gguf-serve,raw", "--max-tokens", "16", "--reps", "1", "--json", out,
+                "--wait-idle", "1")
     results = figures(out, "compare")
     for name in ("gguf-serve", "raw"):
         runs = results[name]["nonstream"]["runs"] + results[name]["stream"]["runs"]
@@ -61,7 +62,7 @@ def test_quick_comparison_runs(tmp_path):
 
 def test_join_benchmark_runs(tmp_path):
     out = tmp_path / "join.json"
-    run = bench("join", "--servers", "gguf-serve", "--rounds", "1", "--prompt-tokens", "300", "--wait-idle", "10",
+    run = bench("join", "--servers", "gguf-serve", "--rounds", "1", "--prompt-tokens", "300", "--wait-idle", "1",
                 "--json", out)
     assert "round 1: longest pause" in run.stdout
     assert run.stdout.splitlines()[-2].startswith("gguf-serve ")
@@ -71,7 +72,7 @@ def test_join_benchmark_runs(tmp_path):
 def test_embeddings_benchmark_runs(tmp_path):
     out = tmp_path / "embeddings.json"
     run = bench("embeddings", "--servers", "gguf-serve", "--pairs", "1", "--short", "8", "--long", "2",
-                "--long-tokens", "120", "--wait-idle", "10", "--json", out)
+                "--long-tokens", "120", "--wait-idle", "1", "--json", out)
     results = figures(out, "embeddings")
     assert results["short"]["gguf-serve"] > 0 and results["long"]["gguf-serve"] > 0
     assert results["gguf-serve"]["rss_after_mb"] > 0
@@ -80,7 +81,7 @@ def test_embeddings_benchmark_runs(tmp_path):
 
 def test_responses_benchmark_runs(tmp_path):
     out = tmp_path / "responses.json"
-    run = bench("responses", "--rounds", "1", "--max-tokens", "16", "--wait-idle", "10", "--json", out)
+    run = bench("responses", "--rounds", "1", "--max-tokens", "16", "--wait-idle", "1", "--json", out)
     results = figures(out, "responses")
     for kind in ("chat", "responses", "chat stream", "responses stream"):
         assert results[kind]["tok_s"] > 0 and results[kind]["tokens"] == [16], kind  # the same greedy tokens
