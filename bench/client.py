@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from procs import tail
+from bench.procs import tail
 
 SYSTEM = "You are a helpful assistant. Answer in detail."
 TOPICS = [
@@ -184,7 +184,7 @@ class Bench:
 
 def asked_again_if_dropped(name: str, ask: Callable[[], dict]) -> dict:
     """ask(); if the server dropped the connection without answering, say so and ask once more.
-    llama-server did, twice in some thousand requests on 2026-12-01 (split.py, threadtime.py),
+    llama-server did, twice in some thousand requests on 2026-12-01 (`split`, `threadtime`),
     on a new connection; gguf-serve's log had every request answered."""
     try:
         return ask()

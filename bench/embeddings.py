@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Embeddings per second: gguf-serve's /v1/embeddings against llama.cpp's `llama-server --embeddings`.
 
-    python bench/embeddings.py                    # both servers, 5 pairs (a few minutes with SmolLM2 on 2 cores)
-    python bench/embeddings.py --pairs 9 --pooling last
-    python bench/embeddings.py --servers gguf-serve --pairs 1 --short 8 --long 2   # CI's smoke run
+    python -m bench embeddings                    # both servers, 5 pairs (a few minutes with SmolLM2 on 2 cores)
+    python -m bench embeddings --pairs 9 --pooling last
+    python -m bench embeddings --servers gguf-serve --pairs 1 --short 8 --long 2   # CI's smoke run
 
 Two workloads, each one request: a batch of --short (64) short texts (one sentence, about 15
 tokens each), and --long (8) long ones (about --long-tokens, 400, each: under llama-server's
@@ -11,19 +10,17 @@ default 512-token batch, which must hold a whole input when pooling by mean). Bo
 side by side on the same GGUF, threads, context per sequence and sequences (gguf-serve
 PARALLEL=4 and POOLING; llama-server -np 4 --pooling, each slot its own context), and are
 measured in pairs, alternating which goes first, so that a drifting host cancels out of the
-per-pair ratios (as bench.py --paired). A pair during which other processes used the CPU is done
+per-pair ratios (as `python -m bench paired`). A pair during which other processes used the CPU is done
 again (at most twice). Printed: embeddings/s of each server (medians of the pairs) and the
 median per-pair ratio gguf-serve / llama-server (the goal: >= 0.9); the cosine similarity of the
 two servers' vectors for the same text (same pooling and normalisation: they should agree); and
 gguf-serve's resident memory before and after it first embedded: what a chat model serving
-embeddings too costs.
+embeddings too costs. All of it goes to the results file (default bench/results/embeddings.json).
 """
 
 from __future__ import annotations
 
-import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,11 +28,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from llama_build import BUILD_DIR, find_llama_server
-from machine import bench_arguments, default_model, inspect_model
-from procs import kill, process_tree, until_quiet, wait_idle
-from report import table
-from servers import gguf_serve_command, launch, llama_server_command
+from bench.llama_build import find_llama_server
+from bench.machine import bench_arguments, default_model, inspect_model, write_results
+from bench.procs import kill, process_tree, until_quiet, wait_idle
+from bench.report import table
+from bench.servers import gguf_serve_command, launch, llama_server_command, server_arguments
 
 SHORT = "Note {i}: the morning train to the coast was late again because of leaves on the line."
 LONG = ("Chapter {i}. The old lighthouse keeper climbed the spiral stairs at dusk, checked the brass lamp, "
@@ -75,24 +72,18 @@ def rss_mb(pid: int) -> float:
     return total
 
 
-def main() -> None:
-    ap = bench_arguments(__doc__)
+def main(argv: list[str]) -> None:
+    ap = bench_arguments("embeddings", __doc__)
+    server_arguments(ap, wait_idle=60, timeout=600)
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--short", type=int, default=64, help="short texts in the first request (default 64)")
     ap.add_argument("--long", type=int, default=8, help="long texts in the second request (default 8)")
     ap.add_argument("--long-tokens", type=int, default=400, help="a long text's length, about (default 400)")
     ap.add_argument("--pooling", default="mean", choices=["mean", "cls", "last"])
-    ap.add_argument("--parallel", type=int, default=4, help="gguf-serve PARALLEL and llama-server -np (default 4)")
-    ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--servers", default="gguf-serve,llama-server", help="either or both (default both)")
-    ap.add_argument("--no-build", action="store_true", help="skip llama-server if it isn't built yet")
-    ap.add_argument("--wait-idle", type=float, default=60, help="wait up to this long for a quiet machine")
-    ap.add_argument("--json", type=Path, help="write the measurements here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.model = (args.model or default_model()).resolve()
-    # what the bench's helpers read
-    args.llama_server, args.quick, args.build_dir, args.build_timeout, args.start_timeout = None, False, BUILD_DIR, 5400, 180
-    args.llama_server_args = f"--embeddings --pooling {args.pooling}"
+    args.llama_server_args += f" --embeddings --pooling {args.pooling}"
 
     eog = inspect_model(args.model)["eog"]
     logdir = Path(tempfile.mkdtemp(prefix="gguf-serve-embeddings-"))
@@ -168,9 +159,4 @@ def main() -> None:
         g = results["gguf-serve"]
         print(f"gguf-serve resident memory: {g['rss_before_mb']:.0f} MB after a chat, {g['rss_after_mb']:.0f} MB once it "
               f"has embedded (+{g['rss_after_mb'] - g['rss_before_mb']:.0f} MB)")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    write_results(args, results)

@@ -2,10 +2,10 @@
 from a thread through `call_soon_threadsafe`, one every FLOOR_TOKEN_MS (default 15), as
 gguf-serve's decode thread hands its tokens to the event loop. Each chunk is the same bytes as
 an OpenAI chat chunk of one token. What its event loop and granian's runtime spend per chunk is
-what any Python ASGI server on granian pays to stream a token; `threadtime.py --floor` sets it
-beside gguf-serve and llama-server.
+what any Python ASGI server on granian pays to stream a token; `python -m bench threadtime --floor`
+sets it beside gguf-serve and llama-server.
 
-    granian --interface asgi --port 8001 floor_app:app      # from bench/
+    granian --interface asgi --port 8001 bench.floor_app:app      # from the checkout's root
 """
 
 import asyncio

@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """What the issue-#25 hardening costs where it runs on every request: the stop-string scan per
 token in the decode thread, and a model's own template rendered in its render process against
 rendering it in the server's process, with that process's memory.
 
-    python bench/hardening.py                 # prints the figures, writes bench/results/hardening.json
-    python bench/hardening.py --renders 50 --tokens 2000
+    python -m bench hardening                 # prints the figures, writes bench/results/hardening.json
+    python -m bench hardening --renders 50 --tokens 2000
 
 The scan is fed a text that keeps almost matching its stop strings (a stop string is one
 character repeated then "z", the text that character alone), so the scanner holds back a whole
@@ -16,19 +15,13 @@ templates.jinja_template as the server rendered it before, with the same time li
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from machine import REPO, machine_info, versions
-
-sys.path.insert(0, str(REPO))  # the service's modules from the checkout measured, as bench/tokentime.py does
-from gguf_serve import engine  # noqa: E402
-from gguf_serve import templates  # noqa: E402
-from gguf_serve.template_process import TemplateProcess  # noqa: E402
+from bench.machine import REPO, bench_arguments, write_results
+from gguf_serve import engine, templates
+from gguf_serve.template_process import TemplateProcess
 
 TEMPLATE = REPO.parent / "shared" / "chat-templates" / "Qwen-Qwen3-0.6B.jinja"
 
@@ -60,12 +53,11 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--renders", type=int, default=200)
-    parser.add_argument("--tokens", type=int, default=5000)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "hardening.json")
-    args = parser.parse_args()
+def main(argv: list[str]) -> None:
+    ap = bench_arguments("hardening", __doc__, model=False)
+    ap.add_argument("--renders", type=int, default=200)
+    ap.add_argument("--tokens", type=int, default=5000)
+    args = ap.parse_args(argv)
 
     scan = {f"{n} chars": round(scan_us_per_token(n, args.tokens), 2) for n in (0, 100, 1000)}
     source = TEMPLATE.read_text()
@@ -74,17 +66,8 @@ def main() -> None:
     render = {"in process": round(render_us(in_process, args.renders)),
               "render process": round(render_us(out_of_process, args.renders))}
     [worker] = out_of_process.idle
-    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), "versions": versions(),
-               "stop scan, µs a token (four stop strings of)": scan,
-               "render of a 4-message chat, median µs": render,
+    figures = {"stop scan, µs a token (four stop strings of)": scan, "render of a 4-message chat, median µs": render,
                "render process RSS, MB": round(rss_mb(worker.proc.pid), 1)}
-    for name, value in results.items():
-        if name not in ("machine", "versions"):
-            print(f"{name}: {value}")
-    args.out.parent.mkdir(exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    print(f"written: {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+    for name, value in figures.items():
+        print(f"{name}: {value}")
+    write_results(args, figures)

@@ -1,37 +1,35 @@
-#!/usr/bin/env python3
 """A long prompt joins while a stream runs: how long does the running stream pause?
 
-    python bench/join.py                 # gguf-serve and llama-server -np 4, 3 rounds each (about 2 minutes)
-    python bench/join.py --prompt-tokens 2000 --rounds 5
+    python -m bench join                 # gguf-serve and llama-server -np 4, 3 rounds each (about 2 minutes)
+    python -m bench join --prompt-tokens 2000 --rounds 5
 
 Each round, on each server in turn (same GGUF, context per sequence, threads and slots as
-bench.py): one streaming client asks for 256 tokens; once 16 have arrived, a second client
+`python -m bench compare`): one streaming client asks for 256 tokens; once 16 have arrived, a second client
 sends a prompt of about --prompt-tokens tokens (new each round, so nothing is cached) asking
 for one token. Printed per server, medians over the rounds: the running stream's longest
 pause between two chunks after the prompt was sent, the joiner's time to first token, and
 the running stream's tokens/s over the whole request. A server that computes the new prompt
 in one go stops every running stream for that long; one that computes it in chunks between
-decode steps pauses them one chunk at a time. Uses the bench's server commands and builds;
-every request has a timeout and every loop is bounded.
+decode steps pauses them one chunk at a time. Every round goes to the results file (default
+bench/results/join.json). Every request has a timeout and every loop is bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from client import Bench
-from llama_build import BUILD_DIR, find_llama_server
-from machine import bench_arguments, default_model, inspect_model
-from procs import kill, wait_idle
-from report import table
-from servers import gguf_serve_command, launch, llama_server_command
+from bench.client import Bench
+from bench.llama_build import find_llama_server
+from bench.machine import bench_arguments, default_model, inspect_model, write_results
+from bench.procs import kill, wait_idle
+from bench.report import table
+from bench.servers import gguf_serve_command, launch, llama_server_command, server_arguments
 
 SENTENCE = "The keeper climbed the stairs of the lighthouse at dusk and lit the great lamp for the ships. "
 
@@ -72,20 +70,14 @@ async def one_round(b: Bench, i: int) -> dict:
             "running_tps": (len(running) - 1) / (running[-1] - running[0])}
 
 
-def main() -> None:
-    ap = bench_arguments(__doc__)
+def main(argv: list[str]) -> None:
+    ap = bench_arguments("join", __doc__)
+    server_arguments(ap, wait_idle=60)
     ap.add_argument("--prompt-tokens", type=int, default=1000, help="the joining prompt's length, about (default 1000)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--parallel", type=int, default=4, help="gguf-serve PARALLEL and llama-server -np (default 4)")
-    ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--servers", default="gguf-serve,llama-server-np4", help="either or both (default both)")
-    ap.add_argument("--no-build", action="store_true", help="skip llama-server if it isn't built yet")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.model = (args.model or default_model()).resolve()
-    # what the bench's helpers read
-    args.llama_server, args.llama_server_args, args.quick = None, "", False
-    args.build_dir = BUILD_DIR
-    args.build_timeout, args.wait_idle, args.start_timeout = 5400, 60, 180
 
     eog = inspect_model(args.model)["eog"]
     logdir = Path(tempfile.mkdtemp(prefix="gguf-serve-join-"))
@@ -97,7 +89,7 @@ def main() -> None:
             print(f"llama-server-np4 skipped: {why}")
         else:
             servers["llama-server-np4"] = (llama_server_command(binary, args, args.parallel), None, None)
-    rows = []
+    rows, figures = [], {}
     for name, (cmd, env, cwd) in servers.items():
         proc, b = launch(name, cmd, env, cwd, args, eog, logdir, {})
         try:
@@ -112,12 +104,10 @@ def main() -> None:
         finally:
             kill(proc)
         med = {k: statistics.median(r[k] for r in rounds) for k in ("longest_pause_s", "joiner_ttft_s", "running_tps")}
+        figures[name] = {**med, "rounds": rounds}
         rows.append([name, f"{med['longest_pause_s']:.2f} s", f"{med['joiner_ttft_s']:.2f} s",
                      f"{med['running_tps']:.1f}"])
     print(f"\nA ~{args.prompt_tokens}-token prompt joins a running stream ({args.model.name}, {args.threads} threads; "
           f"medians of {args.rounds} rounds):")
     print(table(rows, ["server", "running stream's longest pause", "joiner's first token", "running stream tok/s"]))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    write_results(args, figures)

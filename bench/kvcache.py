@@ -1,15 +1,15 @@
-#!/usr/bin/env python3
 """KV cache types (KV_CACHE_TYPE_K/_V, as llama-server's -ctk/-ctv): memory, speed, greedy output.
 
-    python bench/kvcache.py                       # SmolLM2, f16 q8_0 q4_0, PARALLEL 4 x 2048
-    python bench/kvcache.py --types f16,q8_0 --model x.gguf --prompts 8 --tokens 128
+    python -m bench kvcache                       # SmolLM2, f16 q8_0 q4_0, PARALLEL 4 x 2048
+    python -m bench kvcache --types f16,q8_0 --model x.gguf --prompts 8 --tokens 128
 
 For each type, in a child process of its own (so each measures its own memory): the anonymous
 memory the llama context adds (KV cache, compute and output buffers; RssAnon before and after
 llama_init_from_model and a first 128-token batch), single-sequence decode speed (tokens/s of
 --tokens greedy tokens after the bench's chat prompt, median of --reps, one llama_decode and an
 argmax per token: no server), and each of --prompts chats' greedy answer; then how many answers
-match f16's token for token, and where the first difference falls.
+match f16's token for token, and where the first difference falls: printed, and written to the
+results file (default bench/results/kvcache.json).
 """
 
 from __future__ import annotations
@@ -23,12 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))  # first: bench/responses.py is not the service's responses.py
-
-from client import messages_for  # noqa: E402
-from machine import bench_arguments, default_model, inspect_model  # noqa: E402
+from bench.client import messages_for
+from bench.machine import REPO, bench_arguments, default_model, inspect_model, write_results
 
 
 def rss_anon_mib() -> float:
@@ -77,17 +73,16 @@ def worker(args) -> None:
                       "answers": answers}))
 
 
-def main() -> None:
-    ap = bench_arguments(__doc__)
+def main(argv: list[str]) -> None:
+    ap = bench_arguments("kvcache", __doc__)
     ap.add_argument("--types", default="f16,q8_0,q4_0")
     ap.add_argument("--parallel", type=int, default=4, help="sequences (default 4, as PARALLEL)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--kv", help=argparse.SUPPRESS)
     ap.add_argument("--eog", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.model = (args.model or default_model()).resolve()
     if args.kv:
         return worker(args)
@@ -96,10 +91,10 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     results = {}
     for kv in args.types.split(","):
-        cmd = [sys.executable, __file__, "--kv", kv, "--eog", json.dumps(eog), "--model", str(args.model),
+        cmd = [sys.executable, "-m", "bench", "kvcache", "--kv", kv, "--eog", json.dumps(eog), "--model", str(args.model),
                "--threads", str(args.threads), "--ctx", str(args.ctx), "--parallel", str(args.parallel),
                "--tokens", str(args.tokens), "--prompts", str(args.prompts), "--reps", str(args.reps)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=REPO)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
         if out.returncode or not lines:
             print(f"{kv}: FAILED\n{out.stderr[-2000:]}", flush=True)
@@ -113,13 +108,9 @@ def main() -> None:
         same, first = "-", "-"
         if reference:
             pairs = list(zip(r["answers"], reference["answers"]))
-            same = f"{sum(a == b for a, b in pairs)}/{len(pairs)}"
-            diffs = [next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) for a, b in pairs if a != b]
-            first = ", ".join(map(str, sorted(diffs))) or "none"
+            r["answers_equal_to_f16"] = sum(a == b for a, b in pairs)
+            same = f"{r['answers_equal_to_f16']}/{len(pairs)}"
+            r["first_differences"] = sorted(next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) for a, b in pairs if a != b)
+            first = ", ".join(map(str, r["first_differences"])) or "none"
         print(f"{kv:6s} {r['context_anon_mib']:12.1f} {r['tps']:7.1f}  {same}; {first}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+    write_results(args, results)

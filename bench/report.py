@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from procs import QUIET
-from stats import FIGURES, PAIRED, SCALING_TARGET, TARGET, full_run, med, paired_summary
+from bench.procs import QUIET
+from bench.stats import FIGURES, PAIRED, SCALING_TARGET, TARGET, full_run, med, paired_summary
 
 
 def metrics(r: dict | None) -> dict:

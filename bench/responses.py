@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """The same generation through /v1/responses and /v1/chat/completions, streamed and not:
 tokens/s of each, side by side.
 
-    python bench/responses.py                     # starts one gguf-serve (granian, SmolLM2), 5 rounds
-    python bench/responses.py --rounds 9 --max-tokens 256
-    python bench/responses.py --url http://127.0.0.1:8000 --model smollm2-135m-instruct
+    python -m bench responses                     # starts one gguf-serve (granian, SmolLM2), 5 rounds
+    python -m bench responses --rounds 9 --max-tokens 256
+    python -m bench responses --url http://127.0.0.1:8000     # a gguf-serve already running
 
 Every request is one user message, unique to its round (so that no answer comes from a cached
 whole prompt), at temperature 0 with `max_tokens` / `max_output_tokens` the same; both APIs
@@ -12,55 +11,26 @@ render it through the same template, so both generate the same tokens (checked: 
 counts are printed). Each round runs the four kinds back to back, in an order that rotates from
 round to round, so that a host drifting in speed weighs on all of them alike. tok/s is
 completion tokens / the request's wall time (for a stream, from sending it to its last event);
-TTFT is to the first event carrying text. Medians over the rounds.
+TTFT is to the first event carrying text. Medians over the rounds, printed and written to the
+results file (default bench/results/responses.json).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.machine import bench_arguments, default_model, write_results
+from bench.procs import kill_all
+from bench.servers import gguf_serve_command, launch, server_arguments
+
 PROMPT = "Request {i}: write a long story about a dragon who learns to bake bread."
 KINDS = ("chat", "responses", "chat stream", "responses stream")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port), "service:app"],
-        cwd=ROOT, env={**os.environ, "N_THREADS": str(threads)}, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            sys.exit(f"gguf-serve exited {proc.returncode}:\n{log.read()}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    sys.exit("gguf-serve was not ready within 120 s")
 
 
 def body(kind: str, model: str, i: int, max_tokens: int) -> tuple[str, dict]:
@@ -105,37 +75,41 @@ def measure(client: httpx.Client, url: str, kind: str, model: str, i: int, max_t
     return {"tokens": completion_tokens(kind, final), "seconds": time.perf_counter() - started, "ttft": first}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", help="a running gguf-serve (default: start one)")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    args = parser.parse_args()
-    proc, url = (None, args.url.rstrip("/")) if args.url else start_server(args.threads)
+def main(argv: list[str]) -> None:
+    ap = bench_arguments("responses", __doc__)
+    server_arguments(ap, llama_server=False)
+    ap.add_argument("--url", help="a running gguf-serve to measure (default: start one)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    args = ap.parse_args(argv)
     try:
+        if args.url:
+            url = args.url.rstrip("/")
+            model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+        else:
+            args.model = (args.model or default_model()).resolve()
+            logdir = Path(tempfile.mkdtemp(prefix="gguf-serve-responses-"))
+            _, b = launch("gguf-serve", *gguf_serve_command(args), args, [], logdir, {})
+            url, model = b.base, b.model_id
         runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
-        with httpx.Client(timeout=600) as client:
-            measure(client, url, "chat", args.model, -1, 8)  # warm-up
+        with httpx.Client(timeout=args.timeout) as client:
+            measure(client, url, "chat", model, -1, 8)  # warm-up
             for r in range(args.rounds):
                 for k in range(len(KINDS)):
                     kind = KINDS[(r + k) % len(KINDS)]
-                    runs[kind].append(measure(client, url, kind, args.model, r, args.max_tokens))
+                    runs[kind].append(measure(client, url, kind, model, r, args.max_tokens))
     finally:
-        if proc:
-            proc.terminate()
-            proc.wait(15)
-    rate = {kind: statistics.median(m["tokens"] / m["seconds"] for m in ms) for kind, ms in runs.items()}
+        kill_all()
+    figures = {}
     print(f"{args.rounds} rounds, {args.max_tokens} max tokens, temperature 0; medians")
     print(f"{'':18}{'tok/s':>8}{'TTFT s':>8}  tokens per request")
     for kind, ms in runs.items():
         ttft = [m["ttft"] for m in ms if m["ttft"] is not None]
-        shown = f"{statistics.median(ttft):8.3f}" if ttft else f"{'':8}"
-        print(f"{kind:18}{rate[kind]:8.1f}{shown}  {sorted({m['tokens'] for m in ms})}")
+        figures[kind] = {"tok_s": statistics.median(m["tokens"] / m["seconds"] for m in ms),
+                         "ttft_s": statistics.median(ttft) if ttft else None, "tokens": sorted({m["tokens"] for m in ms})}
+        shown = f"{figures[kind]['ttft_s']:8.3f}" if ttft else f"{'':8}"
+        print(f"{kind:18}{figures[kind]['tok_s']:8.1f}{shown}  {figures[kind]['tokens']}")
     for mode in ("", " stream"):
-        print(f"responses / chat{mode}: {rate['responses' + mode] / rate['chat' + mode]:.3f}")
-
-
-if __name__ == "__main__":
-    main()
+        figures[f"responses / chat{mode}"] = figures["responses" + mode]["tok_s"] / figures["chat" + mode]["tok_s"]
+        print(f"responses / chat{mode}: {figures[f'responses / chat{mode}']:.3f}")
+    write_results(args, figures, runs=runs)

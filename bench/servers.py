@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from client import Bench, wait_ready
-from llama_build import BUILD_DIR, llama_server_binary, llama_server_has
-from machine import REPO, default_model, inspect_model
-from procs import free_port, kill, kill_all, spawn, wait_idle
-from stats import summary
+from bench.client import Bench, wait_ready
+from bench.llama_build import find_llama_server, llama_server_has
+from bench.machine import REPO, default_model, inspect_model
+from bench.procs import free_port, kill, kill_all, spawn, wait_idle
+from bench.stats import summary
 
 LLAMA_SERVER_EXTRAS = {"fastapi": "fastapi", "uvicorn": "uvicorn", "sse_starlette": "sse-starlette",
                        "starlette_context": "'starlette-context>=0.3.6,<0.4'", "pydantic_settings": "pydantic-settings",
@@ -23,11 +23,11 @@ LLAMA_SERVER_EXTRAS = {"fastapi": "fastapi", "uvicorn": "uvicorn", "sse_starlett
 
 def gguf_serve_command(args) -> tuple[list[str], dict, Path]:
     """gguf-serve under granian, its environment (the bench's model, threads, context, PARALLEL) and
-    where it runs (REPO). In every command `{PORT}` is filled in when it starts."""
+    where it runs (REPO: the checkout measured). In every command `{PORT}` is filled in when it starts."""
     env = {**os.environ, "MODEL": str(args.model), "N_THREADS": str(args.threads), "N_CTX": str(args.ctx),
            "PARALLEL": str(args.parallel)}
     return [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{PORT}",
-            "service:app"], env, REPO
+            "gguf_serve.service:app"], env, REPO
 
 
 def llama_cpp_server_command(args, fair: bool) -> list[str]:
@@ -119,15 +119,18 @@ def first_answers(result: dict, again: Callable[[int], float], starts: int) -> N
               f"({', '.join(f'{x:.2f}' for x in runs)})", flush=True)
 
 
-def side_by_side_arguments(ap) -> None:
-    """The options of a benchmark that runs gguf-serve and llama-server side by side."""
+def server_arguments(ap, wait_idle: float = 120, timeout: float = 300, llama_server: bool = True) -> None:
+    """The options of a subcommand that starts servers (`llama_server`: llama-server too)."""
     ap.add_argument("--parallel", type=int, default=4, help="gguf-serve's PARALLEL and llama-server's -np (default 4)")
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--llama-server", type=Path, help="a llama-server binary (default: the one bench.py builds)")
-    ap.add_argument("--llama-server-args", default="")
-    ap.add_argument("--timeout", type=float, default=300)
-    ap.add_argument("--start-timeout", type=float, default=180)
-    ap.add_argument("--wait-idle", type=float, default=120)
+    if llama_server:
+        ap.add_argument("--llama-server", type=Path, help="a llama-server binary (default: the one the bench builds "
+                        "once into ~/.cache/gguf-serve/llama-server-build, 10-15 minutes on two cores)")
+        ap.add_argument("--llama-server-args", default="", help="extra arguments for llama-server, e.g. '--no-repack'")
+        ap.add_argument("--no-build", action="store_true", help="skip llama-server if it isn't built yet")
+    ap.add_argument("--timeout", type=float, default=timeout, help=f"seconds allowed for one request (default {timeout:.0f})")
+    ap.add_argument("--start-timeout", type=float, default=180, help="seconds allowed for a server to get ready")
+    ap.add_argument("--wait-idle", type=float, default=wait_idle, help="before each measurement, wait up to this many "
+                    f"seconds for other processes to leave the CPU (default {wait_idle:.0f})")
 
 
 def start_side_by_side(args, logdir: Path, env: dict[str, str] | None = None) -> dict[str, tuple[subprocess.Popen, Bench]]:
@@ -136,7 +139,7 @@ def start_side_by_side(args, logdir: Path, env: dict[str, str] | None = None) ->
     {name: (process, Bench)}. The caller kills them."""
     args.model = (args.model or default_model()).resolve()
     eog = inspect_model(args.model)["eog"]
-    binary, why = (args.llama_server, "") if args.llama_server else llama_server_binary(BUILD_DIR, False, 0)
+    binary, why = find_llama_server(args, {})
     if binary is None:
         raise SystemExit(f"{why}; or pass --llama-server")
     cmd, serve_env, cwd = gguf_serve_command(args)

@@ -1,11 +1,10 @@
-#!/usr/bin/env python3
 """Where one request's time goes on each server, pair by pair: gguf-serve against llama-server.
 
-    python bench/split.py                      # SmolLM2, 2 threads, 12 pairs of each kind of request
-    python bench/split.py --pairs 24 --model x.gguf
+    python -m bench split                      # SmolLM2, 2 threads, 12 pairs of each kind of request
+    python -m bench split --pairs 24 --model x.gguf
 
 Both servers are started side by side (gguf-serve with PARALLEL=4, llama-server -np 4, as in
-bench.py --paired). Each pair sends the same chat (128 tokens, end of generation banned) to one
+`python -m bench paired`). Each pair sends the same chat (128 tokens, end of generation banned) to one
 server and then to the other, alternating which goes first, once not streamed and once streamed.
 Each request's time is split by what the server itself measured:
 
@@ -19,27 +18,24 @@ Each request's time is split by what the server itself measured:
 
 Printed: per-pair ratios gguf-serve / llama-server of the whole request (the client's wall time),
 of the first token and of a token, with their median, min and max, and the medians of each part
-in milliseconds, so the gap (if any) is where its milliseconds are.
+in milliseconds, so the gap (if any) is where its milliseconds are; all of them go to the results
+file (default bench/results/split.json).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from client import asked_again_if_dropped  # noqa: E402
-from machine import bench_arguments  # noqa: E402
-from procs import kill_all  # noqa: E402
-from servers import side_by_side_arguments, start_side_by_side  # noqa: E402
+from bench.client import asked_again_if_dropped
+from bench.machine import bench_arguments, write_results
+from bench.procs import kill_all
+from bench.servers import server_arguments, start_side_by_side
 
 
 def log_line(log: Path, request_id: str, deadline_s: float = 10.0) -> dict:
@@ -89,12 +85,13 @@ PARTS = {"wall_ms": "whole request (client)", "first_ms": "first token (server)"
          "outside_ms": "outside the server"}
 
 
-def main() -> None:
-    ap = bench_arguments(__doc__)
-    side_by_side_arguments(ap)
+def main(argv: list[str]) -> None:
+    ap = bench_arguments("split", __doc__)
+    server_arguments(ap)
+    ap.add_argument("--max-tokens", type=int, default=128, help="tokens every request generates (default 128)")
     ap.add_argument("--pairs", type=int, default=12)
     ap.add_argument("--idle", type=float, default=0.0, help="seconds both servers idle before each request (default 0)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logdir = Path(tempfile.mkdtemp(prefix="gguf-serve-split-"))
     servers, runs = {}, []
     try:
@@ -114,20 +111,22 @@ def main() -> None:
                       f"outside {g['outside_ms']:5.1f} / {s['outside_ms']:5.1f}", flush=True)
     finally:
         kill_all()
+    figures = {}
     for stream in (False, True):
         pairs = [r for r in runs if r["stream"] == stream]
         if not pairs:
             continue
-        print(f"\n{'Streamed' if stream else 'Not streamed'}, {len(pairs)} pairs: medians in ms (gguf-serve, llama-server), "
+        kind = "streamed" if stream else "not streamed"
+        print(f"\n{kind.capitalize()}, {len(pairs)} pairs: medians in ms (gguf-serve, llama-server), "
               "and gguf-serve / llama-server pair by pair (median, min-max)")
+        figures[kind] = {}
         for key, what in PARTS.items():
             mine, theirs = ([p[name][key] for p in pairs] for name in ("gguf-serve", "llama-server"))
+            figures[kind][key] = {"gguf-serve": statistics.median(mine), "llama-server": statistics.median(theirs)}
             line = f"  {what:27s} {statistics.median(mine):8.2f} {statistics.median(theirs):8.2f}"
             if key != "outside_ms":  # a difference of a few ms: its ratio says nothing
                 ratios = [a / b for a, b in zip(mine, theirs)]
+                figures[kind][key]["ratio"] = statistics.median(ratios)
                 line += f"   ratio {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
             print(line)
-
-
-if __name__ == "__main__":
-    main()
+    write_results(args, figures, pairs=runs)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import statistics
 
-PAIRED = ("gguf-serve", "llama-server-np4")  # the servers --paired compares
+PAIRED = ("gguf-serve", "llama-server-np4")  # the servers `python -m bench paired` compares
 TARGET = 0.95  # the continuous-batching goal: gguf-serve's 4-client aggregate >= 0.95x llama-server -np 4's
 SCALING_TARGET = 1.5  # and >= 1.5x gguf-serve's own single-client aggregate
 
 
-# --paired's headline figures (higher is better for tok/s, lower for the rest), in the report's order
+# `paired`'s headline figures (higher is better for tok/s, lower for the rest), in the report's order
 FIGURES = {"nonstream_tps": "tok/s, one request", "stream_tps": "tok/s streamed, one client", "ttft_ms": "time to first token, ms",
            "first_answer_s": "start → first answer, s", "peak_rss_mb": "peak RSS, MiB (process tree)",
            "agg_tps": "tok/s, 4 clients"}

@@ -1,13 +1,12 @@
-#!/usr/bin/env python3
 """CPU time per generated token, thread by thread: gguf-serve against llama-server, one client.
 
-    python bench/threadtime.py                     # SmolLM2, 2 threads, 3 rounds of 6 + 6 requests
-    python bench/threadtime.py --loop asyncio      # gguf-serve on asyncio's own event loop
-    python bench/threadtime.py --model x.gguf --rounds 5 --requests 8
-    python bench/threadtime.py --floor             # and a bare ASGI app on granian (floor_app.py)
+    python -m bench threadtime                     # SmolLM2, 2 threads, 3 rounds of 6 + 6 requests
+    python -m bench threadtime --loop asyncio      # gguf-serve on asyncio's own event loop
+    python -m bench threadtime --model x.gguf --rounds 5 --requests 8
+    python -m bench threadtime --floor             # and a bare ASGI app on granian (bench/floor_app.py)
 
 Both servers are started side by side (gguf-serve with PARALLEL=4, llama-server -np 4, as in
-bench.py --paired); each round, alternating which goes first, sends each server --requests
+`python -m bench paired`); each round, alternating which goes first, sends each server --requests
 streamed chats of --max-tokens tokens and as many not streamed, one at a time, and reads every
 thread's CPU time (/proc/<pid>/task/<tid>/stat) before and after.
 
@@ -20,7 +19,8 @@ event loop (its worker's main thread), of its other threads beside the team (gra
 the prompt worker), and of llama-server's threads beside its team (its HTTP threads). With
 --floor, a third server: floor_app.py, granian and a bare ASGI app that streams a chunk handed
 over from a thread every 15 ms, no model: what any Python ASGI server on granian spends to
-stream a token, gguf-serve's code and Litestar left out.
+stream a token, gguf-serve's code and Litestar left out. Every round's figures go to the results
+file (default bench/results/threadtime.json).
 """
 
 from __future__ import annotations
@@ -34,13 +34,10 @@ from pathlib import Path
 
 import httpx
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from client import asked_again_if_dropped  # noqa: E402
-from machine import bench_arguments  # noqa: E402
-from procs import kill_all, process_tree  # noqa: E402
-from servers import launch, side_by_side_arguments, start_side_by_side  # noqa: E402
+from bench.client import asked_again_if_dropped
+from bench.machine import REPO, bench_arguments, write_results
+from bench.procs import kill_all, process_tree
+from bench.servers import launch, server_arguments, start_side_by_side
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -79,14 +76,15 @@ def measure(name: str, proc, bench, stream: bool, n: int, first_index: int, team
             "team_us": per_token(ranked[:team])}
 
 
-def main() -> None:
-    ap = bench_arguments(__doc__)
-    side_by_side_arguments(ap)
+def main(argv: list[str]) -> None:
+    ap = bench_arguments("threadtime", __doc__)
+    server_arguments(ap)
+    ap.add_argument("--max-tokens", type=int, default=128, help="tokens every request generates (default 128)")
     ap.add_argument("--requests", type=int, default=6, help="requests a round, each way (streamed, not)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--loop", help="gguf-serve's event loop (GRANIAN_LOOP: asyncio, uvloop; default: granian's choice)")
     ap.add_argument("--floor", action="store_true", help="also floor_app.py: granian streaming with no model and no app")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logdir = Path(tempfile.mkdtemp(prefix="gguf-serve-threadtime-"))
     servers = {}
     try:
@@ -94,8 +92,8 @@ def main() -> None:
         servers = start_side_by_side(args, logdir, loop)
         if args.floor:
             floor = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{PORT}",
-                     "floor_app:app"]
-            servers["floor"] = launch("floor", floor, {**os.environ, **loop}, HERE, args, [], logdir, {})  # no vocabulary to ban
+                     "bench.floor_app:app"]
+            servers["floor"] = launch("floor", floor, {**os.environ, **loop}, REPO, args, [], logdir, {})  # no vocabulary to ban
         runs = {(name, stream): [] for name in servers for stream in (True, False)}
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(servers)[::-1]
@@ -113,11 +111,13 @@ def main() -> None:
     print(f"\nMedians of {args.rounds} rounds ({args.requests} requests of {args.max_tokens} tokens each; load average "
           f"{os.getloadavg()[0]:.2f}; gguf-serve's loop: {args.loop or 'granian default'}):")
     print(f"{'server':14s} {'request':13s} {'tok/s':>6s} {'event loop µs/token':>20s} {'other threads µs/token':>23s}")
+    figures = {}
     for (name, stream), ms in runs.items():
-        med = lambda key: statistics.median(m[key] for m in ms)  # noqa: E731
-        loop = f"{med('main_us'):.0f}" if name != "llama-server" else "-"
-        print(f"{name:14s} {'streamed' if stream else 'not streamed':13s} {med('tok_s'):6.1f} {loop:>20s} {med('others_us'):>23.0f}")
-
-
-if __name__ == "__main__":
-    main()
+        med = {key: statistics.median(m[key] for m in ms) for key in ms[0]} if ms else {}
+        if not med:
+            continue
+        figures[f"{name}, {'streamed' if stream else 'not streamed'}"] = med
+        loop = f"{med['main_us']:.0f}" if name != "llama-server" else "-"
+        print(f"{name:14s} {'streamed' if stream else 'not streamed':13s} {med['tok_s']:6.1f} {loop:>20s} {med['others_us']:>23.0f}")
+    write_results(args, figures, rounds={f"{name}, {'streamed' if stream else 'not streamed'}": ms
+                                         for (name, stream), ms in runs.items()})

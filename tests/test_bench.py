@@ -1,5 +1,7 @@
-"""The benchmark script runs in CI's environment. It asserts nothing about speed (figures
-vary with the machine); only that it measures and that every run produced its tokens."""
+"""Every subcommand of the benchmark (`python -m bench <what>`, run from the checkout's root) runs in
+CI's environment, briefly, and writes its results file. Nothing is asserted about speed (figures
+vary with the machine); only that each measures, that every run produced its tokens, and what
+its results file records."""
 
 import json
 import os
@@ -11,69 +13,122 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.bench  # smoke tests of the benchmark scripts: `-m "not bench"` skips them
+pytestmark = pytest.mark.bench  # smoke tests of the benchmark: `-m "not bench"` skips them
 
 
-def test_quick_benchmark_runs(tmp_path):
-    out = tmp_path / "results.json"
-    run = subprocess.run([sys.executable, ROOT / "bench" / "bench.py", "--quick", "--servers", "gguf-serve,raw",
-                          "--json", str(out), "--wait-idle", "10"], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    results = json.loads(out.read_text())
+def bench(what: str, *options, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m bench what options`, run to its end; past `timeout` it is stopped with SIGTERM, so
+    that it stops the servers it started (SIGKILL would leave them running)."""
+    cmd = [sys.executable, "-m", "bench", what, *map(str, options)]
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            out, err = proc.communicate(timeout=60)
+            pytest.fail(f"python -m bench {what} took over {timeout:.0f} s:\n{out[-3000:]}{err[-3000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def figures(path: Path, what: str) -> dict:
+    """The figures of a results file, once it is checked to say what was measured, when, on what."""
+    record = json.loads(path.read_text())
+    assert record["subcommand"] == what and record["date"].endswith("UTC") and record["commit"]
+    assert record["machine"]["usable_cpus"] > 0 and record["options"]["json"] == str(path)
+    return record["figures"]
+
+
+def test_the_subcommands_are_listed():
+    run = bench("--help")
+    listed = [line.split()[0] for line in run.stdout[run.stdout.index("subcommands:"):].splitlines()[1:] if line.startswith("  ")]
+    assert listed == ["compare", "paired", "split", "threadtime", "tokentime", "join", "embeddings", "responses",
+                      "kvcache", "hardening"]
+
+
+def test_quick_comparison_runs(tmp_path):
+    out = tmp_path / "compare.json"
+    run = bench("compare", "--quick", "--servers", "gguf-serve,raw", "--max-tokens", "16", "--reps", "1", "--json", out,
+                "--wait-idle", "1")
+    results = figures(out, "compare")
     for name in ("gguf-serve", "raw"):
         runs = results[name]["nonstream"]["runs"] + results[name]["stream"]["runs"]
-        assert runs and all(r["tokens"] == 128 for r in runs)
+        assert runs and all(r["tokens"] == 16 for r in runs)
         assert results[name]["first_answer_s"] > 0  # process start -> first answer
     assert results["gguf-serve"]["models"]["rps"] > 0 and results["gguf-serve"]["peak_rss"]["total_mb"] > 0
+    assert "gguf_serve.service:app" in results["gguf-serve"]["command"]
     assert "Token check" in run.stdout
 
 
-def test_join_benchmark_runs():
-    run = subprocess.run([sys.executable, ROOT / "bench" / "join.py", "--servers", "gguf-serve", "--rounds", "1",
-                          "--prompt-tokens", "300"], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+def test_join_benchmark_runs(tmp_path):
+    out = tmp_path / "join.json"
+    run = bench("join", "--servers", "gguf-serve", "--rounds", "1", "--prompt-tokens", "300", "--wait-idle", "1",
+                "--json", out)
     assert "round 1: longest pause" in run.stdout
-    assert run.stdout.splitlines()[-1].startswith("gguf-serve ")
+    assert run.stdout.splitlines()[-2].startswith("gguf-serve ")
+    assert figures(out, "join")["gguf-serve"]["longest_pause_s"] > 0
 
 
 def test_embeddings_benchmark_runs(tmp_path):
     out = tmp_path / "embeddings.json"
-    run = subprocess.run([sys.executable, ROOT / "bench" / "embeddings.py", "--servers", "gguf-serve", "--pairs", "1",
-                          "--short", "8", "--long", "2", "--long-tokens", "120", "--wait-idle", "10", "--json", str(out)],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    results = json.loads(out.read_text())
+    run = bench("embeddings", "--servers", "gguf-serve", "--pairs", "1", "--short", "8", "--long", "2",
+                "--long-tokens", "120", "--wait-idle", "1", "--json", out)
+    results = figures(out, "embeddings")
     assert results["short"]["gguf-serve"] > 0 and results["long"]["gguf-serve"] > 0
     assert results["gguf-serve"]["rss_after_mb"] > 0
     assert "8 short texts" in run.stdout and "gguf-serve resident memory" in run.stdout
 
 
+def test_responses_benchmark_runs(tmp_path):
+    out = tmp_path / "responses.json"
+    run = bench("responses", "--rounds", "1", "--max-tokens", "16", "--wait-idle", "1", "--json", out)
+    results = figures(out, "responses")
+    for kind in ("chat", "responses", "chat stream", "responses stream"):
+        assert results[kind]["tok_s"] > 0 and results[kind]["tokens"] == [16], kind  # the same greedy tokens
+    assert results["responses stream"]["ttft_s"] > 0 and "responses / chat stream:" in run.stdout
+
+
+def test_tokentime_benchmark_runs(tmp_path):
+    out = tmp_path / "tokentime.json"
+    run = bench("tokentime", "--tokens", "16", "--reps", "1", "--json", out)
+    layers = figures(out, "tokentime")
+    assert list(layers) == ["C loop", "engine", "engine, not streamed"]
+    assert 0 < layers["C loop"]["llama_decode_us"] < layers["C loop"]["us_per_token"]
+    assert all(layer["us_per_token"] > 0 for layer in layers.values()) and "engine, not streamed" in run.stdout
+
+
+def test_kvcache_benchmark_runs(tmp_path):
+    out = tmp_path / "kvcache.json"
+    run = bench("kvcache", "--types", "f16,q8_0", "--prompts", "2", "--tokens", "8", "--reps", "1", "--json", out)
+    types = figures(out, "kvcache")
+    assert types["f16"]["answers_equal_to_f16"] == 2 and types["f16"]["first_differences"] == []
+    assert all(types[kv]["context_anon_mib"] > 0 and types[kv]["tps"] > 0 for kv in ("f16", "q8_0"))
+    assert "q8_0" in run.stdout
+
+
 def test_hardening_benchmark_runs(tmp_path):
     out = tmp_path / "hardening.json"
-    run = subprocess.run([sys.executable, ROOT / "bench" / "hardening.py", "--renders", "3", "--tokens", "50",
-                          "--out", out], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    figures = json.loads(out.read_text())
-    assert set(figures["stop scan, µs a token (four stop strings of)"]) == {"0 chars", "100 chars", "1000 chars"}
-    assert figures["render process RSS, MB"] > 0 and "render process" in run.stdout
+    run = bench("hardening", "--renders", "3", "--tokens", "50", "--json", out, timeout=120)
+    results = figures(out, "hardening")
+    assert set(results["stop scan, µs a token (four stop strings of)"]) == {"0 chars", "100 chars", "1000 chars"}
+    assert results["render process RSS, MB"] > 0 and "render process" in run.stdout
 
 
 def needs_llama_server() -> None:
-    """The benchmarks against llama-server need it built (`python bench/bench.py` builds it once,
+    """The benchmarks against llama-server need it built (`python -m bench compare` builds it once,
     10-15 minutes): skipped where nobody has built it."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gguf-serve" / "llama-server-build" / "bin"
     if not all(os.access(cache / tool, os.X_OK) for tool in ("llama-server", "llama-batched-bench")):
-        pytest.skip(f"llama-server is not built in {cache}: python bench/bench.py builds it")
+        pytest.skip(f"llama-server is not built in {cache}: python -m bench compare builds it")
 
 
 def test_paired_benchmark_runs(tmp_path):
-    """--paired: every headline figure of gguf-serve and llama-server -np 4, pair by pair."""
+    """Every headline figure of gguf-serve and llama-server -np 4, pair by pair."""
     needs_llama_server()
     out = tmp_path / "paired.json"
-    run = subprocess.run([sys.executable, ROOT / "bench" / "bench.py", "--paired", "1", "--max-tokens", "16", "--no-build",
-                          "--wait-idle", "2", "--json", str(out)], capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    [pair] = json.loads(out.read_text())["paired"]["pairs"]
+    run = bench("paired", "--pairs", "1", "--max-tokens", "16", "--no-build", "--wait-idle", "2", "--json", out,
+                timeout=900)
+    [pair] = figures(out, "paired")["pairs"]
     assert pair["tokens_ok"]
     for figure in ("nonstream_tps", "stream_tps", "ttft_ms", "first_answer_s", "peak_rss_mb", "agg_tps"):
         assert all(pair["figures"][figure][name] > 0 for name in ("gguf-serve", "llama-server-np4")), figure
@@ -81,22 +136,22 @@ def test_paired_benchmark_runs(tmp_path):
     assert "Headline figures" in run.stdout and "start → first answer" in run.stdout
 
 
-def test_threadtime_benchmark_runs():
+def test_threadtime_benchmark_runs(tmp_path):
     needs_llama_server()
-    run = subprocess.run([sys.executable, ROOT / "bench" / "threadtime.py", "--rounds", "1", "--requests", "1",
-                          "--max-tokens", "16", "--wait-idle", "2", "--floor"], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    table = run.stdout[run.stdout.index("Medians of 1 rounds"):].splitlines()[2:]
+    out = tmp_path / "threadtime.json"
+    run = bench("threadtime", "--rounds", "1", "--requests", "1", "--max-tokens", "16", "--wait-idle", "2", "--floor",
+                "--no-build", "--json", out)
+    table = run.stdout[run.stdout.index("Medians of 1 rounds"):].splitlines()[2:8]
     assert [line.split()[:2] for line in table] == [["gguf-serve", "streamed"], ["gguf-serve", "not"],
                                                    ["llama-server", "streamed"], ["llama-server", "not"],
                                                    ["floor", "streamed"], ["floor", "not"]]
+    assert figures(out, "threadtime")["floor, streamed"]["tok_s"] > 0
 
 
-def test_split_benchmark_runs():
+def test_split_benchmark_runs(tmp_path):
     needs_llama_server()
-    run = subprocess.run([sys.executable, ROOT / "bench" / "split.py", "--pairs", "1", "--max-tokens", "16",
-                          "--wait-idle", "2"], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = tmp_path / "split.json"
+    run = bench("split", "--pairs", "1", "--max-tokens", "16", "--wait-idle", "2", "--no-build", "--json", out)
     for kind in ("Not streamed", "Streamed"):
         table = run.stdout[run.stdout.index(f"{kind}, 1 pairs"):].splitlines()[1:5]
         parts = {line[2:29].strip(): line[29:].split() for line in table}
@@ -104,3 +159,4 @@ def test_split_benchmark_runs():
         mine, theirs = (float(x) for x in parts["a token after it (server)"][:2])
         assert mine > 0 and theirs > 0
         assert all(row[2] == "ratio" for what, row in parts.items() if what != "outside the server")
+    assert figures(out, "split")["streamed"]["token_ms"]["ratio"] > 0
