@@ -77,7 +77,7 @@ KV_CACHE_TYPES = {"f32": llama.GGML_TYPE_F32, "f16": llama.GGML_TYPE_F16, "bf16"
 # A prompt is computed this many tokens a step, in the same chunks whether it runs alone or beside
 # others. Measured with SmolLM2 on 2 cores: 128-token chunks compute a prompt as fast as 512-token
 # ones (178 and 172 tokens/s), and while someone else's 1000-token prompt is computed a running
-# stream pauses at most 0.8 s (one chunk), not 2.7 s (bench/join.py).
+# stream pauses at most 0.8 s (one chunk), not 2.7 s (`python -m bench join`).
 PROMPT_CHUNK = 128
 
 # POOLING's values and llama.cpp's pooling types (a GGUF's `<arch>.pooling_type` holds the number).
