@@ -43,7 +43,7 @@ def test_the_subcommands_are_listed():
     run = bench("--help")
     listed = [line.split()[0] for line in run.stdout[run.stdout.index("subcommands:"):].splitlines()[1:] if line.startswith("  ")]
     assert listed == ["compare", "paired", "split", "threadtime", "tokentime", "join", "embeddings", "responses",
-                      "kvcache", "hardening"]
+                      "kvcache", "hardening", "store"]
 
 
 def test_quick_comparison_runs(tmp_path):
@@ -104,6 +104,15 @@ def test_kvcache_benchmark_runs(tmp_path):
     assert types["f16"]["answers_equal_to_f16"] == 2 and types["f16"]["first_differences"] == []
     assert all(types[kv]["context_anon_mib"] > 0 and types[kv]["tps"] > 0 for kv in ("f16", "q8_0"))
     assert "q8_0" in run.stdout
+
+
+def test_store_benchmark_runs(tmp_path):
+    out = tmp_path / "store.json"
+    run = bench("store", "--rounds", "1", "--requests", "2", "--wait-idle", "1", "--json", out)
+    results = figures(out, "store")
+    for store in ("memory", "redis"):
+        assert all(results[store][kind] > 0 for kind in ("create", "continue", "get")), store
+    assert "redis / memory" in run.stdout
 
 
 def test_hardening_benchmark_runs(tmp_path):
