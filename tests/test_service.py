@@ -10,9 +10,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ROOT, Server, smollm2_path
-
-MODEL = "smollm2-135m-instruct"
+from conftest import MODEL, ROOT, refused_start, smollm2_path
 HELLO = [{"role": "user", "content": "Say hello."}]
 
 
@@ -239,14 +237,7 @@ def test_langchain_invoke_and_stream(base_url):
 
 
 def startup_failure(env: dict) -> str:
-    s = Server(env)
-    try:
-        s.proc.wait(timeout=60)
-    finally:
-        s.stop()
-    assert s.proc.returncode != 0
-    [line] = [line for line in s.output().splitlines() if line.startswith("gguf-serve:")]
-    return line
+    return refused_start(env)[0]
 
 
 def test_startup_fails_clearly(tmp_path):

@@ -11,11 +11,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Server
+from conftest import MODEL, Server
 
-MODEL = "smollm2-135m-instruct"
 STORY = [{"role": "user", "content": "Write a long story about a dragon."}]
 
 
@@ -231,20 +229,15 @@ def test_sigterm_ends_what_outlives_the_grace_with_an_error_event():
 
 
 def test_metrics_parse_and_move(busy):
-    def sample(name, **labels):
-        text = httpx.get(f"{busy.url}/metrics").text
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-    before = (sample("gguf_requests_total", endpoint="/v1/chat/completions", status="200"),
-              sample("gguf_completion_tokens_total"), sample("gguf_time_to_first_token_seconds_count"))
+    before = (busy.metric("gguf_requests_total", endpoint="/v1/chat/completions", status="200"),
+              busy.metric("gguf_completion_tokens_total"), busy.metric("gguf_time_to_first_token_seconds_count"))
     httpx.post(f"{busy.url}/v1/chat/completions", json=chat_body(max_tokens=7, stream=True), timeout=60).read()
-    after = (sample("gguf_requests_total", endpoint="/v1/chat/completions", status="200"),
-             sample("gguf_completion_tokens_total"), sample("gguf_time_to_first_token_seconds_count"))
+    after = (busy.metric("gguf_requests_total", endpoint="/v1/chat/completions", status="200"),
+             busy.metric("gguf_completion_tokens_total"), busy.metric("gguf_time_to_first_token_seconds_count"))
     assert after[0] == before[0] + 1 and after[1] == before[1] + 7 and after[2] == before[2] + 1
-    assert sample("gguf_model_load_seconds") > 0
-    assert sample("gguf_inter_token_seconds_count") > 0
-    assert sample("gguf_queue_depth") == 0 and sample("gguf_running") == 0
+    assert busy.metric("gguf_model_load_seconds") > 0
+    assert busy.metric("gguf_inter_token_seconds_count") > 0
+    assert busy.metric("gguf_queue_depth") == 0 and busy.metric("gguf_running") == 0
 
 
 # --- auth and CORS ---
