@@ -100,7 +100,8 @@ class Server:
 
 def refused_start(env: dict[str, str]) -> tuple[str, str]:
     """The one `gguf-serve:` line of a start that `env` stops (the process exits non-zero), and its
-    whole output."""
+    whole output. For the exit itself: what create_app or the load's checks decide is asserted in
+    process (tests/unit/test_refusals.py, test_hostile.template_refusal), in milliseconds."""
     s = Server(env)
     try:
         assert s.proc.wait(timeout=60) != 0
