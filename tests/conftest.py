@@ -120,6 +120,18 @@ def server():
 
 
 @pytest.fixture(scope="session")
+def two_keys(tmp_path_factory):
+    """Served once for the session too: two keys in API_KEY, a third in API_KEY_FILE, and CORS for
+    one origin (test_serving's key and CORS tests, test_security's stored responses scoped by key)."""
+    key_file = tmp_path_factory.mktemp("keys") / "keys"
+    key_file.write_text("file-key\n")
+    s = Server({"N_THREADS": "2", "API_KEY": "k1,k2", "API_KEY_FILE": str(key_file),
+                "CORS_ORIGINS": "https://app.example"}).wait_ready()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
 def base_url(server) -> str:
     return server.url
 

@@ -174,13 +174,6 @@ K1, K2 = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
 
 
 @pytest.fixture(scope="module")
-def two_keys():
-    s = Server({"N_THREADS": "2", "API_KEY": "k1,k2"}).wait_ready()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
 def short_lived():
     """Stored responses live 3 s and hold 6 kB in all; an embedding may take 1 s."""
     s = Server({"N_THREADS": "2", "RESPONSES_STORE_TTL_S": "3", "RESPONSES_STORE_MAX_BYTES": "6000",
@@ -343,26 +336,19 @@ def test_stop_strings_over_the_cap_are_refused_on_chat_and_completions(keyed):
             assert "1000" in assert_openai_error(400, r.content, param=param)["message"]
 
 
-@pytest.fixture(scope="module")
-def untimed():
-    """A server without keyed's 20 s deadline, for answers compared whole."""
-    s = Server({"N_THREADS": "2"}).wait_ready()
-    yield s
-    s.stop()
-
-
-def test_the_longest_stop_strings_still_stop_the_text(untimed):
+def test_the_longest_stop_strings_still_stop_the_text(server):
     """Stop strings of the longest length allowed, one of them matching the whole answer but its
-    last character: held back as it grows, then sent; one the answer ends with: cut there."""
+    last character: held back as it grows, then sent; one the answer ends with: cut there. On the
+    session's server: without keyed's 20 s deadline, for answers compared whole."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 30,
             "temperature": 0, "n": 2}
-    text = post(untimed, "/v1/chat/completions", {**body, "n": 1}).json()["choices"][0]["message"]["content"]
+    text = post(server, "/v1/chat/completions", {**body, "n": 1}).json()["choices"][0]["message"]["content"]
     almost = text[:-1] + "#" * (1001 - len(text))
     for stops, answer, reason in (
         (["y" * 1000, almost, "z" * 1000, "\x00" * 1000], text, "length"),
         (["y" * 1000, almost, "z" * 1000, text[20:]], text[: text.find(text[20:])], "stop"),
     ):
-        r = post(untimed, "/v1/chat/completions", {**body, "stop": stops})
+        r = post(server, "/v1/chat/completions", {**body, "stop": stops})
         assert r.status_code == 200, r.text
         assert [(c["message"]["content"], c["finish_reason"]) for c in r.json()["choices"]] == [(answer, reason)] * 2
 

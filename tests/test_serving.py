@@ -243,30 +243,24 @@ def test_metrics_parse_and_move(busy):
 # --- auth and CORS ---
 
 
-def test_api_key_auth(tmp_path):
-    key_file = tmp_path / "keys"
-    key_file.write_text("file-key\n")
-    s = Server({"API_KEY": "k1,k2", "API_KEY_FILE": str(key_file), "CORS_ORIGINS": "https://app.example",
-                "PARALLEL": "1"}).wait_ready()
-    try:
-        assert assert_openai_error(httpx.get(f"{s.url}/v1/models"), 401)["code"] == "invalid_api_key"
-        assert_openai_error(httpx.get(f"{s.url}/v1/models", headers={"authorization": "Bearer nope"}), 401)
-        assert_openai_error(httpx.get(f"{s.url}/v1/models", headers={"authorization": "k1"}), 401)
-        for key in ("k1", "k2", "file-key"):
-            assert httpx.get(f"{s.url}/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
-        assert httpx.get(f"{s.url}/health").status_code == 200 and httpx.get(f"{s.url}/ready").status_code == 200
-        from openai import AuthenticationError, OpenAI
+def test_api_key_auth(two_keys):
+    url = two_keys.url
+    assert assert_openai_error(httpx.get(f"{url}/v1/models"), 401)["code"] == "invalid_api_key"
+    assert_openai_error(httpx.get(f"{url}/v1/models", headers={"authorization": "Bearer nope"}), 401)
+    assert_openai_error(httpx.get(f"{url}/v1/models", headers={"authorization": "k1"}), 401)
+    for key in ("k1", "k2", "file-key"):
+        assert httpx.get(f"{url}/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
+    assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{url}/ready").status_code == 200
+    from openai import AuthenticationError, OpenAI
 
-        with pytest.raises(AuthenticationError):
-            OpenAI(base_url=f"{s.url}/v1", api_key="wrong", max_retries=0).models.list()
-        assert OpenAI(base_url=f"{s.url}/v1", api_key="k2", max_retries=0).models.list().data[0].id == MODEL
-        preflight = httpx.options(f"{s.url}/v1/chat/completions", headers={
-            "origin": "https://app.example", "access-control-request-method": "POST",
-            "access-control-request-headers": "authorization, content-type"})
-        assert preflight.status_code in (200, 204)
-        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
-    finally:
-        s.stop()
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    assert OpenAI(base_url=f"{url}/v1", api_key="k2", max_retries=0).models.list().data[0].id == MODEL
+    preflight = httpx.options(f"{url}/v1/chat/completions", headers={
+        "origin": "https://app.example", "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type"})
+    assert preflight.status_code in (200, 204)
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
 
 
 # --- limits on bad input ---
