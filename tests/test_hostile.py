@@ -1,7 +1,7 @@
 """Nothing hangs, nothing freezes: hostile requests and hostile model files, on the real stack.
 
-Hostile model files are SmolLM2's real weights with the chat template replaced, written by
-the `gguf` package's gguf_new_metadata, as a GGUF from the internet could carry them. A template
+Hostile model files are SmolLM2's real weights with the chat template replaced
+(conftest.with_template), as a GGUF from the internet could carry them. A template
 that stops the start is checked in this process, by the load's own check; one that serves is served.
 """
 

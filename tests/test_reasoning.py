@@ -1,5 +1,5 @@
 """Thinking models end to end: SmolLM2's real weights with official thinking templates written
-into copies of its GGUF (gguf_new_metadata), through a real granian and the OpenAI SDK."""
+into copies of its GGUF (conftest.with_template), through a real granian and the OpenAI SDK."""
 
 import json
 
