@@ -137,7 +137,9 @@ def refused_start(env: dict[str, str]) -> tuple[str, str]:
 
 @pytest.fixture(scope="session")
 def server():
-    """The default model (SmolLM2), served once for the whole session."""
+    """The default model (SmolLM2), served once for the whole session, for every test that leaves
+    it as it found it. A test that drains, kills, saturates or fills a server starts its own, and
+    so does one that needs another environment (a module fixture where its file shares it)."""
     s = Server({"N_THREADS": "2"}).wait_ready()
     yield s
     s.stop()
