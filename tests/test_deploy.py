@@ -15,13 +15,13 @@ import httpx
 import openai
 import pytest
 
-from conftest import ROOT, Server, free_port
+from conftest import MODEL, ROOT, Server, free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 NJS = "/usr/lib/nginx/modules/ngx_http_js_module.so"
 needs_nginx = pytest.mark.skipif(not (os.path.exists(NGINX) and os.path.exists(NJS)),
                                  reason="nginx and libnginx-mod-http-js are not installed (.ci/run installs them)")
-SMOLLM2, GEMMA = "smollm2-135m-instruct", "gemma-3-270m-q4_k_m"
+SMOLLM2, GEMMA = MODEL, "gemma-3-270m-q4_k_m"
 KEY = "fleet-key"  # every instance requires it: the proxy must pass Authorization through
 
 

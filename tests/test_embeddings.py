@@ -10,9 +10,8 @@ import numpy as np
 import openai
 import pytest
 
-from conftest import SHARED, Server
+from conftest import MODEL, SHARED, Server
 
-MODEL = "smollm2-135m-instruct"
 CAT = "The cat sat on the mat."
 PARAPHRASE = "A cat was sitting on the rug."
 UNRELATED = "Quarterly revenue grew by ten percent."
@@ -112,11 +111,7 @@ def test_langchain_openai_embeddings(base_url, client):
 
 
 def embedding_requests(server) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{server.url}/metrics", timeout=5).text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "gguf_requests_total" and s.labels == {"endpoint": "/v1/embeddings", "status": "200"})
+    return server.metric("gguf_requests_total", endpoint="/v1/embeddings", status="200")
 
 
 def test_counted_in_the_metrics(server, client):

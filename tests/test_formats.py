@@ -9,9 +9,7 @@ from openai import OpenAI
 
 from gguf_serve.model import Model
 from gguf_serve import templates
-from conftest import Server, smollm2_path
-
-MODEL = "smollm2-135m-instruct"
+from conftest import MODEL, Server, smollm2_path
 
 
 def apply_template(url: str, messages: list, model: str | None = MODEL) -> str:

@@ -11,10 +11,8 @@ import sys
 import httpx
 
 from gguf_serve.access import endpoint_namer
-from conftest import Server
+from conftest import MODEL, Server
 from gguf_serve.service import ROUTES
-
-MODEL = "smollm2-135m-instruct"
 
 
 def test_fuzzed_requests_get_no_5xx_and_no_hang(tmp_path):

@@ -1,11 +1,10 @@
 """Nothing hangs, nothing freezes: hostile requests and hostile model files, on the real stack.
 
-Hostile model files are SmolLM2's real weights with the chat template replaced, written by
-the `gguf` package's gguf_new_metadata, as a GGUF from the internet could carry them.
+Hostile model files are SmolLM2's real weights with the chat template replaced
+(conftest.with_template), as a GGUF from the internet could carry them. A template
+that stops the start is checked in this process, by the load's own check; one that serves is served.
 """
 
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,9 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Server, smollm2_path
+from conftest import MODEL, Server, with_template
+from gguf_serve import loading
+from gguf_serve.config import ConfigError, load_config
+from gguf_serve.model import Model
 
-MODEL = "smollm2-135m-instruct"
 NESTED_LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 # CVE-2024-34359: a template reaching Python's classes to run a shell command.
 ESCAPE = ("{% for c in [].__class__.__base__.__subclasses__() %}{% if c.__name__ == 'catch_warnings' %}"
@@ -27,22 +28,14 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def with_template(tmp_path: Path, name: str, template: str) -> Path:
-    out = tmp_path / f"{name}.gguf"
-    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--chat-template", template, "--force",
-                    str(smollm2_path()), str(out)], check=True, capture_output=True, timeout=120)
-    return out
-
-
-def refused_start(model: Path) -> tuple[str, str]:
-    """The one `gguf-serve:` line of a start that `model` stops, and the whole output."""
-    s = Server({"MODEL": str(model), "N_THREADS": "2"})
-    try:
-        assert s.proc.wait(timeout=60) != 0
-    finally:
-        s.stop()
-    [line] = [line for line in s.output().splitlines() if line.startswith("gguf-serve:")]
-    return line, s.output()
+def template_refusal(model: Path) -> str:
+    """The line that stops the start of `model`: what `loading.chat_renderer` (which the load runs
+    on the loaded model, before the warm-up) raises. A vocabulary-only load carries the same
+    metadata and special tokens, so this takes milliseconds and a render process, not a server."""
+    with pytest.raises(ConfigError) as e:
+        loading.chat_renderer(load_config({"MODEL": str(model)}), Model(model, vocab_only=True))
+    [line] = str(e.value).splitlines()
+    return line
 
 
 def chat(url: str, content: str, **extra) -> httpx.Response:
@@ -58,13 +51,13 @@ def chat(url: str, content: str, **extra) -> httpx.Response:
     *[(name, bomb, "needs more than") for name, bomb in BOMBS.items()],
 ])
 def test_a_template_that_cant_render_an_ordinary_chat_stops_the_start(tmp_path, name, template, says):
-    line, _ = refused_start(with_template(tmp_path, name, template))
+    line = template_refusal(with_template(tmp_path, name, template))
     assert name in line and says in line and "CHAT_FORMAT" in line
 
 
 def test_the_sandbox_escape_template_runs_no_command(tmp_path):
     marker = tmp_path / "pwned"
-    line, _ = refused_start(with_template(tmp_path, "escape", ESCAPE.replace("{marker}", str(marker))))
+    line = template_refusal(with_template(tmp_path, "escape", ESCAPE.replace("{marker}", str(marker))))
     assert "unsafe" in line or "not safely callable" in line or "access to attribute" in line, line
     assert not marker.exists()
 
@@ -175,9 +168,7 @@ def test_the_queue_is_checked_before_the_template_is_rendered(trap_model):
     try:
         blocker = threading.Thread(target=lambda: chat(s.url, "Tell a long story.", max_tokens=300, temperature=0, model="trap"))
         blocker.start()
-        deadline = time.monotonic() + 30
-        while "gguf_running 1.0" not in httpx.get(f"{s.url}/metrics").text:
-            assert time.monotonic() < deadline
+        s.wait_metric("gguf_running", 1)
         r = chat(s.url, "slow", model="trap")
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
         blocker.join()

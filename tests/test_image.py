@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import MODEL, ROOT, free_port
 
 PREBUILT = os.environ.get("GGUF_SERVE_IMAGE")  # an image to test as it is; by default the Containerfile is built
 IMAGE = PREBUILT or "localhost/gguf-serve:ci"
@@ -106,7 +106,7 @@ def test_the_image_serves_as_its_cmd_says_and_drains_on_sigterm(image):
                 pass
             time.sleep(0.1)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        reply = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=8, temperature=0,
+        reply = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
                                                messages=[{"role": "user", "content": "What is the capital of France?"}])
         first_answer = time.monotonic() - container.started
         assert reply.usage.completion_tokens >= 1 and reply.choices[0].message.content
@@ -121,7 +121,7 @@ def test_the_image_serves_as_its_cmd_says_and_drains_on_sigterm(image):
         # SIGTERM while a stream runs: it finishes inside SHUTDOWN_GRACE_S (or, past it, ends
         # with an error event, never a silent cut), the instance stops being ready, and the
         # process exits 0.
-        stream = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=16, temperature=0,
+        stream = client.chat.completions.create(model=MODEL, max_tokens=16, temperature=0,
                                                 messages=[{"role": "user", "content": "Tell me a story."}], stream=True)
         chunks = [next(stream)]
         os.kill(pid, signal.SIGTERM)

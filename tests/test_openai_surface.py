@@ -6,12 +6,9 @@ import json
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gguf_serve.model import Model
-from conftest import smollm2_path
-
-MODEL = "smollm2-135m-instruct"
+from conftest import MODEL, smollm2_path
 HELLO = [{"role": "user", "content": "Say hello."}]
 STORY = [{"role": "user", "content": "Write a long story about a dragon."}]
 
@@ -156,19 +153,14 @@ def test_n_choices_streamed(client):
     assert chunks[-1].usage.completion_tokens == 10
 
 
-def test_n_choices_compute_their_prompt_once(client, base_url):
+def test_n_choices_compute_their_prompt_once(client, server):
     """The first choice computes the prompt; the others copy its KV cache (counted in
     gguf_prompt_tokens_reused) instead of computing it again, and agree with it at temperature 0."""
-    def reused() -> float:
-        metrics = httpx.get(f"{base_url}/metrics").text
-        return next(s.value for f in text_string_to_metric_families(metrics) for s in f.samples
-                    if s.name == "gguf_prompt_tokens_reused_total")
-
     # a prompt no sequence holds yet, long enough that only a copy explains the count
     words = " ".join(f"w{i}" for i in range(60))
-    before = reused()
+    before = server.metric("gguf_prompt_tokens_reused_total")
     r = chat(client, messages=[{"role": "user", "content": f"Repeat after me: {words}"}], max_tokens=6, n=4, temperature=0)
-    assert reused() - before >= 3 * (r.usage.prompt_tokens - 1)
+    assert server.metric("gguf_prompt_tokens_reused_total") - before >= 3 * (r.usage.prompt_tokens - 1)
     assert len({c.message.content for c in r.choices}) == 1
 
 

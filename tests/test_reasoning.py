@@ -1,5 +1,5 @@
 """Thinking models end to end: SmolLM2's real weights with official thinking templates written
-into copies of its GGUF (gguf_new_metadata), through a real granian and the OpenAI SDK."""
+into copies of its GGUF (conftest.with_template), through a real granian and the OpenAI SDK."""
 
 import json
 
@@ -9,9 +9,8 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from openai import OpenAI
 
-from conftest import SHARED, Server, smollm2_path
+from conftest import SHARED, Server, smollm2_path, with_template
 from gguf_serve.model import Model
-from test_hostile import with_template
 
 R1 = (SHARED / "chat-templates" / "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja").read_text()
 QWEN3 = (SHARED / "chat-templates" / "Qwen-Qwen3-0.6B.jinja").read_text()

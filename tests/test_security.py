@@ -16,12 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Server, smollm2_path
-from test_hostile import refused_start, with_template
+from conftest import MODEL, Server, refused_start, smollm2_path, with_template
 
-MODEL = "smollm2-135m-instruct"
 KEY = "sk-hostile-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CORPUS = sorted((Path(__file__).parent / "hostile").glob("*.json"))
@@ -115,8 +112,7 @@ def test_a_stored_response_is_read_with_the_key_only_however_the_path_is_spelled
 
 def test_a_path_that_only_routes_to_a_route_is_named_by_it_in_the_metrics(keyed):
     def count(endpoint: str, status: str) -> float:
-        return sum(s.value for f in text_string_to_metric_families(httpx.get(f"{keyed.url}/metrics", headers=AUTH).text)
-                   for s in f.samples if s.name == "gguf_requests_total" and s.labels == {"endpoint": endpoint, "status": status})
+        return keyed.metric("gguf_requests_total", endpoint=endpoint, status=status)
 
     before = count("/v1/models/{model_id}", "200"), count("other", "401")
     assert raw_request(keyed.url, "GET", f"//v1/models/{MODEL}", AUTH, None)[0] == 200  # routed: its route's label
@@ -166,7 +162,7 @@ def test_a_model_whose_metadata_cant_be_read_stops_the_start_with_one_line(tmp_p
     data = smollm2_path().read_bytes()
     assert data.count(b"general.license") == 1
     garbled.write_bytes(data.replace(b"general.license", b"general.licens\xff"))
-    line, output = refused_start(garbled)
+    line, output = refused_start({"MODEL": str(garbled), "N_THREADS": "2"})
     assert str(garbled) in line and "UnicodeDecodeError" in line
     assert "Traceback" not in output
 
@@ -175,13 +171,6 @@ def test_a_model_whose_metadata_cant_be_read_stops_the_start_with_one_line(tmp_p
 # (metadata beyond OpenAI's limits and an embedding request of too many tokens: tests/hostile/05-*, 07-*)
 
 K1, K2 = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
-
-
-@pytest.fixture(scope="module")
-def two_keys():
-    s = Server({"N_THREADS": "2", "API_KEY": "k1,k2"}).wait_ready()
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -347,26 +336,19 @@ def test_stop_strings_over_the_cap_are_refused_on_chat_and_completions(keyed):
             assert "1000" in assert_openai_error(400, r.content, param=param)["message"]
 
 
-@pytest.fixture(scope="module")
-def untimed():
-    """A server without keyed's 20 s deadline, for answers compared whole."""
-    s = Server({"N_THREADS": "2"}).wait_ready()
-    yield s
-    s.stop()
-
-
-def test_the_longest_stop_strings_still_stop_the_text(untimed):
+def test_the_longest_stop_strings_still_stop_the_text(server):
     """Stop strings of the longest length allowed, one of them matching the whole answer but its
-    last character: held back as it grows, then sent; one the answer ends with: cut there."""
+    last character: held back as it grows, then sent; one the answer ends with: cut there. On the
+    session's server: without keyed's 20 s deadline, for answers compared whole."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 30,
             "temperature": 0, "n": 2}
-    text = post(untimed, "/v1/chat/completions", {**body, "n": 1}).json()["choices"][0]["message"]["content"]
+    text = post(server, "/v1/chat/completions", {**body, "n": 1}).json()["choices"][0]["message"]["content"]
     almost = text[:-1] + "#" * (1001 - len(text))
     for stops, answer, reason in (
         (["y" * 1000, almost, "z" * 1000, "\x00" * 1000], text, "length"),
         (["y" * 1000, almost, "z" * 1000, text[20:]], text[: text.find(text[20:])], "stop"),
     ):
-        r = post(untimed, "/v1/chat/completions", {**body, "stop": stops})
+        r = post(server, "/v1/chat/completions", {**body, "stop": stops})
         assert r.status_code == 200, r.text
         assert [(c["message"]["content"], c["finish_reason"]) for c in r.json()["choices"]] == [(answer, reason)] * 2
 

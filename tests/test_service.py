@@ -10,9 +10,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ROOT, Server, smollm2_path
-
-MODEL = "smollm2-135m-instruct"
+from conftest import MODEL, ROOT, refused_start, smollm2_path
 HELLO = [{"role": "user", "content": "Say hello."}]
 
 
@@ -238,33 +236,12 @@ def test_langchain_invoke_and_stream(base_url):
 # --- startup ---
 
 
-def startup_failure(env: dict) -> str:
-    s = Server(env)
-    try:
-        s.proc.wait(timeout=60)
-    finally:
-        s.stop()
-    assert s.proc.returncode != 0
-    [line] = [line for line in s.output().splitlines() if line.startswith("gguf-serve:")]
-    return line
-
-
-def test_startup_fails_clearly(tmp_path):
-    assert "qwen-7b-chat" in startup_failure({"MODEL": "no-such-model"})  # lists the catalogue's keys
-    missing = tmp_path / "missing.gguf"
-    assert str(missing) in startup_failure({"MODEL": str(missing)})
-    text = tmp_path / "notes.gguf"
-    text.write_text("hello")
-    assert "not a GGUF file" in startup_failure({"MODEL": str(text)})
-    truncated = tmp_path / "truncated.gguf"
-    truncated.write_bytes(smollm2_path().read_bytes()[:1_000_000])
-    assert "truncated" in startup_failure({"MODEL": str(truncated)})
-    weights = tmp_path / "model.safetensors"
-    weights.write_bytes(b"{}")
-    assert "convert_hf_to_gguf.py" in startup_failure({"MODEL": str(weights)})
-    assert "chatml" in startup_failure({"CHAT_FORMAT": "vicuna"})  # lists the valid formats
-    assert "auto, on, off" in startup_failure({"FLASH_ATTN": "yes"})
-    assert "RESPONSES_STORE_MAX" in startup_failure({"RESPONSES_STORE_MAX": "lots"})
+def test_a_refused_start_exits_non_zero_with_one_line():
+    """What create_app refuses (tests/unit/test_refusals.py has every case, in process) stops
+    granian's worker with one line, not a traceback, and the process exits non-zero."""
+    line, output = refused_start({"MODEL": "no-such-model"})
+    assert "no-such-model" in line and "qwen-7b-chat" in line  # lists the catalogue's keys
+    assert "Traceback" not in output
 
 
 def test_threads_default_to_the_cores_this_process_may_use():

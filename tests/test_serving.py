@@ -11,11 +11,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Server
+from conftest import MODEL, Server
 
-MODEL = "smollm2-135m-instruct"
 STORY = [{"role": "user", "content": "Write a long story about a dragon."}]
 
 
@@ -231,49 +229,38 @@ def test_sigterm_ends_what_outlives_the_grace_with_an_error_event():
 
 
 def test_metrics_parse_and_move(busy):
-    def sample(name, **labels):
-        text = httpx.get(f"{busy.url}/metrics").text
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-    before = (sample("gguf_requests_total", endpoint="/v1/chat/completions", status="200"),
-              sample("gguf_completion_tokens_total"), sample("gguf_time_to_first_token_seconds_count"))
+    before = (busy.metric("gguf_requests_total", endpoint="/v1/chat/completions", status="200"),
+              busy.metric("gguf_completion_tokens_total"), busy.metric("gguf_time_to_first_token_seconds_count"))
     httpx.post(f"{busy.url}/v1/chat/completions", json=chat_body(max_tokens=7, stream=True), timeout=60).read()
-    after = (sample("gguf_requests_total", endpoint="/v1/chat/completions", status="200"),
-             sample("gguf_completion_tokens_total"), sample("gguf_time_to_first_token_seconds_count"))
+    after = (busy.metric("gguf_requests_total", endpoint="/v1/chat/completions", status="200"),
+             busy.metric("gguf_completion_tokens_total"), busy.metric("gguf_time_to_first_token_seconds_count"))
     assert after[0] == before[0] + 1 and after[1] == before[1] + 7 and after[2] == before[2] + 1
-    assert sample("gguf_model_load_seconds") > 0
-    assert sample("gguf_inter_token_seconds_count") > 0
-    assert sample("gguf_queue_depth") == 0 and sample("gguf_running") == 0
+    assert busy.metric("gguf_model_load_seconds") > 0
+    assert busy.metric("gguf_inter_token_seconds_count") > 0
+    assert busy.metric("gguf_queue_depth") == 0 and busy.metric("gguf_running") == 0
 
 
 # --- auth and CORS ---
 
 
-def test_api_key_auth(tmp_path):
-    key_file = tmp_path / "keys"
-    key_file.write_text("file-key\n")
-    s = Server({"API_KEY": "k1,k2", "API_KEY_FILE": str(key_file), "CORS_ORIGINS": "https://app.example",
-                "PARALLEL": "1"}).wait_ready()
-    try:
-        assert assert_openai_error(httpx.get(f"{s.url}/v1/models"), 401)["code"] == "invalid_api_key"
-        assert_openai_error(httpx.get(f"{s.url}/v1/models", headers={"authorization": "Bearer nope"}), 401)
-        assert_openai_error(httpx.get(f"{s.url}/v1/models", headers={"authorization": "k1"}), 401)
-        for key in ("k1", "k2", "file-key"):
-            assert httpx.get(f"{s.url}/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
-        assert httpx.get(f"{s.url}/health").status_code == 200 and httpx.get(f"{s.url}/ready").status_code == 200
-        from openai import AuthenticationError, OpenAI
+def test_api_key_auth(two_keys):
+    url = two_keys.url
+    assert assert_openai_error(httpx.get(f"{url}/v1/models"), 401)["code"] == "invalid_api_key"
+    assert_openai_error(httpx.get(f"{url}/v1/models", headers={"authorization": "Bearer nope"}), 401)
+    assert_openai_error(httpx.get(f"{url}/v1/models", headers={"authorization": "k1"}), 401)
+    for key in ("k1", "k2", "file-key"):
+        assert httpx.get(f"{url}/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
+    assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{url}/ready").status_code == 200
+    from openai import AuthenticationError, OpenAI
 
-        with pytest.raises(AuthenticationError):
-            OpenAI(base_url=f"{s.url}/v1", api_key="wrong", max_retries=0).models.list()
-        assert OpenAI(base_url=f"{s.url}/v1", api_key="k2", max_retries=0).models.list().data[0].id == MODEL
-        preflight = httpx.options(f"{s.url}/v1/chat/completions", headers={
-            "origin": "https://app.example", "access-control-request-method": "POST",
-            "access-control-request-headers": "authorization, content-type"})
-        assert preflight.status_code in (200, 204)
-        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
-    finally:
-        s.stop()
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    assert OpenAI(base_url=f"{url}/v1", api_key="k2", max_retries=0).models.list().data[0].id == MODEL
+    preflight = httpx.options(f"{url}/v1/chat/completions", headers={
+        "origin": "https://app.example", "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type"})
+    assert preflight.status_code in (200, 204)
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
 
 
 # --- limits on bad input ---
