@@ -66,17 +66,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """One `granian --interface asgi service:app` process, as the README starts it from a checkout."""
+GRANIAN = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{port}", "service:app"]
 
-    def __init__(self, env: dict[str, str] | None = None):
+
+class Server:
+    """One server process on a free loopback port: by default `granian --interface asgi
+    service:app`, as the README starts it from a checkout; `command` (its port as `{port}`) and
+    `cwd` start another way (test_package: an installed `gguf-serve`)."""
+
+    def __init__(self, env: dict[str, str] | None = None, command: list = GRANIAN, cwd: Path = ROOT):
         self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a pipe nobody reads fills and blocks the server
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(self.port), "service:app"],
-            cwd=ROOT,
+            [str(arg).replace("{port}", str(self.port)) for arg in command],
+            cwd=cwd,
             env={**os.environ, **(env or {})},
             stdout=self.log,
             stderr=subprocess.STDOUT,

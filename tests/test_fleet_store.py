@@ -19,14 +19,13 @@ import openai
 import pytest
 import redis
 
-from conftest import Server, free_port
+from conftest import MODEL, Server, free_port
 from gguf_serve.protocol import APIError, InputItem, ResponseObject, TextConfig
 from gguf_serve.redis_store import PREFIX, RedisStore
 from gguf_serve.response_store import MemoryStore
 from test_deploy import start_proxy
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-MODEL = "smollm2-135m-instruct"
 KEYS = ("key-one", "key-two")
 
 

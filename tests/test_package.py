@@ -7,18 +7,14 @@ the test command installed (llama-cpp-python compiles for minutes); `gguf_serve`
 from the wheel, which the test checks."""
 
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import ROOT, free_port
-
-MODEL = "smollm2-135m-instruct"
+from conftest import MODEL, ROOT, Server
 
 
 @pytest.fixture(scope="module")
@@ -42,25 +38,11 @@ def test_gguf_serve_from_the_wheel_answers_a_chat(venv, tmp_path):
     where = subprocess.run([venv / "bin" / "python", "-c", "import gguf_serve; print(gguf_serve.__file__)"], cwd=tmp_path,
                            capture_output=True, text=True, check=True).stdout
     assert Path(where).is_relative_to(venv), where  # the wheel's copy, not the checkout's
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "PYTHONPATH")}
-    with open(tmp_path / "log", "w+") as log:
-        proc = subprocess.Popen([venv / "bin" / "gguf-serve", "--port", str(port)], cwd=tmp_path, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(1200):
-                assert proc.poll() is None, log.seek(0) or log.read()
-                try:
-                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)
-            r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-                "model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0})
-            assert r.status_code == 200, r.text
-            assert r.json()["choices"][0]["message"]["content"] and r.json()["usage"]["completion_tokens"] > 0
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    server = Server(command=[venv / "bin" / "gguf-serve", "--port", "{port}"], cwd=tmp_path).wait_ready()
+    try:
+        r = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] and r.json()["usage"]["completion_tokens"] > 0
+    finally:
+        server.stop()
