@@ -276,9 +276,9 @@ class Blocks:
         return [event("content_block_stop", index=self.index)]
 
     def text(self, text: str) -> list[bytes]:
+        started = self.start(TextBlock(text="")) if self.open is not TextBlock else []
         before, after = self.text_ends
-        return [*(self.start(TextBlock(text="")) if self.open is not TextBlock else []),
-                before + msgspec.json.encode(text) + after]
+        return [*started, before + msgspec.json.encode(text) + after]
 
     def thinking(self, thought: str) -> list[bytes]:
         return [*(self.start(ThinkingBlock(thinking="")) if self.open is not ThinkingBlock else []),
