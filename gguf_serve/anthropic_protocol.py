@@ -49,6 +49,7 @@ class ToolParam(msgspec.Struct, kw_only=True, omit_defaults=True):
     name: Annotated[str, msgspec.Meta(min_length=1)]
     description: str | None = None
     input_schema: dict = {}
+    strict: bool | None = None
     type: str | None = None
     cache_control: dict | None = None
 
@@ -60,8 +61,18 @@ class ToolChoiceParam(msgspec.Struct, kw_only=True):
 
 
 class ThinkingParam(msgspec.Struct, kw_only=True):
-    type: Literal["enabled", "disabled"]
+    type: Literal["enabled", "adaptive", "disabled"]  # adaptive: the model decides (Qwen3's template lets it)
     budget_tokens: Positive | None = None  # with enabled
+
+
+class OutputFormatParam(msgspec.Struct, kw_only=True):
+    type: Literal["json_schema"]
+    schema: dict
+
+
+class OutputConfigParam(msgspec.Struct, kw_only=True):
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None  # one effort here: accepted, the same
+    format: OutputFormatParam | None = None
 
 
 class MetadataParam(msgspec.Struct, kw_only=True):
@@ -77,6 +88,7 @@ class CountTokensRequest(msgspec.Struct, kw_only=True):
     tools: list[ToolParam] | None = None
     tool_choice: ToolChoiceParam | None = None
     thinking: ThinkingParam | None = None
+    output_config: OutputConfigParam | None = None
     # Anthropic's hosted features, which a local model can't honour: refused, never ignored.
     mcp_servers: list | None = None
     container: str | dict | None = None

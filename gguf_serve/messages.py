@@ -22,7 +22,8 @@ from .anthropic_protocol import (ContentBlock, ContentBlockParam, CountTokensReq
                                  TextBlock, TextDelta, ThinkingBlock, ThinkingDelta, TokenCount, ToolUseBlock, error_detail)
 from .loading import Served
 from .prompts import Job
-from .protocol import APIError, ChatMessage, ChatRequest, FunctionCall, FunctionDef, FunctionName, NamedToolChoice, ToolCall, ToolDef
+from .protocol import (APIError, ChatMessage, ChatRequest, FunctionCall, FunctionDef, FunctionName, JSONSchemaFormat,
+                       NamedToolChoice, ResponseFormat, ToolCall, ToolDef)
 from .responses import answered_calls
 from .runs import Choice, Run
 from .streaming import TEXT_MARK, around_text, named_sse
@@ -135,7 +136,7 @@ def function_tools(body: CountTokensRequest) -> list[ToolDef] | None:
         if tool.type not in (None, "custom"):
             raise APIError(400, f"tool type `{tool.type}` is not supported by this server; only client tools "
                                 "(name, description, input_schema)", f"tools[{i}].type")
-    return [ToolDef(function=FunctionDef(t.name, t.description, t.input_schema)) for t in body.tools]
+    return [ToolDef(function=FunctionDef(t.name, t.description, t.input_schema, t.strict)) for t in body.tools]
 
 
 def chat_tool_choice(body: CountTokensRequest) -> str | NamedToolChoice | None:
@@ -149,13 +150,22 @@ def chat_tool_choice(body: CountTokensRequest) -> str | NamedToolChoice | None:
     return NamedToolChoice(function=FunctionName(choice.name))
 
 
+def response_format(body: CountTokensRequest) -> ResponseFormat | None:
+    """`output_config.format` as chat's `response_format`, so that the same grammar enforces it."""
+    fmt = body.output_config and body.output_config.format
+    return fmt and ResponseFormat(type="json_schema", json_schema=JSONSchemaFormat(name="output", schema=fmt.schema))
+
+
 def reasoning_effort(body: CountTokensRequest) -> str | None:
-    """Thinking only when asked for, as on Anthropic's API (a thinking model's template is told
-    `enable_thinking` false otherwise). `budget_tokens` is checked as Anthropic checks it (below
-    max_tokens) but not counted apart: max_tokens bounds the thinking and the answer together."""
+    """Thinking only when asked for (enabled, or adaptive: the template's own default), as on
+    Anthropic's API (a thinking model's template is told `enable_thinking` false otherwise).
+    `budget_tokens` is checked as Anthropic checks it (below max_tokens) but not counted apart:
+    max_tokens bounds the thinking and the answer together."""
     thinking = body.thinking
     if thinking is None or thinking.type == "disabled":
         return "none"
+    if thinking.type == "adaptive":
+        return None
     if thinking.budget_tokens is None:
         raise APIError(400, "`budget_tokens` is required with thinking type enabled", "thinking.budget_tokens")
     if isinstance(body, MessagesRequest) and thinking.budget_tokens >= body.max_tokens:
@@ -174,7 +184,8 @@ def chat_request(body: CountTokensRequest, model: str) -> tuple[ChatRequest, lis
         stop=body.stop_sequences)
     parallel = not (body.tool_choice and body.tool_choice.disable_parallel_tool_use)
     request = ChatRequest(model=model, messages=messages, tools=function_tools(body), tool_choice=chat_tool_choice(body),
-                          parallel_tool_calls=parallel, reasoning_effort=reasoning_effort(body), **sampling)
+                          parallel_tool_calls=parallel, response_format=response_format(body),
+                          reasoning_effort=reasoning_effort(body), **sampling)
     return request, origins
 
 
@@ -182,7 +193,10 @@ CHAT_MESSAGE = re.compile(r"messages\[(\d+)\]")
 
 
 def as_messages_error(e: APIError, origins: list[str]) -> APIError:
-    """An error from chat's code, a chat message it names renamed to the field it came from."""
+    """An error from chat's code, a chat message it names renamed to the field it came from
+    (and `response_format` to `output_config.format`)."""
+    if e.param and e.param.startswith("response_format"):
+        e.param = "output_config.format"
     found = CHAT_MESSAGE.match(e.param or "")
     if found and int(found.group(1)) < len(origins):
         e.param = origins[int(found.group(1))]
