@@ -8,7 +8,6 @@ tool_use), whole or as Anthropic's stream of events.
 from __future__ import annotations
 
 import functools
-import json
 import re
 import uuid
 from typing import AsyncIterator
@@ -79,7 +78,7 @@ def assistant_message(blocks: list[ContentBlockParam], where: str) -> ChatMessag
             texts.append(block.text)
         elif block.type == "tool_use":
             required(block, ("id", "name", "input"), at)
-            calls.append(ToolCall(id=block.id, function=FunctionCall(block.name, json.dumps(block.input, ensure_ascii=False))))
+            calls.append(ToolCall(id=block.id, function=FunctionCall(block.name, msgspec.json.encode(block.input).decode())))
         elif block.type == "thinking":
             required(block, ("thinking",), at)
             thought.append(block.thinking)
@@ -124,6 +123,9 @@ def chat_messages(body: CountTokensRequest) -> tuple[list[ChatMessage], list[str
         origins.append("system")
     for i, message in enumerate(body.messages):
         append_message(out, origins, message, f"messages[{i}]")
+    if body.messages[-1].role == "assistant":  # a template would close that turn, not continue it
+        raise APIError(400, "a last message from the assistant (a prefill to continue) is not supported; end with a "
+                            "user message", f"messages[{len(body.messages) - 1}].role")
     return out, origins
 
 
@@ -210,8 +212,8 @@ def tool_input(arguments: str) -> dict:
     """A call's arguments as tool_use's `input` object; arguments that are not one (a model's
     own JSON can be anything) are kept whole under `arguments`."""
     try:
-        value = json.loads(arguments)
-    except (ValueError, RecursionError):
+        value = msgspec.json.decode(arguments)
+    except (msgspec.DecodeError, RecursionError):
         value = arguments
     return value if isinstance(value, dict) else {"arguments": value}
 

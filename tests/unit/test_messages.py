@@ -12,6 +12,7 @@ from gguf_serve.anthropic_protocol import CountTokensRequest, MessagesRequest, T
 from gguf_serve.engine import StopScanner
 from gguf_serve.protocol import APIError, FunctionCall, NamedToolChoice, ToolCall
 
+HI = {"role": "user", "content": "Hi"}
 WEATHER = {"name": "get_weather", "description": "The weather", "input_schema": {"type": "object"}}
 
 
@@ -47,7 +48,7 @@ def test_a_tool_round_trip_becomes_chats_tool_call_and_tool_message():
                      ("tool", "Error: boom", "toolu_2"), ("user", "And tomorrow?", None), ("system", "Answer in French.", None)]
     assistant = body.messages[1]
     assert assistant.reasoning_content == "Look it up."
-    assert assistant.tool_calls == [ToolCall(id="toolu_1", function=FunctionCall("get_weather", '{"city": "Paris"}'))]
+    assert assistant.tool_calls == [ToolCall(id="toolu_1", function=FunctionCall("get_weather", '{"city":"Paris"}'))]
     assert body.tools[0].function.name == "get_weather" and body.tools[0].function.parameters == {"type": "object"}
 
 
@@ -71,6 +72,7 @@ def test_thinking_is_on_only_when_enabled():
                                                  "content": [{"type": "document"}]}]}]}, "messages[0].content[0].content[0].type"),
     ({"messages": [{"role": "system", "content": [{"type": "tool_result", "tool_use_id": "t"}]}]}, "messages[0].content[0].type"),
     ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f"}]}]}, "messages[0].content[0].input"),
+    ({"messages": [HI, {"role": "assistant", "content": "The answer is"}]}, "messages[1].role"),
     ({"system": [{"type": "image"}]}, "system[0].type"),
     ({"tools": [{**WEATHER, "type": "web_search_20250305"}]}, "tools[0].type"),
     ({"tools": [WEATHER], "tool_choice": {"type": "tool"}}, "tool_choice.name"),
