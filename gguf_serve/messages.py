@@ -26,7 +26,7 @@ from .protocol import (APIError, ChatMessage, ChatRequest, FunctionCall, Functio
 from .responses import answered_calls
 from .runs import Choice, Run
 from .streaming import TEXT_MARK, around_text, named_sse
-from .tools import CallSpotter, ToolPlan, answer, tool_plan
+from .tools import CallSpotter, ForcedCallReader, ToolPlan, answer, tool_plan
 
 BLOCK_JOINER = "\n\n"  # between a message's text blocks (an agent's system prompt comes as several)
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # Anthropic's -> chat's (`tool`: a named one)
@@ -138,6 +138,8 @@ def function_tools(body: CountTokensRequest) -> list[ToolDef] | None:
         if tool.type not in (None, "custom"):
             raise APIError(400, f"tool type `{tool.type}` is not supported by this server; only client tools "
                                 "(name, description, input_schema)", f"tools[{i}].type")
+        if tool.input_schema.get("type") != "object":  # a call's input is an object
+            raise APIError(400, "`input_schema` must be a JSON Schema of type object", f"tools[{i}].input_schema.type")
     return [ToolDef(function=FunctionDef(t.name, t.description, t.input_schema, t.strict)) for t in body.tools]
 
 
@@ -300,25 +302,29 @@ class Blocks:
         return [*(self.start(ThinkingBlock(thinking="")) if self.open is not ThinkingBlock else []),
                 event("content_block_delta", index=self.index, delta=ThinkingDelta(thinking=thought))]
 
+    def tool_input(self, partial: str) -> bytes:
+        return event("content_block_delta", index=self.index, delta=InputJSONDelta(partial_json=partial))
+
     def tool_use(self, block: ToolUseBlock) -> list[bytes]:
-        """A call, once parsed at the end of the answer (as chat sends its tool calls): its
-        input in one input_json_delta."""
+        """A call parsed at the end of the answer (as chat sends its tool calls): its input in
+        one input_json_delta."""
         started = self.start(ToolUseBlock(id=block.id, name=block.name, input={}))
-        partial = msgspec.json.encode(block.input).decode()
-        return [*started, event("content_block_delta", index=self.index, delta=InputJSONDelta(partial_json=partial)),
-                *self.stop()]
+        return [*started, self.tool_input(msgspec.json.encode(block.input).decode()), *self.stop()]
 
 
 async def events(run: Run, body: MessagesRequest, chat_body: ChatRequest, plan: ToolPlan,
                  message: MessageResponse) -> AsyncIterator[bytes]:
     """Anthropic's stream: message_start and a ping, then content blocks as they come (a
-    thinking model's thinking, then the text delta by delta; with tools, text that may begin a
-    call is held as on chat and sent as tool_use blocks at the end), then message_delta with
-    the stop reason and output tokens, and message_stop; an error midway is an `error` event."""
+    thinking model's thinking, then the text delta by delta; a forced call's tool_use block as
+    soon as its name is written, its input as the model writes it; other calls are spotted as
+    on chat, the text that may begin one held, and sent as tool_use blocks at the end), then
+    message_delta with the stop reason and output tokens, and message_stop; an error midway is
+    an `error` event."""
     message.usage = MessagesUsage(input_tokens=run.n_prompt, output_tokens=0)
     yield event("message_start", message=message)
     yield event("ping")
     spotter, blocks = CallSpotter(forced=plan.forced is not None), Blocks()
+    forced = ForcedCallReader() if plan.forced else None
     calls, reason, stop_string = [], "stop", None
     try:
         async for _, step in run:
@@ -327,12 +333,22 @@ async def events(run: Run, body: MessagesRequest, chat_body: ChatRequest, plan: 
                     yield sent
             text, parsed, finished = (spotter.step(step.text, step.finish_reason, plan) if plan.tools
                                       else (step.text, None, step.finish_reason))
+            if forced is not None:
+                name, arguments = forced.feed(step.text)
+                if name is not None:
+                    for sent in blocks.start(ToolUseBlock(id=f"toolu_{uuid.uuid4().hex[:24]}", name=name, input={})):
+                        yield sent
+                if arguments:
+                    yield blocks.tool_input(arguments)
+                text = "" if forced.name is not None else text  # the call's text is its block's (a cut one too)
             if text:
                 for sent in blocks.text(text):
                     yield sent
             if finished:
                 reason, stop_string = finished, step.stop_string
                 calls = answered_calls(parsed, chat_body) if parsed else []
+                if forced is not None and forced.name is not None:
+                    calls = calls[1:]  # its block was streamed
     except APIError as e:
         yield event("error", error=error_detail(e))
         return

@@ -77,8 +77,10 @@ def test_a_tool_round_trip(claude):
     assert isinstance(call.input, dict) and isinstance(call.input["city"], str) and m.stop_reason == "tool_use"
     with claude.messages.stream(model=MODEL, max_tokens=60, messages=ASK, extra_body=GREEDY, tools=[WEATHER],
                                 tool_choice=forced) as stream:
+        pieces = [e.delta.partial_json for e in stream if e.type == "content_block_delta"]
         streamed = stream.get_final_message()
     assert [(b.type, b.name, b.input) for b in streamed.content] == [("tool_use", "get_weather", call.input)]
+    assert len(pieces) > 3 and json.loads("".join(pieces)) == call.input  # the input as the model wrote it
     answer = create(claude, tools=[WEATHER], max_tokens=40, messages=[
         *ASK, {"role": "assistant", "content": [b.model_dump() for b in m.content]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,

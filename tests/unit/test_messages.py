@@ -11,6 +11,7 @@ from gguf_serve.access import api_key, authorized, error_body_for
 from gguf_serve.anthropic_protocol import CountTokensRequest, MessagesRequest, TextBlock, ThinkingBlock, ToolUseBlock
 from gguf_serve.engine import StopScanner
 from gguf_serve.protocol import APIError, FunctionCall, NamedToolChoice, ToolCall
+from gguf_serve.tools import ForcedCallReader
 
 HI = {"role": "user", "content": "Hi"}
 WEATHER = {"name": "get_weather", "description": "The weather", "input_schema": {"type": "object"}}
@@ -75,6 +76,7 @@ def test_thinking_is_on_only_when_enabled():
     ({"messages": [HI, {"role": "assistant", "content": "The answer is"}]}, "messages[1].role"),
     ({"system": [{"type": "image"}]}, "system[0].type"),
     ({"tools": [{**WEATHER, "type": "web_search_20250305"}]}, "tools[0].type"),
+    ({"tools": [{**WEATHER, "input_schema": {"type": "string"}}]}, "tools[0].input_schema.type"),
     ({"tools": [WEATHER], "tool_choice": {"type": "tool"}}, "tool_choice.name"),
     ({"thinking": {"type": "enabled"}}, "thinking.budget_tokens"),
     ({"thinking": {"type": "enabled", "budget_tokens": 16}}, "thinking.budget_tokens"),
@@ -114,6 +116,14 @@ def test_the_stop_scanner_says_which_stop_string_ended_the_text():
     assert scanner.feed("rld") == ("", True) and scanner.reached == "o wor"  # the one that begins first
     scanner = StopScanner(["world", "o wor"])
     assert scanner.feed("a world") == ("a ", True) and scanner.reached == "world"
+
+
+def test_a_forced_calls_arguments_are_read_as_they_stream():
+    reader, text = ForcedCallReader(), '{ "name" : "get_weather", "arguments": {"city": "Pa\\"}ris", "n": [1, {"a": 2}]} }'
+    read = [reader.feed(text[i:i + 3]) for i in range(0, len(text), 3)]
+    assert [name for name, _ in read if name] == ["get_weather"] and read[12][0] == "get_weather"
+    assert json.loads("".join(arguments for _, arguments in read)) == {"city": 'Pa"}ris', "n": [1, {"a": 2}]}
+    assert reader.done and reader.feed("}") == (None, "")
 
 
 def test_tool_input_is_an_object():
