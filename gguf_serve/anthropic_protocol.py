@@ -48,7 +48,7 @@ class ToolParam(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     name: Annotated[str, msgspec.Meta(min_length=1)]
     description: str | None = None
-    input_schema: dict  # a JSON Schema of type object, as Anthropic requires
+    input_schema: dict | None = None  # a client tool's: a JSON Schema of type object, as Anthropic requires
     strict: bool | None = None
     type: str | None = None
     cache_control: dict | None = None

@@ -138,7 +138,7 @@ def function_tools(body: CountTokensRequest) -> list[ToolDef] | None:
         if tool.type not in (None, "custom"):
             raise APIError(400, f"tool type `{tool.type}` is not supported by this server; only client tools "
                                 "(name, description, input_schema)", f"tools[{i}].type")
-        if tool.input_schema.get("type") != "object":  # a call's input is an object
+        if tool.input_schema is None or tool.input_schema.get("type") != "object":  # a call's input is an object
             raise APIError(400, "`input_schema` must be a JSON Schema of type object", f"tools[{i}].input_schema.type")
     return [ToolDef(function=FunctionDef(t.name, t.description, t.input_schema, t.strict)) for t in body.tools]
 
