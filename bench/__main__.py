@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "join": "how long a running stream pauses while a long prompt joins",
     "embeddings": "embeddings/s of gguf-serve against llama-server --embeddings, and their vectors' agreement",
     "responses": "/v1/responses against /v1/chat/completions on the same generation",
+    "messages": "/v1/messages (Anthropic's API) against /v1/chat/completions on the same generation",
     "kvcache": "KV cache types: the context's memory, decode speed, greedy output against f16's",
     "hardening": "what issue #25's hardening costs a request: the stop scan, the template's render process",
     "store": "stored responses with the in-process store against Redis: create, continue, retrieve rates",

@@ -1,9 +1,10 @@
-"""The same generation through /v1/responses and /v1/chat/completions, streamed and not:
-tokens/s of each, side by side.
+"""The same generation through /v1/responses (or Anthropic's /v1/messages: `python -m bench
+messages`) and /v1/chat/completions, streamed and not: tokens/s of each, side by side.
 
     python -m bench responses                     # starts one gguf-serve (granian, SmolLM2), 5 rounds
     python -m bench responses --rounds 9 --max-tokens 256
     python -m bench responses --url http://127.0.0.1:8000     # a gguf-serve already running
+    python -m bench messages                      # the same for /v1/messages
 
 Every request is one user message, unique to its round (so that no answer comes from a cached
 whole prompt), at temperature 0 with `max_tokens` / `max_output_tokens` the same; both APIs
@@ -12,7 +13,7 @@ counts are printed). Each round runs the four kinds back to back, in an order th
 round to round, so that a host drifting in speed weighs on all of them alike. tok/s is
 completion tokens / the request's wall time (for a stream, from sending it to its last event);
 TTFT is to the first event carrying text. Medians over the rounds, printed and written to the
-results file (default bench/results/responses.json).
+results file (default bench/results/<subcommand>.json).
 """
 
 from __future__ import annotations
@@ -30,23 +31,35 @@ from bench.procs import kill_all
 from bench.servers import gguf_serve_command, launch, server_arguments
 
 PROMPT = "Request {i}: write a long story about a dragon who learns to bake bread."
-KINDS = ("chat", "responses", "chat stream", "responses stream")
 
 
 def body(kind: str, model: str, i: int, max_tokens: int) -> tuple[str, dict]:
-    text = PROMPT.format(i=i)
-    stream = kind.endswith("stream")
-    if kind.startswith("chat"):
-        return "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": text}], "temperature": 0,
-                                        "max_tokens": max_tokens, "stream": stream,
-                                        **({"stream_options": {"include_usage": True}} if stream else {})}
-    return "/v1/responses", {"model": model, "input": text, "temperature": 0, "max_output_tokens": max_tokens,
-                             "stream": stream, "store": False}
+    """The request of one kind: "chat", "responses" or "messages", each also " stream"."""
+    text, stream = PROMPT.format(i=i), kind.endswith("stream")
+    if kind.startswith("responses"):
+        return "/v1/responses", {"model": model, "input": text, "temperature": 0, "max_output_tokens": max_tokens,
+                                 "stream": stream, "store": False}
+    payload = {"model": model, "messages": [{"role": "user", "content": text}], "temperature": 0,
+               "max_tokens": max_tokens, "stream": stream}
+    if kind.startswith("messages"):
+        return "/v1/messages", payload
+    return "/v1/chat/completions", {**payload, **({"stream_options": {"include_usage": True}} if stream else {})}
 
 
-def completion_tokens(kind: str, answer: dict) -> int:
-    usage = answer["usage"]
-    return usage["completion_tokens"] if kind.startswith("chat") else usage["output_tokens"]
+def streamed(event: dict) -> tuple[str | None, int | None]:
+    """A streamed event's text, and the completion tokens if it carries the final count."""
+    kind = event.get("type")
+    if kind == "response.output_text.delta":
+        return event["delta"], None
+    if kind in ("response.completed", "response.incomplete"):
+        return None, event["response"]["usage"]["output_tokens"]
+    if kind == "content_block_delta":
+        return event["delta"].get("text"), None
+    if kind == "message_delta":
+        return None, event["usage"]["output_tokens"]
+    if event.get("usage"):  # chat's last chunk
+        return None, event["usage"]["completion_tokens"]
+    return (event["choices"][0]["delta"].get("content") if event.get("choices") else None), None
 
 
 def measure(client: httpx.Client, url: str, kind: str, model: str, i: int, max_tokens: int) -> dict:
@@ -56,27 +69,26 @@ def measure(client: httpx.Client, url: str, kind: str, model: str, i: int, max_t
     if not payload["stream"]:
         r = client.post(url + path, json=payload)
         r.raise_for_status()
-        return {"tokens": completion_tokens(kind, r.json()), "seconds": time.perf_counter() - started, "ttft": None}
-    first, final = None, None
+        usage = r.json()["usage"]
+        return {"tokens": usage.get("completion_tokens", usage.get("output_tokens")), "seconds": time.perf_counter() - started,
+                "ttft": None}
+    first, tokens = None, None
     with client.stream("POST", url + path, json=payload) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            event = json.loads(line[6:])
-            text = (event.get("delta") if event.get("type") == "response.output_text.delta"
-                    else event["choices"][0]["delta"].get("content") if event.get("choices") else None)
+            text, count = streamed(json.loads(line[6:]))
             if text and first is None:
                 first = time.perf_counter() - started
-            if event.get("usage"):
-                final = event  # chat's last chunk
-            elif event.get("type") in ("response.completed", "response.incomplete"):
-                final = event["response"]
-    return {"tokens": completion_tokens(kind, final), "seconds": time.perf_counter() - started, "ttft": first}
+            tokens = count or tokens
+    return {"tokens": tokens, "seconds": time.perf_counter() - started, "ttft": first}
 
 
-def main(argv: list[str]) -> None:
-    ap = bench_arguments("responses", __doc__)
+def main(argv: list[str], api: str = "responses") -> None:
+    """`api` ("responses" or "messages") against chat."""
+    kinds = ("chat", api, "chat stream", f"{api} stream")
+    ap = bench_arguments(api, __doc__)
     server_arguments(ap, llama_server=False)
     ap.add_argument("--url", help="a running gguf-serve to measure (default: start one)")
     ap.add_argument("--rounds", type=int, default=5)
@@ -88,15 +100,15 @@ def main(argv: list[str]) -> None:
             model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         else:
             args.model = (args.model or default_model()).resolve()
-            logdir = Path(tempfile.mkdtemp(prefix="gguf-serve-responses-"))
+            logdir = Path(tempfile.mkdtemp(prefix=f"gguf-serve-{api}-"))
             _, b = launch("gguf-serve", *gguf_serve_command(args), args, [], logdir, {})
             url, model = b.base, b.model_id
-        runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+        runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
         with httpx.Client(timeout=args.timeout) as client:
             measure(client, url, "chat", model, -1, 8)  # warm-up
             for r in range(args.rounds):
-                for k in range(len(KINDS)):
-                    kind = KINDS[(r + k) % len(KINDS)]
+                for k in range(len(kinds)):
+                    kind = kinds[(r + k) % len(kinds)]
                     runs[kind].append(measure(client, url, kind, model, r, args.max_tokens))
     finally:
         kill_all()
@@ -110,6 +122,6 @@ def main(argv: list[str]) -> None:
         shown = f"{figures[kind]['ttft_s']:8.3f}" if ttft else f"{'':8}"
         print(f"{kind:18}{figures[kind]['tok_s']:8.1f}{shown}  {figures[kind]['tokens']}")
     for mode in ("", " stream"):
-        figures[f"responses / chat{mode}"] = figures["responses" + mode]["tok_s"] / figures["chat" + mode]["tok_s"]
-        print(f"responses / chat{mode}: {figures[f'responses / chat{mode}']:.3f}")
+        figures[f"{api} / chat{mode}"] = figures[api + mode]["tok_s"] / figures["chat" + mode]["tok_s"]
+        print(f"{api} / chat{mode}: {figures[f'{api} / chat{mode}']:.3f}")
     write_results(args, figures, runs=runs)

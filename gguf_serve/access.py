@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from . import anthropic_protocol
 from .protocol import APIError, Route, error_body, retry_after
 
 if TYPE_CHECKING:
@@ -65,12 +66,13 @@ def gate(app, state: ServerState, routes: tuple[Route, ...]):
         try:
             refusal = None
             if path not in probes and scope["method"] != "OPTIONS":
-                if config.api_keys and path not in public and not authorized(headers.get(b"authorization", b""), config.api_keys):
-                    refusal = APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.", None, "invalid_api_key")
+                if config.api_keys and path not in public and not authorized(api_key(headers), config.api_keys):
+                    refusal = APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` or "
+                                            "`x-api-key: <key>`.", None, "invalid_api_key")
                 elif state.draining:
                     refusal = APIError(503, "the server is shutting down; retry on another instance", None, "server_shutting_down")
             if refusal:
-                body = msgspec.json.encode(error_body(refusal))
+                body = msgspec.json.encode(error_body_for(path, refusal))
                 headers = [(b"content-type", b"application/json"), *((k.encode(), v.encode()) for k, v in retry_after(refusal).items())]
                 await send_with_id({"type": "http.response.start", "status": refusal.status, "headers": headers})
                 await send_with_id({"type": "http.response.body", "body": body})
@@ -107,7 +109,21 @@ def path_pattern(path: str) -> re.Pattern:
                               for piece in pieces))
 
 
-def authorized(header: bytes, keys: tuple[str, ...]) -> bool:
-    """`Bearer <key>` with one of the keys, compared in constant time (every key is tried)."""
-    given = header.removeprefix(b"Bearer ").strip()
-    return bool(header.startswith(b"Bearer ")) & any([hmac.compare_digest(given, k.encode()) for k in keys])
+def api_key(headers: dict[bytes, bytes]) -> bytes:
+    """The key a request sends: `Authorization: Bearer <key>` (OpenAI's clients) or `x-api-key`
+    (Anthropic's); b"" if neither."""
+    bearer = headers.get(b"authorization", b"")
+    return bearer.removeprefix(b"Bearer ").strip() if bearer.startswith(b"Bearer ") else headers.get(b"x-api-key", b"").strip()
+
+
+def authorized(given: bytes, keys: tuple[str, ...]) -> bool:
+    """`given` is one of the keys, compared in constant time (every key is tried)."""
+    return bool(given) & any([hmac.compare_digest(given, k.encode()) for k in keys])
+
+
+def error_body_for(path: str, exc: APIError):
+    """An error in the shape of the API its path belongs to: Anthropic's on /v1/messages,
+    OpenAI's everywhere else."""
+    if path == anthropic_protocol.PATH or path.startswith(anthropic_protocol.PATH + "/"):
+        return anthropic_protocol.error_body(exc)
+    return error_body(exc)

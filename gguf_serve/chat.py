@@ -16,7 +16,7 @@ from .logprobs import chat_logprobs
 from .prompts import Job
 from .protocol import ChatChoice, ChatRequest, ChunkChoice, Completion, Delta, ToolCallDelta
 from .runs import Choice, Run
-from .streaming import include_usage, sse
+from .streaming import TEXT_MARK, around_text, include_usage, sse
 from .tools import CallSpotter, ToolPlan, answer, tool_plan
 
 
@@ -87,7 +87,5 @@ def encode_chunk(head: dict, *choices: ChunkChoice, usage=msgspec.UNSET) -> byte
 
 def text_chunk_ends(head: dict, index: int) -> tuple[bytes, bytes]:
     """A token's usual chunk (text for choice `index`, nothing else) as what comes before and after
-    the text, encoded once: only the text is encoded per token, not the chunk's structs. The text
-    is the chunk's last string, so whatever the id or model name hold, the split is there."""
-    before, _, after = encode_chunk(head, ChunkChoice(index=index, delta=Delta(content="\0"))).rpartition(b'"\\u0000"')
-    return before, after
+    the text (streaming.around_text)."""
+    return around_text(encode_chunk(head, ChunkChoice(index=index, delta=Delta(content=TEXT_MARK))))

@@ -163,6 +163,7 @@ class StopScanner:
         self.borders = [_borders(s) for s in self.stops]
         self.matched = [0] * len(self.stops)  # for each stop string, how much of its start the text ends with
         self.pending = ""  # the text held back: as long as the longest of those starts
+        self.reached: str | None = None  # the stop string that ended the text, once one has
 
     def feed(self, text: str) -> tuple[str, bool]:
         """The text safe to emit now, and whether a stop string was reached."""
@@ -180,7 +181,8 @@ class StopScanner:
                     matched += 1
                 if matched == len(stop):
                     start = end + 1 - len(stop)
-                    first = start if first is None else min(first, start)
+                    if first is None or start < first:
+                        first, self.reached = start, stop
                     break
             self.matched[k] = matched
         if first is not None:
@@ -261,7 +263,7 @@ class Slot:
         if self.held is not None and reason not in ("error", "cancelled"):
             text, reasoning, logprobs = self.held.text + text, self.held.reasoning + reasoning, self.held.logprobs + logprobs
         self.outbox.append((gen.emit, Event(text, reason, gen.generated, self.reused, logprobs, reasoning,
-                                            self.n_reasoning)))
+                                            self.n_reasoning, self.scanner.reached)))
         for chain in (self.chain, *self.later.values()):
             if chain is not None:
                 llama.llama_sampler_free(chain)

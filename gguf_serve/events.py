@@ -25,3 +25,6 @@ class Event:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     reasoning: str = ""  # a thinking model's reasoning, apart from `text` (its answer)
     reasoning_tokens: int = 0
+    # The stop string that ended it (a "stop" that an end-of-generation token ended has none):
+    # what tells Anthropic's stop_reason "stop_sequence" from "end_turn".
+    stop_string: str | None = None

@@ -18,7 +18,7 @@ import msgspec
 from litestar import Request, Response
 
 from . import prompts, serving
-from .access import request_info
+from .access import api_key, request_info
 from .loading import Served
 from .logprobs import chat_logprobs
 from .prompts import Job
@@ -30,7 +30,7 @@ from .protocol import (APIError, ChatMessage, ChatRequest, ContentPart, Function
                       Usage)
 from .response_store import ScopedStore, owner_hash
 from .runs import Choice, Run
-from .streaming import sse
+from .streaming import named_sse
 from .tools import CallSpotter, ToolPlan, answer, tool_plan
 
 TEXT_PARTS = ("input_text", "output_text", "text", "reasoning_text", "summary_text")
@@ -235,7 +235,7 @@ def store(request: Request) -> ScopedStore:
     """The app's store (service.response_store: this process's, or RESPONSES_STORE_URL's) as
     the request's API key sees it."""
     config = serving.server_state(request).config
-    key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    key = api_key(dict(request.scope["headers"])).decode(errors="replace")
     return ScopedStore(serving.server_state(request).responses, owner_hash(key, config.api_keys))
 
 
@@ -344,7 +344,7 @@ async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: 
 
     def event(kind: str, **fields) -> bytes:
         data = msgspec.json.encode(StreamEvent(type=kind, sequence_number=next(numbers), **fields))
-        return b"event: " + kind.encode() + b"\n" + sse(data)
+        return named_sse(kind, data)
 
     # An item with a text part (a reasoning item's reasoning_text, a message's output_text):
     # opened, its text sent delta by delta, closed. `kind` names its events.

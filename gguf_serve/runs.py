@@ -55,6 +55,7 @@ class Choice(msgspec.Struct):
     finish_reason: str | None = None
     logprobs: list = []
     reasoning: str = ""
+    stop_string: str | None = None  # the stop string that ended it, if one did
 
 
 class Run:
@@ -187,6 +188,7 @@ class Run:
             choices[i].reasoning += event.reasoning
             choices[i].logprobs += event.logprobs
             choices[i].finish_reason = choices[i].finish_reason or event.finish_reason
+            choices[i].stop_string = choices[i].stop_string or event.stop_string
         return choices
 
     async def collect_unless_disconnected(self, receive) -> list[Choice] | None:

@@ -5,7 +5,7 @@
 Read top to bottom: the app factory, its lifespan (model load, drain on SIGTERM), the routes,
 and the route table that lists them once for Litestar, the access gate and /openapi.json.
 Each route decodes its body (protocol), finds the served model and hands over to the module
-that serves it (chat, completions). Importing this module does nothing else: the app is made
+that serves it (chat, completions, responses, messages). Importing this module does nothing else: the app is made
 when `gguf_serve.service:app` is first asked for.
 """
 
@@ -27,14 +27,15 @@ from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
-from . import chat, completions, embeddings, loading, prompts, responses
-from .access import gate
+from . import chat, completions, embeddings, loading, messages, prompts, responses
+from .access import error_body_for, gate
+from .anthropic_protocol import CountTokensRequest, MessagesRequest, TokenCount
 from .config import Config, ConfigError, load_config
 from .loading import Served
 from .model import ModelFileError, check_model_file
 from .protocol import (APIError, ApplyTemplateResponse, ChatRequest, CompletionRequest, DeletedResponse, EmbeddingRequest,
                        InputTokenCount, ModelCard, ModelList, ResponseObject, ResponsesInput, ResponsesRequest, Route,
-                       TemplateRequest, decode, deep_field, error_body, openapi, retry_after)
+                       TemplateRequest, decode, deep_field, openapi, retry_after)
 from .response_store import MemoryStore, ResponseStore
 from .runs import Runs
 from .serving import off_loop, queued, server_state
@@ -85,14 +86,14 @@ def __getattr__(name: str):
     return app
 
 
-def error_response(_: Request, exc: Exception) -> Response:
+def error_response(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, APIError):
         if isinstance(exc, HTTPException):
             exc = APIError(exc.status_code, exc.detail)
         else:
             traceback.print_exception(exc)  # a defect: its traceback goes to the log
             exc = APIError(500, f"internal error: {type(exc).__name__}")
-    return Response(error_body(exc), status_code=exc.status, headers=retry_after(exc))
+    return Response(error_body_for(request.scope["path"], exc), status_code=exc.status, headers=retry_after(exc))
 
 
 # --- Lifespan: load, serve, drain -----------------------------------------------------------
@@ -283,6 +284,17 @@ async def delete_response(request: Request, response_id: str) -> DeletedResponse
     return DeletedResponse(id=response_id)
 
 
+async def create_message(request: Request) -> Response:
+    body = await parse(request, MessagesRequest)
+    return await messages.respond(request, generating_model(request, body.model), body)
+
+
+async def count_message_tokens(request: Request) -> TokenCount:
+    body = await parse(request, CountTokensRequest)
+    served = generating_model(request, body.model)
+    return await queued(request, served, messages.count_tokens, served, body)
+
+
 async def embeddings_route(request: Request) -> Response:
     body = await parse(request, EmbeddingRequest)
     return await embeddings.respond(request, served_model(request, body.model), body)
@@ -307,6 +319,8 @@ ROUTES = (
     Route("GET", "/v1/responses/{response_id:str}", retrieve_response),
     Route("DELETE", "/v1/responses/{response_id:str}", delete_response),
     Route("POST", "/v1/embeddings", embeddings_route, EmbeddingRequest),
+    Route("POST", "/v1/messages", create_message, MessagesRequest),
+    Route("POST", "/v1/messages/count_tokens", count_message_tokens, CountTokensRequest),
 )
 
 

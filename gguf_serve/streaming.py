@@ -17,6 +17,23 @@ def sse(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
+def named_sse(kind: str, data: bytes) -> bytes:
+    """An event with its name (`event:`), as the Responses and Anthropic streams send them."""
+    return b"event: " + kind.encode() + b"\n" + sse(data)
+
+
+TEXT_MARK = "\0"  # a text no model writes, in an event encoded once to be split around it
+
+
+def around_text(encoded: bytes) -> tuple[bytes, bytes]:
+    """An encoded event whose last string is TEXT_MARK -> what comes before and after that
+    string: a token's event is then `before + msgspec.json.encode(text) + after`, only the text
+    encoded per token, not the event's structs. The text being the event's last string, the
+    split is there whatever the strings before it hold."""
+    before, _, after = encoded.rpartition(b'"\\u0000"')
+    return before, after
+
+
 def event_stream(owner: AsyncExitStack, events: AsyncIterator[bytes]) -> Stream:
     """A streamed answer that holds `owner` (the request's run) until it ends: an error midway
     (the engine failed, the server is shutting down) ends it with an OpenAI error event, and

@@ -294,3 +294,44 @@ class CallSpotter:
             return text, None, finish_reason
         message, finish_reason = answer(self.held, finish_reason, plan)
         return text + (message.content or ""), message, finish_reason
+
+
+_FORCED_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:')
+
+
+class ForcedCallReader:
+    """A forced call's text read as it streams. The grammar (output_grammar) makes it exactly
+    `{"name": ..., "arguments": ...}`, name first, so that once the name is written the rest,
+    up to the arguments' end, is the arguments' JSON as the model writes it."""
+
+    def __init__(self):
+        self.pending = ""  # the text before the arguments, until the name is known
+        self.name: str | None = None
+        self.depth, self.in_string, self.escaped, self.done = 0, False, False, False
+
+    def feed(self, text: str) -> tuple[str | None, str]:
+        """(the call's name, the moment it is known, else None; the arguments' next text)."""
+        if self.done:
+            return None, ""
+        named = None
+        if self.name is None:
+            self.pending += text
+            head = _FORCED_CALL_HEAD.match(self.pending)
+            if not head:
+                return None, ""
+            self.name = named = msgspec.json.decode(head.group(1))
+            text, self.pending = self.pending[head.end():], ""
+        for i, char in enumerate(text):
+            if self.in_string:
+                self.escaped, self.in_string = (False, True) if self.escaped else (char == "\\", char != '"')
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                if self.depth == 0:  # the arguments' object has closed: what follows closes the call
+                    self.done = True
+                    return named, text[: i + 1]
+        return named, text
+

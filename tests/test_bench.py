@@ -43,7 +43,7 @@ def test_the_subcommands_are_listed():
     run = bench("--help")
     listed = [line.split()[0] for line in run.stdout[run.stdout.index("subcommands:"):].splitlines()[1:] if line.startswith("  ")]
     assert listed == ["compare", "paired", "split", "threadtime", "tokentime", "join", "embeddings", "responses",
-                      "kvcache", "hardening", "store"]
+                      "messages", "kvcache", "hardening", "store"]
 
 
 def test_quick_comparison_runs(tmp_path):
@@ -79,13 +79,14 @@ def test_embeddings_benchmark_runs(tmp_path):
     assert "8 short texts" in run.stdout and "gguf-serve resident memory" in run.stdout
 
 
-def test_responses_benchmark_runs(tmp_path):
-    out = tmp_path / "responses.json"
-    run = bench("responses", "--rounds", "1", "--max-tokens", "16", "--wait-idle", "1", "--json", out)
-    results = figures(out, "responses")
-    for kind in ("chat", "responses", "chat stream", "responses stream"):
+@pytest.mark.parametrize("api", ["responses", "messages"])
+def test_api_against_chat_benchmark_runs(tmp_path, api):
+    out = tmp_path / f"{api}.json"
+    run = bench(api, "--rounds", "1", "--max-tokens", "16", "--wait-idle", "1", "--json", out)
+    results = figures(out, api)
+    for kind in ("chat", api, "chat stream", f"{api} stream"):
         assert results[kind]["tok_s"] > 0 and results[kind]["tokens"] == [16], kind  # the same greedy tokens
-    assert results["responses stream"]["ttft_s"] > 0 and "responses / chat stream:" in run.stdout
+    assert results[f"{api} stream"]["ttft_s"] > 0 and f"{api} / chat stream:" in run.stdout
 
 
 def test_tokentime_benchmark_runs(tmp_path):
