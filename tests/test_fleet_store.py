@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import subprocess
 import time
 from typing import NamedTuple
@@ -73,11 +74,11 @@ def database(tmp_path_factory):
     server.stop()
 
 
-def open_backend(backend: str, database: RedisServer, **bounds):
+def open_backend(backend: str, database: RedisServer, timeout_s: float = 2.0, **bounds):
     if backend == "memory":
         return MemoryStore(**bounds)
     redis.Redis(port=database.port).flushdb()
-    return RedisStore(database.url, timeout_s=2.0, **bounds)
+    return RedisStore(database.url, timeout_s=timeout_s, **bounds)
 
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
@@ -131,6 +132,27 @@ def test_entries_expire_by_the_databases_ttl(database):
         while not await gone(store, "resp_0"):  # polled: the database expires it, nothing here does
             assert time.monotonic() < deadline, "never expired"
             await asyncio.sleep(0.1)
+
+    asyncio.run(main())
+
+
+def test_a_database_that_stops_answering_is_a_503_within_the_timeout(database):
+    """A database that takes the connection but never answers (stopped with SIGSTOP) costs a call
+    RESPONSES_STORE_TIMEOUT_S, then a 503 naming the store: never a hang."""
+    async def main():
+        store = open_backend("redis", database, timeout_s=0.5, max_count=10, ttl_s=60, max_bytes=1 << 20)
+        await store.put(response(0), [], b"me")  # connected
+        database.proc.send_signal(signal.SIGSTOP)
+        try:
+            for call in (store.get("resp_0", None, b"me"), store.put(response(1), [], b"me")):
+                with pytest.raises(APIError) as e:
+                    await asyncio.wait_for(call, timeout=10)  # the test's own bound: a hang fails here
+                assert (e.value.status, e.value.code) == (503, "responses_store_unavailable")
+                assert database.url in e.value.message
+            assert database.url in await asyncio.wait_for(store.status(), timeout=10)
+        finally:
+            database.proc.send_signal(signal.SIGCONT)
+        assert (await store.get("resp_0", None, b"me")).response.id == "resp_0"  # and back
 
     asyncio.run(main())
 
