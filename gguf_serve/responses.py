@@ -234,9 +234,9 @@ def as_input(output: list[OutputItem]) -> list[InputItem]:
 def store(request: Request) -> ScopedStore:
     """The app's store (service.response_store: this process's, or RESPONSES_STORE_URL's) as
     the request's API key sees it."""
-    config = serving.server_state(request).config
+    state = serving.server_state(request)
     key = api_key(dict(request.scope["headers"])).decode(errors="replace")
-    return ScopedStore(serving.server_state(request).responses, owner_hash(key, config.api_keys))
+    return ScopedStore(state.responses, owner_hash(key, state.config.api_keys))
 
 
 async def keep(request: Request, response: ResponseObject, conversation: list[InputItem]) -> None:
