@@ -10,7 +10,7 @@ character repeated then "z", the text that character alone), so the scanner hold
 stop string's length less one at every token: the worst case for a scanner that looks back
 over what it holds (the one before #25 rescanned it, O(L²) a token). The render is
 of a real official template (Qwen3's, from ../shared) on a 4-message chat; in-process is
-templates.jinja_template as the server rendered it before, with the same time limit.
+sandbox.jinja_template as the server rendered it before, with the same time limit.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench.machine import REPO, bench_arguments, write_results
-from gguf_serve import engine, templates
+from gguf_serve import engine, sandbox, templates
 from gguf_serve.template_process import TemplateProcess
 
 TEMPLATE = REPO.parent / "shared" / "chat-templates" / "Qwen-Qwen3-0.6B.jinja"
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
 
     scan = {f"{n} chars": round(scan_us_per_token(n, args.tokens), 2) for n in (0, 100, 1000)}
     source = TEMPLATE.read_text()
-    in_process = templates.jinja_template(source, "", "<|im_end|>")
+    in_process = sandbox.jinja_template(source, "", "<|im_end|>")
     out_of_process = TemplateProcess(source, "", "<|im_end|>")
     render = {"in process": round(render_us(in_process, args.renders)),
               "render process": round(render_us(out_of_process, args.renders))}

@@ -1,6 +1,6 @@
 """A GGUF's own chat template, rendered in a process of its own whose memory the OS bounds.
 
-The template is the model file's code. The sandbox (templates._Sandbox) stops it escaping and
+The template is the model file's code. The sandbox (sandbox.py) stops it escaping and
 the time limit stops its loops, but one C call can still build hundreds of megabytes that no
 Python-level check sees: `'%0300000000d' % 1`, `'x'|center(300000000)`, `x|tojson(indent=N)`.
 So the server never renders it itself: a render process (started with exec, not forked: the
@@ -127,6 +127,8 @@ def serve(stdin, stdout) -> None:
     import resource
     import signal
 
+    from . import sandbox  # here, in the render process: the server never imports jinja2
+
     resource.setrlimit(resource.RLIMIT_AS, (RENDER_MEMORY, RENDER_MEMORY))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the server, which ends this by closing its pipe
 
@@ -143,7 +145,7 @@ def serve(stdin, stdout) -> None:
     for request in requests():
         try:
             if render is None:
-                render = templates.jinja_template(*request)
+                render = sandbox.jinja_template(*request)
                 answer(True, "")
                 continue
             messages, extra = request

@@ -14,14 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-import time
-from contextlib import contextmanager
-from datetime import datetime
 from typing import Callable, NamedTuple
-
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 Messages = list[dict]
 Render = Callable[[Messages], str]
@@ -31,7 +24,7 @@ def _tool_calls_text(message: dict, each: Callable[[str, object], str]) -> str:
     return "".join(each(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls") or ())
 
 
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     # The tojson HF transformers gives chat templates (jinja2's own escapes HTML and sorts keys).
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -51,7 +44,7 @@ def _chatml_turns(messages: Messages) -> str:
                 out.append("<|im_end|>\n")
         elif role == "assistant" and m.get("tool_calls"):
             calls = _tool_calls_text(
-                m, lambda name, args: f'\n<tool_call>\n{{"name": "{name}", "arguments": {_tojson(args)}}}\n</tool_call>'
+                m, lambda name, args: f'\n<tool_call>\n{{"name": "{name}", "arguments": {tojson(args)}}}\n</tool_call>'
             )
             out.append(f"<|im_start|>assistant{chr(10) + content if content else ''}{calls}<|im_end|>\n")
         else:
@@ -126,7 +119,7 @@ def llama3(messages: Messages) -> str:
     ]
     for m in messages:
         if m.get("tool_calls"):
-            body = _tool_calls_text(m, lambda name, args: f'{{"name": "{name}", "parameters": {_tojson(args)}}}')
+            body = _tool_calls_text(m, lambda name, args: f'{{"name": "{name}", "parameters": {tojson(args)}}}')
             out.append(f"<|start_header_id|>assistant<|end_header_id|>\n\n{body}<|eot_id|>")
         elif m["role"] == "tool":
             out.append(f"<|start_header_id|>ipython<|end_header_id|>\n\n{m['content']}<|eot_id|>")
@@ -260,84 +253,14 @@ class TemplateError(ValueError):
     """The conversation is one the template refuses (its raise_exception), or it failed to render."""
 
 
-def _raise_exception(message: str):
-    raise TemplateError(message)
-
-
 # A template gets this long to render one conversation. The official templates in
 # ../shared take about a millisecond for a short chat; a hostile one can loop for hours
 # (the sandbox allows range(100000) inside range(100000)).
 RENDER_SECONDS = 2.0
-# The longest string or list one `*` may build, and the largest exponent `**` may take:
-# C-level work a time limit can't interrupt.
-MAX_REPEAT = 1 << 20
-MAX_EXPONENT = 256
-
-
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """The sandbox HF renders chat templates in (no attribute escapes, no mutation), which
-    also refuses to build a huge string or number in one operation."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context, operator, left, right):
-        if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
-            raise TemplateError(f"the chat template raises to the power {right}")
-        if operator == "*":
-            sizes = [len(x) * y for x, y in ((left, right), (right, left))
-                     if isinstance(x, (str, list, tuple)) and isinstance(y, int)]
-            if sizes and max(sizes) > MAX_REPEAT:
-                raise TemplateError(f"the chat template builds a sequence of {max(sizes)} items")
-        return super().call_binop(context, operator, left, right)
-
 
 # What the server gives a template (HF's globals): a request's chat_template_kwargs can't replace them.
 TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
                                 "raise_exception", "strftime_now"})
-
-
-def jinja_template(source: str, bos_token: str, eos_token: str, tools: list | None = None) -> Render:
-    """Compile a GGUF's `tokenizer.chat_template` in a sandbox, with the globals HF gives it.
-    A render that fails or takes longer than RENDER_SECONDS raises TemplateError."""
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    try:
-        template = env.from_string(source)
-    except jinja2.TemplateError as e:
-        raise TemplateError(f"the chat template does not compile: {e}") from None
-
-    def render(messages: Messages, tools: list | None = tools, **extra) -> str:
-        """`extra`: a request's chat_template_kwargs (enable_thinking...), passed on as llama.cpp does."""
-        try:
-            with time_limit(RENDER_SECONDS):
-                fixed = dict(messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True, tools=tools)
-                return template.render({**extra, **fixed})
-        except (TemplateError, MemoryError):  # the latter: the render process's limit (template_process.py)
-            raise
-        except Exception as e:  # a template is the model file's code: any failure is the template's
-            raise TemplateError(f"the model's chat template failed on these messages: {type(e).__name__}: {e}") from None
-
-    return render
-
-
-@contextmanager
-def time_limit(seconds: float):
-    """Raise TemplateError in this thread's Python code once `seconds` have passed: a trace
-    function sees every line the template's compiled code runs."""
-    deadline = time.monotonic() + seconds
-
-    def trace(frame, event, arg):
-        if time.monotonic() > deadline:
-            raise TemplateError(f"the model's chat template took longer than {seconds:g} s to render")
-        return trace
-
-    outer = sys.gettrace()
-    sys.settrace(trace)
-    try:
-        yield
-    finally:
-        sys.settrace(outer)
 
 
 PROBE = [
@@ -367,7 +290,7 @@ TOOLS_SYSTEM = (
 def with_tools_in_system(messages: Messages, tools: list[dict]) -> Messages:
     """For a format whose template doesn't describe tools: describe them in the system
     message, in the Hermes/Qwen2.5 wording and `<tool_call>` format most chat models know."""
-    text = TOOLS_SYSTEM.format(tools="\n".join(_tojson(t) for t in tools))
+    text = TOOLS_SYSTEM.format(tools="\n".join(tojson(t) for t in tools))
     if messages and messages[0]["role"] == "system":
         return [{**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
     return [{"role": "system", "content": text}, *messages]

@@ -8,7 +8,7 @@ import pytest
 from openai import OpenAI
 
 from gguf_serve.model import Model
-from gguf_serve import templates
+from gguf_serve import sandbox, templates
 from conftest import MODEL, Server, smollm2_path
 
 
@@ -21,7 +21,7 @@ def apply_template(url: str, messages: list, model: str | None = MODEL) -> str:
 def test_smollm2_gets_its_own_embedded_template(base_url):
     source = Model(smollm2_path(), vocab_only=True).metadata["tokenizer.chat_template"]
     messages = [{"role": "user", "content": "请解释人工智能的概念"}]
-    expected = templates.jinja_template(source, "<|im_start|>", "<|im_end|>")(messages)
+    expected = sandbox.jinja_template(source, "<|im_start|>", "<|im_end|>")(messages)
     assert apply_template(base_url, messages) == expected
     assert expected.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
 

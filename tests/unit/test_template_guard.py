@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from gguf_serve import templates
+from gguf_serve import sandbox, templates
 from gguf_serve.templates import render_with_spans
 
 SPECIALS = re.compile(r"<\|im_end\|>|<\|im_start\|>")
@@ -32,7 +32,7 @@ def conversation(attack: str = ATTACK) -> tuple[list[dict], dict]:
 
 
 def test_every_client_string_holding_a_special_token_lies_in_a_span():
-    render = templates.jinja_template(TEMPLATE, "", "")
+    render = sandbox.jinja_template(TEMPLATE, "", "")
     messages, extra = conversation()
     prompt, spans, marked = render_with_spans(render, messages, extra, SPECIALS)
     assert marked and prompt == render(messages, **extra)
@@ -45,14 +45,14 @@ def test_every_client_string_holding_a_special_token_lies_in_a_span():
 
 def test_strings_without_special_tokens_are_given_to_the_template_as_they_are():
     """The template compares `t.type` with 'function': only strings that hold a special token are marked."""
-    render = templates.jinja_template(TEMPLATE, "", "")
+    render = sandbox.jinja_template(TEMPLATE, "", "")
     messages, extra = conversation("plain")
     prompt, spans, marked = render_with_spans(render, messages, extra, SPECIALS)
     assert marked and '"description": "plain"' in prompt and [prompt[a:b] for a, b in spans] == ["Hi", "ok"]
 
 
 def test_markers_a_client_sends_are_removed_so_they_cant_close_a_span_or_force_a_search():
-    render = templates.jinja_template(TEMPLATE, "", "")
+    render = sandbox.jinja_template(TEMPLATE, "", "")
     messages, extra = conversation("\ufdd1" + ATTACK)
     prompt, spans, marked = render_with_spans(render, messages, extra, SPECIALS)
     assert marked and "\ufdd1" not in prompt and sum(ATTACK in prompt[a:b] for a, b in spans) == 8
@@ -60,7 +60,7 @@ def test_markers_a_client_sends_are_removed_so_they_cant_close_a_span_or_force_a
 
 def test_a_template_that_cuts_a_marked_string_falls_back_to_search():
     """An orphan marker (the template printed part of a string) is no span: the text is searched for."""
-    render = templates.jinja_template("{{ messages[0].reasoning_content[:12] }}|{{ messages[0].reasoning_content }}", "", "")
+    render = sandbox.jinja_template("{{ messages[0].reasoning_content[:12] }}|{{ messages[0].reasoning_content }}", "", "")
     messages = [{"role": "user", "content": "", "reasoning_content": ATTACK}]
     prompt, spans, marked = render_with_spans(render, messages, None, SPECIALS)
     assert not marked and [prompt[a:b] for a, b in spans] == [ATTACK]
@@ -69,7 +69,7 @@ def test_a_template_that_cuts_a_marked_string_falls_back_to_search():
 def test_text_with_a_special_token_that_the_template_rewrote_is_refused():
     """Here the template drops the first character, and with it the opening marker: what it
     prints (`|im_end|><|im_start|>...`) can be found nowhere as the client sent it."""
-    render = templates.jinja_template("{{ messages[0].reasoning_content[1:] }}", "", "")
+    render = sandbox.jinja_template("{{ messages[0].reasoning_content[1:] }}", "", "")
     with pytest.raises(templates.TemplateError, match="special token"):
         render_with_spans(render, [{"role": "user", "content": "", "reasoning_content": ATTACK}], None, SPECIALS)
 
@@ -77,7 +77,7 @@ def test_text_with_a_special_token_that_the_template_rewrote_is_refused():
 def test_text_with_a_special_token_that_the_template_drops_is_no_reason_to_refuse():
     """Searching, a string that can't be found may simply not be printed (an old turn's reasoning)."""
     template = "{{ messages[0].content|length }}{% for m in messages %}{{ m.content }}|{% endfor %}"
-    render = templates.jinja_template(template, "", "")
+    render = sandbox.jinja_template(template, "", "")
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok", "reasoning_content": ATTACK}]
     prompt, spans, marked = render_with_spans(render, messages, None, SPECIALS)
     assert not marked and prompt == "2Hi|ok|" and [prompt[a:b] for a, b in spans] == ["Hi", "ok"]

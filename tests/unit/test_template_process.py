@@ -4,7 +4,7 @@ one C call (no time limit can interrupt it) can't reach the server."""
 
 import pytest
 
-from gguf_serve import templates
+from gguf_serve import sandbox, templates
 from gguf_serve import template_process
 from gguf_serve.template_process import TemplateProcess
 
@@ -16,7 +16,7 @@ HI = [{"role": "user", "content": "Hi"}]
 
 def test_it_renders_as_the_template_does_in_process():
     render = TemplateProcess(CHATML, "<s>", "</s>")
-    assert render(templates.PROBE) == templates.jinja_template(CHATML, "<s>", "</s>")(templates.PROBE)
+    assert render(templates.PROBE) == sandbox.jinja_template(CHATML, "<s>", "</s>")(templates.PROBE)
     assert render(HI, tools=None, big=10**30) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
