@@ -1,11 +1,21 @@
-"""`gguf-serve` (or `python -m gguf_serve`): the service on granian. Every setting is an
-environment variable (README, "Configuration"); --model, --host and --port set the three
-that are asked for most, and win over MODEL, HOST and PORT."""
+"""`gguf-serve` (or `python -m gguf_serve`): the service on granian, in one process. Every
+setting is an environment variable (README, "Configuration"); --model, --host and --port set
+the three that are asked for most, and win over MODEL, HOST and PORT.
+
+Built for a cold start (docs/performance.md, "Cold start"): the model is read, and the
+render process for its template starts, before the web stack is imported, so that the 0.2-0.3 s
+of Python that imports Litestar and builds the app runs beside llama.cpp's load instead of
+before it; and granian serves from this process (its embedded server) rather than from a
+worker it would fork, so no second process starts or sits beside it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import signal
+import sys
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,11 +26,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)), help="port (PORT; default %(default)s)")
     args = parser.parse_args(argv)
     if args.model:
-        os.environ["MODEL"] = args.model  # granian's worker makes the app from the environment
-    # Imported here, not above: `--help` answers without loading the server.
-    from granian import Granian
+        os.environ["MODEL"] = args.model
+    # Imported here, not above: `--help` answers without loading llama.cpp.
+    from .config import ConfigError, load_config
+    from .loading import start_loading
+    from .model import ModelFileError, check_model_file
 
-    Granian("gguf_serve.service:app", interface="asgi", address=args.host, port=args.port).serve()
+    try:
+        config = load_config(os.environ)
+        check_model_file(config.model_path)
+    except (ConfigError, ModelFileError) as e:
+        sys.exit(f"gguf-serve: {e}")
+    started = start_loading(config)
+    from .service import create_app  # the web stack, imported while the model loads
+
+    serve(create_app(os.environ, started), args.host, args.port)
+
+
+def serve(app, host: str, port: int) -> None:
+    """Serve `app` from this process with granian's embedded server, on uvloop (as granian's
+    workers run), until SIGTERM or SIGINT: granian then stops taking connections and waits for
+    those open, while the app's lifespan drains its requests (service.drain)."""
+    import uvloop
+    from granian.constants import Interfaces
+    from granian.log import LogLevels, configure_logging
+    from granian.server.embed import Server
+
+    configure_logging(LogLevels.info)  # granian's own lines, as its workers log them
+    server = Server(app, address=host, port=port, interface=Interfaces.ASGI)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.stop)
+        await server.serve()
+
+    uvloop.run(run())
 
 
 if __name__ == "__main__":

@@ -1,24 +1,26 @@
 """The served model: load the GGUF, choose its chat format, start its decode thread, warm it up.
 
 What the app's lifespan loads once; every request reads it and nothing changes it after.
+start_loading begins a cold start's slow parts before anything else: importing this module
+costs no more than llama.cpp's bindings (the decode thread's modules, numpy among them, are
+imported once the model is being read).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
-from . import engine
-from .embedder import EmbeddingJob
-from .events import Event
-from .model import Model
 from . import reasoning, templates
 from .config import Config, ConfigError
-from .template_process import TemplateProcess
+from .model import Model
+from .template_process import RenderProcess, TemplateProcess
 
 
 class StartError(Exception):
@@ -33,7 +35,7 @@ class Served:
     render: templates.Render | None  # None: an embedding model
     stops: list[str]  # end-of-turn texts that are not single special tokens
     created: int
-    load_seconds: float  # model load and warm-up
+    timings: dict[str, float]  # seconds each step of loading took (the start-up log line)
 
     @property
     def own_template(self) -> str | None:
@@ -52,8 +54,9 @@ class Served:
         return "tools" in (self.own_template or "")
 
 
-def chat_renderer(config: Config, model: Model) -> tuple[templates.Render, tuple[str, ...]]:
-    """The model's prompt format and end-of-turn texts: its own template unless a family is forced."""
+def chat_renderer(config: Config, model: Model, started: RenderProcess | None = None) -> tuple[templates.Render, tuple[str, ...]]:
+    """The model's prompt format and end-of-turn texts: its own template unless a family is forced.
+    `started`: a render process started for it, used for the template or ended."""
     family = templates.family_of(model.metadata, config.model_path.name)
     template = model.metadata.get("tokenizer.chat_template")
     fmt = config.chat_format
@@ -61,7 +64,7 @@ def chat_renderer(config: Config, model: Model) -> tuple[templates.Render, tuple
         raise ConfigError(f"{config.model_path}: CHAT_FORMAT=jinja but the model carries no chat template")
     if fmt == "jinja" or (fmt == "auto" and template):
         try:
-            render = TemplateProcess(template, model.token_text(model.bos), model.token_text(model.eos))
+            render = TemplateProcess(template, model.token_text(model.bos), model.token_text(model.eos), started)
             templates.probe(render)  # compiles it, and renders an ordinary chat
         except templates.TemplateError as e:
             raise ConfigError(
@@ -69,47 +72,72 @@ def chat_renderer(config: Config, model: Model) -> tuple[templates.Render, tuple
                 f"set CHAT_FORMAT to a family ({', '.join(templates.FAMILIES)}) to use a hand-written one"
             ) from None
         return render, templates.FAMILIES[family].stops
+    if started:
+        started.kill()
     chosen = templates.FAMILIES[family if fmt == "auto" else fmt]
     return chosen.render, chosen.stops
 
 
-def start_loading(config: Config) -> concurrent.futures.Future:
-    """Start reading the model now, in a thread of its own: llama.cpp's load runs outside the
-    GIL, so it overlaps whatever the process does before it can serve (building the app,
-    starting the server and its event loop)."""
+@dataclass
+class Loading:
+    """What start_loading began."""
+
+    model: concurrent.futures.Future  # the Model, being read in a thread
+    render_process: RenderProcess | None  # started for the model's own template, if one may render its prompts
+    started: float  # perf_counter() when it began
+
+
+def start_loading(config: Config) -> Loading:
+    """Start a cold start's slow parts now, side by side: the model read in a thread of its own
+    (llama.cpp's load runs outside the GIL, so it overlaps the web stack importing, the app being
+    built and the server starting) and a render process for its template (an interpreter
+    starting on the other core)."""
     loaded = concurrent.futures.Future()
     started = time.perf_counter()
 
     def read() -> None:
         try:
             model = Model(config.model_path, config.n_ctx, config.n_threads, config.parallel, kv_cache=config.kv_cache,
-                                 flash_attn=config.flash_attn, pooling=config.pooling)
-            loaded.set_result((model, started))
+                          flash_attn=config.flash_attn, pooling=config.pooling)
+            loaded.set_result(model)
         except BaseException as e:
             loaded.set_exception(e)
 
     threading.Thread(target=read, name="load", daemon=True).start()
-    return loaded
+    return Loading(loaded, RenderProcess() if config.chat_format in ("auto", "jinja") else None, started)
 
 
-async def load(config: Config, loading: concurrent.futures.Future, on_failure: Callable[[str], None]) -> Served:
+async def load(config: Config, loading: Loading, on_failure: Callable[[str], None]) -> Served:
     """The model (from `start_loading`), its chat format, its decode thread running, one token
     generated. `on_failure` is called on the event loop if the decode thread dies."""
-    model, t0 = await asyncio.wrap_future(loading)
-    # an embedding model has no chat format: it answers chat and completions with a 400
-    render, stops = (None, ()) if model.embedding_only else await asyncio.to_thread(chat_renderer, config, model)
+    from . import engine  # the decode thread's modules: imported while the model is read
+
+    model = await asyncio.wrap_future(loading.model)
+    timings = dict(model.timings)
+    step = time.perf_counter()
+    if model.embedding_only:  # no chat format: it answers chat and completions with a 400
+        render, stops = None, ()
+        if loading.render_process:
+            loading.render_process.kill()
+    else:
+        render, stops = await asyncio.to_thread(chat_renderer, config, model, loading.render_process)
+    timings["chat_template"], step = time.perf_counter() - step, time.perf_counter()
     stop_tokens = {model.special[s] for s in stops if s in model.special}
     decoder = engine.Engine(model, config.parallel, asyncio.get_running_loop(), stop_tokens, on_failure)
     text_stops = [s for s in stops if s not in model.special]
-    served = Served(config, model, decoder, render, text_stops, int(time.time()), 0.0)
+    served = Served(config, model, decoder, render, text_stops, int(time.time()), timings)
     await warm_up(served)
-    served.load_seconds = time.perf_counter() - t0
+    timings["warm_up"], timings["load"] = time.perf_counter() - step, time.perf_counter() - loading.started
     return served
 
 
 async def warm_up(served: Served) -> None:
     """One token (an embedding model: one embedding) through the whole path: pages the weights in
     and proves the engine works."""
+    from . import engine
+    from .embedder import EmbeddingJob
+    from .events import Event
+
     done = asyncio.get_running_loop().create_future()
 
     def emit(event: Event) -> None:
@@ -124,3 +152,13 @@ async def warm_up(served: Served) -> None:
     event = await done
     if event.finish_reason == "error":
         raise StartError(f"{served.config.model_path}: the warm-up token failed ({event.text})")
+
+
+def since_process_start() -> float | None:
+    """Seconds since this process started (Linux: its start time in /proc, to the 10 ms clock
+    tick; None elsewhere)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return round(time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, AttributeError):
+        return None

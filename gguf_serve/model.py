@@ -7,6 +7,7 @@ import ctypes
 import importlib.util
 import re
 import sys
+import time
 from pathlib import Path
 
 
@@ -24,6 +25,20 @@ def _c_api():
 
 
 llama = _c_api()
+
+
+def _gil_held(function):
+    """One of llama.cpp's functions, called without releasing the GIL: for calls that return at
+    once. ctypes releases it around every call, and a thread that wants it back waits for
+    whichever thread holds it to let go, up to the 5 ms switch interval: the 49,152 calls that
+    read SmolLM2's special tokens took 932 ms beside a busy thread (at a cold start the web
+    stack imports while the model loads), 17 ms this way (12-14 alone either way)."""
+    held = getattr(ctypes.PyDLL(llama._lib._name, handle=llama._lib._handle), function.__name__)
+    held.argtypes, held.restype = function.argtypes, function.restype
+    return held
+
+
+vocab_get_attr, vocab_get_text = _gil_held(llama.llama_vocab_get_attr), _gil_held(llama.llama_vocab_get_text)
 
 class ModelFileError(Exception):
     """The model file can't be served; the message says which file and what to do."""
@@ -101,6 +116,7 @@ class Model:
         # share a batch, so a request's greedy tokens would depend on who else is running.
         params.use_extra_bufts = False
         _log_lines.clear()
+        started = time.perf_counter()
         self.model = llama.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             reason = next((line for line in _log_lines if line), "llama.cpp could not load it")
@@ -125,6 +141,7 @@ class Model:
         self.embedding_only = declared is not None
         self.pooling = pooling or declared or "mean"
         self.ctx = None
+        self.timings = {"model_read": time.perf_counter() - started}  # seconds each step of loading took (the start-up log line)
         if not vocab_only:
             self.n_ctx = min(n_ctx or self.n_ctx_train, self.n_ctx_train)
             cparams = llama.llama_context_default_params()
@@ -147,6 +164,7 @@ class Model:
                 raise ModelFileError(f"{path}: llama.cpp could not create a context of {n_ctx} tokens; lower N_CTX")
             self.memory = llama.llama_get_memory(self.ctx)
             self.n_batch = llama.llama_n_batch(self.ctx)
+            self.timings["context"] = time.perf_counter() - started - self.timings["model_read"]
 
     @property
     def architecture(self) -> str:
@@ -170,14 +188,14 @@ class Model:
     def _special_tokens(self) -> dict[str, int]:
         special = {}
         for token in range(self.n_vocab):
-            if llama.llama_vocab_get_attr(self.vocab, token) & SPECIAL_ATTRS:
-                text = llama.llama_vocab_get_text(self.vocab, token).decode(errors="replace")
+            if vocab_get_attr(self.vocab, token) & SPECIAL_ATTRS:
+                text = vocab_get_text(self.vocab, token).decode(errors="replace")
                 if text:
                     special.setdefault(text, token)
         return special
 
     def token_text(self, token: int) -> str:
-        return llama.llama_vocab_get_text(self.vocab, token).decode(errors="replace") if token >= 0 else ""
+        return vocab_get_text(self.vocab, token).decode(errors="replace") if token >= 0 else ""
 
     # --- Tokens ---
 
@@ -229,7 +247,7 @@ class Model:
         return out
 
     def _attr(self, fragment: int | str) -> int:
-        return llama.llama_vocab_get_attr(self.vocab, fragment) if isinstance(fragment, int) else 0
+        return vocab_get_attr(self.vocab, fragment) if isinstance(fragment, int) else 0
 
     def piece(self, token: int) -> bytes:
         """A token's bytes, remembered once asked for (3 us through ctypes, 0.1 from the dict:

@@ -44,13 +44,14 @@ from .state import ServerState
 # --- The app --------------------------------------------------------------------------------
 
 
-def create_app(env: dict[str, str] = os.environ):
+def create_app(env: dict[str, str] = os.environ, started: loading.Loading | None = None):
     """The ASGI app for one model, configured from `env`: Litestar's, inside the access gate.
+    `started`: its loading, if the caller began it (`gguf-serve` does, before importing this).
     Raises ConfigError or ModelFileError with one line when the configuration can't work."""
     config = load_config(env)
     check_model_file(config.model_path)
-    model_loading = loading.start_loading(config)  # overlaps building the app and starting the server
-    state = ServerState(config, model_loading, response_store(config), Runs(config.parallel + config.max_queue))
+    started = started or loading.start_loading(config)  # overlaps building the app and starting the server
+    state = ServerState(config, started, response_store(config), Runs(config.parallel + config.max_queue))
     app = Litestar(
         [route_handler(route) for route in ROUTES],
         lifespan=[lifespan],
@@ -119,13 +120,16 @@ async def load_model(state: ServerState) -> None:
     config = state.config
     try:
         on_failure = lambda reason: fail(state, reason)  # noqa: E731
-        served = await loading.load(config, state.model_loading, on_failure)
+        served = await loading.load(config, state.loading, on_failure)
     except (ConfigError, ModelFileError, loading.StartError) as e:
         exit_at_start(str(e))
     except Exception as e:  # anything else a hostile or broken file raises (metadata it can't read...)
         exit_at_start(f"{config.model_path}: can't be loaded ({type(e).__name__}: {e})")
-    state.metrics.model_load.set(served.load_seconds)
+    state.metrics.model_load.set(served.timings["load"])
     state.served = served
+    # One line, as the request log's: how long this cold start took, step by step.
+    seconds = {**served.timings, "ready": loading.since_process_start()}
+    print(msgspec.json.encode({"event": "ready", "model": config.model_id, "seconds": seconds}).decode(), flush=True)
 
 
 def exit_at_start(reason: str) -> None:

@@ -3,11 +3,10 @@ model served, draining). Litestar holds it as `app.state.server`."""
 
 from __future__ import annotations
 
-import concurrent.futures
 from dataclasses import dataclass, field
 
 from .config import Config
-from .loading import Served
+from .loading import Loading, Served
 from .metrics import Metrics
 from .response_store import ResponseStore
 from .runs import Runs
@@ -18,7 +17,7 @@ class ServerState:
     """Made with the app (service.create_app); every route reads it (serving.server_state)."""
 
     config: Config
-    model_loading: concurrent.futures.Future  # the model being read (loading.start_loading)
+    loading: Loading  # the model being read (loading.start_loading)
     responses: ResponseStore
     runs: Runs
     metrics: Metrics = field(init=False)

@@ -67,6 +67,7 @@ def free_port() -> int:
 
 
 GRANIAN = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{port}", "service:app"]
+CLI = [sys.executable, "-m", "gguf_serve", "--port", "{port}"]  # as `gguf-serve`: one process, granian embedded
 
 
 class Server:

