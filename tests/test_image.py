@@ -2,7 +2,8 @@
 base made from Debian's packages), then run as its CMD says (its user, its environment,
 PORT set) with `buildah run --isolation chroot` on the host's network: podman can't start
 containers in this sandbox, buildah's chroot isolation can. The OpenAI SDK gets an answer
-from it, and SIGTERM drains it."""
+from it, and SIGTERM drains it. Printed (pytest shows it without -s): its start, phase by
+phase, beside `buildah run`'s own; what it holds, part by part (deploy/image_contents.py)."""
 
 import json
 import os
