@@ -2,7 +2,8 @@
 base made from Debian's packages), then run as its CMD says (its user, its environment,
 PORT set) with `buildah run --isolation chroot` on the host's network: podman can't start
 containers in this sandbox, buildah's chroot isolation can. The OpenAI SDK gets an answer
-from it, and SIGTERM drains it."""
+from it, and SIGTERM drains it. Printed (pytest shows it without -s): its start, phase by
+phase, beside `buildah run`'s own; what it holds, part by part (deploy/image_contents.py)."""
 
 import json
 import os
@@ -89,34 +90,82 @@ class Container:
         os.unlink(self.log.name)
 
 
-def test_the_image_serves_as_its_cmd_says_and_drains_on_sigterm(image):
+def runtime_start_s(runs: int = 5) -> dict[str, float]:
+    """How long `buildah run` takes to run a trivial command in a working container of the image
+    (the median of `runs`): the container runtime's own share of the start figure, then that
+    plus a bare interpreter's start, so that the rest is gguf-serve's."""
+    name = subprocess.run(["buildah", "from", "--quiet", IMAGE], capture_output=True, check=True, text=True).stdout.strip()
+    try:
+        figures = {}
+        for label, cmd in (("true", ["true"]), ("python3 -c pass", ["python3", "-c", "pass"])):
+            times = []
+            for _ in range(runs):
+                began = time.monotonic()
+                subprocess.run(["buildah", "run", "--isolation", "chroot", name, "--", *cmd], check=True, timeout=60)
+                times.append(time.monotonic() - began)
+            figures[label] = sorted(times)[runs // 2]
+        return figures
+    finally:
+        subprocess.run(["buildah", "rm", name], capture_output=True)
+
+
+def ready_event(output: str) -> dict | None:
+    """The service's {"event": "ready", ...} line, if this version prints one."""
+    for line in output.splitlines():
+        if line.startswith("{") and '"ready"' in line:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "ready":
+                return event
+    return None
+
+
+def test_the_image_serves_as_its_cmd_says_and_drains_on_sigterm(image, capsys):
     assert image["User"] not in ("", "root", "0") and image["Cmd"] == ["gguf-serve"]
+    runtime = runtime_start_s()
     port = free_port()
     # Loopback only; a grace long enough for the stream below on a busy machine.
     container = Container(image, {"PORT": str(port), "HOST": "127.0.0.1", "SHUTDOWN_GRACE_S": "30"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert container.proc.poll() is None and time.monotonic() < deadline, container.output()
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        # Polled every 10 ms from the moment `buildah run` is spawned: the first HTTP answer
+        # (503 while the model loads), then /ready's 200.
+        http_up = None
+        with httpx.Client(timeout=1) as poll:
+            deadline = time.monotonic() + 180
+            while True:
+                assert container.proc.poll() is None and time.monotonic() < deadline, container.output()
+                try:
+                    status = poll.get(f"{url}/ready").status_code
+                    http_up = http_up or time.monotonic() - container.started
+                    if status == 200:
+                        ready = time.monotonic() - container.started
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.01)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        reply = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
+        reply = client.chat.completions.create(model=MODEL, max_tokens=1, temperature=0,
                                                messages=[{"role": "user", "content": "What is the capital of France?"}])
         first_answer = time.monotonic() - container.started
-        assert reply.usage.completion_tokens >= 1 and reply.choices[0].message.content
-        print(f"\nimage {IMAGE}: start -> ready -> first answer {first_answer:.1f} s")
+        assert reply.usage.completion_tokens == 1 and reply.choices[0].message.content
+        event = ready_event(container.output())
+        with capsys.disabled():  # shown by CI's plain `pytest` too, not only with -s
+            print(f"\nimage {IMAGE}, start (`buildah run` spawned) -> HTTP up {http_up:.2f} s -> /ready 200 {ready:.2f} s"
+                  f" -> first 1-token chat answer {first_answer:.2f} s; `buildah run` of `true` alone"
+                  f" {runtime['true']:.2f} s, of `python3 -c pass` {runtime['python3 -c pass']:.2f} s (medians of 5)")
+            if event:
+                print("the service's own account, seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in event["seconds"].items()))
 
         pid = container.service_pid()
         status = Path(f"/proc/{pid}/status").read_text()
         uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
         assert uid == image["User"].split(":")[0] or uid == "10001"  # the unprivileged user, not root
         assert httpx.get(f"{url}/openapi.json", timeout=10).status_code == 200  # no test-only package needed
+        vectors = client.embeddings.create(model=MODEL, input=["one", "two"]).data  # numpy's part of the image
+        assert len(vectors) == 2 and len(vectors[0].embedding) > 0
 
         # SIGTERM while a stream runs: it finishes inside SHUTDOWN_GRACE_S (or, past it, ends
         # with an error event, never a silent cut), the instance stops being ready, and the
@@ -139,12 +188,28 @@ def test_the_image_serves_as_its_cmd_says_and_drains_on_sigterm(image):
         container.remove()
 
 
-def test_test_only_packages_are_not_in_the_image(image):
+def test_test_only_and_cli_packages_are_not_in_the_image(image):
     container = subprocess.run(["buildah", "from", "--quiet", IMAGE], capture_output=True, check=True, text=True).stdout.strip()
     try:
-        check = "import importlib.util as u; print([m for m in ('faker', 'polyfactory', 'pip', 'pytest') if u.find_spec(m)])"
+        check = "import importlib.util as u; print([m for m in ('faker', 'polyfactory', 'pip', 'pytest', 'rich', 'pygments') if u.find_spec(m)])"
         r = subprocess.run(["buildah", "run", "--isolation", "chroot", container, "--", "python3", "-c", check],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+    finally:
+        subprocess.run(["buildah", "rm", container], capture_output=True)
+
+
+def test_the_image_s_bytecode_is_current_and_its_size_is_printed(image, capsys):
+    """deploy/image_contents.py run inside the image: its size by part, printed, and every
+    venv source with a current .pyc (the service's user can't write one: a missing .pyc is
+    compiled again on every start)."""
+    container = subprocess.run(["buildah", "from", "--quiet", IMAGE], capture_output=True, check=True, text=True).stdout.strip()
+    try:
+        script = (ROOT / "deploy" / "image_contents.py").read_text()
+        r = subprocess.run(["buildah", "run", "--isolation", "chroot", "--user", image["User"], container, "--",
+                            "python3", "-c", script], capture_output=True, text=True, timeout=300)
+        with capsys.disabled():
+            print(f"\nimage {IMAGE}:\n{r.stdout}")
+        assert r.returncode == 0 and "venv 0," in r.stdout, r.stdout + r.stderr
     finally:
         subprocess.run(["buildah", "rm", container], capture_output=True)
