@@ -2,6 +2,9 @@
 render too long is killed in (template_process.py, issue #25 item 10): what a template builds in
 one C call (no time limit can interrupt it) can't reach the server."""
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from gguf_serve import sandbox, templates
@@ -59,3 +62,28 @@ def test_a_render_past_the_deadline_is_killed(monkeypatch):
 def test_a_template_that_does_not_compile_is_refused():
     with pytest.raises(templates.TemplateError, match="does not compile"):
         TemplateProcess("{% for m in messages %}", "", "")(HI)
+
+
+def test_concurrent_renders_share_one_process_and_leave_one(monkeypatch):
+    started = []
+    spawn = template_process.RenderProcess.__init__
+    monkeypatch.setattr(template_process.RenderProcess, "__init__", lambda self: (started.append(self), spawn(self))[1])
+    render = TemplateProcess(CHATML, "", "")
+    expected = render(HI)
+    with ThreadPoolExecutor(4) as pool:
+        assert set(pool.map(lambda _: render(HI), range(80))) == {expected}
+    [kept] = render.idle
+    assert [w for w in started if w.proc.returncode is None] == [kept]  # any extra one ended after its render
+
+
+def test_a_slow_render_holds_no_other_render_beyond_the_wait():
+    render = TemplateProcess(SLOW + CHATML, "", "")
+    assert render(HI)
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(render, [{"role": "user", "content": "slow"}])
+        while not render.rendering:  # the slow one has the process
+            time.sleep(0.001)
+        assert render(HI).endswith("<|im_start|>assistant\n") and not slow.done()  # in a process of its own
+        with pytest.raises(templates.TemplateError, match="took longer than 2 s"):
+            slow.result()
+    assert len(render.idle) == 1
