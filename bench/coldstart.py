@@ -6,10 +6,10 @@ fresh starts pair by pair, where gguf-serve's start goes, and each server's memo
 
 Starts: --pairs pairs of fresh starts of gguf-serve (the `gguf-serve` command: python -m gguf_serve)
 and llama-server -np PARALLEL, alternating which goes first, each once the machine is quiet. Each
-start is polled every 5 ms: spawn -> HTTP up (any answer to GET /health), -> ready (gguf-serve's
-GET /ready, llama-server's GET /health: 200), -> first answer (a one-token chat, asked once ready,
-as a platform routes a request once its probe passes), and the process tree's RSS after that
-answer. With --cache cold, before each start the files either server reads are dropped from the
+start is polled every 5 ms (other processes' CPU share during it recorded): spawn -> HTTP up
+(any answer to GET /health), -> ready (gguf-serve's GET /ready, llama-server's GET /health: 200),
+-> first answer (a one-token chat, asked once ready, as a platform routes a request once its
+probe passes), and the process tree's RSS after that answer. With --cache cold, before each start the files either server reads are dropped from the
 page cache (bench/pagecache.py), as on a host that has never run the image; skipped, with the
 reason printed, where dropping does not work. Per pair: gguf-serve / llama-server for first
 answer and ready, then their median, mean, min and max.
@@ -41,7 +41,7 @@ from bench import pagecache, smaps, startphases
 from bench.client import Bench
 from bench.llama_build import find_llama_server
 from bench.machine import REPO, bench_arguments, default_model, inspect_model, print_header, versions, write_results
-from bench.procs import kill, kill_all, spawn, tail, wait_idle
+from bench.procs import cpu_ticks, kill, kill_all, other_cpu_percent, spawn, tail, wait_idle
 from bench.servers import gguf_serve_command, llama_server_command, on_free_port, server_arguments
 from bench.stats import summary
 
@@ -80,6 +80,7 @@ def timed_start(name: str, command: tuple, args, eog: list[int], log: Path,
     cmd, env, cwd, ready_path = command
     cmd, base = on_free_port(cmd)
     deadline = time.perf_counter() + args.start_timeout
+    ticks = cpu_ticks(None)
     t_spawn = time.perf_counter()
     proc = spawn(cmd, log, env=env, cwd=cwd)
     try:
@@ -107,6 +108,7 @@ def timed_start(name: str, command: tuple, args, eog: list[int], log: Path,
             answer = until("answer", lambda: client.post(f"{base}/v1/chat/completions", json=body),
                            lambda r: r.status_code == 200)
         figures = {"http_up_s": up, "ready_s": ready, "first_answer_s": answer, "rss_mib": smaps.rss_mib(proc.pid),
+                   "other_cpu_pct": round(other_cpu_percent(ticks, cpu_ticks(proc.pid), answer), 1),
                    "model_id": model_id}
         event = ready_line(log)
         if event is not None:
@@ -133,27 +135,27 @@ def start_pairs(args, cmds: dict, eog: list[int], logdir: Path, drop: list[Path]
             wait_idle(args.wait_idle)
             if drop is not None:
                 pagecache.evict(drop)
-                pair[f"{name} model_resident_mib_at_spawn"] = round(pagecache.resident_bytes(args.model)[0] / 2**20, 1)
+            cached = pagecache.resident_bytes(args.model)[0] / 2**20
             figures, proc, _ = timed_start(name, cmds[name], args, eog,
                                            logdir / f"{name}-{'cold' if drop else 'warm'}{i}.log", model_ids[name])
             kill(proc)
             model_ids[name] = figures.pop("model_id")
-            pair[name] = figures
+            pair[name] = {**figures, "model_cached_mib_at_spawn": round(cached, 1)}
         pair["ratios"] = {k: ratio(pair["gguf-serve"][k], pair["llama-server"][k])
                           for k in ("first_answer_s", "ready_s", "http_up_s", "rss_mib")}
         pairs.append(pair)
         g, l = pair["gguf-serve"], pair["llama-server"]
-        print(f"   pair {i + 1}: gguf-serve up {g['http_up_s']:.3f} ready {g['ready_s']:.3f} answer {g['first_answer_s']:.3f} s "
-              f"{g['rss_mib']:.0f} MiB | llama-server up {l['http_up_s']:.3f} ready {l['ready_s']:.3f} answer "
-              f"{l['first_answer_s']:.3f} s {l['rss_mib']:.0f} MiB | ratio answer {pair['ratios']['first_answer_s']:.2f} "
-              f"ready {pair['ratios']['ready_s']:.2f}", flush=True)
-    out = {"pairs": pairs,
-           "servers": {n: {k: summary([p[n][k] for p in pairs]) for k in ("http_up_s", "ready_s", "first_answer_s", "rss_mib")}
-                       for n in SERVERS},
-           "ratios": {k: summary([p["ratios"][k] for p in pairs]) for k in ("first_answer_s", "ready_s", "http_up_s", "rss_mib")}}
+        each = " | ".join(f"{n} up {pair[n]['http_up_s']:.3f} ready {pair[n]['ready_s']:.3f} answer "
+                          f"{pair[n]['first_answer_s']:.3f} s {pair[n]['rss_mib']:.0f} MiB" for n in SERVERS)
+        print(f"   pair {i + 1}: {each} | ratio answer {pair['ratios']['first_answer_s']:.2f} ready "
+              f"{pair['ratios']['ready_s']:.2f} | others' CPU {pair['gguf-serve']['other_cpu_pct']:.0f}% "
+              f"{pair['llama-server']['other_cpu_pct']:.0f}%", flush=True)
+    keys = ("http_up_s", "ready_s", "first_answer_s", "rss_mib")
+    out = {"pairs": pairs, "servers": {n: {k: summary([p[n][k] for p in pairs]) for k in keys} for n in SERVERS},
+           "ratios": {k: summary([p["ratios"][k] for p in pairs]) for k in keys}}
     events = [p["gguf-serve"]["ready_event"]["seconds"] for p in pairs if "ready_event" in p["gguf-serve"]]
     if events:
-        out["gguf-serve ready event, median s"] = {k: summary([e[k] for e in events if k in e])["median"] for k in events[0]}
+        out["gguf-serve ready event, median s"] = {k: summary([e.get(k) for e in events])["median"] for k in events[0]}
     return out
 
 
@@ -170,7 +172,8 @@ def kv_cache_mib(model: Path, n_ctx_total: int) -> dict:
     n_layer, n_head = int(meta[f"{arch}.block_count"]), int(meta[f"{arch}.attention.head_count"])
     n_head_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_head))
     head = int(meta[f"{arch}.embedding_length"]) // n_head
-    k_len, v_len = int(meta.get(f"{arch}.attention.key_length", head)), int(meta.get(f"{arch}.attention.value_length", head))
+    k_len = int(meta.get(f"{arch}.attention.key_length", head))
+    v_len = int(meta.get(f"{arch}.attention.value_length", head))
     size = n_ctx_total * n_layer * n_head_kv * (k_len + v_len) * 2
     return {"n_ctx_total": n_ctx_total, "n_layer": n_layer, "n_head_kv": n_head_kv, "key_length": k_len,
             "value_length": v_len, "mib": size / 2**20}
@@ -178,7 +181,8 @@ def kv_cache_mib(model: Path, n_ctx_total: int) -> dict:
 
 def memory(args, cmds: dict, eog: list[int], logdir: Path) -> dict:
     """Each server started, 4 concurrent chats of 64 tokens, then its tree's memory by class."""
-    out = {"load": "4 concurrent streamed chats of 64 tokens", "kv_cache_f16": kv_cache_mib(args.model, args.ctx * args.parallel)}
+    out = {"load": "4 concurrent streamed chats of 64 tokens",
+           "kv_cache_f16": kv_cache_mib(args.model, args.ctx * args.parallel)}
     for name in SERVERS:
         wait_idle(args.wait_idle)
         figures, proc, base = timed_start(name, cmds[name], args, eog, logdir / f"{name}-memory.log", None)
@@ -199,8 +203,9 @@ def print_starts(cache: str, starts: dict) -> None:
     print(f"\nStart ({cache} page cache), {len(starts['pairs'])} pairs: median (min-max) s")
     for n in SERVERS:
         s = starts["servers"][n]
-        print(f"  {n:13s} " + "  ".join(f"{k[:-2]} {s[k]['median']:.3f} ({s[k]['min']:.3f}-{s[k]['max']:.3f})"
-                                          for k in ("http_up_s", "ready_s", "first_answer_s")) + f"  RSS {s['rss_mib']['median']:.0f} MiB")
+        times = "  ".join(f"{k[:-2]} {s[k]['median']:.3f} ({s[k]['min']:.3f}-{s[k]['max']:.3f})"
+                          for k in ("http_up_s", "ready_s", "first_answer_s"))
+        print(f"  {n:13s} {times}  RSS {s['rss_mib']['median']:.0f} MiB")
     for k in ("first_answer_s", "ready_s"):
         r = starts["ratios"][k]
         print(f"  gguf-serve / llama-server, {k[:-2]}: median {r['median']:.2f}, mean {r['mean']:.2f}, "
@@ -213,8 +218,9 @@ def print_where(where: dict) -> None:
     print("\nWhere gguf-serve's start goes (medians, ms)")
     for name, s in where["interpreter_start_s"].items():
         print(f"  {name:58s} {s * 1000:7.1f}")
-    print(f"  imports ({where['import_time']['imports']}, -X importtime self times): {where['import_time']['total_ms']:.1f}")
-    for group, ms in where["import_time"]["ms"].items():
+    imports = where["import_time"]
+    print(f"  imports ({imports['imports']}, -X importtime self times): {imports['total_ms']:.1f}")
+    for group, ms in imports["ms"].items():
         print(f"    {group:56s} {ms:7.1f}")
     print("  phases, each alone in a fresh process:")
     for phase, s in where["phases_s"].items():
@@ -236,16 +242,19 @@ def print_memory(mem: dict) -> None:
           f"{l['pss_mib']:7.1f} {mem['difference_mib']['rss']:7.1f} / {mem['difference_mib']['pss']:7.1f}")
     kv = mem["kv_cache_f16"]
     print(f"  KV cache from the metadata (f16, {kv['n_ctx_total']} tokens x {kv['n_layer']} layers x {kv['n_head_kv']} "
-          f"KV heads x ({kv['key_length']} + {kv['value_length']})): {kv['mib']:.1f} MiB, within the big anonymous mappings")
+          f"KV heads x ({kv['key_length']} + {kv['value_length']})): {kv['mib']:.1f} MiB, "
+          "within the big anonymous mappings")
     print(f"  target: {mem['target']}: {'met' if mem['target_met'] else 'NOT met'} "
-          f"(PSS difference {mem['difference_mib']['pss']:+.1f} MiB, RSS difference {mem['difference_mib']['rss']:+.1f})")
+          f"(PSS difference {mem['difference_mib']['pss']:+.1f} MiB, "
+          f"RSS difference {mem['difference_mib']['rss']:+.1f})")
 
 
 def main(argv: list[str]) -> None:
     ap = bench_arguments("coldstart", __doc__)
     ap.add_argument("--pairs", type=int, default=8, help="pairs of fresh starts per page-cache condition (default 8)")
     ap.add_argument("--cache", default="warm,cold", help="page-cache conditions, of warm,cold (default both)")
-    ap.add_argument("--runs", type=int, default=5, help="fresh interpreters for each import and phase median (default 5)")
+    ap.add_argument("--runs", type=int, default=5,
+                    help="fresh interpreters for each import and phase median (default 5)")
     server_arguments(ap, wait_idle=60)
     args = ap.parse_args(argv)
     caches = args.cache.split(",")
@@ -266,7 +275,8 @@ def main(argv: list[str]) -> None:
         for cache in caches:
             drop = None
             if cache == "cold":
-                drop = sorted(set(pagecache.gguf_serve_files(args.model)) | set(pagecache.llama_server_files(binary, args.model)))
+                drop = sorted(set(pagecache.gguf_serve_files(args.model))
+                              | set(pagecache.llama_server_files(binary, args.model)))
                 works, check = pagecache.eviction_check(drop, args.model)
                 figures["cold_eviction_check"] = check
                 if not works:

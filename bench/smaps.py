@@ -53,8 +53,8 @@ def tree_memory(pid: int, model: Path) -> dict:
         except (OSError, ValueError):
             pass  # ended meanwhile
     total = {c: {k: sum(p["by_class"][c][k] for p in procs) for k in ("rss_mib", "pss_mib")} for c in CLASSES}
-    return {"processes": procs, "rss_mib": sum(p["rss_mib"] for p in procs), "pss_mib": sum(p["pss_mib"] for p in procs),
-            "by_class": total}
+    return {"processes": procs, "rss_mib": sum(p["rss_mib"] for p in procs),
+            "pss_mib": sum(p["pss_mib"] for p in procs), "by_class": total}
 
 
 def rss_mib(pid: int) -> float:

@@ -72,8 +72,8 @@ def phases(model: Path, ctx: int, threads: int, parallel: int, runs: int) -> dic
     """Median over `runs` children of each phase's seconds (`child`)."""
     per_run = []
     for _ in range(runs):
-        r = subprocess.run([sys.executable, "-m", "bench.startphases", str(model), str(ctx), str(threads), str(parallel)],
-                           capture_output=True, text=True, timeout=300, cwd=REPO)
+        cmd = [sys.executable, "-m", "bench.startphases", str(model), str(ctx), str(threads), str(parallel)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
         lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
         if r.returncode or not lines:
             raise RuntimeError(f"the phases' child failed:\n{r.stderr[-2000:]}")

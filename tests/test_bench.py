@@ -158,7 +158,8 @@ def test_coldstart_benchmark_runs(tmp_path):
         start = pair[name]
         assert 0 < start["http_up_s"] <= start["ready_s"] <= start["first_answer_s"] and start["rss_mib"] > 0, name
         memory = results["memory"][name]
-        assert memory["by_class"]["model file"]["rss_mib"] > 0 and memory["by_class"]["big anonymous (llama.cpp buffers)"]["rss_mib"] > 0
+        kinds = memory["by_class"]
+        assert kinds["model file"]["rss_mib"] > 0 and kinds["big anonymous (llama.cpp buffers)"]["rss_mib"] > 0, name
         assert abs(sum(c["pss_mib"] for c in memory["by_class"].values()) - memory["pss_mib"]) < 0.01, name
     assert pair["ratios"]["first_answer_s"] > 0 and "cold" not in results
     where = results["where_gguf_serve_start_goes"]
