@@ -46,6 +46,7 @@ from bench.servers import gguf_serve_command, llama_server_command, on_free_port
 from bench.stats import summary
 
 SERVERS = ("gguf-serve", "llama-server")
+FIGURES = ("http_up_s", "ready_s", "first_answer_s", "first_request_s", "rss_mib")  # of each start
 POLL_S = 0.005
 MEMORY_TARGET_MIB = 100  # the issue's target: gguf-serve's memory <= llama-server -np 4's + 100 MB
 
@@ -107,7 +108,8 @@ def timed_start(name: str, command: tuple, args, eog: list[int], log: Path,
             body = Bench(base, model_id, args, eog).body(10_002, False, max_tokens=1)
             answer = until("answer", lambda: client.post(f"{base}/v1/chat/completions", json=body),
                            lambda r: r.status_code == 200)
-        figures = {"http_up_s": up, "ready_s": ready, "first_answer_s": answer, "rss_mib": smaps.rss_mib(proc.pid),
+        figures = {"http_up_s": up, "ready_s": ready, "first_answer_s": answer, "first_request_s": answer - ready,
+                   "rss_mib": smaps.rss_mib(proc.pid),
                    "other_cpu_pct": round(other_cpu_percent(ticks, cpu_ticks(proc.pid), answer), 1),
                    "model_id": model_id}
         event = ready_line(log)
@@ -141,18 +143,15 @@ def start_pairs(args, cmds: dict, eog: list[int], logdir: Path, drop: list[Path]
             kill(proc)
             model_ids[name] = figures.pop("model_id")
             pair[name] = {**figures, "model_cached_mib_at_spawn": round(cached, 1)}
-        pair["ratios"] = {k: ratio(pair["gguf-serve"][k], pair["llama-server"][k])
-                          for k in ("first_answer_s", "ready_s", "http_up_s", "rss_mib")}
+        pair["ratios"] = {k: ratio(pair["gguf-serve"][k], pair["llama-server"][k]) for k in FIGURES}
         pairs.append(pair)
-        g, l = pair["gguf-serve"], pair["llama-server"]
         each = " | ".join(f"{n} up {pair[n]['http_up_s']:.3f} ready {pair[n]['ready_s']:.3f} answer "
                           f"{pair[n]['first_answer_s']:.3f} s {pair[n]['rss_mib']:.0f} MiB" for n in SERVERS)
         print(f"   pair {i + 1}: {each} | ratio answer {pair['ratios']['first_answer_s']:.2f} ready "
               f"{pair['ratios']['ready_s']:.2f} | others' CPU {pair['gguf-serve']['other_cpu_pct']:.0f}% "
               f"{pair['llama-server']['other_cpu_pct']:.0f}%", flush=True)
-    keys = ("http_up_s", "ready_s", "first_answer_s", "rss_mib")
-    out = {"pairs": pairs, "servers": {n: {k: summary([p[n][k] for p in pairs]) for k in keys} for n in SERVERS},
-           "ratios": {k: summary([p["ratios"][k] for p in pairs]) for k in keys}}
+    out = {"pairs": pairs, "servers": {n: {k: summary([p[n][k] for p in pairs]) for k in FIGURES} for n in SERVERS},
+           "ratios": {k: summary([p["ratios"][k] for p in pairs]) for k in FIGURES}}
     events = [p["gguf-serve"]["ready_event"]["seconds"] for p in pairs if "ready_event" in p["gguf-serve"]]
     if events:
         out["gguf-serve ready event, median s"] = {k: summary([e.get(k) for e in events])["median"] for k in events[0]}
@@ -204,7 +203,7 @@ def print_starts(cache: str, starts: dict) -> None:
     for n in SERVERS:
         s = starts["servers"][n]
         times = "  ".join(f"{k[:-2]} {s[k]['median']:.3f} ({s[k]['min']:.3f}-{s[k]['max']:.3f})"
-                          for k in ("http_up_s", "ready_s", "first_answer_s"))
+                          for k in ("http_up_s", "ready_s", "first_answer_s", "first_request_s"))
         print(f"  {n:13s} {times}  RSS {s['rss_mib']['median']:.0f} MiB")
     for k in ("first_answer_s", "ready_s"):
         r = starts["ratios"][k]
