@@ -77,7 +77,8 @@ def ready_line(log: Path) -> dict | None:
 def timed_start(name: str, command: tuple, args, eog: list[int], log: Path,
                 model_id: str | None) -> tuple[dict, subprocess.Popen, str]:
     """Spawn a server and poll it: seconds to HTTP up, ready and first answer, and the process tree's
-    RSS then. Returns the figures, the process (the caller stops it) and its base URL."""
+    RSS then. Returns the figures, the process (the caller stops it) and its base URL. Without
+    `model_id` (the id the server lists) it is asked for between ready and the answer."""
     cmd, env, cwd, ready_path = command
     cmd, base = on_free_port(cmd)
     deadline = time.perf_counter() + args.start_timeout
@@ -125,10 +126,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def start_pairs(args, cmds: dict, eog: list[int], logdir: Path, drop: list[Path] | None) -> dict:
+def start_pairs(args, cmds: dict, eog: list[int], logdir: Path, model_ids: dict[str, str],
+                drop: list[Path] | None) -> dict:
     """--pairs pairs of fresh starts, alternating which server goes first; `drop`: the files dropped
     from the page cache before each start (the cold condition)."""
-    model_ids: dict[str, str | None] = dict.fromkeys(cmds)
     pairs = []
     for i in range(args.pairs):
         order = SERVERS if i % 2 == 0 else SERVERS[::-1]
@@ -141,7 +142,7 @@ def start_pairs(args, cmds: dict, eog: list[int], logdir: Path, drop: list[Path]
             figures, proc, _ = timed_start(name, cmds[name], args, eog,
                                            logdir / f"{name}-{'cold' if drop else 'warm'}{i}.log", model_ids[name])
             kill(proc)
-            model_ids[name] = figures.pop("model_id")
+            del figures["model_id"]
             pair[name] = {**figures, "model_cached_mib_at_spawn": round(cached, 1)}
         pair["ratios"] = {k: ratio(pair["gguf-serve"][k], pair["llama-server"][k]) for k in FIGURES}
         pairs.append(pair)
@@ -178,16 +179,16 @@ def kv_cache_mib(model: Path, n_ctx_total: int) -> dict:
             "value_length": v_len, "mib": size / 2**20}
 
 
-def memory(args, cmds: dict, eog: list[int], logdir: Path) -> dict:
+def memory(args, cmds: dict, eog: list[int], logdir: Path, model_ids: dict[str, str]) -> dict:
     """Each server started, 4 concurrent chats of 64 tokens, then its tree's memory by class."""
     out = {"load": "4 concurrent streamed chats of 64 tokens",
            "kv_cache_f16": kv_cache_mib(args.model, args.ctx * args.parallel)}
     for name in SERVERS:
         wait_idle(args.wait_idle)
-        figures, proc, base = timed_start(name, cmds[name], args, eog, logdir / f"{name}-memory.log", None)
+        _, proc, base = timed_start(name, cmds[name], args, eog, logdir / f"{name}-memory.log", model_ids[name])
         try:
             load = argparse.Namespace(**{**vars(args), "max_tokens": 64})
-            asyncio.run(Bench(base, figures["model_id"], load, eog).clients(4, 1, 30_000))
+            asyncio.run(Bench(base, model_ids[name], load, eog).clients(4, 1, 30_000))
             out[name] = smaps.tree_memory(proc.pid, args.model)
         finally:
             kill(proc)
@@ -271,6 +272,12 @@ def main(argv: list[str]) -> None:
     cmds = commands(args, binary)
     figures: dict = {"logs": str(logdir)}
     try:
+        # a start of each first: the ids they list, asked for once, not inside a measured start
+        model_ids = {}
+        for name in SERVERS:
+            started, proc, _ = timed_start(name, cmds[name], args, eog, logdir / f"{name}-first.log", None)
+            kill(proc)
+            model_ids[name] = started["model_id"]
         for cache in caches:
             drop = None
             if cache == "cold":
@@ -287,9 +294,9 @@ def main(argv: list[str]) -> None:
                       f"running processes)", flush=True)
             else:
                 print("\n== warm page cache", flush=True)
-                for name in SERVERS:  # a start of each first, so that the page cache holds what they read
-                    kill(timed_start(name, cmds[name], args, eog, logdir / f"{name}-warming.log", None)[1])
-            figures[cache] = start_pairs(args, cmds, eog, logdir, drop)
+                for name in SERVERS:  # after cold starts the cache lacks what each reads: a start of each first
+                    kill(timed_start(name, cmds[name], args, eog, logdir / f"{name}-warming.log", model_ids[name])[1])
+            figures[cache] = start_pairs(args, cmds, eog, logdir, model_ids, drop)
             print_starts(cache, figures[cache])
         wait_idle(args.wait_idle)
         figures["where_gguf_serve_start_goes"] = {
@@ -297,7 +304,7 @@ def main(argv: list[str]) -> None:
             "import_time": startphases.import_times(args.runs),
             "phases_s": startphases.phases(args.model, args.ctx, args.threads, args.parallel, args.runs)}
         print_where(figures["where_gguf_serve_start_goes"])
-        figures["memory"] = memory(args, cmds, eog, logdir)
+        figures["memory"] = memory(args, cmds, eog, logdir, model_ids)
         print_memory(figures["memory"])
     finally:
         kill_all()

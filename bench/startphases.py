@@ -113,9 +113,10 @@ def child(model: Path, ctx: int, threads: int, parallel: int) -> dict:
     from gguf_serve import engine, templates
     from gguf_serve.template_process import TemplateProcess
     lap("import templates, template_process, engine")
-    render = TemplateProcess(m.metadata["tokenizer.chat_template"], m.token_text(m.bos), m.token_text(m.eos))
-    templates.probe(render)
-    lap("template probe (render process spawn + first render)")
+    template = m.metadata.get("tokenizer.chat_template")
+    if template:  # a model without one is served with a hand-written family: no probe
+        templates.probe(TemplateProcess(template, m.token_text(m.bos), m.token_text(m.eos)))
+        lap("template probe (render process spawn + first render)")
 
     async def warm_up() -> None:
         done = asyncio.get_running_loop().create_future()
