@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "kvcache": "KV cache types: the context's memory, decode speed, greedy output against f16's",
     "hardening": "what issue #25's hardening costs a request: the stop scan, the template's render process",
     "store": "stored responses with the in-process store against Redis: create, continue, retrieve rates",
+    "coldstart": "serverless cold start against llama-server, warm and cold page cache: where it goes, memory by kind",
 }
 
 

@@ -43,7 +43,7 @@ def test_the_subcommands_are_listed():
     run = bench("--help")
     listed = [line.split()[0] for line in run.stdout[run.stdout.index("subcommands:"):].splitlines()[1:] if line.startswith("  ")]
     assert listed == ["compare", "paired", "split", "threadtime", "tokentime", "join", "embeddings", "responses",
-                      "messages", "kvcache", "hardening", "store"]
+                      "messages", "kvcache", "hardening", "store", "coldstart"]
 
 
 def test_quick_comparison_runs(tmp_path):
@@ -144,6 +144,28 @@ def test_paired_benchmark_runs(tmp_path):
         assert all(pair["figures"][figure][name] > 0 for name in ("gguf-serve", "llama-server-np4")), figure
         assert pair["ratios"][figure] > 0
     assert "Headline figures" in run.stdout and "start → first answer" in run.stdout
+
+
+def test_coldstart_benchmark_runs(tmp_path):
+    """Fresh starts of both servers pair by pair, where gguf-serve's start goes, memory by kind."""
+    needs_llama_server()
+    out = tmp_path / "coldstart.json"
+    run = bench("coldstart", "--pairs", "1", "--cache", "warm", "--runs", "1", "--no-build", "--wait-idle", "2",
+                "--json", out, timeout=600)
+    results = figures(out, "coldstart")
+    [pair] = results["warm"]["pairs"]
+    for name in ("gguf-serve", "llama-server"):
+        start = pair[name]
+        assert 0 < start["http_up_s"] <= start["ready_s"] <= start["first_answer_s"] and start["rss_mib"] > 0, name
+        memory = results["memory"][name]
+        kinds = memory["by_class"]
+        assert kinds["model file"]["rss_mib"] > 0 and kinds["big anonymous (llama.cpp buffers)"]["rss_mib"] > 0, name
+        assert abs(sum(c["pss_mib"] for c in memory["by_class"].values()) - memory["pss_mib"]) < 0.01, name
+    assert pair["ratios"]["first_answer_s"] > 0 and "cold" not in results
+    where = results["where_gguf_serve_start_goes"]
+    assert where["import_time"]["ms"]["litestar"] > 0 and where["phases_s"]["Model(...)"] > 0
+    assert results["memory"]["kv_cache_f16"]["mib"] > 0
+    assert "gguf-serve / llama-server, first_answer: median" in run.stdout and "sum over the process tree" in run.stdout
 
 
 def test_threadtime_benchmark_runs(tmp_path):
