@@ -68,7 +68,7 @@ class Container:
 
     def service_pid(self) -> int:
         """The CMD's process (PID 1 in a real runtime), the one SIGTERM is for."""
-        for pid in children(self.proc.pid):  # parents first: granian's main process, then its worker
+        for pid in children(self.proc.pid):  # the service (one process; under granian's CLI its main process comes first)
             try:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
@@ -109,19 +109,6 @@ def runtime_start_s(runs: int = 5) -> dict[str, float]:
         subprocess.run(["buildah", "rm", name], capture_output=True)
 
 
-def ready_event(output: str) -> dict | None:
-    """The service's {"event": "ready", ...} line, if this version prints one."""
-    for line in output.splitlines():
-        if line.startswith("{") and '"ready"' in line:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "ready":
-                return event
-    return None
-
-
 def test_the_image_serves_as_its_cmd_says_and_drains_on_sigterm(image, capsys):
     assert image["User"] not in ("", "root", "0") and image["Cmd"] == ["gguf-serve"]
     runtime = runtime_start_s()
@@ -151,13 +138,12 @@ def test_the_image_serves_as_its_cmd_says_and_drains_on_sigterm(image, capsys):
                                                messages=[{"role": "user", "content": "What is the capital of France?"}])
         first_answer = time.monotonic() - container.started
         assert reply.usage.completion_tokens == 1 and reply.choices[0].message.content
-        event = ready_event(container.output())
+        [event] = [json.loads(line) for line in container.output().splitlines() if line.startswith('{"event":"ready"')]
         with capsys.disabled():  # shown by CI's plain `pytest` too, not only with -s
             print(f"\nimage {IMAGE}, start (`buildah run` spawned) -> HTTP up {http_up:.2f} s -> /ready 200 {ready:.2f} s"
                   f" -> first 1-token chat answer {first_answer:.2f} s; `buildah run` of `true` alone"
                   f" {runtime['true']:.2f} s, of `python3 -c pass` {runtime['python3 -c pass']:.2f} s (medians of 5)")
-            if event:
-                print("the service's own account, seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in event["seconds"].items()))
+            print("the service's own account, seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in event["seconds"].items()))
 
         pid = container.service_pid()
         status = Path(f"/proc/{pid}/status").read_text()
