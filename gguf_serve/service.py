@@ -128,7 +128,7 @@ async def load_model(state: ServerState) -> None:
     state.metrics.model_load.set(served.timings["load"])
     state.served = served
     # One line, as the request log's: how long this cold start took, step by step.
-    seconds = {**served.timings, "ready": loading.since_process_start()}
+    seconds = {**{step: round(s, 3) for step, s in served.timings.items()}, "ready": loading.since_process_start()}
     print(msgspec.json.encode({"event": "ready", "model": config.model_id, "seconds": seconds}).decode(), flush=True)
 
 

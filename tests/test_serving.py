@@ -197,9 +197,9 @@ def test_gguf_serve_is_one_process_that_reads_the_model_first_and_logs_its_start
         assert set(seconds) == {"model_read", "context", "chat_template", "warm_up", "load", "ready"}
         assert all(v > 0 for v in seconds.values())
         # the steps follow one another inside the load, which began after the process did
-        assert seconds["model_read"] + seconds["context"] + seconds["chat_template"] + seconds["warm_up"] <= seconds["load"]
+        assert seconds["model_read"] + seconds["context"] + seconds["chat_template"] + seconds["warm_up"] <= seconds["load"] + 0.002
         assert seconds["load"] <= seconds["ready"] + 0.01  # /proc's start time counts in 10 ms ticks
-        assert s.metric("gguf_model_load_seconds") == pytest.approx(seconds["load"])
+        assert s.metric("gguf_model_load_seconds") == pytest.approx(seconds["load"], abs=0.0005)  # the line's are to the ms
     finally:
         s.stop()
 
