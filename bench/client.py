@@ -63,9 +63,10 @@ class Bench:
         """Seconds from spawn to the first 200 to a one-token chat request, asked every 20 ms (again
         after a refused connection, a 503 while the model loads or a 429)."""
         body = self.body(10_002, False, max_tokens=1)
-        return poll(proc, t_spawn, timeout, log, "POST /v1/chat/completions",
-                    lambda c: c.post(f"{self.base}/v1/chat/completions", json=body), self.timeout,
-                    lambda status: status in (429, 503))[0]
+        with httpx.Client(timeout=self.timeout) as client:
+            return poll(proc, t_spawn, timeout, log, "POST /v1/chat/completions", client,
+                        lambda c: c.post(f"{self.base}/v1/chat/completions", json=body),
+                        lambda status: status in (429, 503))[0]
 
     def _stream_result(self, t0, t_first, t_end, usage, finish, chunks) -> dict:
         if usage and usage.get("completion_tokens") is not None:
@@ -193,33 +194,35 @@ def asked_again_if_dropped(name: str, ask: Callable[[], dict]) -> dict:
         return ask()
 
 
-def poll(proc: subprocess.Popen, t_spawn: float, timeout: float, log: Path, what: str,
-         ask: Callable[[httpx.Client], httpx.Response], client_timeout: httpx.Timeout | float,
-         again: Callable[[int], bool] = lambda status: True) -> tuple[float, httpx.Response]:
-    """`ask` every 20 ms until it gets a 200, again after a connection error or a status `again`
-    accepts: seconds from spawn to that 200, and the response."""
+def poll(proc: subprocess.Popen, t_spawn: float, timeout: float, log: Path, what: str, client: httpx.Client,
+         ask: Callable[[httpx.Client], httpx.Response], again: Callable[[int], bool] = lambda status: True,
+         done: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200,
+         interval: float = 0.02) -> tuple[float, httpx.Response]:
+    """`ask` every `interval` until `done` takes its answer (by default a 200), again after a
+    connection error or a status `again` accepts: seconds from spawn to that answer, and the
+    answer. `client` is the caller's, so that making one is not timed."""
     deadline, last = t_spawn + timeout, "no answer"
-    with httpx.Client(timeout=client_timeout) as client:
-        while time.perf_counter() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"exited with {proc.returncode} before it was ready:\n{tail(log)}")
-            try:
-                r = ask(client)
-                if r.status_code == 200:
-                    return time.perf_counter() - t_spawn, r
-                last = f"HTTP {r.status_code} {r.text[:200]}"
-            except httpx.HTTPError as e:
-                last = f"{type(e).__name__}"
-            else:
-                if not again(r.status_code):
-                    raise RuntimeError(f"{what}: {last}")
-            time.sleep(0.02)
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before it was ready:\n{tail(log)}")
+        try:
+            r = ask(client)
+            if done(r):
+                return time.perf_counter() - t_spawn, r
+            last = f"HTTP {r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = f"{type(e).__name__}"
+        else:
+            if not again(r.status_code):
+                raise RuntimeError(f"{what}: {last}")
+        time.sleep(interval)
     raise RuntimeError(f"not ready after {timeout:.0f} s (last {what}: {last}); log:\n{tail(log)}")
 
 
 def wait_ready(proc: subprocess.Popen, base: str, t_spawn: float, timeout: float, log: Path) -> tuple[float, str]:
     """Seconds from spawn to the first 200 from GET /v1/models, and the model id it lists."""
-    seconds, r = poll(proc, t_spawn, timeout, log, "GET /v1/models", lambda c: c.get(f"{base}/v1/models"), 2)
+    with httpx.Client(timeout=2) as client:
+        seconds, r = poll(proc, t_spawn, timeout, log, "GET /v1/models", client, lambda c: c.get(f"{base}/v1/models"))
     return seconds, r.json()["data"][0]["id"]
 
 

@@ -38,10 +38,10 @@ from pathlib import Path
 import httpx
 
 from bench import pagecache, smaps, startphases
-from bench.client import Bench
+from bench.client import Bench, poll
 from bench.llama_build import find_llama_server
 from bench.machine import REPO, bench_arguments, default_model, inspect_model, print_header, versions, write_results
-from bench.procs import cpu_ticks, kill, kill_all, other_cpu_percent, spawn, tail, wait_idle
+from bench.procs import cpu_ticks, kill, kill_all, other_cpu_percent, rss_mib, spawn, wait_idle
 from bench.servers import gguf_serve_command, llama_server_command, on_free_port, server_arguments
 from bench.stats import summary
 
@@ -81,36 +81,23 @@ def timed_start(name: str, command: tuple, args, eog: list[int], log: Path,
     `model_id` (the id the server lists) it is asked for between ready and the answer."""
     cmd, env, cwd, ready_path = command
     cmd, base = on_free_port(cmd)
-    deadline = time.perf_counter() + args.start_timeout
     ticks = cpu_ticks(None)
     t_spawn = time.perf_counter()
     proc = spawn(cmd, log, env=env, cwd=cwd)
     try:
         with httpx.Client(timeout=httpx.Timeout(args.timeout, connect=2)) as client:
-            def until(what: str, ask, done) -> float:
-                last = "no answer"
-                while time.perf_counter() < deadline:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail(log)}")
-                    try:
-                        r = ask()
-                        if done(r):
-                            return time.perf_counter() - t_spawn
-                        last = f"HTTP {r.status_code}"
-                    except httpx.HTTPError as e:
-                        last = type(e).__name__
-                    time.sleep(POLL_S)
-                raise RuntimeError(f"{name}: no {what} after {args.start_timeout:.0f} s (last: {last}):\n{tail(log)}")
+            def until(what: str, ask, done=lambda r: r.status_code == 200) -> float:
+                return poll(proc, t_spawn, args.start_timeout, log, f"{name}: {what}", client, ask, done=done,
+                            interval=POLL_S)[0]
 
-            up = until("HTTP", lambda: client.get(f"{base}/health"), lambda r: True)
-            ready = until("ready", lambda: client.get(f"{base}{ready_path}"), lambda r: r.status_code == 200)
+            up = until("HTTP", lambda c: c.get(f"{base}/health"), done=lambda r: True)
+            ready = until("ready", lambda c: c.get(f"{base}{ready_path}"))
             if model_id is None:
                 model_id = client.get(f"{base}/v1/models").json()["data"][0]["id"]
             body = Bench(base, model_id, args, eog).body(10_002, False, max_tokens=1)
-            answer = until("answer", lambda: client.post(f"{base}/v1/chat/completions", json=body),
-                           lambda r: r.status_code == 200)
+            answer = until("answer", lambda c: c.post(f"{base}/v1/chat/completions", json=body))
         figures = {"http_up_s": up, "ready_s": ready, "first_answer_s": answer, "first_request_s": answer - ready,
-                   "rss_mib": smaps.rss_mib(proc.pid),
+                   "rss_mib": rss_mib(proc.pid),
                    "other_cpu_pct": round(other_cpu_percent(ticks, cpu_ticks(proc.pid), answer), 1),
                    "model_id": model_id}
         event = ready_line(log)

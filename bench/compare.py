@@ -100,7 +100,7 @@ from bench.llama_build import find_llama_server
 from bench.machine import REPO, bench_arguments, default_model, inspect_model, machine_info, print_header, versions, \
     write_results
 from bench.procs import cpu_ticks, kill, kill_all, other_cpu_percent, peak_rss, quiet_runs, spawn, tail, \
-    until_quiet, vm_hwm_mb, wait_idle
+    until_quiet, status_mib, wait_idle
 from bench.report import metrics, plot, report
 from bench.servers import first_answers, gguf_serve_command, launch, llama_cpp_server_command, \
     llama_cpp_server_missing, llama_server_command, restart, server_arguments
@@ -216,7 +216,7 @@ def raw_worker(args) -> None:
     print(json.dumps({**first, "nonstream": {"runs": nonstream, "tps": run_summary(nonstream, "tps")},
                       "stream": {"runs": streams, "tps": run_summary(streams, "tps"),
                                  "ttft_ms": run_summary(streams, "ttft_s", 1000)},
-                      "peak_rss": {"total_mb": round(vm_hwm_mb(os.getpid()) or 0, 1)}}))
+                      "peak_rss": {"total_mb": round(status_mib(os.getpid(), "VmHWM") or 0, 1)}}))
 
 
 def run_worker(cmd: list[str], log: Path, timeout: float) -> int:

@@ -30,7 +30,7 @@ import numpy as np
 
 from bench.llama_build import find_llama_server
 from bench.machine import bench_arguments, default_model, inspect_model, write_results
-from bench.procs import kill, process_tree, until_quiet, wait_idle
+from bench.procs import kill, rss_mib, until_quiet, wait_idle
 from bench.report import table
 from bench.servers import gguf_serve_command, launch, llama_server_command, server_arguments
 
@@ -57,19 +57,6 @@ def embed(client: httpx.Client, model_id: str, inputs: list[str]) -> tuple[float
     if vectors.shape[0] != len(inputs):
         raise RuntimeError(f"{vectors.shape[0]} vectors for {len(inputs)} inputs")
     return elapsed, vectors, body["usage"]["prompt_tokens"]
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory now (VmRSS) of a server and its children (granian's worker)."""
-    total = 0.0
-    for p in process_tree(pid):
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return total
 
 
 def main(argv: list[str]) -> None:
@@ -105,12 +92,12 @@ def main(argv: list[str]) -> None:
             proc, b = launch(name, cmd, env, cwd, args, eog, logdir, results.setdefault(name, {}))
             servers[name] = (proc, httpx.Client(base_url=b.base, timeout=args.timeout), b.model_id)
         if "gguf-serve" in servers:  # after a chat (launch's first answer), before any embedding
-            results["gguf-serve"]["rss_before_mb"] = rss_mb(servers["gguf-serve"][0].pid)
+            results["gguf-serve"]["rss_before_mb"] = rss_mib(servers["gguf-serve"][0].pid)
         vectors = {}
         for name, (_, client, model_id) in servers.items():  # warm-up, and the vectors compared below
             vectors[name] = embed(client, model_id, work["short"][:4] + work["long"][:1])[1]
         if "gguf-serve" in servers:
-            results["gguf-serve"]["rss_after_mb"] = rss_mb(servers["gguf-serve"][0].pid)
+            results["gguf-serve"]["rss_after_mb"] = rss_mib(servers["gguf-serve"][0].pid)
         if len(vectors) == 2:
             a, b = vectors.values()
             results["cosine_between_servers"] = float(np.min(np.sum(a * b, axis=1)))

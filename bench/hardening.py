@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 from bench.machine import REPO, bench_arguments, write_results
+from bench.procs import status_mib
 from gguf_serve import engine, sandbox, templates
 from gguf_serve.template_process import TemplateProcess
 
@@ -46,13 +46,6 @@ def render_us(render, renders: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def main(argv: list[str]) -> None:
     ap = bench_arguments("hardening", __doc__, model=False)
     ap.add_argument("--renders", type=int, default=200)
@@ -67,7 +60,7 @@ def main(argv: list[str]) -> None:
               "render process": round(render_us(out_of_process, args.renders))}
     [worker] = out_of_process.idle
     figures = {"stop scan, µs a token (four stop strings of)": scan, "render of a 4-message chat, median µs": render,
-               "render process RSS, MB": round(rss_mb(worker.proc.pid), 1)}
+               "render process RSS, MB": round(status_mib(worker.proc.pid, "VmRSS"), 1)}
     for name, value in figures.items():
         print(f"{name}: {value}")
     write_results(args, figures)

@@ -86,21 +86,27 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def vm_hwm_mb(pid: int) -> float | None:
-    """Peak resident set size (VmHWM) of one process, in MiB."""
+def status_mib(pid: int, field: str) -> float | None:
+    """A size of one process from /proc/PID/status, in MiB: `field` VmHWM (its peak resident set)
+    or VmRSS (its resident set now). None if the process is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
 
 
+def rss_mib(pid: int) -> float:
+    """The resident memory now (VmRSS) of a process and its descendants, summed, in MiB."""
+    return sum(status_mib(p, "VmRSS") or 0.0 for p in process_tree(pid))
+
+
 def peak_rss(pid: int) -> dict:
     per = {}
     for p in process_tree(pid):
-        mb = vm_hwm_mb(p)
+        mb = status_mib(p, "VmHWM")
         if mb is not None:
             try:
                 name = Path(f"/proc/{p}/comm").read_text().strip()

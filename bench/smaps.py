@@ -55,16 +55,3 @@ def tree_memory(pid: int, model: Path) -> dict:
     total = {c: {k: sum(p["by_class"][c][k] for p in procs) for k in ("rss_mib", "pss_mib")} for c in CLASSES}
     return {"processes": procs, "rss_mib": sum(p["rss_mib"] for p in procs),
             "pss_mib": sum(p["pss_mib"] for p in procs), "by_class": total}
-
-
-def rss_mib(pid: int) -> float:
-    """The tree's summed VmRSS (MiB), read cheaply from status."""
-    total = 0
-    for p in process_tree(pid):
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
