@@ -40,6 +40,7 @@ def _gil_held(function):
 
 vocab_get_attr, vocab_get_text = _gil_held(llama.llama_vocab_get_attr), _gil_held(llama.llama_vocab_get_text)
 
+
 class ModelFileError(Exception):
     """The model file can't be served; the message says which file and what to do."""
 
