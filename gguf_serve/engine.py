@@ -12,7 +12,6 @@ from __future__ import annotations
 import codecs
 import ctypes
 import queue
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -24,6 +23,7 @@ from .embedder import Embedder, EmbeddingJob
 from .events import Event, TokenLogprob
 from .model import PROMPT_CHUNK, Model, llama
 from .reasoning import ThinkSplitter
+from .grammar import GrammarError, Matcher, start_thread, think_or_answer
 
 
 
@@ -40,23 +40,21 @@ class Sampling:
     repeat_penalty: float = 1.0
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
-    grammar: str | None = None  # GBNF the output must follow (JSON mode, schemas, forced tool calls)
+    grammar: str | None = None  # llguidance's grammar the answer must follow (grammar.py: JSON mode, schemas, forced calls)
 
     def is_argmax(self) -> bool:
         """Greedy with nothing stateful: the highest logit after the bias. numpy takes 18 µs for
         that; a sampler chain 87 µs (it copies every logit into a candidate array first), per
-        sequence and step, 1% of a four-sequence step on SmolLM2."""
-        return self.temperature <= 0 and not self.grammar and not (
+        sequence and step, 1% of a four-sequence step on SmolLM2. A grammar masks the logits first."""
+        return self.temperature <= 0 and not (
             self.presence_penalty or self.frequency_penalty or self.repeat_penalty != 1.0)
 
-    def chain(self, model: Model, root: str = "root"):
-        """A llama.cpp sampler chain: grammar (from its rule `root`), then llama-server's order
-        (bias, penalties, truncation, temperature). Penalties look back over the whole context,
-        as OpenAI's do."""
+    def chain(self, model: Model):
+        """A llama.cpp sampler chain in llama-server's order (bias, penalties, truncation,
+        temperature), over logits a grammar has masked already. Penalties look back over the
+        whole context, as OpenAI's do."""
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         add = lambda sampler: llama.llama_sampler_chain_add(chain, sampler)  # noqa: E731
-        if self.grammar:
-            add(grammar_sampler(model, self.grammar, root))
         if self.logit_bias:
             biases = (llama.llama_logit_bias * len(self.logit_bias))(*self.logit_bias.items())
             add(llama.llama_sampler_init_logit_bias(model.n_vocab, len(biases), biases))
@@ -76,50 +74,6 @@ class Sampling:
         seed = self.seed if self.seed is not None else llama.LLAMA_DEFAULT_SEED
         add(llama.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
-
-
-def grammar_sampler(model: Model, grammar: str, root: str = "root"):
-    sampler = llama.llama_sampler_init_grammar(model.vocab, grammar.encode(), root.encode())
-    if not sampler:
-        raise ValueError("the grammar does not parse")
-    return sampler
-
-
-def check_grammar(model: Model, grammar: str) -> None:
-    """Raise ValueError now, in the request, rather than later in the decode thread. Compiled
-    on a thread of GRAMMAR_STACK, as in the decode thread, not on the caller's stack."""
-    failed: list[ValueError] = []
-
-    def compile_grammar() -> None:
-        try:
-            llama.llama_sampler_free(grammar_sampler(model, grammar))
-        except ValueError as e:
-            failed.append(e)
-
-    start_thread(compile_grammar, "grammar").join()
-    if failed:
-        raise failed[0]
-
-
-# llama.cpp's grammar parser recurses once per nested group, about 450 bytes of C stack a level
-# (measured on llama-cpp-python 0.3.36: 1 MiB overflows below 5,000 levels, 8 MiB between 10,000
-# and 20,000), and an overflow is a SIGSEGV of the whole process. The threads that compile
-# grammars get this much stack, whatever the platform's default for threads (glibc takes
-# `ulimit -s`, musl 128 KiB), so that tools.MAX_GRAMMAR_DEPTH has a known margin.
-GRAMMAR_STACK = 16 << 20
-_stack_size = threading.Lock()  # threading.stack_size is process-wide: set, start, restore
-
-
-def start_thread(target: Callable[[], None], name: str) -> threading.Thread:
-    """A started daemon thread with GRAMMAR_STACK of stack."""
-    with _stack_size:
-        previous = threading.stack_size(GRAMMAR_STACK)
-        try:
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-        finally:
-            threading.stack_size(previous)
-    return thread
 
 
 @dataclass
@@ -210,6 +164,11 @@ def _borders(stop: str) -> list[int]:
     return borders
 
 
+# Finish reasons whose event carries a message instead of text: the engine failed ("error"), or a
+# sequence's grammar did, over its budget ("grammar": the request's doing, see grammar.LIMITS).
+FAILED = ("error", "grammar")
+
+
 class Slot:
     """One of the context's sequences: what its KV cache holds, and the generation using it."""
 
@@ -220,18 +179,16 @@ class Slot:
         self.held: Event | None = None  # a non-streamed generation's events since its first, merged
 
     def start(self, gen: Generation, model: Model) -> None:
-        # first: if a chain fails, the slot is unchanged
+        # first: if a chain or a grammar fails, the slot is unchanged
         self.chain = None if gen.sampling.is_argmax() else gen.sampling.chain(model)
-        self.later = {}  # chains for what comes later: "reasoning" once a think block opens, "answer" once it ends
-        if gen.thinking is not None and gen.sampling.grammar:
-            # The grammar is the answer's: it starts once the thinking ends, as llama.cpp's lazy
-            # grammars do. A model that may open the block itself (Qwen3) starts under the
-            # grammar or `<think>`: whichever it writes decides which chain follows.
-            self.later = {"reasoning": replace(gen.sampling, grammar=None).chain(model), "answer": self.chain}
-            if gen.thinking:
-                self.chain = self.later.pop("reasoning")
-            else:
-                self.chain = replace(gen.sampling, grammar=gen.sampling.grammar + THINK_OR_ANSWER).chain(model, "think-or-answer")
+        # The grammar is the answer's: it starts once the thinking ends, as llama.cpp's lazy grammars
+        # do (`answer`, kept until then). A model that may open the block itself (Qwen3) starts under
+        # the grammar or `<think>`: whichever it writes decides.
+        grammar = gen.sampling.grammar
+        self.answer = grammar if grammar and gen.thinking is not None else None
+        self.matcher = (None if not grammar or gen.thinking else
+                        Matcher(model, grammar if gen.thinking is None else think_or_answer(grammar)))
+        self.model = model
         self.bias = (np.array(list(gen.sampling.logit_bias), dtype=np.intp),
                      np.array(list(gen.sampling.logit_bias.values()), dtype=np.float32))
         # Reuse the longest cached prefix; at least the last prompt token is decoded again,
@@ -255,42 +212,34 @@ class Slot:
         start) was not one after all, and is sent; after a stop string, nothing is. An error's
         event carries its message only: never generated text, held or merged."""
         gen = self.gen
-        if held and reason != "error":
+        if held and reason not in FAILED:
             thought, answer = self.splitter.flush() if self.splitter else ("", "")
             answer, stopped = self.scanner.feed(answer)
             reasoning, text = reasoning + thought, text + answer + ("" if stopped else self.scanner.flush())
         logprobs = list(logprobs)
-        if self.held is not None and reason not in ("error", "cancelled"):
+        if self.held is not None and reason not in (*FAILED, "cancelled"):
             text, reasoning, logprobs = self.held.text + text, self.held.reasoning + reasoning, self.held.logprobs + logprobs
         self.outbox.append((gen.emit, Event(text, reason, gen.generated, self.reused, logprobs, reasoning,
                                             self.n_reasoning, self.scanner.reached)))
-        for chain in (self.chain, *self.later.values()):
-            if chain is not None:
-                llama.llama_sampler_free(chain)
-        self.gen = None
+        if self.chain is not None:
+            llama.llama_sampler_free(self.chain)
+        self.gen = self.matcher = None
 
     def split(self, text: str) -> tuple[str, str]:
-        """A token's text -> (reasoning, answer), switching chains as the thinking opens and ends."""
+        """A token's text -> (reasoning, answer); the grammar is let go as the thinking opens, and
+        the answer's starts as it ends."""
         if self.splitter is None:
             return "", text
         was = self.splitter.state
         reasoning, answer = self.splitter.feed(text)
         if "reasoning" in (was, self.splitter.state):
             self.n_reasoning += 1
-        if self.later and self.splitter.state != was:
-            now = "reasoning" if self.splitter.state == "reasoning" else "answer" if self.splitter.thought else None
-            if now in self.later:
-                llama.llama_sampler_free(self.chain)
-                self.chain = self.later.pop(now)
-            if now != "reasoning":  # answering: under the answer's chain, or under the grammar from the start
-                for chain in self.later.values():
-                    llama.llama_sampler_free(chain)
-                self.later = {}
+        if self.splitter.state == "reasoning":
+            self.matcher = None
+        elif self.answer and self.splitter.thought:
+            self.matcher, self.answer = Matcher(self.model, self.answer), None
         return reasoning, answer
 
-
-# The rule a grammar starts from when a thinking model may open its think block first.
-THINK_OR_ANSWER = '\nthink-or-answer ::= "<think>" | root\n'
 
 # Copying a sequence's KV cache copies its whole stream (N_CTX cells): measured, about what two
 # prompt tokens cost to compute. Below this many tokens gained, a copy is not worth a wait.
@@ -466,25 +415,41 @@ class Engine:
 
     def _sample(self, slot: Slot, index: int) -> None:
         model, gen = self.model, slot.gen
+        saved = None
+        if slot.matcher is not None:
+            logits = self._logits(index)
+            saved = logits.copy() if gen.top_logprobs is not None else None  # logprobs are the model's own
+            try:
+                slot.matcher.mask(logits)
+            except GrammarError as e:
+                return slot.finish("grammar", f"the output grammar failed at token {gen.generated}: {e}")
         if slot.chain is not None:
             token = llama.llama_sampler_sample(slot.chain, model.ctx, index)
         else:  # as llama.cpp's greedy sampler: the first highest logit after the bias
             logits, (ids, bias) = self._logits(index), slot.bias
             if len(ids):  # biased in place in llama.cpp's buffer, then restored (no 4 x n_vocab-byte copy)
-                saved = logits[ids]
-                logits[ids] = saved + bias
+                saved_bias = logits[ids]
+                logits[ids] = saved_bias + bias
                 token = int(logits.argmax())
-                logits[ids] = saved
+                logits[ids] = saved_bias
             else:
                 token = int(logits.argmax())
+        if saved is not None:
+            self._logits(index)[:] = saved
         if model.is_end_of_generation(token) or token in self.stop_tokens:
             return slot.finish("stop")
         gen.generated += 1
+        try:  # the grammar follows the token before the think splitter reads it, which may let it go
+            complete = slot.matcher is not None and slot.matcher.accept(token)
+            reasoning, answer = slot.split(slot.utf8.decode(model.piece(token)))
+        except GrammarError as e:
+            return slot.finish("grammar", f"the output grammar failed at token {gen.generated}: {e}")
         logprobs = [self._logprob(index, token, gen.top_logprobs)] if gen.top_logprobs is not None else []
-        reasoning, answer = slot.split(slot.utf8.decode(model.piece(token)))
         text, stopped = slot.scanner.feed(answer)
         if stopped:
             return slot.finish("stop", text, logprobs, reasoning, held=False)
+        if complete and slot.matcher is not None:  # the grammar allows nothing more: the answer is whole
+            return slot.finish("stop", text, logprobs, reasoning)
         if gen.generated >= gen.max_tokens or len(slot.cached) + 1 >= model.n_ctx or time.monotonic() > gen.deadline:
             return slot.finish("length", text, logprobs, reasoning)
         slot.todo = [token]

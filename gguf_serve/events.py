@@ -19,7 +19,7 @@ class Event:
     """What the engine tells a request after each of its tokens: new text and, at the end, why."""
 
     text: str
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | "grammar" (engine.FAILED)
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV was reused rather than computed
     logprobs: list[TokenLogprob] = field(default_factory=list)

@@ -39,6 +39,7 @@ def _gil_held(function):
 
 
 vocab_get_attr, vocab_get_text = _gil_held(llama.llama_vocab_get_attr), _gil_held(llama.llama_vocab_get_text)
+token_to_piece = _gil_held(llama.llama_token_to_piece)
 
 
 class ModelFileError(Exception):
@@ -256,12 +257,20 @@ class Model:
         piece = self._pieces.get(token)
         if piece is None:
             buf = ctypes.create_string_buffer(64)
-            n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            n = token_to_piece(self.vocab, token, buf, len(buf), 0, False)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+                n = token_to_piece(self.vocab, token, buf, len(buf), 0, False)
             piece = self._pieces[token] = buf.raw[:n]
         return piece
+
+    def grammar_bytes(self, token: int) -> bytes:
+        """A token's bytes as an output grammar reads them (grammar.tokenizer): its piece, or for a
+        control token (end of turn...), whose piece is empty, its text behind a 0xFF byte, which
+        no UTF-8 text holds: llguidance's mark of a special token, which no grammar's text matches."""
+        if vocab_get_attr(self.vocab, token) & llama.LLAMA_TOKEN_ATTR_CONTROL:
+            return b"\xff" + vocab_get_text(self.vocab, token)
+        return self.piece(token)
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens if t != self.bos).decode(errors="replace")

@@ -134,6 +134,8 @@ class Run:
                 self._timing()
             if event.finish_reason == "error":
                 raise APIError(500, event.text, None, "engine_error")
+            if event.finish_reason == "grammar":
+                raise APIError(400, event.text, "response_format", "grammar_too_complex")
             if event.finish_reason:
                 finished.add(index)
                 self.n_completion += event.completion_tokens

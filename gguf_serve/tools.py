@@ -4,7 +4,6 @@ follow (a forced call, JSON mode, a JSON Schema), and the tool calls found in a 
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import uuid
@@ -12,89 +11,67 @@ from typing import NamedTuple
 
 import msgspec
 
-from . import engine, reasoning
+from . import reasoning
+from .grammar import GrammarError, check_grammar, json_schema_grammar
 from .model import Model
 from .protocol import (APIError, AssistantMessage, ChatRequest, FunctionCall, FunctionName, NamedToolChoice, ToolCall,
                       ToolDef)
 
-# Structured output: JSON Schema -> a llama.cpp grammar, with llama-cpp-python's converter.
+# Structured output: JSON Schema -> llguidance's grammar (grammar.py). Bounds on what a client's
+# schema may ask, each a size it controls, checked before anything is compiled; the per-token
+# work the grammar can cost is bounded by grammar.LIMITS whatever the schema.
 SCHEMA_KEYWORDS = {
     "type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
     "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "pattern", "minLength",
     "maxLength", "format", "title", "description", "default", "examples", "$schema", "$id", "$comment",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
 }
-SCHEMA_FORMATS = {"date", "time", "date-time", "uuid"}
-
-# Bounds on a schema, so that neither the converter nor llama.cpp's grammar parser is given more
-# than it can take (issue #25: `"maxLength": 20000` became 20,000 nested groups, and the parser,
-# which recurses once per group, overflowed the C stack: SIGSEGV). Measured on llama-cpp-python
-# 0.3.36, whose parser takes about 450 bytes of stack a nesting level (an 8 MiB stack overflows
-# between 10,000 and 20,000 levels, 1 MiB below 5,000):
-# - a count the converter writes as nested optional copies (maxLength, maxItems, a pattern's {n,m})
-#   or flat ones (minLength, minItems, {n}): the parser refuses more than 1,000 nested copies
-#   ("exceeds sane defaults"), only after recursing through them all; 1,000 compiles in 9 ms;
+SCHEMA_FORMATS = {"date", "time", "date-time", "uuid", "email"}
+# - a count of repetitions (minLength, maxLength, minItems, maxItems, a pattern's {n,m}): each
+#   is a counter in the grammar's automaton; 1,000 compiles in milliseconds;
 MAX_REPEAT = 1000
 REPEAT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems")
-# - JSON nesting (two levels an object: the schema, its `properties`): the converter recurses
+# - JSON nesting (two levels an object: the schema, its `properties`): the compiler recurses
 #   through it; OpenAI's structured outputs allow 10 levels of objects;
 MAX_SCHEMA_DEPTH = 64
-# - properties of one object (the converter's time grows with the square of the optional ones:
-#   900 took 1.6 s) and values of one enum: each is an alternative that llama.cpp's grammar
-#   sampler tries against the whole vocabulary at each token, in the decode thread every stream
-#   waits on (SmolLM2, 49k tokens: 128 optional properties up to 0.18 s a token, 256 values
-#   sharing a prefix up to 0.4 s, 1,000 values 1.3 s);
+# - properties of one object, values of one enum and alternatives of one anyOf/oneOf/allOf, and
+#   the alternatives of the whole schema: each is a branch the parser may follow at every token
+#   (issue #34: 5,000 `{"type": "string"}` alternatives were accepted and cost every other stream
+#   5-9 s a token under llama.cpp's grammar); OpenAI allows 1,000 enum values in a schema.
 MAX_PROPERTIES = 128
 MAX_ENUM = 256
-# - the grammar's size: it is compiled in the request and again in the decode thread, where
-#   every stream waits for it (an 800 KB grammar took 0.4 s); estimated from the schema before
-#   the converter runs, so that the converter's own work is bounded too, then checked;
-MAX_GRAMMAR_BYTES = 256 << 10
-# - the grammar's nesting of groups, whatever made it: what the parser recurses through, well
-#   within engine.GRAMMAR_STACK (16 MiB: about 35,000 levels).
-MAX_GRAMMAR_DEPTH = 2 * MAX_REPEAT
+MAX_ALTERNATIVES = 64
+MAX_BRANCHES = 1000
 _QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
-_LITERALS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]')  # a GBNF's strings and character classes
 
 
 def schema_grammar(schema: dict, param: str) -> str:
-    """The GBNF for a JSON Schema, or a 400 naming the features the converter can't enforce or
-    the bound the schema is over."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
+    """The grammar for a JSON Schema, or a 400 naming the features it can't enforce or the bound
+    the schema is over."""
     check_schema_size(schema, param)
     unsupported = sorted(schema_features(schema) - SCHEMA_KEYWORDS)
     if unsupported:
         raise APIError(400, f"JSON Schema features not supported: {', '.join(unsupported)}", param, "unsupported_schema")
-    try:
-        grammar = json_schema_to_gbnf(msgspec.json.encode(schema).decode())
-    except Exception as e:  # the converter raises assorted errors on schemas it can't handle
-        raise APIError(400, f"JSON Schema not supported: {e}", param, "unsupported_schema") from None
-    if len(grammar) > MAX_GRAMMAR_BYTES or grammar_depth(grammar) > MAX_GRAMMAR_DEPTH:
-        raise APIError(400, f"JSON Schema not supported: its grammar is over {MAX_GRAMMAR_BYTES} bytes or nests "
-                            f"over {MAX_GRAMMAR_DEPTH} groups deep", param, "unsupported_schema")
-    # The converter's string characters admit raw control characters (newlines...), which JSON
-    # forbids inside strings; llama.cpp's own converter has since excluded them.
-    return grammar.replace(r'char ::= [^"\\] |', r'char ::= [^"\\\x7F\x00-\x1F] |')
+    return json_schema_grammar(schema)
 
 
 def check_schema_size(schema, param: str) -> None:
-    """A 400 naming the bound (above) a schema is over. The grammar's size is estimated as the
-    converter writes it: each schema's rule names grow with the property names on its path, and
-    a count of copies writes that many of them."""
-    size = 0
+    """A 400 naming the bound (above) a schema is over, or a `$ref` that is not to a definition
+    inside it (a remote one would be fetched: the server never does)."""
+    branches = 0
 
     def refuse(message: str):
         raise APIError(400, f"JSON Schema not supported: {message}", param, "unsupported_schema")
 
-    def walk(node, depth: int, name: int) -> None:
-        nonlocal size
+    def walk(node, depth: int) -> None:
+        nonlocal branches
         if not isinstance(node, (dict, list)):
             return
         if depth > MAX_SCHEMA_DEPTH:
             refuse(f"nested more than {MAX_SCHEMA_DEPTH} levels deep")
         if isinstance(node, list):
             for item in node:
-                walk(item, depth + 1, name)
+                walk(item, depth + 1)
             return
         counts = [(key, node[key]) for key in REPEAT_KEYWORDS if key in node]
         if isinstance(node.get("pattern"), str):
@@ -102,30 +79,28 @@ def check_schema_size(schema, param: str) -> None:
                        for bounds in _QUANTIFIER.findall(node["pattern"]) for n in bounds if n]
         for key, count in counts:
             if not isinstance(count, int) or not 0 <= count <= MAX_REPEAT:
-                refuse(f"`{key}` must count from 0 to {MAX_REPEAT} repetitions (each is written out in the grammar)")
-        size += (name + 16) * (1 + sum(count for _, count in counts))
+                refuse(f"`{key}` must count from 0 to {MAX_REPEAT} repetitions")
+        if "$ref" in node and not (isinstance(node["$ref"], str) and node["$ref"].startswith("#")):
+            refuse("a `$ref` must point inside the schema (`#/$defs/...`)")
         for key, value in node.items():
             if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
                 if len(value) > MAX_PROPERTIES:
                     refuse(f"`{key}` has {len(value)} entries; at most {MAX_PROPERTIES}")
-                for entry, sub in value.items():
-                    walk(sub, depth + 2, name + len(entry) + 1)
-            elif key in ("enum", "const"):
-                if key == "enum" and isinstance(value, list) and len(value) > MAX_ENUM:
-                    refuse(f"`enum` has {len(value)} values; at most {MAX_ENUM}")
-                size += 2 * len(msgspec.json.encode(value))  # escaped again, as GBNF literals
-            elif key not in ("default", "examples", "required", "pattern"):
-                walk(value, depth + 1, name + len(key) + 1)
-        if size > MAX_GRAMMAR_BYTES:
-            refuse(f"its grammar would be over {MAX_GRAMMAR_BYTES} bytes")
+                for sub in value.values():
+                    walk(sub, depth + 2)
+            elif key in ("enum", "anyOf", "oneOf", "allOf") and isinstance(value, list):
+                bound = MAX_ENUM if key == "enum" else MAX_ALTERNATIVES
+                if len(value) > bound:
+                    refuse(f"`{key}` has {len(value)} {'values' if key == 'enum' else 'alternatives'}; at most {bound}")
+                branches += len(value)
+                if branches > MAX_BRANCHES:
+                    refuse(f"its enums and alternatives have over {MAX_BRANCHES} branches together")
+                if key != "enum":
+                    walk(value, depth + 1)
+            elif key not in ("const", "default", "examples", "required", "pattern"):
+                walk(value, depth + 1)
 
-    walk(schema, 1, 0)
-
-
-def grammar_depth(grammar: str) -> int:
-    """How deep a GBNF's groups nest."""
-    parens = (1 if c == "(" else -1 for c in _LITERALS.sub("", grammar) if c in "()")
-    return max(itertools.accumulate(parens), default=0)
+    walk(schema, 1)
 
 
 def schema_features(schema) -> set[str]:
@@ -175,24 +150,22 @@ def output_grammar(model: Model, body: ChatRequest, plan: ToolPlan) -> str | Non
         calls = [
             {"type": "object", "properties": {"name": {"const": t.function.name},
                                               "arguments": t.function.parameters or {"type": "object"}},
-             "required": ["name", "arguments"]}
+             "required": ["name", "arguments"], "additionalProperties": False}
             for t in plan.tools if plan.forced in ("required", t.function.name)
         ]
         grammar = schema_grammar(calls[0] if len(calls) == 1 else {"anyOf": calls}, "tools")
     elif body.response_format is None or body.response_format.type == "text":
         return None
     elif body.response_format.type == "json_object":
-        from llama_cpp.llama_grammar import JSON_GBNF
-
-        grammar = JSON_GBNF
+        grammar = json_schema_grammar({"type": "object"})
     else:
         if body.response_format.json_schema is None:
             raise APIError(400, "`json_schema` is required with type json_schema", "response_format.json_schema")
         grammar = schema_grammar(body.response_format.json_schema.schema, "response_format.json_schema.schema")
     try:
-        engine.check_grammar(model, grammar)
-    except ValueError as e:
-        raise APIError(400, f"the output constraint can't be compiled: {e}", "response_format") from None
+        check_grammar(model, grammar)
+    except GrammarError as e:
+        raise APIError(400, f"the output constraint can't be compiled: {e}", "response_format", "unsupported_schema") from None
     return grammar
 
 

@@ -1,9 +1,13 @@
-"""Tool plans, output grammars and tool-call parsing: pure logic, no model weights."""
+"""Tool plans, output grammars and tool-call parsing: pure logic, no model weights (the vocabulary alone
+where a grammar masks tokens)."""
 
 import msgspec
+import numpy as np
 import pytest
 
-from gguf_serve import tools
+from conftest import smollm2_path
+from gguf_serve import grammar, tools
+from gguf_serve.model import Model
 from gguf_serve.protocol import APIError, ChatRequest
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -38,15 +42,32 @@ def test_forcing_an_unknown_tool_is_400():
     assert e.value.status == 400 and e.value.param == "tool_choice"
 
 
-def test_schema_features_the_converter_cant_enforce_are_named():
+def test_schema_features_the_grammar_cant_enforce_are_named():
     with pytest.raises(APIError) as e:
-        tools.schema_grammar({"type": "object", "properties": {"n": {"type": "integer", "minimum": 3}}}, "p")
-    assert "minimum" in e.value.message and e.value.param == "p" and e.value.code == "unsupported_schema"
+        tools.schema_grammar({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "p")
+    assert "uniqueItems" in e.value.message and e.value.param == "p" and e.value.code == "unsupported_schema"
 
 
-def test_schema_grammar_keeps_control_characters_out_of_strings():
-    grammar = tools.schema_grammar({"type": "object", "properties": {"s": {"type": "string"}}}, "p")
-    assert r"\x00-\x1F" in grammar
+def test_a_remote_ref_is_refused_by_the_server_itself():
+    """llguidance would not fetch it either, but nothing but a `#` reference reaches it (issue #34:
+    llama-cpp-python's converter refused one only by an `assert`, gone under PYTHONOPTIMIZE)."""
+    for ref in ("https://example.com/schema.json", "file:///etc/passwd", "other.json#/a"):
+        with pytest.raises(APIError) as e:
+            tools.schema_grammar({"type": "object", "properties": {"a": {"$ref": ref}}}, "p")
+        assert "$ref" in e.value.message and e.value.code == "unsupported_schema"
+    tools.schema_grammar({"$defs": {"a": {"type": "string"}}, "type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}}, "p")
+
+
+def test_a_schema_string_takes_no_raw_control_characters():
+    model = Model(smollm2_path(), vocab_only=True)
+    matcher = grammar.Matcher(model, tools.schema_grammar(
+        {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}, "p"))
+    for token in model.tokenize('{"s": "a'):
+        assert not matcher.accept(token)
+    logits = np.zeros(model.n_vocab, dtype=np.float32)
+    matcher.mask(logits)
+    newline, letter = model.tokenize("\n")[0], model.tokenize("b")[0]
+    assert logits[newline] == -np.inf and logits[letter] == 0
 
 
 TOOL_CALLS = [
