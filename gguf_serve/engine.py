@@ -361,6 +361,8 @@ class Engine:
                 slot.cached = list(donor.cached)
             try:
                 slot.start(gen, self.model)
+            except GrammarError as e:
+                self.outbox.append((gen.emit, Event(f"the output grammar failed: {e}", "grammar")))
             except Exception as e:
                 self.outbox.append((gen.emit, Event(f"engine error: {e}", "error")))
 

@@ -46,6 +46,10 @@ class GrammarError(ValueError):
     """A grammar that can't be compiled, or that is over a bound (the message says which)."""
 
 
+def _failed(matcher: llguidance.LLMatcher) -> GrammarError:
+    return GrammarError(matcher.get_error().split("\n")[0])  # its first line: the rest is a placeholder
+
+
 def json_schema_grammar(schema: dict) -> str:
     """The grammar of JSON values a schema allows (as llguidance reads JSON Schema)."""
     return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
@@ -90,21 +94,21 @@ class Matcher:
         self.bitmask = llguidance.numpy.allocate_token_bitmask(1, model.n_vocab)
         self.n_vocab = model.n_vocab
         if self.matcher.is_error():
-            raise GrammarError(self.matcher.get_error())
+            raise _failed(self.matcher)
 
     def mask(self, logits: np.ndarray) -> None:
         """Every token the grammar does not allow next set to -inf, in place. Raises GrammarError
         when the step ran out of its budget."""
         llguidance.numpy.fill_next_token_bitmask(self.matcher, self.bitmask)
         if self.matcher.is_error():
-            raise GrammarError(self.matcher.get_error())
+            raise _failed(self.matcher)
         allowed = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[: self.n_vocab]
         logits[allowed == 0] = -np.inf
 
     def accept(self, token: int) -> bool:
         """Follow a sampled token; True once the grammar is complete and allows nothing more."""
         if not self.matcher.consume_token(token):
-            raise GrammarError(self.matcher.get_error())
+            raise _failed(self.matcher)
         return self.matcher.is_stopped()
 
 

@@ -2,7 +2,7 @@
 
 import asyncio
 
-from gguf_serve import engine
+from gguf_serve import engine, grammar
 
 from gguf_serve.model import Model
 from conftest import smollm2_path
@@ -107,3 +107,38 @@ def test_a_quantized_kv_cache_generates_the_same_greedy_tokens_alone_and_batched
 
     alone = asyncio.run(run(False))
     assert all(alone) and asyncio.run(run(True)) == alone
+
+
+def test_a_grammar_over_its_budget_ends_its_own_generation_and_no_other(monkeypatch):
+    """Each step's grammar work is bounded (grammar.LIMITS): a sequence whose mask runs out of it
+    ends with finish reason "grammar" (the request's 400), while the sequence beside it, in the
+    same batches, generates every one of its tokens. Here the budget is cut to one Earley item,
+    which an ordinary schema's first mask already exceeds."""
+    model = Model(smollm2_path(), n_ctx=512, n_threads=2, parallel=2)
+    schema = grammar.json_schema_grammar({"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]})
+    never_ends = {t: float("-inf") for t in range(model.n_vocab) if model.is_end_of_generation(t)}
+    monkeypatch.setitem(grammar.LIMITS, "step_max_items", 1)
+
+    async def run() -> list[engine.Event]:
+        loop = asyncio.get_running_loop()
+        eng = engine.Engine(model, 2, loop)
+        ends = [loop.create_future() for _ in range(2)]
+        tokens = [0, 0]
+
+        def emitter(i):
+            def emit(event):
+                tokens[i] += bool(event.text)
+                if event.finish_reason:
+                    ends[i].set_result(event)
+            return emit
+
+        prompt = model.tokenize_prompt("Answer in JSON.")
+        eng.submit(engine.Generation(prompt, 32, engine.Sampling(temperature=0, logit_bias=never_ends), emitter(0)))
+        eng.submit(engine.Generation(prompt, 32, engine.Sampling(temperature=0, grammar=schema), emitter(1)))
+        neighbour, constrained = await asyncio.wait_for(asyncio.gather(*ends), 120)
+        eng.close()
+        return neighbour, constrained, tokens
+
+    neighbour, constrained, tokens = asyncio.run(run())
+    assert constrained.finish_reason == "grammar" and "Too many items" in constrained.text, constrained
+    assert neighbour.finish_reason == "length" and neighbour.completion_tokens == 32 and tokens[0] >= 1

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
 from conftest import MODEL, Server, refused_start, smollm2_path, with_template
+from gguf_serve.model import Model
 
 KEY = "sk-hostile-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -259,12 +262,14 @@ def nested(objects: int) -> dict:
     return schema
 
 
-def strings(n: int) -> dict:
-    return {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 1000} for i in range(n)}}
+def enums(values: int) -> dict:
+    """An object of enums of 256 values each (tools.MAX_ENUM), `values` values in all."""
+    sizes = [256] * (values // 256) + ([values % 256] if values % 256 else [])
+    return {"type": "object", "properties": {f"p{i}": {"enum": [f"v{j}" for j in range(n)]} for i, n in enumerate(sizes)}}
 
 
 # (the largest accepted schema of a kind, the smallest refused one): tools.MAX_REPEAT, MAX_SCHEMA_DEPTH,
-# MAX_PROPERTIES, MAX_ENUM and MAX_GRAMMAR_BYTES (13 strings of maxLength 1000 are estimated at 247 KB)
+# MAX_PROPERTIES, MAX_ENUM, MAX_ALTERNATIVES and MAX_BRANCHES
 SCHEMA_BOUNDS = {
     "maxLength": ({"type": "string", "maxLength": 1000}, {"type": "string", "maxLength": 1001}),
     "minLength": ({"type": "string", "minLength": 1000}, {"type": "string", "minLength": 1001}),
@@ -277,7 +282,8 @@ SCHEMA_BOUNDS = {
     "properties": ({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(128)}},
                    {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(129)}}),
     "enum": ({"enum": [f"v{i}" for i in range(256)]}, {"enum": [f"v{i}" for i in range(257)]}),
-    "size": (strings(13), strings(14)),
+    "alternatives": ({"anyOf": [{"type": "string"}] * 64}, {"anyOf": [{"type": "string"}] * 65}),
+    "branches": (enums(1000), enums(1001)),
 }
 
 
@@ -315,7 +321,7 @@ def test_a_schema_that_segfaulted_is_refused_on_every_route(keyed):
 @pytest.mark.parametrize("kind", SCHEMA_BOUNDS)
 def test_the_largest_accepted_schema_compiles_and_one_more_is_refused(keyed, kind):
     """The bound's own schema compiles, in the request's check and in the decode thread, and
-    answers; one step over it is a 400 that names the field, before any grammar is built."""
+    answers; one step over it is a 400, before any grammar is built."""
     largest, over = SCHEMA_BOUNDS[kind]
     r = post(keyed, "/v1/chat/completions", chat_schema(largest))
     assert r.status_code == 200, r.text
@@ -407,3 +413,132 @@ def test_a_special_token_in_any_client_string_is_read_as_text(guarded, field):
     prompt = httpx.post(f"{guarded.url}/apply-template", json=apply, timeout=60).json()["prompt"]
     assert f"x{SPECIAL}x" in prompt or f"f{SPECIAL}" in prompt
     assert prompt_tokens(SPECIAL) - prompt_tokens("") >= 6
+
+
+# --- Issue 34, items 1, 3 and 6: a grammar's work a token is bounded; the others never wait on it ---
+
+AMBIGUOUS = {"type": "string", "pattern": "^(a?){0,300}$"}  # froze llama.cpp's grammar sampler for minutes
+
+
+def hostile_grammars(schema: dict, tokens: int = 24) -> list[tuple[str, dict]]:
+    """`schema` by every door to the output grammar: chat's json_schema, a forced tool's parameters,
+    Responses' text.format, Messages' output_config.format."""
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Write a's."}], "max_tokens": tokens}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"s": schema},
+                                                                         "required": ["s"]}}}
+    return [
+        ("/v1/chat/completions", {**chat, "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}}),
+        ("/v1/chat/completions", {**chat, "tools": [tool], "tool_choice": "required"}),
+        ("/v1/responses", {"model": MODEL, "input": "Write a's.", "max_output_tokens": tokens,
+                           "text": {"format": {"type": "json_schema", "name": "t", "schema": schema}}}),
+        ("/v1/messages", {"model": MODEL, "max_tokens": tokens, "messages": [{"role": "user", "content": "Write a's."}],
+                          "output_config": {"format": {"type": "json_schema", "schema": schema}}}),
+    ]
+
+
+class Neighbour:
+    """A streamed completion that never ends by itself (end-of-generation tokens banned), beside
+    hostile requests: counts the tokens it gets, in a thread, until stopped."""
+
+    def __init__(self, server):
+        model = Model(smollm2_path(), vocab_only=True)
+        never_ends = {str(t): -100 for t in range(model.n_vocab) if model.is_end_of_generation(t)}
+        self.body = {"model": MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 1500, "temperature": 0,
+                     "stream": True, "logit_bias": never_ends}
+        self.url, self.tokens, self.stopped, self.error = server.url, 0, threading.Event(), None
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", f"{self.url}/v1/completions", json=self.body, headers=AUTH, timeout=300) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        self.tokens += 1
+                    if self.stopped.is_set():
+                        return
+        except httpx.HTTPError as e:
+            self.error = e
+
+    def wait_for_tokens(self, more_than: int) -> int:
+        """Polls until the stream has more than `more_than` tokens; a stream that stopped fails."""
+        while self.tokens <= more_than:
+            assert self.thread.is_alive() and self.error is None, f"the neighbour's stream ended: {self.error}"
+            self.thread.join(0.05)
+        return self.tokens
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(60)
+
+
+@pytest.fixture
+def neighbour(keyed):
+    stream = Neighbour(keyed)
+    stream.wait_for_tokens(0)
+    yield stream
+    stream.stop()
+
+
+def test_an_ambiguous_pattern_is_answered_on_every_route_while_a_neighbour_streams(keyed, neighbour):
+    """`^(a?){0,300}$` held the decode thread, and every stream, in llama.cpp's grammar for minutes.
+    Now each route answers it (what it wrote follows the pattern), and the neighbour's stream got
+    tokens while each of them ran: progress asserted, not a time."""
+    for path, body in hostile_grammars(AMBIGUOUS):
+        before = neighbour.tokens
+        r = post(keyed, path, body)
+        assert r.status_code == 200, (path, r.text)
+        assert neighbour.wait_for_tokens(before) > before
+        if path == "/v1/chat/completions" and "tools" not in body and r.json()["choices"][0]["finish_reason"] == "stop":
+            assert re.fullmatch("a{0,300}", json.loads(r.json()["choices"][0]["message"]["content"]))
+    assert keyed.proc.poll() is None
+
+
+@pytest.mark.parametrize("name,schema", [
+    ("5,000 strings", {"anyOf": [{"type": "string"}] * 5000}),
+    ("5,000 consts", {"oneOf": [{"const": f"c{i}"} for i in range(5000)]}),
+    ("20 enums of 256", enums(20 * 256)),
+])
+def test_unbounded_alternatives_are_refused_before_any_token(keyed, name, schema):
+    """Accepted before, each of these stalled every other stream 5-9 s a token: now a 400 on every
+    route, from the schema's own bounds, before any grammar is built."""
+    params = ["response_format.json_schema.schema", "tools", "text.format.schema", "output_config.format.schema"]
+    for (path, body), param in zip(hostile_grammars(schema), params):
+        r = post(keyed, path, body)
+        assert r.status_code == 400, (name, path, r.text)
+        if path == "/v1/messages":
+            assert r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"
+        else:
+            assert assert_openai_error(400, r.content, "unsupported_schema", param)
+
+
+def test_a_remote_ref_is_refused_by_the_server_whatever_python_optimises(tmp_path):
+    """A `$ref` to a URL was refused only by an `assert` in llama-cpp-python's converter: under
+    PYTHONOPTIMIZE=1 the server fetched what the client named. A server run that way refuses it
+    itself, before anything could be fetched."""
+    server = Server({"N_THREADS": "2", "PYTHONOPTIMIZE": "1"}).wait_ready()
+    try:
+        for ref in ("https://127.0.0.1:9/schema.json", "file:///etc/passwd"):
+            schema = {"type": "object", "properties": {"a": {"$ref": ref}}}
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=chat_schema(schema), timeout=60)
+            error = assert_openai_error(400, r.content, "unsupported_schema", "response_format.json_schema.schema")
+            assert "$ref" in error["message"]
+    finally:
+        server.stop()
+
+
+def test_sigterm_ends_the_server_within_its_grace_while_hostile_grammars_run():
+    """SIGTERM stopped the listening but never the process while the decode thread was in the
+    grammar. With hostile grammars in flight the process now drains and exits."""
+    server = Server({"N_THREADS": "2", "SHUTDOWN_GRACE_S": "2"}).wait_ready()
+    try:
+        threads = [threading.Thread(target=httpx.post, args=(f"{server.url}{path}",), daemon=True,
+                                    kwargs={"json": body, "timeout": 120})
+                   for path, body in hostile_grammars(AMBIGUOUS, tokens=1000)]
+        for thread in threads:
+            thread.start()
+        server.wait_metric("gguf_running", len(threads))
+        server.proc.terminate()
+        assert server.proc.wait(60) == 0, server.output()
+    finally:
+        server.stop()
