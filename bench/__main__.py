@@ -18,7 +18,7 @@ SUBCOMMANDS = {
     "responses": "/v1/responses against /v1/chat/completions on the same generation",
     "messages": "/v1/messages (Anthropic's API) against /v1/chat/completions on the same generation",
     "kvcache": "KV cache types: the context's memory, decode speed, greedy output against f16's",
-    "hardening": "what issue #25's hardening costs a request: the stop scan, the template's render process",
+    "hardening": "what hardening costs a request: the stop scan, the render process, an output grammar a token (#25, #34)",
     "store": "stored responses with the in-process store against Redis: create, continue, retrieve rates",
     "coldstart": "serverless cold start against llama-server, warm and cold page cache: where it goes, memory by kind",
 }

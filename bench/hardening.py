@@ -15,9 +15,13 @@ sandbox.jinja_template as the server rendered it before, with the same time limi
 
 from __future__ import annotations
 
+import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
+from bench import grammars
 from bench.machine import REPO, bench_arguments, write_results
 from bench.procs import status_mib
 from gguf_serve import engine, sandbox, templates
@@ -50,6 +54,10 @@ def main(argv: list[str]) -> None:
     ap = bench_arguments("hardening", __doc__, model=False)
     ap.add_argument("--renders", type=int, default=200)
     ap.add_argument("--tokens", type=int, default=5000)
+    ap.add_argument("--neighbour-tokens", type=int, default=400, help="tokens of the neighbour's stream (default 400)")
+    ap.add_argument("--beside", type=int, default=3, help="constrained chats beside the neighbour (default 3)")
+    ap.add_argument("--gbnf-seconds", type=float, default=20, help="how long llama.cpp's grammar walk may take "
+                    "before it is stopped (default 20)")
     args = ap.parse_args(argv)
 
     scan = {f"{n} chars": round(scan_us_per_token(n, args.tokens), 2) for n in (0, 100, 1000)}
@@ -63,4 +71,10 @@ def main(argv: list[str]) -> None:
                "render process RSS, MB": round(status_mib(worker.proc.pid, "VmRSS"), 1)}
     for name, value in figures.items():
         print(f"{name}: {value}")
+    print("an output grammar's work a token, in the decode thread:", flush=True)
+    figures["grammar mask a token, greedy walk over random logits"] = grammars.mask_figures(args.gbnf_seconds)
+    print(f"a neighbour's streamed tokens/s beside {args.beside} chats under each grammar:", flush=True)
+    with tempfile.TemporaryDirectory() as logdir:
+        figures["neighbour stream, tokens/s"] = grammars.neighbour_figures(
+            len(os.sched_getaffinity(0)), args.beside, args.neighbour_tokens, Path(logdir))
     write_results(args, figures)

@@ -233,11 +233,21 @@ def test_json_schema_output_validates(client):
 
 
 def test_unsupported_schema_features_are_named(client):
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 3, "multipleOf": 2}}}
+    schema = {"type": "object", "properties": {"n": {"type": "array", "uniqueItems": True, "contains": {"const": 2}}}}
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
-    assert "minimum" in e.value.message and "multipleOf" in e.value.message
+    assert "uniqueItems" in e.value.message and "contains" in e.value.message
     assert e.value.code == "unsupported_schema"
+
+
+def test_numeric_bounds_are_enforced(client):
+    """`minimum` and `maximum` hold in what the model writes (llguidance compiles them to the grammar)."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 700, "maximum": 705}},
+              "required": ["n"], "additionalProperties": False}
+    r = chat(client, max_tokens=24, temperature=0,
+             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    assert 700 <= json.loads(r.choices[0].message.content)["n"] <= 705
 
 
 # --- 9. tools ---
