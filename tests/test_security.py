@@ -4,7 +4,8 @@ each test failing on the code before its fix, and the hostile-request corpus in 
 
 A corpus file: {"method", "path", "headers" (added to the key's), "auth" (false: send no key),
 "json" (a body to encode) or "body" (sent as it is), "expand" ({"MARK": [text, times]}: MARK in
-path and body becomes text repeated), "status", and optionally "code" and "param" of the error}.
+path and body becomes text repeated), "status", optionally "code" and "param" of the error, and
+"absent_headers" (names the answer must not carry)}.
 Every answer of 400 or more must be OpenAI's error object; the server answers a chat afterwards.
 """
 
@@ -33,8 +34,9 @@ def keyed():
 
 
 def raw_request(url: str, method: str, path: str, headers: dict[str, str], body: bytes | None,
-                timeout: float = 60) -> tuple[int, bytes]:
-    """One request with its path sent exactly as given (httpx and the SDKs normalize paths)."""
+                timeout: float = 60) -> tuple[int, bytes, dict[str, str]]:
+    """One request with its path sent exactly as given (httpx and the SDKs normalize paths): the
+    answer's status, body and headers (names lowercased)."""
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
@@ -44,7 +46,7 @@ def raw_request(url: str, method: str, path: str, headers: dict[str, str], body:
         connection.putheader("Content-Length", str(len(body or b"")))
         connection.endheaders(body)
         answer = connection.getresponse()
-        return answer.status, answer.read()
+        return answer.status, answer.read(), {name.lower(): value for name, value in answer.getheaders()}
     finally:
         connection.close()
 
@@ -78,8 +80,9 @@ def assert_openai_error(status: int, body: bytes, code: str | None = None, param
 @pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
 def test_hostile_corpus(keyed, path):
     case = json.loads(path.read_text())
-    status, body = raw_request(keyed.url, *corpus_request(case))
+    status, body, headers = raw_request(keyed.url, *corpus_request(case))
     assert status == case["status"], body[:500]
+    assert not set(case.get("absent_headers", [])) & set(headers), headers
     if status >= 400:
         assert_openai_error(status, body, case.get("code"), case.get("param"))
     assert keyed.proc.poll() is None, "the server died"
@@ -104,9 +107,9 @@ def test_a_stored_response_is_read_with_the_key_only_however_the_path_is_spelled
     made = httpx.post(f"{keyed.url}/v1/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 2,
                                                         "temperature": 0}, headers=AUTH, timeout=60)
     path = path.format(id=made.json()["id"])
-    status, body = raw_request(keyed.url, "GET", path, {}, None)
+    status, body, _ = raw_request(keyed.url, "GET", path, {}, None)
     assert status == 401 and assert_openai_error(status, body, "invalid_api_key")
-    status, body = raw_request(keyed.url, "GET", path, AUTH, None)
+    status, body, _ = raw_request(keyed.url, "GET", path, AUTH, None)
     assert status == 200 and json.loads(body)["id"] == made.json()["id"]
 
 
@@ -407,3 +410,20 @@ def test_a_special_token_in_any_client_string_is_read_as_text(guarded, field):
     prompt = httpx.post(f"{guarded.url}/apply-template", json=apply, timeout=60).json()["prompt"]
     assert f"x{SPECIAL}x" in prompt or f"f{SPECIAL}" in prompt
     assert prompt_tokens(SPECIAL) - prompt_tokens("") >= 6
+
+
+# --- Issue 34, item 7. What a client without a valid key learns ---------------------------------
+# (/ready and the response store: tests/test_fleet_store.py; the fleet proxy: tests/test_deploy.py)
+
+
+def test_only_a_refused_key_hides_the_instance(keyed, one_place):
+    """x-instance-id (host:pid) is on every answer, probes and errors included, but a 401 for a
+    missing or wrong key (tests/hostile/34-*): a client without a key learns nothing of the host."""
+    for url, path, headers, status in ((keyed.url, "/v1/models", AUTH, 200), (keyed.url, "/v2/nothing", AUTH, 404),
+                                       (keyed.url, "/health", {}, 200), (keyed.url, "/ready", {}, 200),
+                                       (one_place.url, "/metrics", {}, 200)):  # a PUBLIC_PATHS name
+        r = httpx.get(f"{url}{path}", headers=headers, timeout=10)
+        assert r.status_code == status and r.headers["x-instance-id"].rpartition(":")[2].isdigit(), path
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"}, {"Authorization": KEY}):
+        r = httpx.get(f"{keyed.url}/v1/models", headers=headers, timeout=10)
+        assert r.status_code == 401 and "x-instance-id" not in r.headers and "x-request-id" in r.headers
