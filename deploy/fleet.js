@@ -95,8 +95,8 @@ function route(r) {
     r.variables.fleet_model = target.name;
     const upstream = r.variables.fleet_upstream;  // the generated map, keyed on $fleet_model
     if (!upstream) {
-        return error(r, 404, 'The model ' + echoed(target.name) + ' does not exist in this fleet; GET /v1/models lists them',
-                     'invalid_request_error', 'model', 'model_not_found');
+        return error(r, 404, 'The model ' + echoed(target.name) + ' does not exist in this fleet; GET /v1/models lists '
+                     + 'them', 'invalid_request_error', 'model', 'model_not_found');
     }
     r.variables.fleet_target = upstream;
     r.variables.fleet_uri = target.uri;

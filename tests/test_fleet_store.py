@@ -3,7 +3,8 @@ redis-server (Debian's, started here on a free port; .ci/run installs it) behind
 nginx of deploy/, reached by ONE OpenAI client. A response made on one instance is continued,
 read and deleted on the other (each answer names its instance in x-instance-id); another API
 key can't see it; the database down at start, lost mid-run and back again (named to a client
-with a key and in the log, once each way, to nobody else); entries expire by the database's TTL. The store's bounds hold in both backends (the in-process one and Redis)."""
+with a key and in the log, once each way, to nobody else); entries expire by the database's TTL.
+The store's bounds hold in both backends (the in-process one and Redis)."""
 
 from __future__ import annotations
 
