@@ -180,10 +180,18 @@ def served_model(request: Request, name: str | None) -> Served:
     """The served model, if `name` names it (endpoints where `model` is optional pass None)."""
     served = ready(request)
     if name is not None and name not in served.config.aliases:
-        raise APIError(
-            404, f"The model `{name}` does not exist; this server serves `{served.config.model_id}`.", "model", "model_not_found"
-        )
+        raise APIError(404, f"The model {echoed(name)} does not exist; this server serves `{served.config.model_id}`.",
+                       "model", "model_not_found")
     return served
+
+
+ECHOED = 256  # the most of a client's model name an error echoes: the body may hold MAX_BODY_BYTES of it
+
+
+def echoed(name: str) -> str:
+    if len(name) <= ECHOED:
+        return f"`{name}`"
+    return f"`{name[:ECHOED]}`... (cut to its first {ECHOED} of {len(name)} characters)"
 
 
 def generating_model(request: Request, name: str | None) -> Served:

@@ -427,3 +427,16 @@ def test_only_a_refused_key_hides_the_instance(keyed, one_place):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"}, {"Authorization": KEY}):
         r = httpx.get(f"{keyed.url}/v1/models", headers=headers, timeout=10)
         assert r.status_code == 401 and "x-instance-id" not in r.headers and "x-request-id" in r.headers
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_an_unknown_model_is_echoed_cut_short(keyed, path):
+    """As the fleet proxy's: the 404 names at most 256 characters of the model asked for, not the
+    4 MB a body may hold (tests/hostile/34-model-name-4mb.json)."""
+    for name in ("gpt-4o", "g" * 256, "g" * ((4 << 20) - 200)):
+        body = {"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        r = httpx.post(f"{keyed.url}{path}", json=body, headers=AUTH, timeout=60)
+        assert r.status_code == 404 and len(r.content) < 1000, r.content[:300]
+        message = r.json()["error"]["message"]
+        assert (f"`{name}` does not exist" in message if len(name) <= 256 else
+                f"`{name[:256]}`... (cut to its first 256 of {len(name)} characters)" in message)
