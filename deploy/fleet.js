@@ -16,9 +16,15 @@
 // instance as a real line break, a header or a whole second request of the client's making. A
 // path holding a control character, encoded or not, is refused before any instance sees it, and
 // so is one with dot segments, which nginx resolved to route it but the instance would get as sent.
+//
+// A request with no host (HTTP/1.0 allows leaving out Host; nginx refuses an HTTP/1.1 one that
+// does) is refused too: nginx would forward it as HTTP/1.1 without a Host header, which RFC 9112
+// forbids, and any name put there instead would be one the client never sent.
 
 const CONTROL = /[\x00-\x1f\x7f-\x9f]/;  // C0, DEL and C1
 const DOT_SEGMENT = /(^|\/)\.\.?(\/|$)/;
+// The most of a client's model name an error echoes: the body may hold up to 4 MiB of it.
+const ECHOED = 256;
 
 function error(r, status, message, type, param, code) {
     r.headersOut['Content-Type'] = 'application/json';
@@ -61,7 +67,16 @@ function decoded(segment) {
     }
 }
 
+function echoed(name) {
+    return name.length <= ECHOED ? '`' + name + '`'
+        : '`' + name.slice(0, ECHOED) + '`... (cut to its first ' + ECHOED + ' of ' + name.length + ' characters)';
+}
+
 function route(r) {
+    if (!r.variables.host) {
+        return error(r, 400, 'the request names no host: send a Host header', 'invalid_request_error', null,
+                     'missing_host');
+    }
     const path = r.variables.request_uri.split('?')[0];
     const plain = decoded(path);
     if (plain === null || CONTROL.test(plain) || DOT_SEGMENT.test(plain)) {
@@ -80,8 +95,8 @@ function route(r) {
     r.variables.fleet_model = target.name;
     const upstream = r.variables.fleet_upstream;  // the generated map, keyed on $fleet_model
     if (!upstream) {
-        return error(r, 404, 'The model `' + target.name + '` does not exist in this fleet; GET /v1/models lists them',
-                     'invalid_request_error', 'model', 'model_not_found');
+        return error(r, 404, 'The model ' + echoed(target.name) + ' does not exist in this fleet; GET /v1/models lists '
+                     + 'them', 'invalid_request_error', 'model', 'model_not_found');
     }
     r.variables.fleet_target = upstream;
     r.variables.fleet_uri = target.uri;

@@ -40,8 +40,9 @@ def gate(app, state: ServerState, routes: tuple[Route, ...]):
     probes = frozenset(route.path for route in routes if route.public)
     public = probes | frozenset(config.public_paths)
     endpoint_of = endpoint_namer(routes)
-    # Which instance answered, on every answer: behind a fleet, what a client or a test reads to
-    # know where a request landed (the host name is the container's, the pid granian's worker).
+    # Which instance answered, on every answer but a refused key: behind a fleet, what a client or
+    # a test reads to know where a request landed (the host name is the container's, the pid
+    # granian's worker). A client without a valid key learns nothing of the host.
     instance = f"{socket.gethostname()}:{os.getpid()}".encode()
 
     async def gated(scope, receive, send):
@@ -51,7 +52,7 @@ def gate(app, state: ServerState, routes: tuple[Route, ...]):
         info = scope.setdefault("state", {}).setdefault("gguf", {})
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode(errors="replace")[:128] or uuid.uuid4().hex
-        path, status = scope["path"], 500
+        path, status, named = scope["path"], 500, True
 
         # Not a coroutine: every streamed token's chunk passes here, and returning send's awaitable
         # saves making a coroutine for each (one of the per-chunk cuts measured together with
@@ -60,13 +61,15 @@ def gate(app, state: ServerState, routes: tuple[Route, ...]):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode()), (b"x-instance-id", instance)]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode()),
+                                      *([(b"x-instance-id", instance)] if named else [])]
             return send(message)
 
         try:
             refusal = None
             if path not in probes and scope["method"] != "OPTIONS":
                 if config.api_keys and path not in public and not authorized(api_key(headers), config.api_keys):
+                    named = False
                     refusal = APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` or "
                                             "`x-api-key: <key>`.", None, "invalid_api_key")
                 elif state.draining:

@@ -10,13 +10,16 @@ storing at once can't overshoot the bounds between a check and a write; the data
 Upstash, ElastiCache, a sidecar): the scripts name keys outside KEYS, so not Redis Cluster.
 
 Every call has a timeout (RESPONSES_STORE_TIMEOUT_S); a database that is down or slow is a 503
-naming the store, never a hang or a 500, and redis-py reconnects once it is back.
+naming the store, never a hang or a 500, and redis-py reconnects once it is back. The log gets
+one JSON line when the database stops answering (its address and error) and one when it answers
+again, not one per call or probe.
 """
 
 from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+import msgspec
 import redis.asyncio
 from redis.exceptions import RedisError
 
@@ -88,6 +91,7 @@ class RedisStore:
         self.name = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"  # no password in messages
         self.db = redis.asyncio.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.put_script, self.get_script, self.delete_script = (self.db.register_script(s) for s in (PUT, GET, DELETE))
+        self.down = False  # what the log was last told: the database stopped answering (till a call succeeds)
 
     async def put(self, response: ResponseObject, conversation: list[InputItem], owner: bytes) -> bool:
         stored = entry(response, conversation, owner)
@@ -112,15 +116,30 @@ class RedisStore:
             await self.db.ping()
         except RedisError as e:
             return self._unavailable(e).message
+        self._answered()
         return None
 
     async def _call(self, script, *args):
         try:
-            return await script(args=[PREFIX, *args])
+            found = await script(args=[PREFIX, *args])
         except RedisError as e:
             raise self._unavailable(e) from None
+        self._answered()
+        return found
+
+    def _answered(self) -> None:
+        if self.down:
+            self.down = False
+            log({"event": "responses_store_available", "store": self.name})
 
     def _unavailable(self, e: RedisError) -> APIError:
+        if not self.down:
+            self.down = True
+            log({"event": "responses_store_unavailable", "store": self.name, "error": f"{type(e).__name__}: {e}"})
         return APIError(503, f"the response store ({self.name}) is unavailable ({type(e).__name__}: {e}); retry shortly, "
                              "or send `store: false` with the whole conversation", None, "responses_store_unavailable")
 
+
+def log(line: dict) -> None:
+    """One JSON line on the log, as the service's own."""
+    print(msgspec.json.encode(line).decode(), flush=True)

@@ -28,7 +28,7 @@ from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
 from . import chat, completions, embeddings, loading, messages, prompts, responses
-from .access import error_body_for, gate
+from .access import api_key, authorized, error_body_for, gate
 from .anthropic_protocol import CountTokensRequest, MessagesRequest, TokenCount
 from .config import Config, ConfigError, load_config
 from .loading import Served
@@ -180,10 +180,18 @@ def served_model(request: Request, name: str | None) -> Served:
     """The served model, if `name` names it (endpoints where `model` is optional pass None)."""
     served = ready(request)
     if name is not None and name not in served.config.aliases:
-        raise APIError(
-            404, f"The model `{name}` does not exist; this server serves `{served.config.model_id}`.", "model", "model_not_found"
-        )
+        raise APIError(404, f"The model {echoed(name)} does not exist; this server serves `{served.config.model_id}`.",
+                       "model", "model_not_found")
     return served
+
+
+ECHOED = 256  # the most of a client's model name an error echoes: the body may hold MAX_BODY_BYTES of it
+
+
+def echoed(name: str) -> str:
+    if len(name) <= ECHOED:
+        return f"`{name}`"
+    return f"`{name[:ECHOED]}`... (cut to its first {ECHOED} of {len(name)} characters)"
 
 
 def generating_model(request: Request, name: str | None) -> Served:
@@ -212,16 +220,26 @@ def health() -> dict[str, str]:
 async def readiness(request: Request) -> dict[str, str]:
     """Readiness: 200 once the model is loaded and has produced a token, 503 before that and
     while draining for shutdown, so that a platform or proxy only routes to ready instances.
-    A shared response store that can't be reached is named here: a 503 with
-    RESPONSES_STORE_REQUIRED=1, else the instance serves (all but stored responses) and says so."""
+    A shared response store that can't be reached is said here: a 503 with
+    RESPONSES_STORE_REQUIRED=1, else the instance serves (all but stored responses) and says so.
+
+    Which database and what error only to a client that sends a valid API key; to any other,
+    "unavailable" (the store logs the details once, when it goes down). With no API_KEY set
+    nobody can prove to be the operator, so nobody gets them: /ready is the path a platform's
+    probes, monitors and whatever else reaches the port call without any key, and a database's
+    address and error are of use only to the operator, who has the log."""
     state = server_state(request)
     if state.draining:
         raise APIError(503, "the server is shutting down", None, "server_shutting_down")
     ready(request)
     store_down = await state.responses.status()
-    if store_down and state.config.responses_store_required:
-        raise APIError(503, store_down, None, "responses_store_unavailable")
-    return {"status": "ready", **({"responses_store": store_down} if store_down else {})}
+    if not store_down:
+        return {"status": "ready"}
+    detailed = authorized(api_key(dict(request.scope["headers"])), state.config.api_keys)
+    if state.config.responses_store_required:
+        raise APIError(503, store_down if detailed else "the response store is unavailable", None,
+                       "responses_store_unavailable")
+    return {"status": "ready", "responses_store": store_down if detailed else "unavailable"}
 
 
 def metrics(request: Request) -> Response:

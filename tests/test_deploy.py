@@ -203,13 +203,27 @@ def test_streams_pass_through_unbuffered(fleet):
 def raw(proxy: str, method: str, path: bytes, body: bytes = b"") -> tuple[int, dict, bytes]:
     """One request with its path sent byte for byte (httpx, the SDKs and http.client check or
     normalize paths)."""
+    return exchange(proxy, b"%s %s HTTP/1.1\r\nHost: fleet\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (method.encode(), path, KEY.encode(), len(body), body))
+
+
+def exchange(proxy: str, request: bytes) -> tuple[int, dict, bytes]:
+    """`request`, bytes as they are, to the proxy: the answer's status, headers (names lowercased) and body."""
     host, port = proxy.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=60) as sock:
-        sock.sendall(b"%s %s HTTP/1.1\r\nHost: fleet\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (method.encode(), path, KEY.encode(), len(body), body))
+        sock.sendall(request)
         answer = http.client.HTTPResponse(sock)
         answer.begin()
         return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
+
+
+def assert_error(status: int, headers: dict, body: bytes, code: str) -> dict:
+    """An OpenAI error object with that code, as JSON, from the proxy (no instance's request id)."""
+    assert headers["content-type"] == "application/json" and "x-request-id" not in headers, headers
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code, error
+    assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    return error
 
 
 def served(instance: Server) -> int:
@@ -261,6 +275,66 @@ def test_a_post_is_never_replayed(fleet):
                        timeout=60)
         time.sleep(0.05)
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+
+
+CLOSE = b"Connection: close\r\n\r\n"
+
+
+@needs_nginx
+@pytest.mark.parametrize("request_bytes,status,code", [
+    (b"GET /v1/models/" + b"m" * 20000 + b" HTTP/1.1\r\nHost: fleet\r\n" + CLOSE, 414, "uri_too_long"),
+    (b"GET /v1/models HTTP/1.1\r\nHost: fleet\r\nX-Big: " + b"h" * 20000 + b"\r\n" + CLOSE, 431, "headers_too_large"),
+    (b"GET /v1/models/m\x00 HTTP/1.1\r\nHost: fleet\r\n" + CLOSE, 400, "invalid_request"),
+    (b"GET /v1/models HTTP/1.1\r\nHost: \r\n" + CLOSE, 400, "invalid_request"),  # an empty Host
+    (b"GET /elsewhere HTTP/1.1\r\nHost: fleet\r\n" + CLOSE, 404, "not_found"),
+    (b"POST /v1/models HTTP/1.1\r\nHost: fleet\r\nContent-Length: 0\r\n" + CLOSE, 405, "method_not_allowed"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: fleet\r\nTransfer-Encoding: gzip\r\n" + CLOSE, 501, "not_implemented"),
+    (b"GET /v1/models HTTP/2.0\r\nHost: fleet\r\n" + CLOSE, 505, "http_version_not_supported"),
+], ids=["414", "431", "400-nul", "400-empty-host", "404", "405", "501", "505"])
+def test_nginx_answers_its_own_errors_as_openai_does(fleet, request_bytes, status, code):
+    """What nginx refuses itself, before any instance, is an OpenAI error with its own status, not
+    nginx's HTML page; and its Server header names no version."""
+    got, headers, body = exchange(fleet[0], request_bytes)
+    assert got == status, body[:300]
+    assert_error(status, headers, body, code)
+    assert headers["server"] == "nginx"
+
+
+@needs_nginx
+def test_an_unknown_model_is_echoed_cut_short(fleet):
+    """The proxy's 404 names the model it was asked for, but at most 256 characters of it: a
+    model name of 4 MB does not come back in the answer."""
+    proxy = fleet[0]
+    for name in ("gpt-4o", "g" * 256, "g" * ((4 << 20) - 100), "é" * 1000):
+        r = httpx.post(f"{proxy}/v1/chat/completions", json={"model": name}, timeout=60)
+        message = assert_error(r.status_code, dict(r.headers), r.content, "model_not_found")["message"]
+        assert r.status_code == 404 and len(r.content) < 1000
+        if len(name) <= 256:
+            assert f"`{name}` does not exist" in message
+        else:
+            assert f"`{name[:256]}`... (cut to its first 256 of {len(name)} characters)" in message
+
+
+@needs_nginx
+def test_a_request_without_a_host_is_refused(fleet):
+    """HTTP/1.0 may leave out Host; nginx forwarded such a request to the instance as HTTP/1.1
+    without one. The proxy refuses it (400) before any instance sees it; with Host, or with a host
+    in the request line, HTTP/1.0 is forwarded."""
+    proxy, _, gemma, _ = fleet
+    before = served(gemma)
+    auth = b"Authorization: Bearer %s\r\n" % KEY.encode()
+    status, headers, body = exchange(proxy, b"GET /v1/models/%s HTTP/1.0\r\n%s\r\n" % (GEMMA.encode(), auth))
+    assert status == 400 and assert_error(status, headers, body, "missing_host")["param"] is None
+    chat = json.dumps({"model": GEMMA, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}).encode()
+    status, headers, body = exchange(proxy, b"POST /v1/chat/completions HTTP/1.0\r\n%sContent-Type: application/json\r\n"
+                                            b"Content-Length: %d\r\n\r\n%s" % (auth, len(chat), chat))
+    assert status == 400 and assert_error(status, headers, body, "missing_host")
+    assert served(gemma) == before
+    for request_line, host in ((b"GET /v1/models/%s HTTP/1.0" % GEMMA.encode(), b"Host: fleet\r\n"),
+                               (b"GET http://fleet/v1/models/%s HTTP/1.0" % GEMMA.encode(), b"")):
+        status, headers, body = exchange(proxy, request_line + b"\r\n" + host + auth + b"\r\n")
+        assert status == 200 and json.loads(body)["id"] == GEMMA and "x-instance-id" in headers
+    assert served(gemma) == before + 2
 
 
 @needs_nginx

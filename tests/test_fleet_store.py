@@ -2,8 +2,9 @@
 redis-server (Debian's, started here on a free port; .ci/run installs it) behind the real
 nginx of deploy/, reached by ONE OpenAI client. A response made on one instance is continued,
 read and deleted on the other (each answer names its instance in x-instance-id); another API
-key can't see it; the database down at start, lost mid-run and back again; entries expire by
-the database's TTL. The store's bounds hold in both backends (the in-process one and Redis)."""
+key can't see it; the database down at start, lost mid-run and back again (named to a client
+with a key and in the log, once each way, to nobody else); entries expire by the database's TTL.
+The store's bounds hold in both backends (the in-process one and Redis)."""
 
 from __future__ import annotations
 
@@ -173,12 +174,18 @@ class Fleet(NamedTuple):
     proxy: str
     instances: tuple[Server, Server]  # the second one has RESPONSES_STORE_REQUIRED=1
     database: RedisServer
-    at_start: dict  # what each instance's /ready said while the database was down
+    at_start: dict  # what each instance's /ready said while the database was down, without a key and with one
 
 
-def readiness(server: Server) -> tuple[int, dict]:
-    r = httpx.get(f"{server.url}/ready", timeout=10)
+def readiness(server: Server, key: str | None = None) -> tuple[int, dict]:
+    r = httpx.get(f"{server.url}/ready", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10)
     return r.status_code, r.json()
+
+
+def logged(server: Server, event: str) -> list[dict]:
+    """The instance's JSON log lines of that event."""
+    lines = (msgspec.json.decode(text) for text in server.output().splitlines() if text.startswith("{"))
+    return [line for line in lines if line.get("event") == event]
 
 
 @pytest.fixture(scope="module")
@@ -187,12 +194,13 @@ def fleet(tmp_path_factory):
     database = RedisServer(tmp)  # not started yet: the instances start without it
     env = {"RESPONSES_STORE_URL": database.url, "API_KEY": ",".join(KEYS), "PARALLEL": "2", "N_THREADS": "1"}
     serves, requires = Server(env), Server({**env, "RESPONSES_STORE_REQUIRED": "1"})
-    at_start = {"serves": readiness(serves.wait_ready())}
+    at_start = {"serves": readiness(serves.wait_ready()), "serves, keyed": readiness(serves, KEYS[1]),
+                "serves, wrong key": readiness(serves, "wrong")}
     deadline = time.monotonic() + 120
     while (status := readiness(requires))[1].get("error", {}).get("code") == "model_loading":  # loaded, then judged
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    at_start["requires"] = status
+    at_start["requires"], at_start["requires, keyed"] = status, readiness(requires, KEYS[0])
     database.start()
     requires.wait_ready()
     nginx, proxy = start_proxy(tmp, f"{MODEL}=127.0.0.1:{serves.port},127.0.0.1:{requires.port}")
@@ -221,11 +229,38 @@ def landing(call, where):
     pytest.fail("every try landed elsewhere")
 
 
-def test_without_its_database_an_instance_starts_and_ready_says_why(fleet):
-    (status, body), named = fleet.at_start["serves"], f"redis://127.0.0.1:{fleet.database.port}/0"
-    assert status == 200 and body["status"] == "ready" and named in body["responses_store"]
+def test_without_its_database_an_instance_starts_and_ready_says_why_to_a_key_alone(fleet):
+    """/ready needs no key: to a client without one (or with a wrong one) it says "unavailable",
+    never the database's address or error; a valid key sees both; the log has them, once."""
+    named = f"redis://127.0.0.1:{fleet.database.port}/0"
+    for asked in ("serves", "serves, wrong key"):
+        assert fleet.at_start[asked] == (200, {"status": "ready", "responses_store": "unavailable"})
+    status, body = fleet.at_start["serves, keyed"]
+    assert status == 200 and named in body["responses_store"] and "ConnectionError" in body["responses_store"]
     status, body = fleet.at_start["requires"]  # RESPONSES_STORE_REQUIRED=1: not ready without it
+    assert status == 503 and body["error"]["code"] == "responses_store_unavailable"
+    assert body["error"]["message"] == "the response store is unavailable"
+    status, body = fleet.at_start["requires, keyed"]
     assert status == 503 and body["error"]["code"] == "responses_store_unavailable" and named in body["error"]["message"]
+    for instance in fleet.instances:
+        [down] = logged(instance, "responses_store_unavailable")
+        assert down["store"] == named and down["error"].startswith("ConnectionError: ")
+    assert len(logged(fleet.instances[1], "responses_store_available")) == 1  # the database started, then it was ready
+
+
+def test_with_no_key_configured_ready_names_the_store_to_nobody():
+    """An open server (no API_KEY): nobody can prove to be its operator, so /ready says
+    "unavailable" whatever a client sends; the log names the database."""
+    named = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    server = Server({"RESPONSES_STORE_URL": named, "PARALLEL": "1", "N_THREADS": "1"}).wait_ready()
+    try:
+        for headers in ({}, {"Authorization": "Bearer anything"}, {"x-api-key": "anything"}):
+            r = httpx.get(f"{server.url}/ready", headers=headers, timeout=10)
+            assert (r.status_code, r.json()) == (200, {"status": "ready", "responses_store": "unavailable"})
+        [down] = logged(server, "responses_store_unavailable")
+        assert down["store"] == named and down["error"].startswith("ConnectionError: ")
+    finally:
+        server.stop()
 
 
 def test_one_client_continues_reads_and_deletes_on_the_other_instance(fleet):
@@ -264,6 +299,8 @@ def test_the_database_lost_mid_run_then_back(fleet):
     headers = {"Authorization": f"Bearer {KEYS[0]}"}
     ask = {"model": MODEL, "input": "Hi", "max_output_tokens": 2, "temperature": 0}
     kept = httpx.post(f"{serves.url}/v1/responses", json=ask, headers=headers, timeout=60).json()
+    events = ("responses_store_unavailable", "responses_store_available")
+    before = {(instance.port, event): len(logged(instance, event)) for instance in fleet.instances for event in events}
     fleet.database.stop()
     try:
         named = f"redis://127.0.0.1:{fleet.database.port}/0"
@@ -281,12 +318,16 @@ def test_the_database_lost_mid_run_then_back(fleet):
                 error = r.json()["error"]
                 assert (r.status_code, error["code"]) == (503, "responses_store_unavailable"), (method, path, r.text)
                 assert named in error["message"] and "Retry-After" in r.headers
-        assert readiness(serves)[0] == 200 and named in readiness(serves)[1]["responses_store"]
+        assert readiness(serves) == (200, {"status": "ready", "responses_store": "unavailable"})
+        assert readiness(serves, KEYS[0])[0] == 200 and named in readiness(serves, KEYS[0])[1]["responses_store"]
         assert readiness(requires)[0] == 503
     finally:
         fleet.database.start()
     for server in fleet.instances:  # back: what was stored before is there, and storing works again
         assert readiness(server) == (200, {"status": "ready"})
+        # Many calls and probes failed, then answered: one log line each way.
+        for event in events:
+            assert len(logged(server, event)) == before[server.port, event] + 1, event
         r = httpx.get(f"{server.url}/v1/responses/{kept['id']}", headers=headers, timeout=30)
         assert r.status_code == 200 and r.json()["id"] == kept["id"]
         again = httpx.post(f"{server.url}/v1/responses", json={**ask, "previous_response_id": kept["id"]}, headers=headers,

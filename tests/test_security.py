@@ -4,7 +4,8 @@ each test failing on the code before its fix, and the hostile-request corpus in 
 
 A corpus file: {"method", "path", "headers" (added to the key's), "auth" (false: send no key),
 "json" (a body to encode) or "body" (sent as it is), "expand" ({"MARK": [text, times]}: MARK in
-path and body becomes text repeated), "status", and optionally "code" and "param" of the error}.
+path and body becomes text repeated), "status", optionally "code" and "param" of the error, and
+"absent_headers" (names the answer must not carry)}.
 Every answer of 400 or more must be OpenAI's error object; the server answers a chat afterwards.
 """
 
@@ -36,8 +37,9 @@ def keyed():
 
 
 def raw_request(url: str, method: str, path: str, headers: dict[str, str], body: bytes | None,
-                timeout: float = 60) -> tuple[int, bytes]:
-    """One request with its path sent exactly as given (httpx and the SDKs normalize paths)."""
+                timeout: float = 60) -> tuple[int, bytes, dict[str, str]]:
+    """One request with its path sent exactly as given (httpx and the SDKs normalize paths): the
+    answer's status, body and headers (names lowercased)."""
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
@@ -47,7 +49,7 @@ def raw_request(url: str, method: str, path: str, headers: dict[str, str], body:
         connection.putheader("Content-Length", str(len(body or b"")))
         connection.endheaders(body)
         answer = connection.getresponse()
-        return answer.status, answer.read()
+        return answer.status, answer.read(), {name.lower(): value for name, value in answer.getheaders()}
     finally:
         connection.close()
 
@@ -81,8 +83,9 @@ def assert_openai_error(status: int, body: bytes, code: str | None = None, param
 @pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
 def test_hostile_corpus(keyed, path):
     case = json.loads(path.read_text())
-    status, body = raw_request(keyed.url, *corpus_request(case))
+    status, body, headers = raw_request(keyed.url, *corpus_request(case))
     assert status == case["status"], body[:500]
+    assert not set(case.get("absent_headers", [])) & set(headers), headers
     if status >= 400:
         assert_openai_error(status, body, case.get("code"), case.get("param"))
     assert keyed.proc.poll() is None, "the server died"
@@ -107,9 +110,9 @@ def test_a_stored_response_is_read_with_the_key_only_however_the_path_is_spelled
     made = httpx.post(f"{keyed.url}/v1/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 2,
                                                         "temperature": 0}, headers=AUTH, timeout=60)
     path = path.format(id=made.json()["id"])
-    status, body = raw_request(keyed.url, "GET", path, {}, None)
+    status, body, _ = raw_request(keyed.url, "GET", path, {}, None)
     assert status == 401 and assert_openai_error(status, body, "invalid_api_key")
-    status, body = raw_request(keyed.url, "GET", path, AUTH, None)
+    status, body, _ = raw_request(keyed.url, "GET", path, AUTH, None)
     assert status == 200 and json.loads(body)["id"] == made.json()["id"]
 
 
@@ -542,3 +545,33 @@ def test_sigterm_ends_the_server_within_its_grace_while_hostile_grammars_run():
         assert server.proc.wait(60) == 0, server.output()
     finally:
         server.stop()
+
+
+# --- Issue 34, item 7. What a client without a valid key learns ---------------------------------
+# (/ready and the response store: tests/test_fleet_store.py; the fleet proxy: tests/test_deploy.py)
+
+
+def test_only_a_refused_key_hides_the_instance(keyed, one_place):
+    """x-instance-id (host:pid) is on every answer, probes and errors included, but a 401 for a
+    missing or wrong key (tests/hostile/34-*): a client without a key learns nothing of the host."""
+    for url, path, headers, status in ((keyed.url, "/v1/models", AUTH, 200), (keyed.url, "/v2/nothing", AUTH, 404),
+                                       (keyed.url, "/health", {}, 200), (keyed.url, "/ready", {}, 200),
+                                       (one_place.url, "/metrics", {}, 200)):  # a PUBLIC_PATHS name
+        r = httpx.get(f"{url}{path}", headers=headers, timeout=10)
+        assert r.status_code == status and r.headers["x-instance-id"].rpartition(":")[2].isdigit(), path
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"}, {"Authorization": KEY}):
+        r = httpx.get(f"{keyed.url}/v1/models", headers=headers, timeout=10)
+        assert r.status_code == 401 and "x-instance-id" not in r.headers and "x-request-id" in r.headers
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_an_unknown_model_is_echoed_cut_short(keyed, path):
+    """As the fleet proxy's: the 404 names at most 256 characters of the model asked for, not the
+    4 MB a body may hold (tests/hostile/34-model-name-4mb.json)."""
+    for name in ("gpt-4o", "g" * 256, "g" * ((4 << 20) - 200)):
+        body = {"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        r = httpx.post(f"{keyed.url}{path}", json=body, headers=AUTH, timeout=60)
+        assert r.status_code == 404 and len(r.content) < 1000, r.content[:300]
+        message = r.json()["error"]["message"]
+        assert (f"`{name}` does not exist" in message if len(name) <= 256 else
+                f"`{name[:256]}`... (cut to its first 256 of {len(name)} characters)" in message)
