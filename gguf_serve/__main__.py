@@ -40,20 +40,36 @@ def main(argv: list[str] | None = None) -> None:
     started = start_loading(config)
     from .service import create_app  # the web stack, imported while the model loads
 
-    serve(create_app(os.environ, started), args.host, args.port)
+    serve(create_app(os.environ, started), args.host, args.port, config.idle_timeout_s)
 
 
-def serve(app, host: str, port: int) -> None:
+# Connections granian holds at once, as `granian`'s command holds by default (its backlog, 1024,
+# over one worker); the embedded server's own default, 128, let 128 idle sockets keep /health
+# from being answered. A connection past it waits in the kernel's queue (as long again) until
+# one closes: idle ones do after IDLE_TIMEOUT_S, silent ones too (connections.py).
+CONNECTIONS = 1024
+FILES_BESIDE_CONNECTIONS = 128  # the model, the render process's pipes, libraries, the store's sockets
+
+
+def serve(app, host: str, port: int, idle_timeout_s: float) -> None:
     """Serve `app` from this process with granian's embedded server, on uvloop (as granian's
     workers run), until SIGTERM or SIGINT: granian then stops taking connections and waits for
-    those open, while the app's lifespan drains its requests (service.drain)."""
+    those open, while the app's lifespan drains its requests (service.drain). A connection waits
+    `idle_timeout_s` at most for a request's head (hyper's header read timeout, which also ends an
+    idle keep-alive connection)."""
     import uvloop
     from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
     from granian.log import LogLevels, configure_logging
     from granian.server.embed import Server
 
+    from .connections import raise_fd_limit
+
     configure_logging(LogLevels.info)  # granian's own lines, as its workers log them
-    server = Server(app, address=host, port=port, interface=Interfaces.ASGI)
+    # Past the open-files limit granian's accepts fail (EMFILE), so it holds no more connections than fit.
+    connections = max(1, min(CONNECTIONS, raise_fd_limit() - FILES_BESIDE_CONNECTIONS))
+    server = Server(app, address=host, port=port, interface=Interfaces.ASGI, backlog=CONNECTIONS, backpressure=connections,
+                    http1_settings=HTTP1Settings(header_read_timeout=round(idle_timeout_s * 1000)))
 
     async def run() -> None:
         loop = asyncio.get_running_loop()

@@ -1,8 +1,9 @@
 """What every HTTP request passes through: a request id, the API key, refusal while draining,
-and afterwards one JSON log line and the request metrics."""
+a deadline for its body, and afterwards one JSON log line and the request metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import re
@@ -28,8 +29,8 @@ def request_info(request) -> dict:
 def gate(app, state: ServerState, routes: tuple[Route, ...]):
     """The ASGI app around `app` (a Litestar app serving `routes`, with `state`) that every HTTP
     request passes through, routed or not (Litestar's own middleware runs only once a route is
-    found, so a 404 or 405 would escape it): a request id, the API key, 503 while draining, and
-    afterwards one JSON log line and the request metrics.
+    found, so a 404 or 405 would escape it): a request id, the API key, 503 while draining, a
+    deadline for its body (BODY_TIMEOUT_S), and afterwards one JSON log line and the request metrics.
 
     Only the exact paths of the probes (and those PUBLIC_PATHS names) are open: Litestar routes
     a path after collapsing its slashes (`//v1/chat/completions`, `/%2Fv1/...` as granian
@@ -53,6 +54,7 @@ def gate(app, state: ServerState, routes: tuple[Route, ...]):
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode(errors="replace")[:128] or uuid.uuid4().hex
         path, status, named = scope["path"], 500, True
+        arrival = BodyDeadline(receive, config.body_timeout_s)
 
         # Not a coroutine: every streamed token's chunk passes here, and returning send's awaitable
         # saves making a coroutine for each (one of the per-chunk cuts measured together with
@@ -63,6 +65,8 @@ def gate(app, state: ServerState, routes: tuple[Route, ...]):
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode()),
                                       *([(b"x-instance-id", instance)] if named else [])]
+                if arrival.expired:
+                    message["headers"].append((b"connection", b"close"))
             return send(message)
 
         try:
@@ -80,7 +84,7 @@ def gate(app, state: ServerState, routes: tuple[Route, ...]):
                 await send_with_id({"type": "http.response.start", "status": refusal.status, "headers": headers})
                 await send_with_id({"type": "http.response.body", "body": body})
             else:
-                await app(scope, receive, send_with_id)
+                await app(scope, arrival.receive, send_with_id)
         finally:
             endpoint = endpoint_of(scope["path"])  # Litestar sets the path it routed on
             state.metrics.requests.labels(endpoint, str(status)).inc()
@@ -89,6 +93,32 @@ def gate(app, state: ServerState, routes: tuple[Route, ...]):
             print(msgspec.json.encode(line).decode(), flush=True)
 
     return gated
+
+
+class BodyDeadline:
+    """`receive` with a deadline for the request's body: what granian's server lacks, a bound on
+    how long a client may take to send it (hyper bounds the head only). Past `timeout_s` after
+    the head came, the request is a 408 (`code: "body_timeout"`), and its answer closes the
+    connection (`expired`), so that a trickled body holds neither a request nor a connection.
+    Once the body is in, `receive` is granian's own (a stream waits on it for the client to leave)."""
+
+    def __init__(self, receive, timeout_s: float):
+        self.granian_receive, self.timeout_s = receive, timeout_s
+        self.deadline = asyncio.get_running_loop().time() + timeout_s
+        self.arrived = self.expired = False
+
+    async def receive(self):
+        if self.arrived:
+            return await self.granian_receive()
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                message = await self.granian_receive()
+        except TimeoutError:
+            self.expired = True
+            raise APIError(408, f"the request body did not arrive within {self.timeout_s:g} s (BODY_TIMEOUT_S)", None,
+                           "body_timeout") from None
+        self.arrived = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
 
 
 def endpoint_namer(routes: tuple[Route, ...]):

@@ -61,6 +61,8 @@ class Config:
     # serving
     max_queue: int  # generations waiting for a free sequence; past it, 429
     max_body_bytes: int
+    body_timeout_s: float  # BODY_TIMEOUT_S: a request body must have arrived this long after its head, else 408
+    idle_timeout_s: float  # IDLE_TIMEOUT_S: a connection without a request in progress is closed after this long
     max_messages: int
     request_timeout_s: float  # a generation running longer ends as if at max_tokens
     shutdown_grace_s: float  # after SIGTERM, in-flight requests get this long to finish
@@ -139,6 +141,13 @@ def load_config(env: dict[str, str]) -> Config:
         sampling=entry.sampling,
         max_queue=_int(env, "MAX_QUEUE", 32),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 4 << 20),
+        # 60 s, nginx's client_body_timeout, but for the whole body: a trickled body can't hold a
+        # connection longer, and a 4 MiB body (MAX_BODY_BYTES) arrives in it at 70 KB/s
+        body_timeout_s=_float(env, "BODY_TIMEOUT_S", 60.0),
+        # 30 s, granian's header read timeout, so that `gguf-serve` and `granian ... service:app`
+        # agree; above the 5 s (httpx, the OpenAI SDK's) or 15 s (aiohttp) after which a client's
+        # pool drops an idle connection itself, so a client never sends on one being closed
+        idle_timeout_s=_float(env, "IDLE_TIMEOUT_S", 30.0),
         max_messages=_int(env, "MAX_MESSAGES", 512),
         request_timeout_s=float(_int(env, "REQUEST_TIMEOUT_S", 600)),
         shutdown_grace_s=float(_int(env, "SHUTDOWN_GRACE_S", 8)),

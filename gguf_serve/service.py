@@ -27,7 +27,7 @@ from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
-from . import chat, completions, embeddings, loading, messages, prompts, responses
+from . import chat, completions, connections, embeddings, loading, messages, prompts, responses
 from .access import api_key, authorized, error_body_for, gate
 from .anthropic_protocol import CountTokensRequest, MessagesRequest, TokenCount
 from .config import Config, ConfigError, load_config
@@ -104,13 +104,17 @@ def error_response(request: Request, exc: Exception) -> Response:
 async def lifespan(app: Litestar) -> AsyncIterator[None]:
     """The model loads in the background, so that /health answers at once and /ready turns 200
     only once the model is loaded and has produced a token. A load that fails ends the process
-    with one line. On SIGTERM the service drains: see `drain`."""
+    with one line. On SIGTERM the service drains: see `drain`. Connections that send nothing are
+    closed after IDLE_TIMEOUT_S (connections.py), here, so in `granian ... service:app`'s worker too."""
     state: ServerState = app.state.server
     load = asyncio.create_task(load_model(state))
     on_termination(asyncio.get_running_loop(), lambda: drain(state))
+    connections.raise_fd_limit()
+    silent = connections.watch(state.config.idle_timeout_s)
     try:
         yield
     finally:
+        silent.set()
         load.cancel()
         if state.served:
             state.served.engine.close()
