@@ -26,6 +26,18 @@ def request_info(request) -> dict:
     return request.scope["state"].setdefault("gguf", {})
 
 
+TOOLS_IGNORED = "tools_ignored"  # its log line's field, and (as x-gguf-tools-ignored) its answer's header
+
+
+def ignore_tools(request, kinds: list[str]) -> None:
+    """Hosted tools a request offered and the prompt left out (this server can't run them),
+    named in its log line and in its answer's `x-gguf-tools-ignored` header, so that a client
+    learns why the model never calls them. `kinds` are tool types matched against a fixed list
+    (responses_tools.HOSTED, messages.SERVER_TOOLS): no other client text reaches the header."""
+    if kinds:
+        request_info(request)[TOOLS_IGNORED] = kinds
+
+
 def gate(app, state: ServerState, routes: tuple[Route, ...]):
     """The ASGI app around `app` (a Litestar app serving `routes`, with `state`) that every HTTP
     request passes through, routed or not (Litestar's own middleware runs only once a route is
@@ -63,8 +75,10 @@ def gate(app, state: ServerState, routes: tuple[Route, ...]):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                ignored = info.get(TOOLS_IGNORED)
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode()),
-                                      *([(b"x-instance-id", instance)] if named else [])]
+                                      *([(b"x-instance-id", instance)] if named else []),
+                                      *([(b"x-gguf-tools-ignored", ",".join(ignored).encode())] if ignored else [])]
                 if arrival.expired:
                     message["headers"].append((b"connection", b"close"))
             return send(message)

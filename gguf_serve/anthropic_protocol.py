@@ -43,10 +43,11 @@ class MessageParam(msgspec.Struct, kw_only=True):
 
 
 class ToolParam(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A client tool (`type` absent or "custom"); Anthropic's server tools (web search, bash,
-    text editor...) have other types, refused: nothing here could run them."""
+    """A client tool (`type` absent or "custom"), or one of Anthropic's own tools by its dated
+    `type`: the client tools whose schema Anthropic publishes (bash, text editor, memory), and
+    server tools (web search, code execution...) that messages.py leaves out."""
 
-    name: Annotated[str, msgspec.Meta(min_length=1)]
+    name: str | None = None  # every tool's but an MCP toolset's
     description: str | None = None
     input_schema: dict | None = None  # a client tool's: a JSON Schema of type object, as Anthropic requires
     strict: bool | None = None

@@ -11,6 +11,7 @@ import msgspec
 from litestar import Request, Response
 
 from . import prompts, serving
+from .access import ignore_tools
 from .loading import Served
 from .logprobs import chat_logprobs
 from .prompts import Job
@@ -27,6 +28,8 @@ def reasoning_fields(served: Served, thought: str | None) -> dict:
 
 async def respond(request: Request, served: Served, body: ChatRequest) -> Response:
     body.refuse_unsupported()
+    if body.web_search_options is not None:  # an offer of OpenAI's hosted search, which can't run here
+        ignore_tools(request, ["web_search"])
     plan = tool_plan(body)
     head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served.config.model_id)
 

@@ -1,5 +1,6 @@
-"""Constrained decoding: an output grammar (a JSON Schema, JSON mode, a forced tool call) compiled
-by llguidance, and the matcher that masks each step's logits to the tokens the grammar allows.
+"""Constrained decoding: an output grammar (a JSON Schema, JSON mode, a forced tool call, a custom
+tool's Lark grammar or regex) compiled by llguidance, and the matcher that masks each step's
+logits to the tokens the grammar allows.
 
 Why llguidance and not llama.cpp's own GBNF sampler (issue #34): llama.cpp's grammar is a set of
 parse stacks that it advances against every candidate token, and an ambiguous grammar multiplies
@@ -53,6 +54,15 @@ def _failed(matcher: llguidance.LLMatcher) -> GrammarError:
 def json_schema_grammar(schema: dict) -> str:
     """The grammar of JSON values a schema allows (as llguidance reads JSON Schema)."""
     return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+
+
+def free_form_grammar(syntax: str, definition: str) -> str:
+    """The grammar of a custom tool's free-form input (a Responses API `custom` tool's `format`):
+    a Lark grammar or a regular expression, which llguidance reads as the client wrote it, as
+    OpenAI's own constrained decoding does. Checked like any other by check_grammar."""
+    if syntax == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(definition)
+    return msgspec.json.encode({"grammars": [{"lark_grammar": definition}]}).decode()
 
 
 def think_or_answer(answer: str) -> str:

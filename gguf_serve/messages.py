@@ -16,6 +16,7 @@ import msgspec
 from litestar import Request, Response
 
 from . import prompts, serving
+from .access import ignore_tools
 from .anthropic_protocol import (ContentBlock, ContentBlockParam, CountTokensRequest, InputJSONDelta, MessageDelta,
                                  MessageParam, MessageResponse, MessagesRequest, MessagesUsage, OutputUsage, StreamEvent,
                                  TextBlock, TextDelta, ThinkingBlock, ThinkingDelta, TokenCount, ToolUseBlock, error_detail)
@@ -129,24 +130,74 @@ def chat_messages(body: CountTokensRequest) -> tuple[list[ChatMessage], list[str
     return out, origins
 
 
-def function_tools(body: CountTokensRequest) -> list[ToolDef] | None:
-    """Client tools as chat's function tools; a server tool (web search, bash, text editor...)
-    is a 400 naming it: nothing here could run it."""
-    if not body.tools:
-        return None
-    for i, tool in enumerate(body.tools):
+# Anthropic's server tools (its docs' tool reference: executed on Anthropic's side), and computer
+# use, a client tool whose every result is a screenshot (image blocks are refused here): none can
+# run here. Offered, they are left out of the prompt and named (access.ignore_tools); forced, a 400.
+SERVER_TOOLS = re.compile(r"(web_search|web_fetch|code_execution|advisor|tool_search_tool_(regex|bm25)|computer)_\d{8}"
+                          r"|mcp_toolset", re.ASCII)
+TEXT_EDITOR_COMMANDS = ["view", "create", "str_replace", "insert", "undo_edit"]
+# The client tools whose schemas Anthropic publishes and its models know without being shown:
+# another model is shown them, as their docs describe them.
+ANTHROPIC_CLIENT_TOOLS = {
+    "bash": ("Runs a command in a persistent bash shell and returns its output; `restart` restarts the shell.",
+             {"type": "object", "properties": {"command": {"type": "string"}, "restart": {"type": "boolean"}}}),
+    "text_editor": ("Views, creates and edits files: `view` a file or directory (`view_range` [start, end] lines), "
+                    "`create` one with `file_text`, `str_replace` its `old_str` with `new_str`, `insert` `new_str` "
+                    "after line `insert_line`, `undo_edit` the last edit.",
+                    {"type": "object", "properties": {
+                        "command": {"type": "string", "enum": TEXT_EDITOR_COMMANDS}, "path": {"type": "string"},
+                        "file_text": {"type": "string"}, "old_str": {"type": "string"}, "new_str": {"type": "string"},
+                        "insert_line": {"type": "integer"}, "view_range": {"type": "array", "items": {"type": "integer"}}},
+                     "required": ["command", "path"]}),
+    "memory": ("Reads and writes files in the /memories directory: `view`, `create` (`file_text`), `str_replace`, "
+               "`insert` (`insert_line`, `insert_text`), `delete`, `rename` (`old_path`, `new_path`).",
+               {"type": "object", "properties": {
+                   "command": {"type": "string", "enum": ["view", "create", "str_replace", "insert", "delete", "rename"]},
+                   "path": {"type": "string"}, "file_text": {"type": "string"}, "old_str": {"type": "string"},
+                   "new_str": {"type": "string"}, "insert_line": {"type": "integer"}, "insert_text": {"type": "string"},
+                   "old_path": {"type": "string"}, "new_path": {"type": "string"}},
+                "required": ["command"]}),
+}
+ANTHROPIC_CLIENT_TOOL = re.compile(r"(bash|text_editor|memory)_\d{8}", re.ASCII)
+
+
+def function_tools(body: CountTokensRequest) -> tuple[list[ToolDef] | None, dict[str, str]]:
+    """Client tools as chat's function tools (Anthropic's bash, text editor and memory tools
+    with their published schemas), and the server tools left out, by name: their type. Any other
+    type is a 400 naming it."""
+    defs, ignored = [], {}
+    for i, tool in enumerate(body.tools or ()):
+        if tool.type and SERVER_TOOLS.fullmatch(tool.type):
+            ignored[tool.name or tool.type] = tool.type
+            continue
+        if not tool.name:
+            raise APIError(400, "a tool needs a `name`", f"tools[{i}].name")
+        if tool.type and ANTHROPIC_CLIENT_TOOL.fullmatch(tool.type):
+            description, schema = ANTHROPIC_CLIENT_TOOLS[tool.type.rsplit("_", 1)[0]]
+            defs.append(ToolDef(function=FunctionDef(tool.name, description, schema)))
+            continue
         if tool.type not in (None, "custom"):
-            raise APIError(400, f"tool type `{tool.type}` is not supported by this server; only client tools "
-                                "(name, description, input_schema)", f"tools[{i}].type")
+            raise APIError(400, f"tool type `{tool.type}` is not supported by this server; it runs client tools "
+                                "(name, description, input_schema), Anthropic's bash, text editor and memory tools, "
+                                "and leaves server tools out", f"tools[{i}].type")
         if tool.input_schema is None or tool.input_schema.get("type") != "object":  # a call's input is an object
             raise APIError(400, "`input_schema` must be a JSON Schema of type object", f"tools[{i}].input_schema.type")
-    return [ToolDef(function=FunctionDef(t.name, t.description, t.input_schema, t.strict)) for t in body.tools]
+        defs.append(ToolDef(function=FunctionDef(tool.name, tool.description, tool.input_schema, tool.strict)))
+    return defs or None, ignored
 
 
-def chat_tool_choice(body: CountTokensRequest) -> str | NamedToolChoice | None:
+def chat_tool_choice(body: CountTokensRequest, tools: list[ToolDef] | None,
+                     ignored: dict[str, str]) -> str | NamedToolChoice | None:
+    """`tool_choice` as chat's; one that forces a server tool (by name, or `any` with only
+    server tools) is a 400 naming it."""
     choice = body.tool_choice
     if choice is None:
         return None
+    forced = (ignored.get(choice.name) if choice.type == "tool" else
+              ", ".join(ignored.values()) if choice.type == "any" and ignored and not tools else None)
+    if forced:
+        raise APIError(400, f"tool_choice forces `{forced}`: a server tool this server can't run (offered, it is left "
+                            "out; it can't be required)", "tool_choice", "unsupported_tool")
     if choice.type != "tool":
         return TOOL_CHOICES[choice.type]
     if not choice.name:
@@ -177,8 +228,9 @@ def reasoning_effort(body: CountTokensRequest) -> str | None:
     return None
 
 
-def chat_request(body: CountTokensRequest, model: str) -> tuple[ChatRequest, list[str]]:
-    """The chat request this Messages request is, and where each of its messages came from."""
+def chat_request(body: CountTokensRequest, model: str) -> tuple[ChatRequest, list[str], list[str]]:
+    """The chat request this Messages request is, where each of its messages came from, and the
+    server tools it offered that the prompt leaves out."""
     for field in ("mcp_servers", "container"):
         if getattr(body, field):
             raise APIError(400, f"`{field}` is not supported by this server", field)
@@ -187,10 +239,11 @@ def chat_request(body: CountTokensRequest, model: str) -> tuple[ChatRequest, lis
         max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
         stop=body.stop_sequences)
     parallel = not (body.tool_choice and body.tool_choice.disable_parallel_tool_use)
-    request = ChatRequest(model=model, messages=messages, tools=function_tools(body), tool_choice=chat_tool_choice(body),
+    tools, ignored = function_tools(body)
+    request = ChatRequest(model=model, messages=messages, tools=tools, tool_choice=chat_tool_choice(body, tools, ignored),
                           parallel_tool_calls=parallel, response_format=response_format(body),
                           reasoning_effort=reasoning_effort(body), **sampling)
-    return request, origins
+    return request, origins, list(dict.fromkeys(ignored.values()))
 
 
 CHAT_MESSAGE = re.compile(r"messages\[(\d+)\]")
@@ -242,7 +295,8 @@ def new_message(served: Served) -> MessageResponse:
 
 
 async def respond(request: Request, served: Served, body: MessagesRequest) -> Response:
-    chat_body, origins = chat_request(body, served.config.model_id)
+    chat_body, origins, ignored = chat_request(body, served.config.model_id)
+    ignore_tools(request, ignored)
     plan = tool_plan(chat_body)
     message = new_message(served)
 
@@ -365,7 +419,7 @@ async def events(run: Run, body: MessagesRequest, chat_body: ChatRequest, plan: 
 
 def count_tokens(served: Served, body: CountTokensRequest) -> TokenCount:
     """The prompt's tokens as POST /v1/messages would run it (tools included), nothing generated."""
-    chat_body, origins = chat_request(body, served.config.model_id)
+    chat_body, origins, _ = chat_request(body, served.config.model_id)
     plan = tool_plan(chat_body)
     try:
         prompt = prompts.chat_prompt(served, chat_body.messages, plan.tools, prompts.template_kwargs(served, chat_body))

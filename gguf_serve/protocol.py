@@ -127,10 +127,11 @@ class ChatRequest(Sampled, kw_only=True):
     modalities: list[Literal["text"]] | None = None
     audio: dict | None = None
     prediction: dict | None = None
+    # web search offered (a search model's): left out and named, as a hosted tool is (chat.respond)
     web_search_options: dict | None = None
 
     def refuse_unsupported(self) -> None:
-        for field in ("audio", "prediction", "web_search_options"):
+        for field in ("audio", "prediction"):
             if getattr(self, field) is not None:
                 raise APIError(400, f"`{field}` is not supported by this server", field, "unsupported_parameter")
 
@@ -422,10 +423,22 @@ def openapi(routes: tuple[Route, ...], model_ids: list[str]) -> dict:
 # its own wire shapes, as the openai SDK's `types/responses` describe them.
 
 
+class LocalShellAction(msgspec.Struct, kw_only=True):
+    """A `local_shell_call`'s `action`: the command an agent runs on its machine."""
+
+    type: Literal["exec"] = "exec"
+    command: list[str]
+    env: dict[str, str] | None = None
+    timeout_ms: int | None = None
+    working_directory: str | None = None
+    user: str | None = None
+
+
 class InputItem(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One item of `input`: a message (its `type` may be left out), a function call the model
-    made, or that call's output. One struct for every type, so that a missing or misplaced field
-    is a 400 naming `input[i].<field>` rather than a failed union match."""
+    """One item of `input`: a message (its `type` may be left out), a call the model made (to
+    a function, a custom tool, the local shell), or that call's output. One struct for every
+    type, so that a missing or misplaced field is a 400 naming `input[i].<field>` rather than a
+    failed union match."""
 
     type: str = "message"
     role: Literal["user", "system", "developer", "assistant"] | None = None
@@ -436,19 +449,39 @@ class InputItem(msgspec.Struct, kw_only=True, omit_defaults=True):
     status: str | None = None
     call_id: str | None = None
     name: str | None = None
-    arguments: str | None = None
+    namespace: str | None = None  # a call to a tool of a `namespace` tool
+    arguments: str | None = None  # a function call's
+    input: str | None = None  # a custom tool call's
+    action: LocalShellAction | None = None  # a local shell call's
     output: str | list[ContentPart] | None = None
 
 
-class ResponsesTool(msgspec.Struct, kw_only=True):
-    """A function tool, `{"type": "function", "name", "description", "parameters", "strict"}`;
-    other types (OpenAI's built-in tools) decode too, to be refused by name."""
+# A custom tool's grammar, as long as a client may send: Codex's apply_patch grammar is 0.6 kB.
+# Compiling one is bounded by grammar.LIMITS whatever its length; this bounds the text parsed.
+MAX_GRAMMAR_CHARS = 65536
+
+
+class CustomToolFormat(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A custom tool's `format`: free text, or a grammar its input must follow."""
+
+    type: Literal["text", "grammar"]
+    syntax: Literal["lark", "regex"] | None = None
+    definition: Annotated[str, msgspec.Meta(max_length=MAX_GRAMMAR_CHARS)] | None = None
+
+
+class ResponsesTool(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A tool: a function (`name`, `description`, `parameters`, `strict`), a `namespace` of
+    functions and custom tools (`name`, `description`, `tools`), a `custom` tool (`name`,
+    `description`, `format`), `local_shell`; other types (OpenAI's hosted tools) decode too, to
+    be left out (responses_tools.py) or refused by name."""
 
     type: str
     name: str | None = None
     description: str | None = None
     parameters: dict | None = None
     strict: bool | None = None
+    tools: list[ResponsesTool] | None = None  # a namespace's
+    format: CustomToolFormat | None = None  # a custom tool's
 
 
 class ResponsesToolChoice(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -534,7 +567,24 @@ class FunctionCallItem(msgspec.Struct, kw_only=True, tag_field="type", tag="func
     status: Literal["in_progress", "completed", "incomplete"]
     call_id: str
     name: str
+    namespace: str | msgspec.UnsetType = msgspec.UNSET  # a namespace tool's function: its namespace apart
     arguments: str
+
+
+class CustomToolCallItem(msgspec.Struct, kw_only=True, tag_field="type", tag="custom_tool_call"):
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    call_id: str
+    name: str
+    namespace: str | msgspec.UnsetType = msgspec.UNSET
+    input: str
+
+
+class LocalShellCallItem(msgspec.Struct, kw_only=True, tag_field="type", tag="local_shell_call"):
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    call_id: str
+    action: LocalShellAction
 
 
 class ReasoningText(msgspec.Struct, kw_only=True, tag_field="type", tag="reasoning_text"):
@@ -550,7 +600,8 @@ class ReasoningItem(msgspec.Struct, kw_only=True, tag_field="type", tag="reasoni
     content: list[ReasoningText]
 
 
-OutputItem = ReasoningItem | OutputMessage | FunctionCallItem
+CallItem = FunctionCallItem | CustomToolCallItem | LocalShellCallItem
+OutputItem = ReasoningItem | OutputMessage | FunctionCallItem | CustomToolCallItem | LocalShellCallItem
 
 
 class InputTokensDetails(msgspec.Struct, kw_only=True):
@@ -626,6 +677,7 @@ class StreamEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     delta: str | None = None
     text: str | None = None
     arguments: str | None = None
+    input: str | None = None  # response.custom_tool_call_input.done's
     logprobs: list | None = None
 
 

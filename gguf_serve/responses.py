@@ -18,17 +18,17 @@ import msgspec
 from litestar import Request, Response
 
 from . import prompts, serving
-from .access import api_key, request_info
+from .access import api_key, ignore_tools, request_info
 from .loading import Served
 from .logprobs import chat_logprobs
 from .prompts import Job
-from .protocol import (APIError, ChatMessage, ChatRequest, ContentPart, FunctionCall, FunctionCallItem,
-                      FunctionDef, FunctionName, IncompleteDetails, InputItem, InputTokenCount, InputTokensDetails,
-                      JSONSchemaFormat, NamedToolChoice, OutputItem, OutputMessage, OutputText, OutputTokensDetails,
-                      ReasoningConfig, ReasoningItem, ReasoningText, ResponseError, ResponseFormat, ResponseObject,
-                      ResponsesInput, ResponsesRequest, ResponseUsage, StreamEvent, TextConfig, TokenInfo, ToolCall, ToolDef,
-                      Usage)
+from .protocol import (APIError, CallItem, ChatMessage, ChatRequest, ContentPart, CustomToolCallItem, FunctionCall,
+                       FunctionCallItem, IncompleteDetails, InputItem, InputTokenCount, InputTokensDetails, JSONSchemaFormat,
+                       LocalShellCallItem, OutputItem, OutputMessage, OutputText, OutputTokensDetails, ReasoningConfig,
+                       ReasoningItem, ReasoningText, ResponseError, ResponseFormat, ResponseObject, ResponsesInput,
+                       ResponsesRequest, ResponseUsage, StreamEvent, TextConfig, TokenInfo, ToolCall, Usage)
 from .response_store import ScopedStore, owner_hash
+from .responses_tools import AgentTools, agent_tools, call_item, chat_call, chat_tool_choice, free_form, input_item
 from .runs import Choice, Run
 from .streaming import named_sse
 from .tools import CallSpotter, ToolPlan, answer, tool_plan
@@ -61,12 +61,19 @@ def required(item: InputItem, fields: tuple[str, ...], param: str) -> None:
             raise APIError(400, f"`{field}` is required in a `{item.type}` item", f"{param}.{field}")
 
 
+CALL_FIELDS = {"function_call": ("call_id", "name", "arguments"), "custom_tool_call": ("call_id", "name", "input"),
+               "local_shell_call": ("call_id", "action")}
+OUTPUT_TYPES = ("function_call_output", "custom_tool_call_output", "local_shell_call_output")
+
+
 def append_messages(messages: list[ChatMessage], items: list[InputItem], param: str) -> None:
-    """Each item as chat messages: a message as itself, a function call as an assistant tool
-    call (the calls of one turn, and the text before them, in one assistant message, as chat
-    templates expect), a call's output as a tool message, and a reasoning item as the
-    `reasoning_content` of the assistant turn that follows it (the template decides whether to
-    keep it: Qwen3's keeps only the reasoning after the last user message)."""
+    """Each item as chat messages: a message as itself, a call (to a function, a namespace's
+    function, a custom tool, the local shell) as an assistant tool call as the model would have
+    written it (responses_tools.chat_call; the calls of one turn, and the text before them, in
+    one assistant message, as chat templates expect), a call's output as a tool message, and a
+    reasoning item as the `reasoning_content` of the assistant turn that follows it (the
+    template decides whether to keep it: Qwen3's keeps only the reasoning after the last user
+    message)."""
     thought = None  # the reasoning items just before this item
     for i, item in enumerate(items):
         where = f"{param}[{i}]"
@@ -77,19 +84,24 @@ def append_messages(messages: list[ChatMessage], items: list[InputItem], param: 
         if item.type == "message":
             required(item, ("role", "content"), where)
             messages.append(ChatMessage(role=item.role, content=text_of(item.content, f"{where}.content")))
-        elif item.type == "function_call":
-            required(item, ("call_id", "name", "arguments"), where)
-            call = ToolCall(id=item.call_id, function=FunctionCall(item.name, item.arguments))
+        elif item.type in CALL_FIELDS:
+            required(item, CALL_FIELDS[item.type], where)
+            call = chat_call(item)
             if last is not None and last.role == "assistant" and thought is None:
                 last.tool_calls = [*(last.tool_calls or []), call]
             else:
                 messages.append(ChatMessage(role="assistant", tool_calls=[call]))
-        elif item.type == "function_call_output":
-            required(item, ("call_id", "output"), where)
-            messages.append(ChatMessage(role="tool", content=text_of(item.output, f"{where}.output"), tool_call_id=item.call_id))
+        elif item.type in OUTPUT_TYPES:
+            # a local shell call's output names its call by `id` (OpenAI's shape) or `call_id`
+            call_id = item.call_id or (item.id if item.type == "local_shell_call_output" else None)
+            if call_id is None:
+                required(item, ("call_id",), where)
+            required(item, ("output",), where)
+            messages.append(ChatMessage(role="tool", content=text_of(item.output, f"{where}.output"), tool_call_id=call_id))
         else:
-            raise APIError(400, f"input item type `{item.type}` is not supported; use message, function_call, "
-                                f"function_call_output or reasoning", f"{where}.type", "unsupported_item")
+            raise APIError(400, f"input item type `{item.type}` is not supported; use message, reasoning, "
+                                f"{', '.join(CALL_FIELDS)} or {', '.join(OUTPUT_TYPES)}", f"{where}.type",
+                           "unsupported_item")
         if messages[-1].role == "assistant" and thought is not None:
             messages[-1].reasoning_content = thought
         thought = None
@@ -101,9 +113,10 @@ def input_items(body: ResponsesInput) -> list[InputItem]:
     return [InputItem(role="user", content=body.input)] if isinstance(body.input, str) else body.input
 
 
-def chat_request(body: ResponsesInput, history: list[InputItem], model: str) -> ChatRequest:
+def chat_request(body: ResponsesInput, history: list[InputItem], model: str, agent: AgentTools) -> ChatRequest:
     """The chat request this Responses request is: `instructions` as the first (system)
-    message, then the previous response's conversation, then `input`."""
+    message, then the previous response's conversation, then `input`; the tools as `agent`
+    shows them to the model."""
     generates = isinstance(body, ResponsesRequest)  # not only counting input tokens
     for field in ("conversation", "prompt", *(("background",) if generates else ())):
         if getattr(body, field):
@@ -115,35 +128,18 @@ def chat_request(body: ResponsesInput, history: list[InputItem], model: str) -> 
         max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
         top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
         logprobs=LOGPROBS in (body.include or ()), top_logprobs=body.top_logprobs)
-    return ChatRequest(model=model, messages=messages, tools=function_tools(body), tool_choice=chat_tool_choice(body),
-                       parallel_tool_calls=body.parallel_tool_calls, response_format=response_format(body),
-                       reasoning_effort=body.reasoning and body.reasoning.effort, **sampling)
+    return ChatRequest(model=model, messages=messages, tools=agent.tools,
+                       tool_choice=chat_tool_choice(body.tool_choice, agent), parallel_tool_calls=body.parallel_tool_calls,
+                       response_format=response_format(body), reasoning_effort=body.reasoning and body.reasoning.effort,
+                       **sampling)
 
 
-def function_tools(body: ResponsesInput) -> list[ToolDef] | None:
-    """The function tools; a built-in tool (web search, file search, code interpreter,
-    computer use, MCP, image generation...) is a 400 naming it: nothing here could run it."""
-    if not body.tools:
-        return None
-    defs = []
-    for i, tool in enumerate(body.tools):
-        if tool.type != "function":
-            raise APIError(400, f"tool type `{tool.type}` is not supported by this server; only function tools",
-                           f"tools[{i}]", "unsupported_tool")
-        if not tool.name:
-            raise APIError(400, "a function tool needs a `name`", f"tools[{i}].name")
-        defs.append(ToolDef(function=FunctionDef(tool.name, tool.description, tool.parameters, tool.strict)))
-    return defs
-
-
-def chat_tool_choice(body: ResponsesInput) -> str | NamedToolChoice | None:
-    choice = body.tool_choice
-    if choice is None or isinstance(choice, str):
-        return choice
-    if choice.type != "function" or not choice.name:
-        raise APIError(400, f"tool_choice type `{choice.type}` is not supported; use none, auto, required or "
-                            "{\"type\": \"function\", \"name\": ...}", "tool_choice")
-    return NamedToolChoice(function=FunctionName(choice.name))
+def prepared(body: ResponsesInput, history: list[InputItem], model: str) -> tuple[ChatRequest, AgentTools, ToolPlan]:
+    """The chat request, the tools as the model sees them, and the plan its answer follows (a
+    forced custom tool's: the whole answer is that call)."""
+    agent = agent_tools(body.tools)
+    chat_body = chat_request(body, history, model, agent)
+    return chat_body, agent, tool_plan(chat_body)._replace(free_form=free_form(body.tool_choice, agent))
 
 
 def response_format(body: ResponsesInput) -> ResponseFormat | None:
@@ -184,9 +180,8 @@ def output_logprobs(run: Run, body: ChatRequest, entries: list) -> list[TokenInf
     return chat_logprobs(run.served.model, entries).content if body.logprobs and entries else []
 
 
-def call_items(calls: list[ToolCall], status: str) -> list[FunctionCallItem]:
-    return [FunctionCallItem(id=f"fc_{uuid.uuid4().hex}", status=status, call_id=c.id, name=c.function.name,
-                             arguments=c.function.arguments) for c in calls]
+def call_items(calls: list[ToolCall], agent: AgentTools, status: str) -> list[CallItem]:
+    return [call_item(c, agent, status) for c in calls]
 
 
 def status_of(finish_reason: str) -> str:
@@ -224,7 +219,7 @@ def as_input(output: list[OutputItem]) -> list[InputItem]:
         elif isinstance(item, OutputMessage):
             items.append(InputItem(role="assistant", content=item.content[0].text))
         else:
-            items.append(InputItem(type="function_call", call_id=item.call_id, name=item.name, arguments=item.arguments))
+            items.append(input_item(item))
     return items
 
 
@@ -304,8 +299,8 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
     check_metadata(body.metadata)
     await check_store(request, body)
     earlier = await history(request, body)
-    chat_body = chat_request(body, earlier, served.config.model_id)
-    plan = tool_plan(chat_body)
+    chat_body, agent, plan = prepared(body, earlier, served.config.model_id)
+    ignore_tools(request, agent.ignored)
     response = new_response(served, body, chat_body)
     conversation = [*earlier, *input_items(body)]
 
@@ -318,14 +313,14 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
         output = [*([reasoning_item(choice.reasoning, thought_status)] if choice.reasoning else []),
                   *([message_item(message.content or "", status, output_logprobs(run, chat_body, choice.logprobs))]
                     if message.content or not calls else []),
-                  *call_items(calls, status)]
+                  *call_items(calls, agent, status)]
         finish(response, output, reason, run.usage())
         if body.store:
             await keep(request, response, conversation)
         return Response(response)
 
     def streamed(run: Run, job: Job) -> AsyncIterator[bytes]:
-        return events(request, run, body, chat_body, plan, response, conversation)
+        return events(request, run, body, chat_body, plan, agent, response, conversation)
 
     try:  # the request runs exactly as on /v1/chat/completions
         return await serving.serve(request, served, 1, functools.partial(prompts.chat_job, served, chat_body, plan), whole,
@@ -335,11 +330,12 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
 
 
 async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: ChatRequest, plan: ToolPlan,
-                 response: ResponseObject, conversation: list[InputItem]) -> AsyncIterator[bytes]:
+                 agent: AgentTools, response: ResponseObject, conversation: list[InputItem]) -> AsyncIterator[bytes]:
     """The Responses stream: the response created and in progress, then its output items as
     they come (a thinking model's reasoning item, then the message's text delta by delta; with
-    tools, text that may begin a call is held as on chat and sent as function_call items at
-    the end), then the response completed, incomplete, or failed."""
+    tools, text that may begin a call is held as on chat and sent as call items at the end; a
+    forced custom tool's input streams as the model writes it), then the response completed,
+    incomplete, or failed."""
     numbers = itertools.count()
 
     def event(kind: str, **fields) -> bytes:
@@ -370,11 +366,44 @@ async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: 
                 event("response.content_part.done", item_id=item.id, **where, content_index=0, part=part),
                 event("response.output_item.done", **where, item=item)]
 
+    # A call item: added, its arguments (a function's) or input (a custom tool's) sent delta by
+    # delta, done; a local shell call is added and done whole, as OpenAI sends it.
+    def call_opened(item: CallItem) -> bytes:
+        output.append(item)
+        return event("response.output_item.added", output_index=len(output) - 1, item=item)
+
+    def call_delta(item: FunctionCallItem | CustomToolCallItem, text: str) -> bytes:
+        if isinstance(item, CustomToolCallItem):
+            item.input, kind = item.input + text, "custom_tool_call_input"
+        else:
+            item.arguments, kind = item.arguments + text, "function_call_arguments"
+        return event(f"response.{kind}.delta", item_id=item.id, output_index=output.index(item), delta=text)
+
+    def call_closed(item: CallItem, status: str) -> list[bytes]:
+        item.status, where = status, dict(output_index=output.index(item))
+        if isinstance(item, CustomToolCallItem):
+            done = [event("response.custom_tool_call_input.done", item_id=item.id, **where, input=item.input)]
+        elif isinstance(item, FunctionCallItem):
+            done = [event("response.function_call_arguments.done", item_id=item.id, **where, arguments=item.arguments)]
+        else:
+            done = []
+        return [*done, event("response.output_item.done", **where, item=item)]
+
+    def call_sent(item: CallItem, status: str) -> list[bytes]:
+        """A call known whole (parsed at the end of the answer): its text in one delta."""
+        if isinstance(item, LocalShellCallItem):
+            return [call_opened(item), *call_closed(item, status)]
+        field = "input" if isinstance(item, CustomToolCallItem) else "arguments"
+        text = getattr(item, field)
+        setattr(item, field, "")
+        return [call_opened(item), call_delta(item, text), *call_closed(item, status)]
+
     yield event("response.created", response=response)
     yield event("response.in_progress", response=response)
     spotter, output = CallSpotter(forced=plan.forced is not None), []
     thought, message, calls, reason = None, None, [], "stop"
     entries = []  # logprobs of tokens whose text has not been sent yet
+    free_call = None  # a forced custom tool's call, whose input is the answer's text
     try:
         async for _, step in run:
             entries += step.logprobs
@@ -384,13 +413,19 @@ async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: 
                     for sent in opened(thought):
                         yield sent
                 yield delta(thought, "reasoning_text", step.reasoning)
-            text, parsed, finished = (spotter.step(step.text, step.finish_reason, plan) if plan.tools
+            spotted = plan.tools and not plan.free_form  # a free-form answer is all the call's input
+            text, parsed, finished = (spotter.step(step.text, step.finish_reason, plan) if spotted
                                       else (step.text, None, step.finish_reason))
             reason, calls = finished or reason, answered_calls(parsed, body) if parsed else calls
             if (text or calls) and thought is not None and thought.status == "in_progress":
                 for sent in closed(thought, "reasoning_text", "completed"):
                     yield sent
-            if text:
+            if plan.free_form and text:
+                if free_call is None:
+                    free_call = free_form_item(plan, agent)
+                    yield call_opened(free_call)
+                yield call_delta(free_call, text)
+            elif text:
                 if message is None:
                     message = message_item("", "in_progress")
                     for sent in opened(message):
@@ -401,26 +436,28 @@ async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: 
         response.status, response.error = "failed", ResponseError(code=e.code or "server_error", message=e.message)
         yield event("response.failed", response=response)
         return
+    if plan.free_form:
+        reason = "length" if reason == "length" else "tool_calls"
     status = status_of(reason)
     if thought is not None and thought.status == "in_progress":  # cut off while thinking
         for sent in closed(thought, "reasoning_text", status):
             yield sent
-    if message is None and not calls:
+    if plan.free_form:
+        if free_call is None:  # the model wrote no input at all
+            free_call = free_form_item(plan, agent)
+            yield call_opened(free_call)
+        for sent in call_closed(free_call, status):
+            yield sent
+    elif message is None and not calls:
         message = message_item("", "in_progress")
         for sent in opened(message):
             yield sent
     if message is not None:
         for sent in closed(message, "output_text", status):
             yield sent
-    for item in call_items(calls, "in_progress"):
-        index = len(output)
-        output.append(item)
-        arguments, item.arguments = item.arguments, ""
-        yield event("response.output_item.added", output_index=index, item=item)
-        yield event("response.function_call_arguments.delta", item_id=item.id, output_index=index, delta=arguments)
-        item.arguments, item.status = arguments, status
-        yield event("response.function_call_arguments.done", item_id=item.id, output_index=index, arguments=arguments)
-        yield event("response.output_item.done", output_index=index, item=item)
+    for item in call_items(calls, agent, "in_progress"):
+        for sent in call_sent(item, status):
+            yield sent
     finish(response, output, reason, run.usage())
     if body.store:
         try:
@@ -430,10 +467,15 @@ async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: 
     yield event(f"response.{response.status}", response=response)
 
 
+def free_form_item(plan: ToolPlan, agent: AgentTools) -> CustomToolCallItem:
+    """A forced custom tool's call, its input still empty."""
+    return call_item(ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(plan.free_form.name, '{"input": ""}')),
+                     agent, "in_progress")
+
+
 def count_input_tokens(served: Served, body: ResponsesInput, earlier: list[InputItem]) -> InputTokenCount:
     """The prompt's tokens as POST /v1/responses would run it (tools included), nothing generated."""
-    chat_body = chat_request(body, earlier, served.config.model_id)
-    plan = tool_plan(chat_body)
+    chat_body, _, plan = prepared(body, earlier, served.config.model_id)
     try:
         prompt = prompts.chat_prompt(served, chat_body.messages, plan.tools, prompts.template_kwargs(served, chat_body))
     except APIError as e:

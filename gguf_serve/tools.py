@@ -120,13 +120,22 @@ def schema_features(schema) -> set[str]:
     return found
 
 
+class FreeForm(NamedTuple):
+    """A forced call to a tool whose input is free text (a Responses API `custom` tool): the
+    whole answer is its input, following the tool's grammar when it has one (else any text)."""
+
+    name: str
+    grammar: str | None = None
+
+
 class ToolPlan(NamedTuple):
     """The tools the model is told about, which call is forced (None, "required" or a name),
-    and whether the legacy `functions` API asked."""
+    whether the legacy `functions` API asked, and a forced free-form call."""
 
     tools: list[ToolDef] | None = None
     forced: str | None = None
     legacy: bool = False
+    free_form: FreeForm | None = None
 
 
 def tool_plan(body: ChatRequest) -> ToolPlan:
@@ -145,8 +154,13 @@ def tool_plan(body: ChatRequest) -> ToolPlan:
 
 
 def output_grammar(model: Model, body: ChatRequest, plan: ToolPlan) -> str | None:
-    """The grammar a chat answer must follow: a forced tool call, JSON mode or a JSON Schema."""
-    if plan.forced:
+    """The grammar a chat answer must follow: a forced tool call, JSON mode, a JSON Schema, or a
+    forced free-form call's own grammar."""
+    if plan.free_form:
+        if plan.free_form.grammar is None:
+            return None
+        grammar = plan.free_form.grammar
+    elif plan.forced:
         calls = [
             {"type": "object", "properties": {"name": {"const": t.function.name},
                                               "arguments": t.function.parameters or {"type": "object"}},
@@ -165,6 +179,9 @@ def output_grammar(model: Model, body: ChatRequest, plan: ToolPlan) -> str | Non
     try:
         check_grammar(model, grammar)
     except GrammarError as e:
+        if plan.free_form:
+            raise APIError(400, f"the grammar of tool `{plan.free_form.name}` can't be compiled: {e}", "tools",
+                           "unsupported_grammar") from None
         raise APIError(400, f"the output constraint can't be compiled: {e}", "response_format", "unsupported_schema") from None
     return grammar
 
@@ -201,7 +218,12 @@ def parse_tool_calls(text: str, names: list[str], whole_json: bool = False) -> t
 
 
 def answer(text: str, finish_reason: str, plan: ToolPlan) -> tuple[AssistantMessage, str]:
-    """The assistant's message: its text, or the tool calls found in it."""
+    """The assistant's message: its text, or the tool calls found in it (a forced free-form
+    call's input is the whole text, as `{"input": text}`: a custom tool as the model sees it)."""
+    if plan.free_form:
+        call = FunctionCall(plan.free_form.name, json.dumps({"input": text}, ensure_ascii=False))
+        return (AssistantMessage(content=None, tool_calls=[ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=call)]),
+                finish_reason if finish_reason == "length" else "tool_calls")
     if not plan.tools:
         return AssistantMessage(content=text), finish_reason
     names = [t.function.name for t in plan.tools]

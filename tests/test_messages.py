@@ -235,7 +235,8 @@ def test_thinking_on_a_reasoning_template(r1):
     ({"messages": [{"role": "bot", "content": "Hi"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                                                              "data": "AAAA"}}]}]}, "messages[0].content[0].type"),
-    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0].type"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}], "tool_choice": {"type": "tool", "name": "web_search"}},
+     "tool_choice"),
     ({"temperature": 1.5}, "temperature"),
 ])
 def test_bad_input_is_a_400_naming_the_field(server, change, named):

@@ -75,7 +75,11 @@ def test_thinking_is_on_only_when_enabled():
     ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f"}]}]}, "messages[0].content[0].input"),
     ({"messages": [HI, {"role": "assistant", "content": "The answer is"}]}, "messages[1].role"),
     ({"system": [{"type": "image"}]}, "system[0].type"),
-    ({"tools": [{**WEATHER, "type": "web_search_20250305"}]}, "tools[0].type"),
+    ({"tools": [{**WEATHER, "type": "web_search_2025"}]}, "tools[0].type"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}], "tool_choice": {"type": "tool", "name": "web_search"}},
+     "tool_choice"),
+    ({"tools": [{"type": "code_execution_20250825", "name": "code_execution"}], "tool_choice": {"type": "any"}},
+     "tool_choice"),
     ({"tools": [{**WEATHER, "input_schema": {"type": "string"}}]}, "tools[0].input_schema.type"),
     ({"tools": [WEATHER], "tool_choice": {"type": "tool"}}, "tool_choice.name"),
     ({"thinking": {"type": "enabled"}}, "thinking.budget_tokens"),
@@ -91,12 +95,12 @@ def test_unsupported_or_incomplete_input_is_a_400_naming_the_field(fields, param
 def test_count_tokens_takes_no_max_tokens():
     body = msgspec.convert({"model": "m", "messages": [{"role": "user", "content": "Hi"}],
                             "thinking": {"type": "enabled", "budget_tokens": 9999}}, CountTokensRequest)
-    chat_body, origins = messages.chat_request(body, "m")
+    chat_body, origins, _ = messages.chat_request(body, "m")
     assert chat_body.max_tokens is None and origins == ["messages[0]"]
 
 
 def test_a_chat_message_in_an_error_is_renamed_to_where_it_came_from():
-    _, origins = messages.chat_request(request(system="S", messages=[
+    _, origins, _ = messages.chat_request(request(system="S", messages=[
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "tool_result", "tool_use_id": "t", "content": "r"}]}]), "m")
     assert origins == ["system", "messages[0]", "messages[0]"]
     error = messages.as_messages_error(APIError(400, "bad", "messages[2].tool_calls[0].function.arguments"), origins)

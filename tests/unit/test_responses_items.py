@@ -19,7 +19,7 @@ def request(**fields) -> ResponsesRequest:
 
 
 def chat(history=(), **fields):
-    return responses.chat_request(request(**fields), list(history), "m")
+    return responses.prepared(request(**fields), list(history), "m")[0]
 
 
 def test_string_input_is_one_user_message_after_the_instructions():
@@ -105,7 +105,7 @@ def test_history_comes_between_instructions_and_input():
     ({"input": [{"content": "no role"}]}, "input[0].role"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input[0].content[0]"),
     ({"input": []}, "input"),
-    ({"tools": [{"type": "image_generation"}]}, "tools[0]"),
+    ({"tools": [{"type": "apply_patch"}]}, "tools[0].type"),
     ({"tools": [{"type": "function"}]}, "tools[0].name"),
     ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
@@ -151,7 +151,7 @@ class RecordedRun:
 
 def test_a_thought_then_an_answer_stream_as_two_items():
     body = request(stream=True, store=False)
-    chat_body = responses.chat_request(body, [], "m")
+    chat_body, agent, plan = responses.prepared(body, [], "m")
     run = RecordedRun([Event("", reasoning="Two and"), Event("", reasoning=" two."), Event("Four"),
                        Event(".", finish_reason="stop")])
     response = msgspec.convert({"id": "resp_1", "created_at": 0, "status": "in_progress", "model": "m", "output": [],
@@ -161,7 +161,7 @@ def test_a_thought_then_an_answer_stream_as_two_items():
                                ResponseObject)
 
     async def sent():
-        return [b async for b in responses.events(None, run, body, chat_body, responses.tool_plan(chat_body), response, [])]
+        return [b async for b in responses.events(None, run, body, chat_body, plan, agent, response, [])]
 
     events = [msgspec.json.decode(block.split(b"\ndata: ")[1]) for block in asyncio.run(sent())]
     assert [(e["type"], e.get("output_index")) for e in events] == [
