@@ -133,7 +133,8 @@ async def load(config: Config, loading: Loading, on_failure: Callable[[str], Non
         render, stops = await asyncio.to_thread(chat_renderer, config, model, loading.render_process)
     timings["chat_template"], step = time.perf_counter() - step, time.perf_counter()
     stop_tokens = {model.special[s] for s in stops if s in model.special}
-    decoder = engine.Engine(model, config.parallel, asyncio.get_running_loop(), stop_tokens, on_failure)
+    decoder = engine.Engine(model, config.parallel, asyncio.get_running_loop(), stop_tokens, on_failure,
+                            config.prompt_cache_bytes)
     text_stops = [s for s in stops if s not in model.special]
     served = Served(config, model, decoder, render, text_stops, int(time.time()), timings)
     await warm_up(served)
