@@ -63,8 +63,8 @@ class Config:
     max_body_bytes: int
     body_timeout_s: float  # BODY_TIMEOUT_S: a request body must have arrived this long after its head, else 408
     idle_timeout_s: float  # IDLE_TIMEOUT_S: a connection without a request in progress is closed after this long
-    # PROMPT_CACHE_MIB: the KV cache's host-memory tier (prompt_cache.py), in bytes; None: half
-    # the size of the sequences' own KV cache (known once the model has run), 0: off
+    # PROMPT_CACHE_MIB: the KV cache's host-memory tier (prompt_cache.py), in bytes; None: a quarter of
+    # the sequences' own KV cache (known once the model has run), 0: off
     prompt_cache_bytes: int | None
     max_messages: int
     request_timeout_s: float  # a generation running longer ends as if at max_tokens

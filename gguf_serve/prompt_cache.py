@@ -37,9 +37,10 @@ class Entry:
 
 class PromptCache:
     def __init__(self, model: Model, max_bytes: int | None, kv_tokens: int):
-        """`max_bytes` None: half what the sequences' own KV cache (`kv_tokens` tokens) takes, as
-        measured on the first state saved (the KV's bytes a token depend on the model's layers,
-        heads and KV_CACHE_TYPE: 23 KB at f16 for SmolLM2-135M, 90 MiB for its 4 x 2048 tokens)."""
+        """`max_bytes` None: a quarter of what the sequences' own KV cache (`kv_tokens` tokens) takes,
+        as measured on the first state saved (the KV's bytes a token depend on the model's layers,
+        heads and KV_CACHE_TYPE: 23 KB at f16 for SmolLM2-135M, 45 MiB for a quarter of its 4 x
+        2048 tokens, which keeps the default model within Cloud Run's 512 MiB: docs/deploy.md)."""
         self.model, self.max_bytes, self.kv_tokens = model, max_bytes, kv_tokens
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
         self.bytes = 0
@@ -63,7 +64,7 @@ class PromptCache:
                 self._drop(key)
         size = llama.llama_state_seq_get_size_ext(self.model.ctx, seq_id, 0)
         if self.max_bytes is None:
-            self.max_bytes = size * self.kv_tokens // (2 * len(tokens))
+            self.max_bytes = size * self.kv_tokens // (4 * len(tokens))
         if size > self.max_bytes:
             return
         while self.entries and self.bytes + size > self.max_bytes:
