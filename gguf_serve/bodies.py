@@ -85,9 +85,9 @@ async def read_body(request: Request, limit: int) -> bytearray:
     try:
         async for chunk in request.stream():
             for piece in decoder.decode(chunk) if decoder else (chunk,):
-                body += piece
-                if len(body) > limit:
+                if len(body) + len(piece) > limit:
                     raise too_large(limit, decoder)
+                body += piece
     except RequestEntityTooLarge:
         raise too_large(limit, None) from None
     except (zlib.error, zstandard.ZstdError) as e:
