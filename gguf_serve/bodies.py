@@ -91,7 +91,7 @@ async def read_body(request: Request, limit: int) -> bytearray:
     except RequestEntityTooLarge:
         raise too_large(limit, None) from None
     except (zlib.error, zstandard.ZstdError) as e:
-        raise APIError(400, f"the body is not valid {decoder.coding}: {e}") from None
+        raise APIError(400, f"the body can't be decoded as {decoder.coding}: {e}") from None
     if decoder and not decoder.ended:
         raise APIError(400, f"the {decoder.coding} body ends before its stream does")
     return body

@@ -115,7 +115,8 @@ def compressing(sdk, coding: str):
 
 def test_the_openai_sdk_sending_gzip_bodies(served):
     client, transport = compressing(openai, "gzip")
-    packed = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=120, http_client=client)
+    packed = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=120,
+                           http_client=client)
     plain = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=120)
     ask = {"model": MODEL, "messages": HELLO, "max_tokens": 12, "temperature": 0}
     expected = plain.chat.completions.create(**ask)
@@ -252,21 +253,24 @@ def test_a_coding_not_supported_is_a_415_naming_those_that_are(served, coding):
     assert r.status_code == 415 and r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"
 
 
+NOT_ZLIB = "Error -3 while decompressing data: incorrect header check"
+ULTRA = zstandard.ZstdCompressor(level=20).compressobj()  # streamed with no size: its frame asks a 32 MiB window
 NOT_STREAMS = {  # a body, the coding it is sent as, and what the 400 says
     "cut short": (gzip.compress(BODY)[:-12], "gzip", "the gzip body ends before its stream does"),
     "zstd cut short": (COMPRESS["zstd"](BODY)[:-3], "zstd", "the zstd body ends before its stream does"),
     "empty": (b"", "gzip", "the gzip body ends before its stream does"),
-    "not gzip": (BODY, "gzip", "the body is not valid gzip: Error -3 while decompressing data: incorrect header check"),
-    "zstd labelled gzip": (COMPRESS["zstd"](BODY), "gzip", "the body is not valid gzip: Error -3 while decompressing "
-                                                           "data: incorrect header check"),
-    "gzip labelled zstd": (gzip.compress(BODY), "zstd", "the body is not valid zstd: zstd decompressor error: Unknown "
-                                                        "frame descriptor"),
-    "raw deflate": (COMPRESS["deflate"](BODY)[2:], "deflate", "the body is not valid deflate: Error -3 while "
-                                                              "decompressing data: incorrect header check"),
+    "not gzip": (BODY, "gzip", f"the body can't be decoded as gzip: {NOT_ZLIB}"),
+    "zstd labelled gzip": (COMPRESS["zstd"](BODY), "gzip", f"the body can't be decoded as gzip: {NOT_ZLIB}"),
+    "gzip labelled zstd": (gzip.compress(BODY), "zstd",
+                           "the body can't be decoded as zstd: zstd decompressor error: Unknown frame descriptor"),
+    "raw deflate": (COMPRESS["deflate"](BODY)[2:], "deflate", f"the body can't be decoded as deflate: {NOT_ZLIB}"),
     "more after the stream": (gzip.compress(BODY) * 2, "gzip",
                               "the body goes on after the end of its gzip stream (one gzip stream is a body)"),
     "more after the frame": (COMPRESS["zstd"](BODY) + b"\0", "zstd",
                              "the body goes on after the end of its zstd stream (one zstd stream is a body)"),
+    "a window over 8 MiB": (ULTRA.compress(BODY) + ULTRA.flush(), "zstd",
+                            "the body can't be decoded as zstd: zstd decompressor error: Frame requires too much "
+                            "memory for decoding"),
 }
 
 
