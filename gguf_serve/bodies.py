@@ -1,8 +1,8 @@
 """A request's body, as every route reads it: taken as it arrives, decoded from its
 Content-Encoding (gzip, deflate or zstd: Codex CLI compresses its requests for some providers),
 and held to MAX_BODY_BYTES once decoded. A decompression bomb is a 413 once its first
-MAX_BODY_BYTES are decoded: no more than that and one piece is ever held, whatever it would
-expand to."""
+MAX_BODY_BYTES are decoded: no more than that, the piece being decoded and a zstd frame's window
+(8 MiB at most) is ever held, whatever it would expand to."""
 
 from __future__ import annotations
 
