@@ -11,26 +11,31 @@ killed; either way the request gets the 400 template_error it got before, and th
 starts a fresh process. So does a render that finds its process dead (the OOM killer took it):
 that is no fault of its conversation.
 
-Slow renders get a lane of their own, so that they cost ordinary chats nothing. One process is
-kept for every render, which take it in turn: an ordinary render takes about a millisecond
-(357 µs for Qwen3's template on a 4-message chat, bench hardening), and there it may take
-SLOW_AFTER_S. One that takes longer stops there (its process stays fit for the next) and starts
-again in a process of its own with the whole time limit, beside at most MAX_SLOW_RENDERS - 1
-others: so at most 1 + MAX_SLOW_RENDERS processes, each bounded to RENDER_MEMORY, and a
-hostile template's loop holds one core, not every core the decode needs. A slow render that
-finds that lane full is refused at once (RenderBusy: a 429 with Retry-After) rather than made to
-wait for it: waiting, it would hold its place in the queue for seconds, so a client sending
-slow chats would fill the queue (429 for everyone) instead of only the slow lane; refused, it
-retries when a slow render has ended, within the time limit. Before this lane, 20 concurrent
-slow renders held every worker thread of the server's shared pool for their 2 s each and
-started a process each: an ordinary chat waited 6.7 s behind them, beside 6 render processes
-(bench hardening measures it again).
+Slow renders get a lane of their own, so that they cost ordinary chats little. One process is
+kept for every render, which take it in turn, in the order they came: an ordinary render takes
+about a millisecond (357 µs for Qwen3's template on a 4-message chat, bench hardening), and there
+it may take SLOW_AFTER_S. One that takes longer stops there (its process stays fit for the next)
+and starts again in a process of its own with the whole time limit, MAX_SLOW_RENDERS at a time:
+so at most 1 + MAX_SLOW_RENDERS processes, each bounded to RENDER_MEMORY, and a hostile
+template's loop holds one core, not every core the decode needs. A slow render waits for that
+lane as long as the slow render ahead of it can take (SLOW_WAIT_S), then is refused
+(RenderBusy: a 429 with Retry-After). Waiting, not refused at once: a client whose slow chats
+come back at once sends the next one at once, and each first takes its SLOW_AFTER_S of the kept
+process; 20 such clients kept it busy all the time, and an ordinary render waited 4.9 s in a
+bench for its turn. Held while they wait, they come back a few times a minute, and a long
+legitimate chat (1,000 messages take Qwen3's template 160 ms) waits for the one before it
+rather than failing. Bounded, not waiting for every slow render before it: a client that left
+leaves no render queued for seconds. Before this lane, 20 concurrent slow renders held every
+worker thread of the server's shared pool for their 2 s each and started a process each: an
+ordinary render waited 6.7 s behind them, beside 6 render processes (bench hardening measures
+it again).
 
 Run as a module (`python -m gguf_serve.template_process`), this file is the render process.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import select
 import struct
@@ -52,13 +57,16 @@ MAX_PROMPT_CHARS = 8 << 20
 # Python code) before it kills the process: C code the trace can't stop.
 GRACE_SECONDS = 1.0
 # How long a render may take in the kept process before it goes to the slow lane: a hundred
-# times an ordinary render, so only a template's loops or a chat of megabytes get there, and
-# what each slow render costs the renders waiting their turn behind it.
+# times an ordinary render; a chat of 300 messages gets there (100 take Qwen3's template 13 ms,
+# 1,000 take 160). It is also what each slow render costs the renders waiting their turn behind it.
 SLOW_AFTER_S = 0.05
 # Slow renders at once, each in a process of its own started for it (60-70 ms of CPU) and
 # ended after it. One: a hostile template's loop takes one of the two cores of the smallest
 # host this serves on, and RENDER_MEMORY more address space at most, whatever the clients send.
 MAX_SLOW_RENDERS = 1
+
+# How long a slow render waits for a process of its own: as long as the one ahead of it can take.
+SLOW_WAIT_S = templates.RENDER_SECONDS + GRACE_SECONDS
 
 _LENGTH = struct.Struct("<I")
 # What the render process answers a request with: the first item of its answer.
@@ -74,7 +82,8 @@ class TemplateProcess:
         the model loads), compiled on first use."""
         self.start = msgspec.json.encode((source, bos_token, eos_token))
         self.kept = started
-        self.turn = threading.Lock()  # held by the render using the kept process
+        self.turn = Turn()  # held by the render using the kept process
+        self.slow_lane = threading.BoundedSemaphore(MAX_SLOW_RENDERS)
         self.counted = threading.Lock()
         self.slow = 0  # slow renders running, each in a process of its own
 
@@ -110,11 +119,11 @@ class TemplateProcess:
 
     def _alone(self, messages: templates.Messages, extra: dict) -> tuple[str, str]:
         """A slow render, again, in a process of its own with the whole time limit."""
+        if not self.slow_lane.acquire(timeout=SLOW_WAIT_S):
+            raise templates.RenderBusy(
+                f"this conversation takes the model's chat template over {SLOW_AFTER_S * 1000:g} ms to render, and "
+                f"other such renders kept its render processes busy for {SLOW_WAIT_S:g} s; retry shortly")
         with self.counted:
-            if self.slow >= MAX_SLOW_RENDERS:
-                raise templates.RenderBusy(
-                    f"this conversation takes the model's chat template over {SLOW_AFTER_S * 1000:g} ms to render, and "
-                    f"the {MAX_SLOW_RENDERS} render process(es) for such renders are busy; retry shortly")
             self.slow += 1
         worker = RenderProcess()
         try:
@@ -127,6 +136,35 @@ class TemplateProcess:
             worker.kill()
             with self.counted:
                 self.slow -= 1
+            self.slow_lane.release()
+
+
+class Turn:
+    """A lock taken in the order it was asked for: threading.Lock lets the thread that released it
+    take it again before a waiting one wakes, and a client sending slow renders one after another
+    kept an ordinary render waiting seconds for its turn (bench hardening)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.held = False
+        self.waiting: collections.deque[threading.Lock] = collections.deque()
+
+    def __enter__(self) -> None:
+        with self.lock:
+            if not self.held:
+                self.held = True
+                return
+            handed = threading.Lock()
+            handed.acquire()
+            self.waiting.append(handed)
+        handed.acquire()  # released by the holder, who hands it over
+
+    def __exit__(self, *exc) -> None:
+        with self.lock:
+            if self.waiting:
+                self.waiting.popleft().release()
+            else:
+                self.held = False
 
 
 _DIED = "the model's chat template failed on these messages: the render process died"

@@ -218,8 +218,8 @@ def test_a_render_process_killed_between_chats_is_replaced_and_the_next_chat_ans
 def test_slow_renders_get_a_bounded_lane_and_an_ordinary_chat_is_answered_meanwhile(trap_alone):
     """20 clients send slow chats (each loops until the render's time limit) as fast as they are
     answered. A slow render goes on in a process of its own, at most MAX_SLOW_RENDERS at once; the
-    others are refused with a 429; an ordinary chat is answered meanwhile; the render processes
-    never number more than one kept plus those (polled all along)."""
+    others wait for one and past SLOW_WAIT_S are refused with a 429; an ordinary chat is answered
+    meanwhile; the render processes never number more than one kept plus those (polled all along)."""
     bound = 1 + template_process.MAX_SLOW_RENDERS
     stop, answers, most = threading.Event(), [], 0
 

@@ -173,7 +173,7 @@ def test_a_render_whose_process_dies_twice_fails_alone(monkeypatch):
     first = render.kept
     with ThreadPoolExecutor(1) as pool:
         slow = pool.submit(render, [{"role": "user", "content": "slow"}])
-        while not render.turn.locked():
+        while not render.turn.held:
             time.sleep(0.001)
         os.kill(first.proc.pid, signal.SIGKILL)
         while render.kept in (first, None):  # tried again in a fresh process
