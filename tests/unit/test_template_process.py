@@ -112,16 +112,16 @@ def test_a_slow_render_goes_on_in_a_process_of_its_own_and_ordinary_ones_in_the_
     kept = render.kept
     with ThreadPoolExecutor(1) as pool:
         slow = pool.submit(render, [{"role": "user", "content": "slow"}])
-        while not render.slow:  # it left the kept process for one of its own
+        while len(render_processes()) < 2:  # it left the kept process for one of its own
             time.sleep(0.001)
+        assert render(HI).endswith("<|im_start|>assistant\n") and not slow.done()  # answered while it renders
         assert len(render_processes()) == 2
-        assert render(HI).endswith("<|im_start|>assistant\n") and render.slow == 1  # answered while it renders
         with pytest.raises(templates.TemplateError, match="took longer than 2 s"):
             slow.result()
-    assert render.kept is kept and render.slow == 0 and render_processes() == [kept.proc.pid]
+    assert render.kept is kept and render_processes() == [kept.proc.pid]
 
 
-def test_slow_renders_past_the_bound_are_refused_and_processes_stay_bounded(render_processes):
+def test_slow_renders_wait_for_their_lane_or_are_refused_and_processes_stay_bounded(render_processes):
     render = TemplateProcess(SLOW + CHATML, "", "")
     assert render(HI)
     most, watching = 0, threading.Event()
@@ -191,3 +191,22 @@ def test_killing_a_dead_process_with_an_unread_request_raises_nothing():
     worker.proc.stdin.write(b"x" * 100)  # buffered: closing the pipe flushes it into a pipe nobody reads
     worker.kill()
     assert worker.proc.stdin.closed and worker.proc.stdout.closed
+
+
+def test_renders_take_the_kept_process_in_the_order_they_came():
+    turn, order = template_process.Turn(), []
+
+    def take(i: int) -> None:
+        with turn:
+            order.append(i)
+
+    with turn:
+        threads = []
+        for i in range(5):
+            threads.append(threading.Thread(target=take, args=(i,)))
+            threads[-1].start()
+            while len(turn.waiting) < i + 1:  # each waits before the next comes
+                time.sleep(0.001)
+    for t in threads:
+        t.join()
+    assert order == [0, 1, 2, 3, 4] and not turn.held
