@@ -1,8 +1,9 @@
 """One request's life, the same for chat, completions, responses and embeddings: admitted against the queue
 (a 429 before any work), its slow work (render, tokenize, compile a grammar) done in a worker
-thread (of the render lane when it renders the model's own template), its work submitted to the engine, then streamed (the stream owns the run until its last
-event) or collected (a client that leaves first gets a 499); however it ends, leaving the run
-stops what still runs, as llama.cpp's server cancels a reader's tasks when it goes out of scope.
+thread (of the render lane when it renders the model's own template), its work submitted to the
+engine, then streamed (the stream owns the run until its last event) or collected (a client
+that leaves first gets a 499); however it ends, leaving the run stops what still runs, as
+llama.cpp's server cancels a reader's tasks when it goes out of scope.
 """
 
 from __future__ import annotations

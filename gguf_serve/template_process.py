@@ -19,16 +19,17 @@ and starts again in a process of its own with the whole time limit, MAX_SLOW_REN
 so at most 1 + MAX_SLOW_RENDERS processes, each bounded to RENDER_MEMORY, and a hostile
 template's loop holds one core, not every core the decode needs. A slow render waits for that
 lane as long as the slow render ahead of it can take (SLOW_WAIT_S), then is refused
-(RenderBusy: a 429 with Retry-After). Waiting, not refused at once: a client whose slow chats
-come back at once sends the next one at once, and each first takes its SLOW_AFTER_S of the kept
-process; 20 such clients kept it busy all the time, and an ordinary render waited 1.2 s (median,
-bench hardening's attack) for its turn, against 3 ms when they wait. Held while they wait, they
-come back a few times a minute, and a long legitimate chat (1,000 messages take Qwen3's
-template 160 ms) waits for the one before it rather than failing. Bounded, not waiting for every slow render before it: a client that left
-leaves no render queued for seconds. Before this lane, 20 concurrent slow renders held every
-worker thread of the server's shared pool for their 2 s each and started a process each: an
-ordinary render waited 6.7 s behind them, beside 6 render processes (bench hardening measures
-it again).
+(RenderBusy: a 429 with Retry-After).
+
+Waiting, not refused at once: a client whose slow chat is refused at once sends the next one at
+once, and each first takes its SLOW_AFTER_S of the kept process; 20 such clients kept it busy
+all the time, and an ordinary render waited 1.2 s (median, bench hardening's attack) for its
+turn, against 3 ms when theirs wait (each then comes back every few seconds). A long legitimate
+chat (1,000 messages take Qwen3's template 160 ms) waits for the one before it rather than
+failing. Bounded, not waiting for every slow render before it: a render whose client left is
+not kept queued for long. Before this lane, 20 concurrent slow renders held every worker thread
+of the server's shared pool for their 2 s each and started a process each: an ordinary render
+waited 6.7 s behind them, beside 6 render processes (bench hardening measures it again).
 
 Run as a module (`python -m gguf_serve.template_process`), this file is the render process.
 """
@@ -283,7 +284,8 @@ def serve(stdin, stdout) -> None:
         except templates.TemplateError as e:
             answer(_REFUSED, str(e))
         except MemoryError:
-            answer(_UNFIT, f"the model's chat template needs more than {RENDER_MEMORY >> 20} MB to render these messages")
+            answer(_UNFIT, f"the model's chat template needs more than {RENDER_MEMORY >> 20} MB to render these "
+                           "messages")
             return
 
 
