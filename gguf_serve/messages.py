@@ -317,7 +317,7 @@ async def respond(request: Request, served: Served, body: MessagesRequest) -> Re
 
     try:  # the request runs exactly as on /v1/chat/completions
         return await serving.serve(request, served, 1, functools.partial(prompts.chat_job, served, chat_body, plan), whole,
-                                   streamed if body.stream else None)
+                                   streamed if body.stream else None, renders=True)
     except APIError as e:
         raise as_messages_error(e, origins) from None
 

@@ -152,6 +152,8 @@ def chat_prompt(served: Served, messages: list[ChatMessage], tools: list[ToolDef
         prompt, spans, marked = templates.render_with_spans(served.render, dicts, extra, special_texts(served.model))
     except templates.TemplateError as e:
         raise APIError(400, str(e), "messages", "template_error") from None
+    except templates.RenderBusy as e:
+        raise APIError(429, str(e), "messages", "render_busy") from None
     thinking = reasoning.opens_thinking(prompt) if served.thinks else None
     return ChatPrompt(prompt, served.model.tokenize_prompt(prompt, spans), marked, thinking)
 
