@@ -129,7 +129,7 @@ def main(argv: list[str]) -> None:
     for name, value in figures.items():
         print(f"{name}: {value}")
     print("an output grammar's work a token, in the decode thread:", flush=True)
-    figures["grammar mask a token, greedy walk over random logits"] = grammars.mask_figures(args.gbnf_seconds)
+    figures["grammar mask a token, along an answer, over random logits"] = grammars.mask_figures(args.gbnf_seconds)
     print(f"a neighbour's streamed tokens/s beside {args.beside} chats under each grammar:", flush=True)
     with tempfile.TemporaryDirectory() as logdir:
         figures["neighbour stream, tokens/s"] = grammars.neighbour_figures(
