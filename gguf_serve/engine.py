@@ -215,10 +215,11 @@ class Slot:
         self.held = None
 
     def finish(self, reason: str, text: str = "", logprobs: list[TokenLogprob] = (), reasoning: str = "",
-               held: bool = True) -> None:
+               held: bool = True, context_full: bool = False) -> None:
         """End the generation. `held`: text held back (a possible stop string's or think tag's
         start) was not one after all, and is sent; after a stop string, nothing is. An error's
-        event carries its message only: never generated text, held or merged."""
+        event carries its message only: never generated text, held or merged. `context_full`: a
+        "length" that the context's end forced (Event.context_full)."""
         gen = self.gen
         if held and reason not in FAILED:
             thought, answer = self.splitter.flush() if self.splitter else ("", "")
@@ -228,7 +229,7 @@ class Slot:
         if self.held is not None and reason not in (*FAILED, "cancelled"):
             text, reasoning, logprobs = self.held.text + text, self.held.reasoning + reasoning, self.held.logprobs + logprobs
         self.outbox.append((gen.emit, Event(text, reason, gen.generated, self.reused, logprobs, reasoning,
-                                            self.n_reasoning, self.scanner.reached)))
+                                            self.n_reasoning, self.scanner.reached, context_full)))
         if self.chain is not None:
             llama.llama_sampler_free(self.chain)
         self.gen = self.matcher = None
@@ -474,8 +475,10 @@ class Engine:
             return slot.finish("stop", text, logprobs, reasoning, held=False)
         if complete and slot.matcher is not None:  # the grammar allows nothing more: the answer is whole
             return slot.finish("stop", text, logprobs, reasoning)
-        if gen.generated >= gen.max_tokens or len(slot.cached) + 1 >= model.n_ctx or time.monotonic() > gen.deadline:
-            return slot.finish("length", text, logprobs, reasoning)
+        # full: the prompt and this token leave no room for another; max_tokens reached too says max_tokens
+        reached, full = gen.generated >= gen.max_tokens, len(slot.cached) + 1 >= model.n_ctx
+        if reached or full or time.monotonic() > gen.deadline:
+            return slot.finish("length", text, logprobs, reasoning, context_full=full and not reached)
         slot.todo = [token]
         if gen.stream or gen.generated == 1:  # the first token goes out at once: time to first token
             self.outbox.append((gen.emit, Event(text, logprobs=logprobs, reasoning=reasoning)))
