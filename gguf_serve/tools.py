@@ -52,7 +52,24 @@ def schema_grammar(schema: dict, param: str) -> str:
     unsupported = sorted(schema_features(schema) - SCHEMA_KEYWORDS)
     if unsupported:
         raise APIError(400, f"JSON Schema features not supported: {', '.join(unsupported)}", param, "unsupported_schema")
-    return json_schema_grammar(schema)
+    return json_schema_grammar(closed(schema))
+
+
+def closed(schema):
+    """`schema` with `additionalProperties: false` wherever an object lists its `properties` and
+    says nothing of others, as llama.cpp's converter reads it: left open (JSON Schema's default),
+    SmolLM2 forced to call `get_weather(city)` went on inventing properties until its tokens ran
+    out, and a call cut short is no call. A schema that allows more says so."""
+    if isinstance(schema, list):
+        return [closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: value if key in ("enum", "const", "default", "examples") else
+           {name: closed(sub) for name, sub in value.items()} if key in ("properties", "$defs", "definitions")
+           and isinstance(value, dict) else closed(value) for key, value in schema.items()}
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def check_schema_size(schema, param: str) -> None:

@@ -133,3 +133,14 @@ def test_call_spotter_streams_text_until_a_call_may_begin(chunks, streamed, held
 
 def test_call_spotter_holds_everything_of_a_forced_call():
     assert spot(["x", "y"], forced=True) == (["", ""], "xy")
+
+
+def test_objects_that_list_their_properties_allow_no_others_unless_they_say_so():
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}},
+                                               "c": {"type": "object", "properties": {}, "additionalProperties": True},
+                                               "d": {"type": "object"}, "properties": {"const": {"properties": 1}}}}
+    out = tools.closed(schema)
+    assert out["additionalProperties"] is False and out["properties"]["a"]["additionalProperties"] is False
+    assert out["properties"]["c"]["additionalProperties"] is True and "additionalProperties" not in out["properties"]["d"]
+    assert out["properties"]["properties"] == {"const": {"properties": 1}}  # a property named so, and a const, untouched
+    assert schema["properties"]["a"] == {"type": "object", "properties": {"b": {"type": "string"}}}  # not changed in place
