@@ -50,6 +50,9 @@ class Config:
     model_id: str
     aliases: frozenset[str]
     n_ctx: int
+    # N_CTX set: taken as asked even past the model's training length (as llama.cpp does, for a
+    # client whose prompt needs it: Claude Code's is 20k tokens); the catalogue's is capped there
+    n_ctx_asked: bool
     n_threads: int
     parallel: int
     kv_cache: tuple[str, str]  # KV_CACHE_TYPE_K, KV_CACHE_TYPE_V: what the KV cache stores keys and values as
@@ -134,6 +137,7 @@ def load_config(env: dict[str, str]) -> Config:
         model_id=model_id,
         aliases=frozenset({model_id, key, path.name, *entry.aliases}),
         n_ctx=_int(env, "N_CTX", entry.n_ctx),
+        n_ctx_asked="N_CTX" in env,
         n_threads=_int(env, "N_THREADS", entry.threads) or available_cpus(),
         parallel=_int(env, "PARALLEL", 4),
         kv_cache=kv_cache,

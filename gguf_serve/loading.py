@@ -111,7 +111,7 @@ def start_loading(config: Config) -> Loading:
         sys.setswitchinterval(0.0005)
         try:
             model = Model(config.model_path, config.n_ctx, config.n_threads, config.parallel, kv_cache=config.kv_cache,
-                          flash_attn=config.flash_attn, pooling=config.pooling)
+                          flash_attn=config.flash_attn, pooling=config.pooling, past_training=config.n_ctx_asked)
             loaded.set_result(model)
         except BaseException as e:
             loaded.set_exception(e)

@@ -110,7 +110,9 @@ class Model:
 
     def __init__(self, path: Path, n_ctx: int = 0, n_threads: int = 1, parallel: int = 1, vocab_only: bool = False,
                  kv_cache: tuple[str, str] = ("f16", "f16"),
-                 flash_attn: str = "auto", pooling: str | None = None):
+                 flash_attn: str = "auto", pooling: str | None = None, past_training: bool = False):
+        """`past_training`: `n_ctx` is taken as given even past the model's training length
+        (a causal model only: an encoder has no positions past it)."""
         check_model_file(path)
         params = llama.llama_model_default_params()
         params.vocab_only = vocab_only
@@ -145,7 +147,8 @@ class Model:
         self.ctx = None
         self.timings = {"model_read": time.perf_counter() - started}  # seconds each step of loading took (the start-up log line)
         if not vocab_only:
-            self.n_ctx = min(n_ctx or self.n_ctx_train, self.n_ctx_train)
+            asked = n_ctx or self.n_ctx_train
+            self.n_ctx = asked if past_training and not self.embedding_only else min(asked, self.n_ctx_train)
             cparams = llama.llama_context_default_params()
             cparams.n_ctx = self.n_ctx * parallel  # every sequence gets the full context length
             cparams.n_seq_max = parallel

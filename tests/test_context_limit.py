@@ -205,3 +205,15 @@ def test_messages_prompt_over_the_context_is_anthropics_prompt_too_long(claude):
         assert e.value.status_code == 400
         assert e.value.body == {"type": "error", "error": {
             "type": "invalid_request_error", "message": f"prompt is too long: {n_prompt} tokens > {N_CTX - 1} maximum"}}
+
+
+def test_n_ctx_set_past_the_training_length_is_taken_as_asked():
+    """SmolLM2 trained at 8,192 tokens; a coding agent's prompt (Claude Code's is 20k) needs more, and
+    llama.cpp serves past the training length when told to: N_CTX set is taken as asked, the
+    catalogue's default stays capped."""
+    from gguf_serve.model import Model
+
+    trained = Model(smollm2_path(), vocab_only=True).n_ctx_train
+    asked = Model(smollm2_path(), n_ctx=trained + 1024, past_training=True)
+    assert asked.n_ctx == trained + 1024
+    assert Model(smollm2_path(), n_ctx=trained + 1024).n_ctx == trained
