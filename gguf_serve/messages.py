@@ -35,7 +35,7 @@ STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}  # chat's fini
 # hash in some versions), metadata for Anthropic's billing that changes between requests and sits before
 # everything else, so that a prompt rendered with it never shares a prefix with the one before (vLLM leaves it
 # out; llama.cpp's server overwrites the hash). Its line is left out of the rendered system message.
-BILLING_LINE = re.compile(r"x-anthropic-billing-header:[^\n]*\n?")
+BILLING_LINE = re.compile(r"\Ax-anthropic-billing-header:[^\n]*\n?")
 
 
 # --- Request -> chat request ------------------------------------------------------------------
@@ -123,11 +123,9 @@ def append_message(out: list[ChatMessage], origins: list[str], message: MessageP
 def system_text(system: str | list[ContentBlockParam]) -> str:
     """The system prompt's text, without a billing-header line at the start of a block."""
     if isinstance(system, str):
-        return BILLING_LINE.sub("", system, count=1) if system.startswith("x-anthropic-billing-header:") else system
+        return BILLING_LINE.sub("", system)
     text_of(system, "system")  # only text blocks
-    texts = (BILLING_LINE.sub("", b.text, count=1) if b.text.startswith("x-anthropic-billing-header:") else b.text
-             for b in system)
-    return BLOCK_JOINER.join(text for text in texts if text)
+    return BLOCK_JOINER.join(text for text in (BILLING_LINE.sub("", block.text) for block in system) if text)
 
 
 def chat_messages(body: CountTokensRequest) -> tuple[list[ChatMessage], list[str]]:
