@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -37,6 +38,16 @@ def replay_server():
 
 def log_lines(server: Server) -> list[dict]:
     return [json.loads(line) for line in server.output().splitlines() if line.startswith('{"request_id"')]
+
+
+def new_lines(server: Server, before: int, n: int) -> list[dict]:
+    """The `n` log lines after the first `before`: a line is printed once its answer is sent, so
+    a client may have the answer a moment before the server has its line."""
+    deadline = time.monotonic() + 30
+    while len(lines := log_lines(server)[before:]) < n:
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.05)
+    return lines
 
 
 def bounded(request: dict, stream: bool, **changes) -> dict:
@@ -78,7 +89,7 @@ def test_replayed_turn_is_read_and_answered(replay_server, name, stream):
     before = len(log_lines(replay_server))
     r, answer = post(replay_server, request, bounded(request, stream))
     assert r.status_code == 200, r.text
-    [line] = log_lines(replay_server)[before:]
+    [line] = new_lines(replay_server, before, 1)
     for text in READ[name]:
         assert text in line["prompt"], text
     if name.startswith("codex"):
@@ -186,7 +197,7 @@ def test_billing_block_is_left_out_of_the_prompt(replay_server):
         r = httpx.post(f"{replay_server.url}/v1/messages", headers=headers, timeout=600,
                        json={**body, "stream": False, "max_tokens": 1, "thinking": {"type": "disabled"}, "tools": None})
         assert r.status_code == 200, r.text
-    first, second = log_lines(replay_server)[before:]
+    first, second = new_lines(replay_server, before, 2)
     assert "x-anthropic-billing-header" not in first["prompt"] and first["prompt"] == second["prompt"]
     # the second finds the first's prompt in the KV cache but for its last token (computed again for its logits)
     assert second["cached_tokens"] >= second["prompt_tokens"] - 1
@@ -209,5 +220,5 @@ def test_second_turn_reuses_the_first_turns_prompt(replay_server, agent, turns):
     for request, body in zip((first, second), bodies):
         r, _ = post(replay_server, request, body)
         assert r.status_code == 200, r.text
-    turn1, turn2 = log_lines(replay_server)[before:]
+    turn1, turn2 = new_lines(replay_server, before, 2)
     assert turn2["cached_tokens"] >= 0.9 * turn2["prompt_tokens"], (turn1, turn2)

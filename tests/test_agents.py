@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +139,16 @@ def log_lines(server: Server) -> list[dict]:
     return [json.loads(line) for line in server.output().splitlines() if line.startswith('{"request_id"')]
 
 
+def settled_lines(server: Server) -> list[dict]:
+    """Every request's log line, the last answered one's too: a line is printed just after its
+    request is counted in gguf_requests_total, so wait for as many lines as that counts."""
+    total, deadline = server.metric("gguf_requests_total"), time.monotonic() + 30
+    while len(lines := log_lines(server)) < total:
+        assert time.monotonic() < deadline, f"{len(lines)} log lines for {total} requests"
+        time.sleep(0.05)
+    return lines
+
+
 @pytest.fixture(scope="module")
 def agent_server():
     """One request at a time (PARALLEL=1) with a context that holds Claude Code's prompt."""
@@ -155,8 +166,13 @@ def test_agent_answers_with_its_defaults(agent_server, tmp_path, name):
     home.mkdir()
     work.mkdir()
     agent = AGENTS[name](agent_server.url, home)
-    done = run_agent(agent, home, work)
-    lines = log_lines(agent_server)[before:]
+    try:
+        done = run_agent(agent, home, work)
+    except subprocess.TimeoutExpired as e:
+        lines = settled_lines(agent_server)[before:]
+        pytest.fail(f"{name} still running after {e.timeout} s; its requests: " +
+                    ", ".join(f"{line['endpoint']} {line['status']}" for line in lines))
+    lines = settled_lines(agent_server)[before:]
     report = f"exit {done.returncode}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}\nrequests:\n" + \
         "\n".join(f"{line['method']} {line['endpoint']} {line['status']}" for line in lines)
     refused = [line for line in lines if 400 <= line["status"] < 500 and line["status"] != 499]
