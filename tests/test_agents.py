@@ -48,10 +48,12 @@ def offline_env(home: Path) -> dict[str, str]:
     """A HOME of the test's own, and every proxy variable naming a closed loopback port."""
     closed = f"http://127.0.0.1:{free_port()}"
     keep = {k: os.environ[k] for k in ("PATH", "LANG", "TERM") if k in os.environ}
-    return {**keep, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_DATA_HOME": str(home / ".local/share"),
+    return {**keep, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+            "XDG_DATA_HOME": str(home / ".local/share"),
             "XDG_CACHE_HOME": str(home / ".cache"), "XDG_STATE_HOME": str(home / ".local/state"),
             "HTTP_PROXY": closed, "HTTPS_PROXY": closed, "ALL_PROXY": closed, "http_proxy": closed,
-            "https_proxy": closed, "all_proxy": closed, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+            "https_proxy": closed, "all_proxy": closed, "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost"}
 
 
 def codex(url: str, home: Path, prompt: str = PROMPT) -> Agent:
@@ -116,7 +118,8 @@ def opencode(url: str, home: Path, prompt: str = PROMPT) -> Agent:
         "model": f"gguf-serve/{MODEL}", "small_model": f"gguf-serve/{MODEL}",
         "provider": {"gguf-serve": {"npm": "@ai-sdk/openai-compatible", "name": "gguf-serve",
                                     "options": {"baseURL": f"{url}/v1", "apiKey": "unused"},
-                                    "models": {MODEL: {"name": "SmolLM2 135M", "limit": {"context": 32768, "output": 1024}}}}},
+                                    "models": {MODEL: {"name": "SmolLM2 135M",
+                                                       "limit": {"context": 32768, "output": 1024}}}}},
     }
     path = home / ".config" / "opencode" / "opencode.json"
     path.parent.mkdir(parents=True)

@@ -61,7 +61,9 @@ def responses_answer(body: dict) -> list[bytes]:
     elif name:
         namespace, _, function = name.rpartition(".")
         item = {"type": "function_call", "id": "fc_1", "call_id": f"call_{uuid.uuid4().hex[:8]}", "name": function,
-                "arguments": json.dumps(CALLS[name]), "status": "completed", **({"namespace": namespace} if namespace else {})}
+                "arguments": json.dumps(CALLS[name]), "status": "completed"}
+        if namespace:
+            item["namespace"] = namespace
     else:
         item = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
                 "content": [{"type": "output_text", "text": "Done.", "annotations": []}]}
