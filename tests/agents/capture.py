@@ -93,8 +93,8 @@ def messages_answer(body: dict) -> tuple[dict, list[bytes]]:
         sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": first}),
         sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}),
         sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"],
-                                                                 "stop_sequence": None}, "usage": {"output_tokens": 2}}),
+        sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 2},
+                              "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None}}),
         sse("message_stop", {"type": "message_stop"})]
 
 
