@@ -32,6 +32,11 @@ from .tools import CallSpotter, ForcedCallReader, ToolPlan, answer, tool_plan
 BLOCK_JOINER = "\n\n"  # between a message's text blocks (an agent's system prompt comes as several)
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # Anthropic's -> chat's (`tool`: a named one)
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}  # chat's finish reasons -> Anthropic's
+# Claude Code's first system block: `x-anthropic-billing-header: cc_version=...; cc_entrypoint=...;` (and a `cch=`
+# hash in some versions), metadata for Anthropic's billing that changes between requests and sits before
+# everything else, so that a prompt rendered with it never shares a prefix with the one before (vLLM leaves it
+# out; llama.cpp's server overwrites the hash). Its line is left out of the rendered system message.
+BILLING_LINE = re.compile(r"\Ax-anthropic-billing-header:[^\n]*\n?")
 
 
 # --- Request -> chat request ------------------------------------------------------------------
@@ -116,11 +121,19 @@ def append_message(out: list[ChatMessage], origins: list[str], message: MessageP
     origins += [where] * (len(out) - before)
 
 
+def system_text(system: str | list[ContentBlockParam]) -> str:
+    """The system prompt's text, without a billing-header line at the start of a block."""
+    if isinstance(system, str):
+        return BILLING_LINE.sub("", system)
+    text_of(system, "system")  # only text blocks
+    return BLOCK_JOINER.join(text for text in (BILLING_LINE.sub("", block.text) for block in system) if text)
+
+
 def chat_messages(body: CountTokensRequest) -> tuple[list[ChatMessage], list[str]]:
     """The conversation as chat messages, and the field each came from."""
     out, origins = [], []
-    if body.system:
-        out.append(ChatMessage(role="system", content=text_of(body.system, "system")))
+    if body.system and (text := system_text(body.system)):
+        out.append(ChatMessage(role="system", content=text))
         origins.append("system")
     for i, message in enumerate(body.messages):
         append_message(out, origins, message, f"messages[{i}]")

@@ -166,7 +166,7 @@ class Run:
         # a choice still running when its client left: the tokens made for it up to now
         self.n_completion += sum(gen.generated for i, gen in enumerate(self.generations)
                                  if i not in self.finished and isinstance(gen, engine.Generation))
-        self.info.update(prompt_tokens=self.n_prompt, completion_tokens=self.n_completion)
+        self.info.update(prompt_tokens=self.n_prompt, cached_tokens=self.n_cached, completion_tokens=self.n_completion)
         self.metrics.prompt_tokens.inc(self.n_prompt)
         self.metrics.completion_tokens.inc(self.n_completion)
         for gap in self.gaps:

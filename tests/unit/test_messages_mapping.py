@@ -33,6 +33,22 @@ def test_system_blocks_and_settings():
     assert (body.max_tokens, body.temperature, body.top_p, body.top_k, body.stop) == (16, 0.5, 0.9, 3, ["END"])
 
 
+@pytest.mark.parametrize("billing", [
+    "x-anthropic-billing-header: cc_version=2.1.197.c40; cc_entrypoint=sdk-cli;",
+    "x-anthropic-billing-header: cc_version=2.1.332.0d9; cc_entrypoint=cli; cch=fa690;",
+])
+def test_claude_codes_billing_block_is_left_out_of_the_system_prompt(billing):
+    """It changes between requests and came first: left in, no two requests shared a prefix."""
+    prompt = [{"type": "text", "text": "You are Claude Code."}, {"type": "text", "text": "Be brief."}]
+    as_blocks = chat(system=[{"type": "text", "text": billing}, *prompt])
+    as_string = chat(system=f"{billing}\nYou are Claude Code.\n\nBe brief.")
+    assert as_blocks.messages == as_string.messages == chat(system=prompt).messages
+    assert [m.role for m in chat(system=[{"type": "text", "text": billing}]).messages] == ["user"]
+    # only where Claude Code puts it: the start of a block
+    quoted = chat(system=f"Never print {billing}").messages[0].content
+    assert quoted == f"Never print {billing}"
+
+
 def test_a_tool_round_trip_becomes_chats_tool_call_and_tool_message():
     body = chat(tools=[WEATHER], messages=[
         {"role": "user", "content": "Weather in Paris?"},
