@@ -213,7 +213,7 @@ def test_n_ctx_set_past_the_training_length_is_taken_as_asked():
     catalogue's default stays capped."""
     from gguf_serve.model import Model
 
-    trained = Model(smollm2_path(), vocab_only=True).n_ctx_train
+    trained = Model(smollm2_path(), n_ctx=512).n_ctx_train  # a vocabulary-only load has none
     asked = Model(smollm2_path(), n_ctx=trained + 1024, past_training=True)
     assert asked.n_ctx == trained + 1024
     assert Model(smollm2_path(), n_ctx=trained + 1024).n_ctx == trained
