@@ -27,7 +27,7 @@ from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
-from . import chat, completions, connections, embeddings, loading, messages, prompts, responses
+from . import chat, chat_tools, completions, connections, embeddings, loading, messages, prompts, responses
 from .access import api_key, authorized, error_body_for, gate
 from .anthropic_protocol import CountTokensRequest, MessagesRequest, TokenCount
 from .config import Config, ConfigError, load_config
@@ -283,7 +283,7 @@ async def completions_route(request: Request) -> Response:
 
 async def apply_template(request: Request) -> ApplyTemplateResponse:
     """The exact text the model would receive for a chat request (as at llama.cpp's server)."""
-    body = await parse(request, TemplateRequest)
+    body = chat_tools.template_view(await parse(request, TemplateRequest))
     served = generating_model(request, body.model or None)
     prompt = await queued(request, served, prompts.chat_prompt, served, body.messages, body.tools,
                           prompts.template_kwargs(served, body))
