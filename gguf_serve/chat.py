@@ -76,11 +76,13 @@ async def chunks(served: Served, run: Run, body: ChatRequest, head: dict, plan: 
             if text or (reason and free_calls[i] is None):
                 first = free_calls[i] is None
                 free_calls[i] = free_calls[i] or f"call_{uuid.uuid4().hex[:24]}"
-                delta = CustomToolCallDelta(index=0, id=free_calls[i] if first else msgspec.UNSET, custom=CustomCallDelta(
-                    name=plan.free_form.name if first else msgspec.UNSET, input=text))
+                delta = CustomToolCallDelta(index=0, id=free_calls[i] if first else msgspec.UNSET,
+                                            custom=CustomCallDelta(name=plan.free_form.name if first else msgspec.UNSET,
+                                                                   input=text))
                 yield chunk(ChunkChoice(index=i, delta=Delta(tool_calls=[delta]), logprobs=logprobs))
             if reason:
-                yield chunk(ChunkChoice(index=i, delta=Delta(), finish_reason="length" if reason == "length" else "tool_calls"))
+                finish = "length" if reason == "length" else "tool_calls"
+                yield chunk(ChunkChoice(index=i, delta=Delta(), finish_reason=finish))
             continue
         if plan.tools:
             text, message, reason = cut_calls.step(spotters[i], text, reason, plan)

@@ -17,7 +17,6 @@ tool_use block's input).
 
 from __future__ import annotations
 
-import json
 import uuid
 
 import msgspec
@@ -73,14 +72,14 @@ def written(text: str):
                 safe, safe_stack = i + 1, list(stack)  # a literal's last character
     closers = "".join(reversed(stack))
     candidates = [text[:safe] + "".join(reversed(safe_stack))]
-    if in_string and not key:  # a string value cut midway: kept, less a half-written escape (\uXXXX at most)
-        candidates[:0] = [text[: len(text) - cut] + '"' + closers for cut in range(6)]
+    if in_string and not key:  # a string value cut midway: kept, less a half-written escape (a surrogate pair's)
+        candidates[:0] = [text[: len(text) - cut] + '"' + closers for cut in range(len("\\ud83d\\ude00") + 1)]
     elif text and not in_string and text[-1] not in '"{}[],:' and not text[-1].isspace():
         candidates.insert(0, text + closers)  # a literal at the very end: whole, or cut (then left out)
     for candidate in candidates:
         try:
-            return json.loads(candidate)
-        except (ValueError, RecursionError):
+            return msgspec.json.decode(candidate)  # which refuses half a surrogate pair, as a cut can leave
+        except msgspec.DecodeError:
             continue
     return None
 
@@ -95,7 +94,7 @@ def cut_forced_call(text: str, finish_reason: str, plan: ToolPlan) -> AssistantM
     name = reader.name or (plan.forced if plan.forced != "required" else None)
     if name is None:  # `required`, cut before a name was written: no call to answer
         return None
-    call = FunctionCall(name, arguments)
+    call = FunctionCall(name, arguments.lstrip())
     if plan.legacy:
         return AssistantMessage(content=None, function_call=call)
     return AssistantMessage(content=None, tool_calls=[ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=call)])

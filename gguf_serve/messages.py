@@ -420,9 +420,11 @@ async def events(run: Run, body: MessagesRequest, chat_body: ChatRequest, plan: 
     yield event("message_stop")
 
 
-def count_tokens(served: Served, body: CountTokensRequest) -> TokenCount:
-    """The prompt's tokens as POST /v1/messages would run it (tools included), nothing generated."""
-    chat_body, origins, _ = chat_request(body, served.config.model_id)
+def count_tokens(request: Request, served: Served, body: CountTokensRequest) -> TokenCount:
+    """The prompt's tokens as POST /v1/messages would run it (tools included, server tools left
+    out and named as there), nothing generated."""
+    chat_body, origins, ignored = chat_request(body, served.config.model_id)
+    ignore_tools(request, ignored)
     plan = tool_plan(chat_body)
     try:
         prompt = prompts.chat_prompt(served, chat_body.messages, plan.tools, prompts.template_kwargs(served, chat_body))

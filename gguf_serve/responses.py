@@ -473,9 +473,12 @@ def free_form_item(plan: ToolPlan, agent: AgentTools) -> CustomToolCallItem:
                      agent, "in_progress")
 
 
-def count_input_tokens(served: Served, body: ResponsesInput, earlier: list[InputItem]) -> InputTokenCount:
-    """The prompt's tokens as POST /v1/responses would run it (tools included), nothing generated."""
-    chat_body, _, plan = prepared(body, earlier, served.config.model_id)
+def count_input_tokens(request: Request, served: Served, body: ResponsesInput,
+                       earlier: list[InputItem]) -> InputTokenCount:
+    """The prompt's tokens as POST /v1/responses would run it (tools included, hosted ones left
+    out and named as there), nothing generated."""
+    chat_body, agent, plan = prepared(body, earlier, served.config.model_id)
+    ignore_tools(request, agent.ignored)
     try:
         prompt = prompts.chat_prompt(served, chat_body.messages, plan.tools, prompts.template_kwargs(served, chat_body))
     except APIError as e:

@@ -298,7 +298,8 @@ async def create_response(request: Request) -> Response:
 async def count_input_tokens(request: Request) -> InputTokenCount:
     body = await parse(request, ResponsesInput)
     served = generating_model(request, body.model or None)
-    return await queued(request, served, responses.count_input_tokens, served, body, await responses.history(request, body))
+    return await queued(request, served, responses.count_input_tokens, request, served, body,
+                        await responses.history(request, body))
 
 
 async def retrieve_response(request: Request, response_id: str) -> ResponseObject:
@@ -318,7 +319,7 @@ async def create_message(request: Request) -> Response:
 async def count_message_tokens(request: Request) -> TokenCount:
     body = await parse(request, CountTokensRequest)
     served = generating_model(request, body.model)
-    return await queued(request, served, messages.count_tokens, served, body)
+    return await queued(request, served, messages.count_tokens, request, served, body)
 
 
 async def embeddings_route(request: Request) -> Response:
