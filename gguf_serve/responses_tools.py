@@ -92,9 +92,10 @@ def agent_tools(tools: list[ResponsesTool] | None) -> AgentTools:
                 raise APIError(400, f"a {tool.type} tool needs a `name`", f"{where}.name")
             name = qualified(namespace, tool.name)
             target = Target(tool.type, tool.name, namespace, tool.format)
-            described = custom_description(tool.description, *grammar_of(tool.format))
-            function = (FunctionDef(name, tool.description, tool.parameters, tool.strict) if tool.type == "function"
-                        else FunctionDef(name, described, CUSTOM_INPUT))
+            if tool.type == "function":
+                function = FunctionDef(name, tool.description, tool.parameters, tool.strict)
+            else:
+                function = FunctionDef(name, custom_description(tool.description, *grammar_of(tool.format)), CUSTOM_INPUT)
         else:
             raise APIError(400, f"tool type `{tool.type}` is not supported by this server; "
                                 f"{'a namespace holds function and custom tools' if namespace else supported_types()}",

@@ -269,7 +269,8 @@ def test_a_forced_call_cut_by_the_budget_is_that_call_on_every_api(base_url):
     [chat_call] = chat["message"]["tool_calls"]
     assert (chat_call["function"]["name"], chat_call["function"]["arguments"]) == ("spawn_agent", cut)
     # Messages: the tool_use block (Anthropic's incomplete tool use block), stop_reason max_tokens, streamed the same
-    anthropic_ask = dict(max_tokens=budget, temperature=0, messages=ask, tool_choice={"type": "tool", "name": "spawn_agent"},
+    anthropic_ask = dict(max_tokens=budget, temperature=0, messages=ask,
+                         tool_choice={"type": "tool", "name": "spawn_agent"},
                          tools=[{"name": "spawn_agent", "description": SPAWN["description"],
                                  "input_schema": SPAWN["parameters"]}])
     message = post(base_url, "/v1/messages", **anthropic_ask).json()
