@@ -157,7 +157,7 @@ def neighbour_figures(threads: int, beside: int, tokens: int, logdir: Path) -> d
     proc = spawn([sys.executable, "-m", "gguf_serve", "--port", str(port)], log, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
-        _, model_id = wait_ready(proc, url, time.perf_counter(), 120, log)
+        _, model_id = wait_ready(proc, url, time.perf_counter(), 600, log)
         chat = {"model": model_id, "messages": [{"role": "user", "content": "Describe a person in JSON."}],
                 "max_tokens": 48, "temperature": 0}
         out = {"alone": neighbour_tokens_per_s(url, model_id, None, 0, tokens),

@@ -128,6 +128,10 @@ class ToolUseBlock(msgspec.Struct, kw_only=True, tag_field="type", tag="tool_use
 ContentBlock = TextBlock | ThinkingBlock | ToolUseBlock
 
 
+# model_context_window_exceeded: the answer filled the context window before max_tokens
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use", "model_context_window_exceeded"]
+
+
 class MessagesUsage(msgspec.Struct, kw_only=True):
     input_tokens: int
     output_tokens: int
@@ -139,7 +143,7 @@ class MessageResponse(msgspec.Struct, kw_only=True):
     role: str = "assistant"
     model: str
     content: list[ContentBlock]
-    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None = None
+    stop_reason: StopReason | None = None
     stop_sequence: str | None = None
     usage: MessagesUsage
 
@@ -164,7 +168,7 @@ class InputJSONDelta(msgspec.Struct, kw_only=True, tag_field="type", tag="input_
 
 
 class MessageDelta(msgspec.Struct, kw_only=True):
-    stop_reason: str | None
+    stop_reason: StopReason | None
     stop_sequence: str | None
 
 

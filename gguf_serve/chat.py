@@ -50,7 +50,7 @@ async def respond(request: Request, served: Served, body: ChatRequest) -> Respon
         return chunks(served, run, body, {**head, "object": "chat.completion.chunk"}, plan, customs)
 
     return await serving.serve(request, served, body.n, functools.partial(prompts.chat_job, served, body, plan), whole,
-                               streamed if body.stream else None)
+                               streamed if body.stream else None, renders=True)
 
 
 async def chunks(served: Served, run: Run, body: ChatRequest, head: dict, plan: ToolPlan,

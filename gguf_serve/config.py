@@ -63,6 +63,9 @@ class Config:
     max_body_bytes: int
     body_timeout_s: float  # BODY_TIMEOUT_S: a request body must have arrived this long after its head, else 408
     idle_timeout_s: float  # IDLE_TIMEOUT_S: a connection without a request in progress is closed after this long
+    # PROMPT_CACHE_MIB: the KV cache's host-memory tier (prompt_cache.py), in bytes; None: a quarter of
+    # the sequences' own KV cache (known once the model has run), 0: off
+    prompt_cache_bytes: int | None
     max_messages: int
     request_timeout_s: float  # a generation running longer ends as if at max_tokens
     shutdown_grace_s: float  # after SIGTERM, in-flight requests get this long to finish
@@ -148,6 +151,7 @@ def load_config(env: dict[str, str]) -> Config:
         # agree; above the 5 s (httpx, the OpenAI SDK's) or 15 s (aiohttp) after which a client's
         # pool drops an idle connection itself, so a client never sends on one being closed
         idle_timeout_s=_float(env, "IDLE_TIMEOUT_S", 30.0),
+        prompt_cache_bytes=prompt_cache_bytes(env),
         max_messages=_int(env, "MAX_MESSAGES", 512),
         request_timeout_s=float(_int(env, "REQUEST_TIMEOUT_S", 600)),
         shutdown_grace_s=float(_int(env, "SHUTDOWN_GRACE_S", 8)),
@@ -238,6 +242,15 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
     if not 0 < value < float("inf"):
         raise ConfigError(f"{name}={env[name]!r} must be a positive number of seconds")
     return value
+
+
+def prompt_cache_bytes(env: dict[str, str]) -> int | None:
+    if "PROMPT_CACHE_MIB" not in env:
+        return None
+    mib = _int(env, "PROMPT_CACHE_MIB", 0)
+    if mib < 0:
+        raise ConfigError(f"PROMPT_CACHE_MIB={mib} must be 0 (off) or more")
+    return mib << 20
 
 
 def responses_store_url(env: dict[str, str]) -> str | None:

@@ -105,9 +105,9 @@ class Embedder:
                 if not self.chunked and n > budget:
                     break  # whole inputs only: this one waits for the next batch
                 seq = free.pop(0)
-                if self.chunked:  # the slot's cached prompt is forgotten: its sequence holds this input now
-                    seq.cached, seq = [], seq.seq_id
-                    llama.llama_memory_seq_rm(self.model.memory, seq, -1, -1)
+                if self.chunked:  # the slot's cached prompt goes (to the prompt cache): its sequence holds this input now
+                    seq.evict(0)
+                    seq = seq.seq_id
                 p = Input(job, job.begun, seq)
                 job.begun += 1
                 self.active.append(p)

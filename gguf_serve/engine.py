@@ -24,6 +24,7 @@ from .events import Event, TokenLogprob
 from .model import PROMPT_CHUNK, Model, llama
 from .reasoning import ThinkSplitter
 from .grammar import GrammarError, Matcher, start_thread, think_or_answer
+from .prompt_cache import MIN_SAVED, PromptCache
 
 
 
@@ -172,13 +173,22 @@ FAILED = ("error", "grammar")
 class Slot:
     """One of the context's sequences: what its KV cache holds, and the generation using it."""
 
-    def __init__(self, seq_id: int, outbox: list):
-        self.seq_id, self.outbox = seq_id, outbox
+    def __init__(self, seq_id: int, outbox: list, model: Model | None = None, cache: PromptCache | None = None):
+        self.seq_id, self.outbox, self.model, self.cache = seq_id, outbox, model, cache
         self.cached: list[int] = []  # tokens whose keys and values sit in the KV cache
         self.gen: Generation | None = None
         self.held: Event | None = None  # a non-streamed generation's events since its first, merged
 
-    def start(self, gen: Generation, model: Model) -> None:
+    def evict(self, keep: int) -> None:
+        """Drop what the sequence holds from position `keep` on: kept in the prompt cache first
+        when that is enough tokens to be worth restoring later."""
+        if self.cache is not None and len(self.cached) - keep >= MIN_SAVED:
+            self.cache.save(self.seq_id, self.cached)
+        llama.llama_memory_seq_rm(self.model.memory, self.seq_id, keep, -1)
+        self.cached = self.cached[:keep]
+
+    def start(self, gen: Generation) -> None:
+        model = self.model
         # first: if a chain or a grammar fails, the slot is unchanged
         self.chain = None if gen.sampling.is_argmax() else gen.sampling.chain(model)
         # The grammar is the answer's: it starts once the thinking ends, as llama.cpp's lazy grammars
@@ -188,14 +198,12 @@ class Slot:
         self.answer = grammar if grammar and gen.thinking is not None else None
         self.matcher = (None if not grammar or gen.thinking else
                         Matcher(model, grammar if gen.thinking is None else think_or_answer(grammar)))
-        self.model = model
         self.bias = (np.array(list(gen.sampling.logit_bias), dtype=np.intp),
                      np.array(list(gen.sampling.logit_bias.values()), dtype=np.float32))
         # Reuse the longest cached prefix; at least the last prompt token is decoded again,
         # because sampling needs its logits.
         keep = min(_common_prefix(self.cached, gen.prompt), len(gen.prompt) - 1)
-        llama.llama_memory_seq_rm(model.memory, self.seq_id, keep, -1)
-        self.cached = gen.prompt[:keep]
+        self.evict(keep)
         self.reused = keep
         self.todo = gen.prompt[keep:]  # tokens still to decode
         self.gen = gen
@@ -207,10 +215,11 @@ class Slot:
         self.held = None
 
     def finish(self, reason: str, text: str = "", logprobs: list[TokenLogprob] = (), reasoning: str = "",
-               held: bool = True) -> None:
+               held: bool = True, context_full: bool = False) -> None:
         """End the generation. `held`: text held back (a possible stop string's or think tag's
         start) was not one after all, and is sent; after a stop string, nothing is. An error's
-        event carries its message only: never generated text, held or merged."""
+        event carries its message only: never generated text, held or merged. `context_full`: a
+        "length" that the context's end forced (Event.context_full)."""
         gen = self.gen
         if held and reason not in FAILED:
             thought, answer = self.splitter.flush() if self.splitter else ("", "")
@@ -220,7 +229,7 @@ class Slot:
         if self.held is not None and reason not in (*FAILED, "cancelled"):
             text, reasoning, logprobs = self.held.text + text, self.held.reasoning + reasoning, self.held.logprobs + logprobs
         self.outbox.append((gen.emit, Event(text, reason, gen.generated, self.reused, logprobs, reasoning,
-                                            self.n_reasoning, self.scanner.reached)))
+                                            self.n_reasoning, self.scanner.reached, context_full)))
         if self.chain is not None:
             llama.llama_sampler_free(self.chain)
         self.gen = self.matcher = None
@@ -252,10 +261,11 @@ class Engine:
     of a step reach `loop` in one call, so the event loop wakes once a step, not once a token."""
 
     def __init__(self, model: Model, parallel: int, loop, stop_tokens: set[int] = frozenset(),
-                 on_failure: Callable[[str], None] = lambda reason: None):
+                 on_failure: Callable[[str], None] = lambda reason: None, prompt_cache_bytes: int | None = 0):
         self.model, self.loop, self.on_failure = model, loop, on_failure  # on_failure: the thread died
         self.outbox: list[tuple[Callable[[Event], None], Event]] = []
-        self.slots = [Slot(i, self.outbox) for i in range(parallel)]
+        self.cache = PromptCache(model, prompt_cache_bytes, model.n_ctx * parallel) if prompt_cache_bytes != 0 else None
+        self.slots = [Slot(i, self.outbox, model, self.cache) for i in range(parallel)]
         self.stop_tokens = set(stop_tokens)
         self.inbox: queue.SimpleQueue[Generation | EmbeddingJob | None] = queue.SimpleQueue()
         self.waiting: deque[Generation] = deque()
@@ -348,7 +358,9 @@ class Engine:
             # The free slot whose cache shares the longest prefix with this prompt; among equals,
             # one that keeps the running sequence ids contiguous (see _decode: a gap costs a pass).
             running = [s.seq_id for s in self.slots if s.gen is not None]
-            slot = max(free, key=lambda s: (_common_prefix(s.cached, gen.prompt), _contiguous([*running, s.seq_id])))
+            # Among slots sharing nothing, the one holding least: what it held goes to the prompt cache.
+            slot = max(free, key=lambda s: (_common_prefix(s.cached, gen.prompt), _contiguous([*running, s.seq_id]),
+                                            -len(s.cached)))
             # Another sequence holding (or still computing) a longer prefix of this prompt lends its
             # KV cache: copied, not computed again (n > 1 choices; users sharing a long system prompt).
             donor = max(self.slots, key=lambda s: _common_prefix(s.cached, gen.prompt))
@@ -356,15 +368,26 @@ class Engine:
             if any(len(s.todo) > 1 and _common_prefix(s.gen.prompt, gen.prompt) >= cached + MIN_COPY for s in self.slots if s.gen):
                 return  # its prompt would be computed after that one anyway: wait for it, then copy
             self.waiting.popleft()
-            if cached >= _common_prefix(slot.cached, gen.prompt) + MIN_COPY:
+            here = _common_prefix(slot.cached, gen.prompt)
+            saved, restorable = self.cache.longest(gen.prompt) if self.cache else (None, 0)
+            restored = False
+            if restorable >= max(here, cached) + MIN_SAVED:  # saved in the prompt cache: restored, not computed
+                slot.evict(0)
+                slot.cached = self.cache.restore(saved, slot.seq_id)
+                restored = True
+            elif cached >= here + MIN_COPY:
+                slot.evict(0)
                 llama.llama_memory_seq_cp(self.model.memory, donor.seq_id, slot.seq_id, -1, -1)
                 slot.cached = list(donor.cached)
             try:
-                slot.start(gen, self.model)
+                slot.start(gen)
             except GrammarError as e:
                 self.outbox.append((gen.emit, Event(f"the output grammar failed: {e}", "grammar")))
             except Exception as e:
                 self.outbox.append((gen.emit, Event(f"engine error: {e}", "error")))
+            else:
+                if restored:
+                    self.cache.restored_tokens += slot.reused
 
     def _step(self) -> None:
         """At most two llama_decodes: first one row for every sequence with a single token to
@@ -452,8 +475,10 @@ class Engine:
             return slot.finish("stop", text, logprobs, reasoning, held=False)
         if complete and slot.matcher is not None:  # the grammar allows nothing more: the answer is whole
             return slot.finish("stop", text, logprobs, reasoning)
-        if gen.generated >= gen.max_tokens or len(slot.cached) + 1 >= model.n_ctx or time.monotonic() > gen.deadline:
-            return slot.finish("length", text, logprobs, reasoning)
+        # full: the prompt and this token leave no room for another; max_tokens reached too says max_tokens
+        reached, full = gen.generated >= gen.max_tokens, len(slot.cached) + 1 >= model.n_ctx
+        if reached or full or time.monotonic() > gen.deadline:
+            return slot.finish("length", text, logprobs, reasoning, context_full=full and not reached)
         slot.todo = [token]
         if gen.stream or gen.generated == 1:  # the first token goes out at once: time to first token
             self.outbox.append((gen.emit, Event(text, logprobs=logprobs, reasoning=reasoning)))

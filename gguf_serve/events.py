@@ -28,3 +28,6 @@ class Event:
     # The stop string that ended it (a "stop" that an end-of-generation token ended has none):
     # what tells Anthropic's stop_reason "stop_sequence" from "end_turn".
     stop_string: str | None = None
+    # A "length" that the context's end forced, not max_tokens (nor the time limit): what tells
+    # Anthropic's stop_reason "model_context_window_exceeded" from "max_tokens".
+    context_full: bool = False

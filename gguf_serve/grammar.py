@@ -37,10 +37,13 @@ from .reasoning import OPEN as THINK_OPEN
 LIMITS = dict(step_lexer_fuel=20_000, step_max_items=20_000, initial_lexer_fuel=1_000_000, max_grammar_size=200_000,
               max_lexer_states=50_000, verbose_errors=False)
 
-# How a JSON value may be spaced: a space or a line break with up to 20 of indentation between its
-# tokens, as llama.cpp's converter allows (llguidance's default, any run of white space, lets a
-# small model write white space until its token budget runs out).
-JSON_OPTIONS = {"whitespace_pattern": r"(?: |\n[ \t]{0,20})?", "item_separator": ",", "key_separator": ":"}
+# How a JSON value may be spaced: a space, or a line break and up to 8 spaces of indentation,
+# between its tokens. llguidance's default (any run of white space) and llama.cpp's converter's
+# (a line break and up to 20 spaces or tabs) let a small model that dislikes what the schema
+# allows next write white space instead, until its tokens run out: SmolLM2, asked for an
+# integer from 700 to 705, wrote `"n"\n:\n` and 16 tabs in its 24 tokens. Runs of spaces are one
+# token in most vocabularies, so this costs at most about two tokens a gap.
+JSON_OPTIONS = {"whitespace_pattern": r"(?: |\n {0,8})?", "item_separator": ",", "key_separator": ":"}
 
 
 class GrammarError(ValueError):

@@ -34,6 +34,11 @@ class Served:
     model: Model
     engine: engine.Engine
     render: templates.Render | None  # None: an embedding model
+    # The threads in which requests that render the model's own template prepare (None: a hand-written
+    # family renders in microseconds, in the shared pool), as many as requests are admitted: none waits
+    # for a thread, only for a render process (template_process.py), and a slow render holds no thread
+    # of the shared pool the other requests' slow work runs in.
+    render_lane: concurrent.futures.Executor | None
     stops: list[str]  # end-of-turn texts that are not single special tokens
     created: int
     timings: dict[str, float]  # seconds each step of loading took (the start-up log line)
@@ -133,9 +138,12 @@ async def load(config: Config, loading: Loading, on_failure: Callable[[str], Non
         render, stops = await asyncio.to_thread(chat_renderer, config, model, loading.render_process)
     timings["chat_template"], step = time.perf_counter() - step, time.perf_counter()
     stop_tokens = {model.special[s] for s in stops if s in model.special}
-    decoder = engine.Engine(model, config.parallel, asyncio.get_running_loop(), stop_tokens, on_failure)
+    decoder = engine.Engine(model, config.parallel, asyncio.get_running_loop(), stop_tokens, on_failure,
+                            config.prompt_cache_bytes)
     text_stops = [s for s in stops if s not in model.special]
-    served = Served(config, model, decoder, render, text_stops, int(time.time()), timings)
+    lane = (concurrent.futures.ThreadPoolExecutor(config.parallel + config.max_queue, "render")
+            if isinstance(render, TemplateProcess) else None)
+    served = Served(config, model, decoder, render, lane, text_stops, int(time.time()), timings)
     await warm_up(served)
     timings["warm_up"], timings["load"] = time.perf_counter() - step, time.perf_counter() - loading.started
     return served

@@ -256,7 +256,11 @@ CHAT_MESSAGE = re.compile(r"messages\[(\d+)\]")
 
 def as_messages_error(e: APIError, origins: list[str]) -> APIError:
     """An error from chat's code, a chat message it names renamed to the field it came from
-    (and `response_format` to `output_config.format`)."""
+    (and `response_format` to `output_config.format`); a prompt over the context worded as
+    Anthropic words it, which agents built for Anthropic's API match to compact a conversation."""
+    if isinstance(e, prompts.ContextExceeded):
+        e.message, e.param = f"prompt is too long: {e.prompt_tokens} tokens > {e.n_ctx - 1} maximum", None
+        return e
     if e.param and e.param.startswith("response_format"):
         e.param = "output_config.format"
     found = CHAT_MESSAGE.match(e.param or "")
@@ -281,10 +285,15 @@ def tool_use_blocks(calls: list[ToolCall]) -> list[ToolUseBlock]:
             for c in calls]
 
 
-def stop_reason(finish_reason: str, stop_string: str | None, body: MessagesRequest) -> tuple[str, str | None]:
+def stop_reason(finish_reason: str, stop_string: str | None, context_full: bool,
+                body: MessagesRequest) -> tuple[str, str | None]:
     """Anthropic's stop_reason and stop_sequence: the engine's "stop" is a stop sequence's when a
     stop string the request gave ended the text (the model's own end-of-turn strings are also
-    stop strings to the engine), else the end of the turn."""
+    stop strings to the engine), else the end of the turn. A "length" the context's end forced
+    before max_tokens is Anthropic's "model_context_window_exceeded" (the response filled the
+    context window: truncated, and no larger max_tokens would have helped)."""
+    if finish_reason == "length" and context_full:
+        return "model_context_window_exceeded", None
     if finish_reason in STOP_REASONS:
         return STOP_REASONS[finish_reason], None
     if stop_string is not None and stop_string in (body.stop_sequences or ()):
@@ -311,7 +320,7 @@ async def respond(request: Request, served: Served, body: MessagesRequest) -> Re
             content.append(TextBlock(text=said.content))
         content += tool_use_blocks(answered_calls(said, chat_body))
         message.content = content
-        message.stop_reason, message.stop_sequence = stop_reason(reason, choice.stop_string, body)
+        message.stop_reason, message.stop_sequence = stop_reason(reason, choice.stop_string, choice.context_full, body)
         message.usage = MessagesUsage(input_tokens=run.n_prompt, output_tokens=run.n_completion)
         return Response(message)
 
@@ -320,7 +329,7 @@ async def respond(request: Request, served: Served, body: MessagesRequest) -> Re
 
     try:  # the request runs exactly as on /v1/chat/completions
         return await serving.serve(request, served, 1, functools.partial(prompts.chat_job, served, chat_body, plan), whole,
-                                   streamed if body.stream else None)
+                                   streamed if body.stream else None, renders=True)
     except APIError as e:
         raise as_messages_error(e, origins) from None
 
@@ -382,7 +391,7 @@ async def events(run: Run, body: MessagesRequest, chat_body: ChatRequest, plan: 
     yield event("ping")
     spotter, blocks = CallSpotter(forced=plan.forced is not None), Blocks()
     forced = ForcedCallReader() if plan.forced else None
-    calls, reason, stop_string = [], "stop", None
+    calls, reason, stop_string, context_full = [], "stop", None, False
     try:
         async for _, step in run:
             if step.reasoning:
@@ -402,7 +411,7 @@ async def events(run: Run, body: MessagesRequest, chat_body: ChatRequest, plan: 
                 for sent in blocks.text(text):
                     yield sent
             if finished:
-                reason, stop_string = finished, step.stop_string
+                reason, stop_string, context_full = finished, step.stop_string, step.context_full
                 calls = answered_calls(parsed, chat_body) if parsed else []
                 if forced is not None and forced.name is not None:
                     calls = calls[1:]  # its block was streamed
@@ -414,7 +423,7 @@ async def events(run: Run, body: MessagesRequest, chat_body: ChatRequest, plan: 
     for block in tool_use_blocks(calls):
         for sent in blocks.tool_use(block):
             yield sent
-    stopped, sequence = stop_reason(reason, stop_string, body)
+    stopped, sequence = stop_reason(reason, stop_string, context_full, body)
     yield event("message_delta", delta=MessageDelta(stop_reason=stopped, stop_sequence=sequence),
                 usage=OutputUsage(output_tokens=run.n_completion))
     yield event("message_stop")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 import prometheus_client
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from . import engine
@@ -32,3 +33,25 @@ class Metrics:
             lambda: engine_of().queued if engine_of() else 0)
         prometheus_client.Gauge("gguf_running", "Generations decoding", registry=r).set_function(
             lambda: engine_of().running if engine_of() else 0)
+        r.register(PromptCacheCollector(engine_of))
+
+
+class PromptCacheCollector:
+    """The KV cache's host-memory tier (prompt_cache.py), read at each scrape."""
+
+    COUNTERS = {"hits": "Prompts whose prefix was restored from the prompt cache",
+                "restored_tokens": "Prompt tokens restored from the prompt cache, not computed",
+                "saves": "Sequences' states saved to the prompt cache", "evictions": "Prompt cache entries evicted for room"}
+
+    def __init__(self, engine_of: Callable[[], engine.Engine | None]):
+        self.engine_of = engine_of
+
+    def collect(self):
+        cache = self.engine_of().cache if self.engine_of() else None
+        yield GaugeMetricFamily("gguf_prompt_cache_bytes", "Bytes the prompt cache holds", value=cache.bytes if cache else 0)
+        yield GaugeMetricFamily("gguf_prompt_cache_max_bytes", "The prompt cache's bound (PROMPT_CACHE_MIB)",
+                                value=(cache.max_bytes or 0) if cache else 0)
+        yield GaugeMetricFamily("gguf_prompt_cache_entries", "Sequences' states the prompt cache holds",
+                                value=len(cache.entries) if cache else 0)
+        for name, documentation in self.COUNTERS.items():
+            yield CounterMetricFamily(f"gguf_prompt_cache_{name}", documentation, value=getattr(cache, name) if cache else 0)

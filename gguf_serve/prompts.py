@@ -37,7 +37,7 @@ def chat_job(served: Served, body: ChatRequest, plan: ToolPlan) -> Job:
     """A chat request (or a Responses request as one), rendered, tokenized, its grammar compiled."""
     prompt = chat_prompt(served, body.messages, plan.tools, template_kwargs(served, body))
     grammar = output_grammar(served.model, body, plan)
-    max_tokens = token_budget(served, [prompt.tokens], body.max_completion_tokens or body.max_tokens, None)
+    max_tokens = token_budget(served, [prompt.tokens], body.max_completion_tokens or body.max_tokens, None, "messages")
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return Job([prompt.tokens], body.n, max_tokens, sampling(served, body, grammar), [*served.stops, *stop_strings(body)],
                top_logprobs, prompt.thinking, prompt.text, not prompt.marked)
@@ -46,8 +46,9 @@ def chat_job(served: Served, body: ChatRequest, plan: ToolPlan) -> Job:
 def completion_job(served: Served, body: CompletionRequest) -> Job:
     """A completion request's prompts, tokenized, and each choice's token budget."""
     tokens = completion_prompts(served, body)
-    return Job(tokens, body.n, token_budget(served, tokens, body.max_tokens, 16), sampling(served, body, None),
-               stop_strings(body), body.logprobs, logged=body.prompt)
+    max_tokens = token_budget(served, tokens, body.max_tokens, 16, "prompt")
+    return Job(tokens, body.n, max_tokens, sampling(served, body, None), stop_strings(body), body.logprobs,
+               logged=body.prompt)
 
 
 def template_kwargs(served: Served, body: ChatRequest | TemplateRequest) -> dict | None:
@@ -152,6 +153,8 @@ def chat_prompt(served: Served, messages: list[ChatMessage], tools: list[ToolDef
         prompt, spans, marked = templates.render_with_spans(served.render, dicts, extra, special_texts(served.model))
     except templates.TemplateError as e:
         raise APIError(400, str(e), "messages", "template_error") from None
+    except templates.RenderBusy as e:
+        raise APIError(429, str(e), "messages", "render_busy") from None
     thinking = reasoning.opens_thinking(prompt) if served.thinks else None
     return ChatPrompt(prompt, served.model.tokenize_prompt(prompt, spans), marked, thinking)
 
@@ -215,18 +218,28 @@ def sampling(served: Served, body: Sampled, grammar: str | None) -> engine.Sampl
     )
 
 
-def token_budget(served: Served, prompts: list[list[int]], requested: int | None, default: int | None) -> int:
-    """Tokens each choice may generate; refused before any work when it can't fit the context."""
+def token_budget(served: Served, prompts: list[list[int]], requested: int | None, default: int | None,
+                 param: str) -> int:
+    """Tokens each choice may generate. A prompt that leaves no room for one token is refused
+    before any work; a `max_tokens` past the room left is not: the engine ends the generation at
+    the context's end (finish_reason "length", Event.context_full), as llama.cpp's server does
+    with context shift off (its default: the slot stops with STOP_TYPE_LIMIT, `truncated`) and as
+    Anthropic's API does (stop_reason "model_context_window_exceeded"). vLLM refuses that request
+    instead (400 "'max_tokens' or 'max_completion_tokens' is too large"), which coding agents that
+    send a fixed max_tokens (Claude Code: 32000) can't get past on a context smaller than that."""
     n_ctx, longest = served.model.n_ctx, max(len(p) for p in prompts)
-    if longest >= n_ctx or (requested and longest + requested > n_ctx):
-        asked = f" plus {requested} requested tokens" if requested else ""
-        raise APIError(
-            400,
-            f"This model's maximum context length is {n_ctx} tokens; the prompt has {longest} tokens{asked}.",
-            "messages",
-            "context_length_exceeded",
-        )
-    return min(requested or default or n_ctx, n_ctx - longest)
+    if longest >= n_ctx:
+        raise ContextExceeded(longest, n_ctx, param)
+    return requested or default or n_ctx
+
+
+class ContextExceeded(APIError):
+    """A prompt that leaves no room in the context for one token of answer."""
+
+    def __init__(self, prompt_tokens: int, n_ctx: int, param: str):
+        super().__init__(400, f"This model's maximum context length is {n_ctx} tokens; the prompt has {prompt_tokens} "
+                              "tokens, which leaves no room for one token of answer.", param, "context_length_exceeded")
+        self.prompt_tokens, self.n_ctx = prompt_tokens, n_ctx
 
 
 def stop_strings(body: Sampled) -> list[str]:

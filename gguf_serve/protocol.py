@@ -370,9 +370,11 @@ class ErrorResponse(msgspec.Struct, kw_only=True):
 class APIError(Exception):
     """An OpenAI-shaped error: raised anywhere in a request, answered by `error_response`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}  # the answer's own headers, past Retry-After
 
 
 CLIENT_CLOSED = 499  # as nginx logs it: the client went away before the answer (nobody reads this status)

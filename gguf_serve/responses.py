@@ -324,7 +324,7 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
 
     try:  # the request runs exactly as on /v1/chat/completions
         return await serving.serve(request, served, 1, functools.partial(prompts.chat_job, served, chat_body, plan), whole,
-                                   streamed if body.stream else None)
+                                   streamed if body.stream else None, renders=True)
     except APIError as e:
         raise as_responses_error(e) from None
 

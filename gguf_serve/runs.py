@@ -56,6 +56,7 @@ class Choice(msgspec.Struct):
     logprobs: list = []
     reasoning: str = ""
     stop_string: str | None = None  # the stop string that ended it, if one did
+    context_full: bool = False  # a "length" the context's end forced (Event.context_full)
 
 
 class Run:
@@ -191,6 +192,7 @@ class Run:
             choices[i].logprobs += event.logprobs
             choices[i].finish_reason = choices[i].finish_reason or event.finish_reason
             choices[i].stop_string = choices[i].stop_string or event.stop_string
+            choices[i].context_full = choices[i].context_full or event.context_full
         return choices
 
     async def collect_unless_disconnected(self, receive) -> list[Choice] | None:

@@ -8,6 +8,7 @@ model's template itself, and doesn't pay jinja2's import (26 ms of its cold star
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -70,20 +71,31 @@ def jinja_template(source: str, bos_token: str, eos_token: str, tools: list | No
     return render
 
 
+class OutOfTime(TemplateError):
+    """A render took longer than its time limit."""
+
+
+_limit = threading.local()  # this thread's time limit in force: (deadline, seconds)
+
+
 @contextmanager
 def time_limit(seconds: float):
-    """Raise TemplateError in this thread's Python code once `seconds` have passed: a trace
-    function sees every line the template's compiled code runs."""
-    deadline = time.monotonic() + seconds
+    """Raise OutOfTime in this thread's Python code once `seconds` have passed, or once a time
+    limit around this one ends, if that is sooner: a trace function sees every line the
+    template's compiled code runs."""
+    outer = getattr(_limit, "now", None)
+    deadline, limit = min((time.monotonic() + seconds, seconds), outer or (float("inf"), seconds))
 
     def trace(frame, event, arg):
         if time.monotonic() > deadline:
-            raise TemplateError(f"the model's chat template took longer than {seconds:g} s to render")
+            raise OutOfTime(f"the model's chat template took longer than {limit:g} s to render")
         return trace
 
-    outer = sys.gettrace()
+    outer_trace = sys.gettrace()
+    _limit.now = (deadline, limit)
     sys.settrace(trace)
     try:
         yield
     finally:
-        sys.settrace(outer)
+        sys.settrace(outer_trace)
+        _limit.now = outer

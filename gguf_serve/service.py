@@ -30,6 +30,7 @@ from litestar.handlers import HTTPRouteHandler
 from . import chat, chat_tools, completions, connections, embeddings, loading, messages, prompts, responses
 from .access import api_key, authorized, error_body_for, gate
 from .anthropic_protocol import CountTokensRequest, MessagesRequest, TokenCount
+from .bodies import read_body
 from .config import Config, ConfigError, load_config
 from .loading import Served
 from .model import ModelFileError, check_model_file
@@ -94,7 +95,8 @@ def error_response(request: Request, exc: Exception) -> Response:
         else:
             traceback.print_exception(exc)  # a defect: its traceback goes to the log
             exc = APIError(500, f"internal error: {type(exc).__name__}")
-    return Response(error_body_for(request.scope["path"], exc), status_code=exc.status, headers=retry_after(exc))
+    return Response(error_body_for(request.scope["path"], exc), status_code=exc.status,
+                    headers={**retry_after(exc), **exc.headers})
 
 
 # --- Lifespan: load, serve, drain -----------------------------------------------------------
@@ -208,7 +210,7 @@ def generating_model(request: Request, name: str | None) -> Served:
 
 
 async def parse(request: Request, kind: type[msgspec.Struct]):
-    body = await request.body()
+    body = await read_body(request, server_state(request).config.max_body_bytes)
     try:
         return decode(body, kind)
     except RecursionError:

@@ -253,6 +253,10 @@ class TemplateError(ValueError):
     """The conversation is one the template refuses (its raise_exception), or it failed to render."""
 
 
+class RenderBusy(Exception):
+    """A slow render found every process for slow renders busy (template_process.py): it may be retried."""
+
+
 # A template gets this long to render one conversation. The official templates in
 # ../shared take about a millisecond for a short chat; a hostile one can loop for hours
 # (the sandbox allows range(100000) inside range(100000)).

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from gguf_serve.template_process import MAX_SLOW_RENDERS
 
 pytestmark = pytest.mark.bench  # smoke tests of the benchmark: `-m "not bench"` skips them
 
@@ -118,12 +119,14 @@ def test_store_benchmark_runs(tmp_path):
 
 def test_hardening_benchmark_runs(tmp_path):
     out = tmp_path / "hardening.json"
-    run = bench("hardening", "--renders", "3", "--tokens", "50", "--neighbour-tokens", "16", "--beside", "1",
-                "--gbnf-seconds", "2", "--json", out, timeout=300)
+    run = bench("hardening", "--renders", "3", "--tokens", "50", "--slow-clients", "4", "--attack-seconds", "1",
+                "--neighbour-tokens", "8", "--beside", "1", "--gbnf-seconds", "1", "--json", out, timeout=900)
     results = figures(out, "hardening")
     assert set(results["stop scan, µs a token (four stop strings of)"]) == {"0 chars", "100 chars", "1000 chars"}
     assert results["render process RSS, MB"] > 0 and "render process" in run.stdout
-    masks = results["grammar mask a token, greedy walk over random logits"]
+    attacked = results["while 4 clients send slow renders"]
+    assert attacked["ordinary renders"] > 0 and 1 <= attacked["render processes at most"] <= 1 + MAX_SLOW_RENDERS
+    masks = results["grammar mask a token, along an answer, over random logits"]
     assert masks["JSON mode"]["llguidance (now)"]["tokens"] > 0 and masks["JSON mode"]["llama.cpp grammar (before)"]["tokens"] > 0
     assert all(tokens_per_s > 0 for tokens_per_s in results["neighbour stream, tokens/s"].values())
 

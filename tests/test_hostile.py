@@ -5,6 +5,8 @@ Hostile model files are SmolLM2's real weights with the chat template replaced
 that stops the start is checked in this process, by the load's own check; one that serves is served.
 """
 
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -12,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import MODEL, Server, with_template
-from gguf_serve import loading
+from conftest import CLI, MODEL, Server, with_template
+from gguf_serve import loading, template_process
 from gguf_serve.config import ConfigError, load_config
 from gguf_serve.model import Model
 
@@ -174,3 +176,95 @@ def test_the_queue_is_checked_before_the_template_is_rendered(trap_model):
         blocker.join()
     finally:
         s.stop()
+
+
+# --- render processes: one kept, slow renders in a bounded lane of their own (issue #34 items 4, 5) ---
+
+
+@pytest.fixture(scope="module")
+def trap_alone(trap_model):
+    """The trap model served by `gguf-serve` (one process: its render processes are its children),
+    for the tests that kill or saturate them."""
+    s = Server({"MODEL": str(trap_model), "N_THREADS": "2"}, CLI).wait_ready()
+    yield s
+    s.stop()
+
+
+def render_pids(server: Server) -> list[int]:
+    """The server's running render processes (its children running gguf_serve.template_process)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # it ended meanwhile
+            continue
+        if int(ppid) == server.proc.pid and state != "Z" and b"gguf_serve.template_process" in argv:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def test_a_render_process_killed_between_chats_is_replaced_and_the_next_chat_answers(trap_alone):
+    """The OOM killer may take the render process: the next chat was a 500 (BrokenPipeError)."""
+    assert chat(trap_alone.url, "Hi", model="trap").status_code == 200
+    [killed] = render_pids(trap_alone)
+    os.kill(killed, signal.SIGKILL)
+    r = chat(trap_alone.url, "Hi", model="trap")
+    assert r.status_code == 200, r.text
+    assert render_pids(trap_alone) != [killed] and len(render_pids(trap_alone)) == 1
+    assert httpx.get(f"{trap_alone.url}/health").status_code == 200
+
+
+def test_slow_renders_get_a_bounded_lane_and_an_ordinary_chat_is_answered_meanwhile(trap_alone):
+    """20 clients send slow chats (each loops until the render's time limit) as fast as they are
+    answered. A slow render goes on in a process of its own, at most MAX_SLOW_RENDERS at once; the
+    others wait for one and past SLOW_WAIT_S are refused with a 429; an ordinary chat is answered
+    meanwhile; the render processes never number more than one kept plus those (polled all along)."""
+    bound = 1 + template_process.MAX_SLOW_RENDERS
+    stop, answers, most = threading.Event(), [], 0
+
+    def attack():
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                r = client.post(f"{trap_alone.url}/v1/chat/completions", json={
+                    "model": "trap", "messages": [{"role": "user", "content": "slow"}], "max_tokens": 4})
+                answers.append((r.status_code, r.json()["error"]["code"], r.headers.get("retry-after")))
+
+    def watch():
+        nonlocal most
+        while not stop.is_set():
+            most = max(most, len(render_pids(trap_alone)))
+            time.sleep(0.005)  # a render process lives 60 ms at least: its interpreter's start
+
+    def saw(status: int) -> int:
+        return sum(1 for a in answers if a[0] == status)
+
+    threads = [threading.Thread(target=watch), *(threading.Thread(target=attack) for _ in range(20))]
+    for t in threads:
+        t.start()
+    try:
+        until(lambda: len(render_pids(trap_alone)) == bound and saw(429))  # the slow lane is full and refuses
+        refused, timed_out = saw(429), saw(400)
+        ordinary = chat(trap_alone.url, "Hi", model="trap")
+        while ordinary.status_code == 429:  # only if its own render took too long on a loaded host, as a client retries
+            ordinary = chat(trap_alone.url, "Hi", model="trap")
+        assert ordinary.status_code == 200, ordinary.text
+        # the attack went on all along: slow renders still end at their time limit, others are still refused
+        until(lambda: saw(400) > timed_out and saw(429) > refused)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert most <= bound
+    assert {(status, code) for status, code, _ in answers} == {(400, "template_error"), (429, "render_busy")}
+    assert {retry for status, _, retry in answers if status == 429} == {"1"}
+    assert chat(trap_alone.url, "Hi", model="trap").status_code == 200
+    until(lambda: len(render_pids(trap_alone)) == 1)  # the slow renders' processes end with them
+
+
+def until(done, timeout: float = 120) -> None:
+    """Poll `done` (a guard against a hang, not a time limit: any host gets there far sooner)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.01)

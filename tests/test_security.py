@@ -4,21 +4,25 @@ each test failing on the code before its fix, and the hostile-request corpus in 
 
 A corpus file: {"method", "path", "headers" (added to the key's), "auth" (false: send no key),
 "json" (a body to encode) or "body" (sent as it is), "expand" ({"MARK": [text, times]}: MARK in
-path and body becomes text repeated), "status", optionally "code" and "param" of the error, and
-"absent_headers" (names the answer must not carry)}.
+path and body becomes text repeated), "compress" (gzip, deflate or zstd: the body, expanded, is
+sent in that coding, with its Content-Encoding unless "headers" names one), "status", optionally
+"code" and "param" of the error, and "absent_headers" (names the answer must not carry)}.
 Every answer of 400 or more must be OpenAI's error object; the server answers a chat afterwards.
 """
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import re
 import threading
+import zlib
 from pathlib import Path
 
 import httpx
 import pytest
+import zstandard
 
 from conftest import MODEL, Server, refused_start, smollm2_path, with_template
 from gguf_serve.model import Model
@@ -65,6 +69,9 @@ def corpus_request(case: dict) -> tuple[str, str, dict[str, str], bytes | None]:
         body = expand(json.dumps(case["json"])).encode()
     else:
         body = expand(case["body"]).encode() if "body" in case else None
+    if coding := case.get("compress"):
+        body = {"gzip": gzip.compress, "deflate": zlib.compress, "zstd": zstandard.compress}[coding](body)
+        headers = {"Content-Encoding": coding, **headers}
     return case["method"], expand(case["path"]), headers, body
 
 

@@ -107,11 +107,13 @@ def test_a_chat_message_in_an_error_is_renamed_to_where_it_came_from():
     assert error.param == "messages[0]"
 
 
-@pytest.mark.parametrize("finish, stop_string, expected", [
-    ("length", None, ("max_tokens", None)), ("tool_calls", None, ("tool_use", None)), ("stop", None, ("end_turn", None)),
-    ("stop", "END", ("stop_sequence", "END")), ("stop", "<|im_end|>", ("end_turn", None))])
-def test_stop_reason(finish, stop_string, expected):
-    assert messages.stop_reason(finish, stop_string, request(stop_sequences=["END"])) == expected
+@pytest.mark.parametrize("finish, stop_string, context_full, expected", [
+    ("length", None, False, ("max_tokens", None)), ("length", None, True, ("model_context_window_exceeded", None)),
+    ("tool_calls", None, False, ("tool_use", None)), ("tool_calls", None, True, ("tool_use", None)),
+    ("stop", None, False, ("end_turn", None)), ("stop", "END", False, ("stop_sequence", "END")),
+    ("stop", "<|im_end|>", False, ("end_turn", None))])
+def test_stop_reason(finish, stop_string, context_full, expected):
+    assert messages.stop_reason(finish, stop_string, context_full, request(stop_sequences=["END"])) == expected
 
 
 def test_the_stop_scanner_says_which_stop_string_ended_the_text():

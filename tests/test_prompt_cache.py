@@ -1,0 +1,86 @@
+"""The KV cache's host-memory tier (prompt_cache.py, issue #36): a conversation whose sequence was
+taken by another gets its history restored, not computed again; greedy output is the same as
+when its sequence kept it; the tier stays within its bound. The real SmolLM2, in process, then
+over HTTP."""
+
+import asyncio
+
+import httpx
+
+from conftest import MODEL, Server, smollm2_path
+from gguf_serve import engine
+from gguf_serve.model import Model
+
+HISTORY = "We talk about rivers. " * 40  # about 200 tokens: a conversation's history
+OTHER = "A different talk, about mountains and their weather. " * 20
+
+
+def run_engine(model: Model, parallel: int, prompts: list[list[int]], cache_bytes: int | None) -> list[engine.Event]:
+    """Each prompt generated greedily (16 tokens) in turn on a fresh engine: its last events."""
+    greedy = engine.Sampling(temperature=0)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        eng = engine.Engine(model, parallel, loop, prompt_cache_bytes=cache_bytes)
+        ends = []
+        for prompt in prompts:
+            done = loop.create_future()
+            text = []
+
+            def emit(event, text=text, done=done):
+                text.append(event.text)
+                if event.finish_reason:
+                    event.text = "".join(text)
+                    done.set_result(event)
+
+            eng.submit(engine.Generation(prompt, 16, greedy, emit))
+            ends.append(await asyncio.wait_for(done, 300))
+        eng.close()
+        return ends, eng.cache
+
+    return asyncio.run(run())
+
+
+def test_a_history_restored_generates_what_it_would_have_in_its_own_sequence():
+    model = Model(smollm2_path(), n_ctx=1024, n_threads=2, parallel=2)
+    first, other = model.tokenize_prompt(HISTORY), model.tokenize_prompt(OTHER)
+    # the second turn: the first turn's prompt, then more (as a conversation's next request)
+    second = first + model.tokenize(" And the sea?")
+    # one sequence: the other conversation takes it, and the first's history goes to the tier
+    ends, cache = run_engine(model, 1, [first, other, second], None)
+    assert cache.saves >= 1 and cache.hits == 1 and cache.restored_tokens == len(first)
+    assert ends[2].cached_tokens == len(first)
+    # two sequences: the history stays in its own; the same greedy tokens follow
+    kept, _ = run_engine(model, 2, [first, other, second], 0)
+    assert kept[2].cached_tokens == len(first)
+    assert ends[2].text == kept[2].text
+
+
+def test_the_tier_stays_within_its_bound_and_evicts_the_least_recently_used():
+    model = Model(smollm2_path(), n_ctx=1024, n_threads=2, parallel=1)
+    prompts = [model.tokenize_prompt(f"Conversation number {i}. " + HISTORY) for i in range(6)]
+    bound = 3 * 230 * 23_100  # about three of these histories' states (23 KB a token at f16)
+    ends, cache = run_engine(model, 1, prompts, bound)
+    assert cache.max_bytes == bound and 0 < cache.bytes <= bound
+    assert cache.saves == 5 and cache.evictions >= 2 and len(cache.entries) <= 3
+    assert all(e.finish_reason == "length" for e in ends)
+
+
+def test_over_http_a_second_turn_reports_its_restored_prefix_and_the_metrics_count_it():
+    server = Server({"N_THREADS": "2", "PARALLEL": "1"}).wait_ready()
+    try:
+        def chat(messages):
+            body = {"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0}
+            return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=300).json()
+
+        turn = [{"role": "system", "content": HISTORY}, {"role": "user", "content": "Which river is longest?"}]
+        answer = chat(turn)["choices"][0]["message"]
+        chat([{"role": "user", "content": OTHER}])  # takes the one sequence
+        again = chat([*turn, answer, {"role": "user", "content": "And the widest?"}])
+        cached, prompt = again["usage"]["prompt_tokens_details"]["cached_tokens"], again["usage"]["prompt_tokens"]
+        assert cached >= 0.9 * prompt, (cached, prompt)
+        assert server.metric("gguf_prompt_cache_hits_total") == 1
+        assert server.metric("gguf_prompt_cache_restored_tokens_total") == cached
+        assert 0 < server.metric("gguf_prompt_cache_bytes") <= server.metric("gguf_prompt_cache_max_bytes")
+    finally:
+        server.stop()
