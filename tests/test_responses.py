@@ -240,7 +240,7 @@ def test_count_input_tokens(client):
     ({"temperature": "hot"}, "temperature"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text.format.name"),
-    ({"text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "integer", "minimum": 3}}}},
+    ({"text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "integer", "multipleOf": 3}}}},
      "text.format.schema"),
     ({"background": True}, "background"),
 ])
