@@ -17,6 +17,7 @@ from litestar import Request, Response
 
 from . import prompts, serving
 from .access import ignore_tools
+from .cut_calls import answer, written
 from .anthropic_protocol import (ContentBlock, ContentBlockParam, CountTokensRequest, InputJSONDelta, MessageDelta,
                                  MessageParam, MessageResponse, MessagesRequest, MessagesUsage, OutputUsage, StreamEvent,
                                  TextBlock, TextDelta, ThinkingBlock, ThinkingDelta, TokenCount, ToolUseBlock, error_detail)
@@ -27,7 +28,7 @@ from .protocol import (APIError, ChatMessage, ChatRequest, FunctionCall, Functio
 from .responses import answered_calls
 from .runs import Choice, Run
 from .streaming import TEXT_MARK, around_text, named_sse
-from .tools import CallSpotter, ForcedCallReader, ToolPlan, answer, tool_plan
+from .tools import CallSpotter, ForcedCallReader, ToolPlan, tool_plan
 
 BLOCK_JOINER = "\n\n"  # between a message's text blocks (an agent's system prompt comes as several)
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # Anthropic's -> chat's (`tool`: a named one)
@@ -150,10 +151,14 @@ SERVER_TOOLS = re.compile(r"(web_search|web_fetch|code_execution|advisor|tool_se
                           r"|mcp_toolset", re.ASCII)
 TEXT_EDITOR_COMMANDS = ["view", "create", "str_replace", "insert", "undo_edit"]
 # The client tools whose schemas Anthropic publishes and its models know without being shown:
-# another model is shown them, as their docs describe them.
+# another model is shown them, as their docs describe them, and no other field (a forced call's
+# grammar holds it to these: SmolLM2 forced to call `bash` with extra fields allowed wrote the
+# schema's own words, "type", "properties", as fields). Lengths are not bounded: a real command
+# or file can be long, and a call the budget cuts comes back as the call (cut_calls.py).
 ANTHROPIC_CLIENT_TOOLS = {
     "bash": ("Runs a command in a persistent bash shell and returns its output; `restart` restarts the shell.",
-             {"type": "object", "properties": {"command": {"type": "string"}, "restart": {"type": "boolean"}}}),
+             {"type": "object", "properties": {"command": {"type": "string"}, "restart": {"type": "boolean"}},
+              "additionalProperties": False}),
     "text_editor": ("Views, creates and edits files: `view` a file or directory (`view_range` [start, end] lines), "
                     "`create` one with `file_text`, `str_replace` its `old_str` with `new_str`, `insert` `new_str` "
                     "after line `insert_line`, `undo_edit` the last edit.",
@@ -161,7 +166,7 @@ ANTHROPIC_CLIENT_TOOLS = {
                         "command": {"type": "string", "enum": TEXT_EDITOR_COMMANDS}, "path": {"type": "string"},
                         "file_text": {"type": "string"}, "old_str": {"type": "string"}, "new_str": {"type": "string"},
                         "insert_line": {"type": "integer"}, "view_range": {"type": "array", "items": {"type": "integer"}}},
-                     "required": ["command", "path"]}),
+                     "required": ["command", "path"], "additionalProperties": False}),
     "memory": ("Reads and writes files in the /memories directory: `view`, `create` (`file_text`), `str_replace`, "
                "`insert` (`insert_line`, `insert_text`), `delete`, `rename` (`old_path`, `new_path`).",
                {"type": "object", "properties": {
@@ -169,7 +174,7 @@ ANTHROPIC_CLIENT_TOOLS = {
                    "path": {"type": "string"}, "file_text": {"type": "string"}, "old_str": {"type": "string"},
                    "new_str": {"type": "string"}, "insert_line": {"type": "integer"}, "insert_text": {"type": "string"},
                    "old_path": {"type": "string"}, "new_path": {"type": "string"}},
-                "required": ["command"]}),
+                "required": ["command"], "additionalProperties": False}),
 }
 ANTHROPIC_CLIENT_TOOL = re.compile(r"(bash|text_editor|memory)_\d{8}", re.ASCII)
 
@@ -281,13 +286,11 @@ def as_messages_error(e: APIError, origins: list[str]) -> APIError:
 
 
 def tool_input(arguments: str) -> dict:
-    """A call's arguments as tool_use's `input` object; arguments that are not one (a model's
-    own JSON can be anything) are kept whole under `arguments`."""
-    try:
-        value = msgspec.json.decode(arguments)
-    except (msgspec.DecodeError, RecursionError):
-        value = arguments
-    return value if isinstance(value, dict) else {"arguments": value}
+    """A call's arguments as tool_use's `input` object (of a call cut by max_tokens, the object
+    they began: cut_calls.written); arguments that are not one (a model's own JSON can be
+    anything) are kept whole under `arguments`."""
+    value = written(arguments)
+    return value if isinstance(value, dict) else {"arguments": arguments if value is None else value}
 
 
 def tool_use_blocks(calls: list[ToolCall]) -> list[ToolUseBlock]:
@@ -439,9 +442,11 @@ async def events(run: Run, body: MessagesRequest, chat_body: ChatRequest, plan: 
     yield event("message_stop")
 
 
-def count_tokens(served: Served, body: CountTokensRequest) -> TokenCount:
-    """The prompt's tokens as POST /v1/messages would run it (tools included), nothing generated."""
-    chat_body, origins, _ = chat_request(body, served.config.model_id)
+def count_tokens(request: Request, served: Served, body: CountTokensRequest) -> TokenCount:
+    """The prompt's tokens as POST /v1/messages would run it (tools included, server tools left
+    out and named as there), nothing generated."""
+    chat_body, origins, ignored = chat_request(body, served.config.model_id)
+    ignore_tools(request, ignored)
     plan = tool_plan(chat_body)
     try:
         prompt = prompts.chat_prompt(served, chat_body.messages, plan.tools, prompts.template_kwargs(served, chat_body))

@@ -33,10 +33,22 @@ class FunctionCall(msgspec.Struct):
     arguments: str
 
 
+class CustomCall(msgspec.Struct):
+    """A Chat Completions custom tool's call: the free-form input the model wrote."""
+
+    name: str
+    input: str
+
+
 class ToolCall(msgspec.Struct, kw_only=True):
+    """A call to a function (`function`), or on Chat Completions to a custom tool (`custom`):
+    chat_tools.function_view makes every call a client sends a function call before any other
+    code reads it, and chat_tools.custom_calls turns the model's back."""
+
     id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
+    type: Literal["function", "custom"] = "function"
+    function: FunctionCall | msgspec.UnsetType = msgspec.UNSET
+    custom: CustomCall | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatMessage(msgspec.Struct, omit_defaults=True):
@@ -57,9 +69,38 @@ class FunctionDef(msgspec.Struct):
     strict: bool | None = None
 
 
+# A custom tool's grammar, as long as a client may send: Codex's apply_patch grammar is 0.6 kB.
+# Compiling one is bounded by grammar.LIMITS whatever its length; this bounds the text parsed.
+MAX_GRAMMAR_CHARS = 65536
+GrammarText = Annotated[str, msgspec.Meta(max_length=MAX_GRAMMAR_CHARS)]
+
+
+class CustomGrammar(msgspec.Struct):
+    definition: GrammarText
+    syntax: Literal["lark", "regex"]
+
+
+class ChatCustomFormat(msgspec.Struct, kw_only=True):
+    """A Chat Completions custom tool's `format`: free text, or `grammar` its input must follow
+    (the Responses API has the grammar's two fields beside `type` instead: CustomToolFormat)."""
+
+    type: Literal["text", "grammar"]
+    grammar: CustomGrammar | None = None
+
+
+class CustomToolDef(msgspec.Struct, kw_only=True):
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    description: str | None = None
+    format: ChatCustomFormat | None = None
+
+
 class ToolDef(msgspec.Struct):
-    function: FunctionDef
-    type: Literal["function"] = "function"
+    """A function tool (`function`), or on Chat Completions a custom tool (`custom`), which
+    chat_tools.function_view shows the model as a function before any other code reads it."""
+
+    function: FunctionDef | msgspec.UnsetType = msgspec.UNSET
+    type: Literal["function", "custom"] = "function"
+    custom: CustomToolDef | msgspec.UnsetType = msgspec.UNSET
 
 
 class FunctionName(msgspec.Struct):
@@ -67,8 +108,11 @@ class FunctionName(msgspec.Struct):
 
 
 class NamedToolChoice(msgspec.Struct):
-    function: FunctionName
-    type: Literal["function"] = "function"
+    """A forced function, or on Chat Completions a forced custom tool (`custom`)."""
+
+    function: FunctionName | msgspec.UnsetType = msgspec.UNSET
+    type: Literal["function", "custom"] = "function"
+    custom: FunctionName | msgspec.UnsetType = msgspec.UNSET
 
 
 class JSONSchemaFormat(msgspec.Struct):
@@ -213,12 +257,28 @@ class ToolCallDelta(msgspec.Struct, kw_only=True):
     function: FunctionCall
 
 
+class CustomCallDelta(msgspec.Struct, kw_only=True):
+    name: str | msgspec.UnsetType = msgspec.UNSET  # in a call's first delta
+    input: str
+
+
+class CustomToolCallDelta(msgspec.Struct, kw_only=True):
+    """A custom tool's call streamed on Chat Completions: its id and name in the first delta,
+    its input delta by delta (the shape OpenAI streams; its SDK's types know only functions'
+    deltas, and keep these fields as they come)."""
+
+    index: int
+    id: str | msgspec.UnsetType = msgspec.UNSET  # in a call's first delta
+    type: str = "custom"
+    custom: CustomCallDelta
+
+
 class Delta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
-    tool_calls: list[ToolCallDelta] | None = None
+    tool_calls: list[ToolCallDelta | CustomToolCallDelta] | None = None
     function_call: FunctionCall | None = None
 
 
@@ -458,17 +518,12 @@ class InputItem(msgspec.Struct, kw_only=True, omit_defaults=True):
     output: str | list[ContentPart] | None = None
 
 
-# A custom tool's grammar, as long as a client may send: Codex's apply_patch grammar is 0.6 kB.
-# Compiling one is bounded by grammar.LIMITS whatever its length; this bounds the text parsed.
-MAX_GRAMMAR_CHARS = 65536
-
-
 class CustomToolFormat(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A custom tool's `format`: free text, or a grammar its input must follow."""
 
     type: Literal["text", "grammar"]
     syntax: Literal["lark", "regex"] | None = None
-    definition: Annotated[str, msgspec.Meta(max_length=MAX_GRAMMAR_CHARS)] | None = None
+    definition: GrammarText | None = None
 
 
 class ResponsesTool(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -17,7 +17,7 @@ from typing import AsyncIterator
 import msgspec
 from litestar import Request, Response
 
-from . import prompts, serving
+from . import cut_calls, prompts, serving
 from .access import api_key, ignore_tools, request_info
 from .loading import Served
 from .logprobs import chat_logprobs
@@ -31,7 +31,7 @@ from .response_store import ScopedStore, owner_hash
 from .responses_tools import AgentTools, agent_tools, call_item, chat_call, chat_tool_choice, free_form, input_item
 from .runs import Choice, Run
 from .streaming import named_sse
-from .tools import CallSpotter, ToolPlan, answer, tool_plan
+from .tools import CallSpotter, ToolPlan, tool_plan
 
 TEXT_PARTS = ("input_text", "output_text", "text", "reasoning_text", "summary_text")
 LOGPROBS = "message.output_text.logprobs"  # in `include`: the answer's tokens' logprobs, as chat's `logprobs`
@@ -306,7 +306,7 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
 
     async def whole(run: Run, job: Job, results: list[Choice]) -> Response:
         [choice] = results
-        message, reason = answer(choice.text, choice.finish_reason, plan)
+        message, reason = cut_calls.answer(choice.text, choice.finish_reason, plan)
         calls = answered_calls(message, body)
         status = status_of(reason)
         thought_status = "completed" if message.content or calls else status  # or it was cut off while thinking
@@ -414,7 +414,7 @@ async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: 
                         yield sent
                 yield delta(thought, "reasoning_text", step.reasoning)
             spotted = plan.tools and not plan.free_form  # a free-form answer is all the call's input
-            text, parsed, finished = (spotter.step(step.text, step.finish_reason, plan) if spotted
+            text, parsed, finished = (cut_calls.step(spotter, step.text, step.finish_reason, plan) if spotted
                                       else (step.text, None, step.finish_reason))
             reason, calls = finished or reason, answered_calls(parsed, body) if parsed else calls
             if (text or calls) and thought is not None and thought.status == "in_progress":
@@ -473,9 +473,12 @@ def free_form_item(plan: ToolPlan, agent: AgentTools) -> CustomToolCallItem:
                      agent, "in_progress")
 
 
-def count_input_tokens(served: Served, body: ResponsesInput, earlier: list[InputItem]) -> InputTokenCount:
-    """The prompt's tokens as POST /v1/responses would run it (tools included), nothing generated."""
-    chat_body, _, plan = prepared(body, earlier, served.config.model_id)
+def count_input_tokens(request: Request, served: Served, body: ResponsesInput,
+                       earlier: list[InputItem]) -> InputTokenCount:
+    """The prompt's tokens as POST /v1/responses would run it (tools included, hosted ones left
+    out and named as there), nothing generated."""
+    chat_body, agent, plan = prepared(body, earlier, served.config.model_id)
+    ignore_tools(request, agent.ignored)
     try:
         prompt = prompts.chat_prompt(served, chat_body.messages, plan.tools, prompts.template_kwargs(served, chat_body))
     except APIError as e:

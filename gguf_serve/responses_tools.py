@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import msgspec
 
+from .cut_calls import written
 from .grammar import free_form_grammar
 from .protocol import (APIError, CallItem, CustomToolCallItem, CustomToolFormat, FunctionCall, FunctionCallItem,
                        FunctionDef, FunctionName, InputItem, LocalShellAction, LocalShellCallItem, NamedToolChoice,
@@ -48,6 +49,7 @@ SHELL_COMMAND = {
         "timeout_ms": {"type": "integer", "description": "how long it may run, in milliseconds"},
     },
     "required": ["command"],
+    "additionalProperties": False,  # the action's own fields only, as Anthropic's bash tool (messages.py)
 }
 SHELL_DESCRIPTION = "Runs a command on the user's machine and returns its output."
 
@@ -90,8 +92,10 @@ def agent_tools(tools: list[ResponsesTool] | None) -> AgentTools:
                 raise APIError(400, f"a {tool.type} tool needs a `name`", f"{where}.name")
             name = qualified(namespace, tool.name)
             target = Target(tool.type, tool.name, namespace, tool.format)
-            function = (FunctionDef(name, tool.description, tool.parameters, tool.strict) if tool.type == "function"
-                        else FunctionDef(name, custom_description(tool), CUSTOM_INPUT))
+            if tool.type == "function":
+                function = FunctionDef(name, tool.description, tool.parameters, tool.strict)
+            else:
+                function = FunctionDef(name, custom_description(tool.description, *grammar_of(tool.format)), CUSTOM_INPUT)
         else:
             raise APIError(400, f"tool type `{tool.type}` is not supported by this server; "
                                 f"{'a namespace holds function and custom tools' if namespace else supported_types()}",
@@ -115,19 +119,23 @@ def agent_tools(tools: list[ResponsesTool] | None) -> AgentTools:
     return AgentTools(defs or None, targets, ignored)
 
 
+def grammar_of(fmt: CustomToolFormat | None) -> tuple[str | None, str | None]:
+    """A custom tool's grammar (syntax, definition), or (None, None) for free text."""
+    return (None, None) if fmt is None or fmt.type == "text" else (fmt.syntax, fmt.definition)
+
+
 def supported_types() -> str:
     return ("this server runs function, namespace, custom and local_shell tools, and leaves hosted tools "
             "(web_search, file_search, code_interpreter, image_generation, computer_use, mcp, tool_search) out")
 
 
-def custom_description(tool: ResponsesTool) -> str:
+def custom_description(description: str | None, syntax: str | None, definition: str | None) -> str:
     """A custom tool's description as the model reads it: its input's grammar said, since the
     model sees a function of one string."""
-    fmt = tool.format
-    if fmt is None or fmt.type == "text" or not fmt.definition:
-        return tool.description or ""
-    rule = f"Its `input` must match this {fmt.syntax or 'lark'} grammar:\n{fmt.definition}"
-    return f"{tool.description}\n\n{rule}" if tool.description else rule
+    if not definition:
+        return description or ""
+    rule = f"Its `input` must match this {syntax or 'lark'} grammar:\n{definition}"
+    return f"{description}\n\n{rule}" if description else rule
 
 
 # --- tool_choice ----------------------------------------------------------------------------
@@ -205,10 +213,9 @@ def call_item(call: ToolCall, agent: AgentTools, status: str) -> CallItem:
 
 
 def arguments_object(arguments: str) -> dict:
-    try:
-        value = json.loads(arguments)
-    except (ValueError, RecursionError):  # the model's own text: it can be anything
-        return {}
+    """The object a call's arguments are (or began, cut by the token budget: cut_calls.written);
+    the model's own text can be anything else too, read as no arguments."""
+    value = written(arguments)
     return value if isinstance(value, dict) else {}
 
 

@@ -27,7 +27,7 @@ from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
-from . import chat, completions, connections, embeddings, loading, messages, prompts, responses
+from . import chat, chat_tools, completions, connections, embeddings, loading, messages, prompts, responses
 from .access import api_key, authorized, error_body_for, gate
 from .anthropic_protocol import CountTokensRequest, MessagesRequest, TokenCount
 from .bodies import read_body
@@ -285,7 +285,7 @@ async def completions_route(request: Request) -> Response:
 
 async def apply_template(request: Request) -> ApplyTemplateResponse:
     """The exact text the model would receive for a chat request (as at llama.cpp's server)."""
-    body = await parse(request, TemplateRequest)
+    body = chat_tools.template_view(await parse(request, TemplateRequest))
     served = generating_model(request, body.model or None)
     prompt = await queued(request, served, prompts.chat_prompt, served, body.messages, body.tools,
                           prompts.template_kwargs(served, body))
@@ -300,7 +300,8 @@ async def create_response(request: Request) -> Response:
 async def count_input_tokens(request: Request) -> InputTokenCount:
     body = await parse(request, ResponsesInput)
     served = generating_model(request, body.model or None)
-    return await queued(request, served, responses.count_input_tokens, served, body, await responses.history(request, body))
+    return await queued(request, served, responses.count_input_tokens, request, served, body,
+                        await responses.history(request, body))
 
 
 async def retrieve_response(request: Request, response_id: str) -> ResponseObject:
@@ -320,7 +321,7 @@ async def create_message(request: Request) -> Response:
 async def count_message_tokens(request: Request) -> TokenCount:
     body = await parse(request, CountTokensRequest)
     served = generating_model(request, body.model)
-    return await queued(request, served, messages.count_tokens, served, body)
+    return await queued(request, served, messages.count_tokens, request, served, body)
 
 
 async def embeddings_route(request: Request) -> Response:
