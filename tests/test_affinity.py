@@ -79,7 +79,10 @@ def fleet(tmp_path_factory):
     database = RedisServer(tmp).start()
     # One place each (PARALLEL=1, MAX_QUEUE=0): a request running makes the next a 429. The test's
     # own requests come one at a time: a non-streamed one has left its place before it is answered.
-    env = {"PARALLEL": "1", "MAX_QUEUE": "0", "N_THREADS": "1", "RESPONSES_STORE_URL": database.url}
+    # A tier that holds every conversation an instance gets here (about 11 of 300 tokens, 23 KB a
+    # token): the default, half of one 2048-token sequence, holds 3, and the LRU would evict the rest.
+    env = {"PARALLEL": "1", "MAX_QUEUE": "0", "N_THREADS": "1", "PROMPT_CACHE_MIB": "128",
+           "RESPONSES_STORE_URL": database.url}
     servers = [Server(env) for _ in range(3)]
     instances = {httpx.get(f"{s.wait_ready().url}/v1/models", timeout=10).headers["x-instance-id"]: s for s in servers}
     cutting = Cutting()
@@ -118,8 +121,8 @@ class Chat:
     """A chat conversation; `extra` (prompt_cache_key) goes with every turn."""
 
     def __init__(self, first: str, **extra):
-        self.messages, self.extra, self.turns = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": first}], \
-            extra, []
+        self.messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": first}]
+        self.extra, self.turns = extra, []
 
     def next(self, proxy: str, question: str) -> Turn:
         if self.turns:
@@ -139,7 +142,9 @@ class Chain:
     def next(self, proxy: str, question: str) -> Turn:
         body = {"model": MODEL, "instructions": SYSTEM, "input": self.first if self.last is None else question,
                 "max_output_tokens": 6, "temperature": 0}
-        answer, instance = post(proxy, "/v1/responses", {**body, **({"previous_response_id": self.last} if self.last else {})})
+        if self.last:
+            body["previous_response_id"] = self.last
+        answer, instance = post(proxy, "/v1/responses", body)
         self.last = answer["id"]
         usage = answer["usage"]
         turn = Turn(instance, usage["input_tokens"], usage["input_tokens_details"]["cached_tokens"])
@@ -160,7 +165,8 @@ class Session:
         answer, instance = post(proxy, "/v1/messages", {"model": MODEL, "system": SYSTEM, "messages": self.messages,
                                                        "max_tokens": 6, "temperature": 0,
                                                        "metadata": {"user_id": self.user_id}})
-        self.messages.append({"role": "assistant", "content": answer["content"][0]["text"] if answer["content"] else "."})
+        reply = answer["content"][0]["text"] if answer["content"] else "."
+        self.messages.append({"role": "assistant", "content": reply})
         turn = Turn(instance, answer["usage"]["input_tokens"], None)
         self.turns.append(turn)
         return turn
