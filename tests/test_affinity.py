@@ -201,7 +201,8 @@ def test_every_turn_of_a_conversation_lands_on_one_instance(fleet, conversations
         # Spread over the instances: with the same opening, the key alone did it. (All eight on
         # one of three instances by chance: 3 ** -7.)
         assert len({c.turns[0].instance for c in kind_conversations}) > 1, kind
-    for kind in ("opening", "previous_response_id", "prompt_cache_key"):
+    # (The others differ after the shared system prompt by fewer tokens than the tier keeps: 64.)
+    for kind in ("opening", "previous_response_id"):
         for conversation in conversations[kind]:
             # From the second turn on, the whole of the turn before is reused (on another instance
             # only the system prompt could be).
