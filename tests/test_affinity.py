@@ -80,7 +80,7 @@ def fleet(tmp_path_factory):
     # One place each (PARALLEL=1, MAX_QUEUE=0): a request running makes the next a 429. The test's
     # own requests come one at a time: a non-streamed one has left its place before it is answered.
     # A tier that holds every conversation an instance gets here (about 11 of 300 tokens, 23 KB a
-    # token): the default, half of one 2048-token sequence, holds 3, and the LRU would evict the rest.
+    # token): the default, a quarter of one 2048-token sequence, holds 1 or 2; the LRU would evict the rest.
     env = {"PARALLEL": "1", "MAX_QUEUE": "0", "N_THREADS": "1", "PROMPT_CACHE_MIB": "128",
            "RESPONSES_STORE_URL": database.url}
     servers = [Server(env) for _ in range(3)]
