@@ -45,6 +45,9 @@ class PromptCache:
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
         self.bytes = 0
         self.next_key = 0
+        # The entry longest() last found: the engine saves the sequence it is about to restore it
+        # into first, and that save must not drop it (a KeyError there killed the decode thread).
+        self.wanted: int | None = None
         # for the metrics (read from the event loop's thread: plain numbers, no lock needed)
         self.hits = self.restored_tokens = self.evictions = self.saves = 0
 
@@ -60,15 +63,16 @@ class PromptCache:
             if common == len(held):
                 self.entries.move_to_end(key)
                 return
-            if common == len(entry.tokens):
+            if common == len(entry.tokens) and key != self.wanted:
                 self._drop(key)
         size = llama.llama_state_seq_get_size_ext(self.model.ctx, seq_id, 0)
         if self.max_bytes is None:
             self.max_bytes = size * self.kv_tokens // (4 * len(tokens))
-        if size > self.max_bytes:
+        kept = len(self.entries[self.wanted].state) if self.wanted in self.entries else 0
+        if size + kept > self.max_bytes:  # room only without the entry about to be restored: that one stays
             return
-        while self.entries and self.bytes + size > self.max_bytes:
-            self._drop(next(iter(self.entries)))
+        while self.bytes + size > self.max_bytes:
+            self._drop(next(key for key in self.entries if key != self.wanted))
             self.evictions += 1
         state = (ctypes.c_uint8 * size)()
         if llama.llama_state_seq_get_data_ext(self.model.ctx, state, size, seq_id, 0) != size:
@@ -86,6 +90,7 @@ class PromptCache:
             common = _common_prefix(entry.tokens, wanted)
             if common > length:
                 best, length = key, common
+        self.wanted = best
         return best, length
 
     def restore(self, key: int, seq_id: int) -> list[int]:

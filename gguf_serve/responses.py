@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 import time
 import uuid
 from typing import AsyncIterator
@@ -283,10 +284,22 @@ def check_metadata(metadata: dict[str, str] | None) -> None:
                            f"metadata.{key}")
 
 
-def new_response(served: Served, body: ResponsesRequest, chat_body: ChatRequest) -> ResponseObject:
+# The fleet's proxy names the conversation a request belongs to (deploy/fleet.js: 8 hex digits).
+AFFINITY_KEY = re.compile(r"[0-9a-f]{8}")
+
+
+def response_id(request: Request) -> str:
+    """`resp_` and 32 hex digits. Behind the fleet's proxy the first 8 are the conversation's affinity
+    key (its `X-Affinity-Key`), so that a continuation naming this id is routed, with no store lookup,
+    to the instance that holds the conversation's KV cache; the other 24 are random, so ids stay unique."""
+    key, digits = request.headers.get("x-affinity-key", ""), uuid.uuid4().hex
+    return f"resp_{key if AFFINITY_KEY.fullmatch(key) else digits[:8]}{digits[8:]}"
+
+
+def new_response(request: Request, served: Served, body: ResponsesRequest, chat_body: ChatRequest) -> ResponseObject:
     sampling = prompts.sampling(served, chat_body, None)
     return ResponseObject(
-        id=f"resp_{uuid.uuid4().hex}", created_at=int(time.time()), status="in_progress", model=served.config.model_id,
+        id=response_id(request), created_at=int(time.time()), status="in_progress", model=served.config.model_id,
         output=[], instructions=body.instructions, max_output_tokens=body.max_output_tokens,
         temperature=sampling.temperature, top_p=sampling.top_p, tools=body.tools or [], tool_choice=body.tool_choice or "auto",
         parallel_tool_calls=body.parallel_tool_calls, text=body.text or TextConfig(), reasoning=body.reasoning or ReasoningConfig(),
@@ -301,7 +314,7 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
     earlier = await history(request, body)
     chat_body, agent, plan = prepared(body, earlier, served.config.model_id)
     ignore_tools(request, agent.ignored)
-    response = new_response(served, body, chat_body)
+    response = new_response(request, served, body, chat_body)
     conversation = [*earlier, *input_items(body)]
 
     async def whole(run: Run, job: Job, results: list[Choice]) -> Response:

@@ -56,6 +56,19 @@ def test_a_history_restored_generates_what_it_would_have_in_its_own_sequence():
     assert ends[2].text == kept[2].text
 
 
+def test_restoring_the_least_recently_used_entry_into_a_full_tier():
+    """Three conversations on one sequence, a tier with room for two of their histories, then the
+    first's next turn: its entry, the least recently used, is the one to restore, and saving the
+    sequence's history first (to make room) dropped it, a KeyError that killed the decode thread
+    (found behind the fleet, tests/test_affinity.py). Now that save drops another entry."""
+    model = Model(smollm2_path(), n_ctx=1024, n_threads=2, parallel=1)
+    a, b, c = (model.tokenize_prompt(f"Conversation {name}: " + HISTORY) for name in "ABC")
+    bound = 2 * (len(a) + 16) * 23_100 + 100_000  # two histories and their 16 tokens, not three
+    ends, cache = run_engine(model, 1, [a, b, c, a + model.tokenize(" And the sea?")], bound)
+    assert all(e.finish_reason == "length" for e in ends)
+    assert cache.hits == 1 and ends[3].cached_tokens >= len(a) and cache.bytes <= bound
+
+
 def test_the_tier_stays_within_its_bound_and_evicts_the_least_recently_used():
     model = Model(smollm2_path(), n_ctx=1024, n_threads=2, parallel=1)
     prompts = [model.tokenize_prompt(f"Conversation number {i}. " + HISTORY) for i in range(6)]
