@@ -372,8 +372,9 @@ class Engine:
             saved, restorable = self.cache.longest(gen.prompt) if self.cache else (None, 0)
             restored = False
             if restorable >= max(here, cached) + MIN_SAVED:  # saved in the prompt cache: restored, not computed
+                entry = self.cache.take(saved)  # first: the slot's own save below may need room
                 slot.evict(0)
-                slot.cached = self.cache.restore(saved, slot.seq_id)
+                slot.cached = self.cache.restore(entry, slot.seq_id)
                 restored = True
             elif cached >= here + MIN_COPY:
                 slot.evict(0)

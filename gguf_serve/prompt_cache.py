@@ -45,9 +45,6 @@ class PromptCache:
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
         self.bytes = 0
         self.next_key = 0
-        # The entry longest() last found: the engine saves the sequence it is about to restore it
-        # into first, and that save must not drop it (a KeyError there killed the decode thread).
-        self.wanted: int | None = None
         # for the metrics (read from the event loop's thread: plain numbers, no lock needed)
         self.hits = self.restored_tokens = self.evictions = self.saves = 0
 
@@ -63,16 +60,15 @@ class PromptCache:
             if common == len(held):
                 self.entries.move_to_end(key)
                 return
-            if common == len(entry.tokens) and key != self.wanted:
+            if common == len(entry.tokens):
                 self._drop(key)
         size = llama.llama_state_seq_get_size_ext(self.model.ctx, seq_id, 0)
         if self.max_bytes is None:
             self.max_bytes = size * self.kv_tokens // (4 * len(tokens))
-        kept = len(self.entries[self.wanted].state) if self.wanted in self.entries else 0
-        if size + kept > self.max_bytes:  # room only without the entry about to be restored: that one stays
+        if size > self.max_bytes:
             return
-        while self.bytes + size > self.max_bytes:
-            self._drop(next(key for key in self.entries if key != self.wanted))
+        while self.entries and self.bytes + size > self.max_bytes:
+            self._drop(next(iter(self.entries)))
             self.evictions += 1
         state = (ctypes.c_uint8 * size)()
         if llama.llama_state_seq_get_data_ext(self.model.ctx, state, size, seq_id, 0) != size:
@@ -90,15 +86,19 @@ class PromptCache:
             common = _common_prefix(entry.tokens, wanted)
             if common > length:
                 best, length = key, common
-        self.wanted = best
         return best, length
 
-    def restore(self, key: int, seq_id: int) -> list[int]:
-        """Put entry `key`'s state into sequence `seq_id` (what it held is dropped) and take the
-        entry out (the sequence holds it now, and saves it again when it is taken); returns the
-        tokens the sequence now holds, or [] if llama.cpp refused the state."""
+    def take(self, key: int) -> Entry:
+        """Entry `key`, out of the cache: taken before the sequence it goes into is saved (that
+        save may need room, and must not evict this one), and held by that sequence from then on,
+        which saves it again when it is taken."""
         entry = self.entries[key]
         self._drop(key)
+        return entry
+
+    def restore(self, entry: Entry, seq_id: int) -> list[int]:
+        """Put `entry`'s state into sequence `seq_id` (what it held is dropped); returns the
+        tokens the sequence now holds, or [] if llama.cpp refused the state."""
         llama.llama_memory_seq_rm(self.model.memory, seq_id, -1, -1)
         if llama.llama_state_seq_set_data_ext(self.model.ctx, entry.state, len(entry.state), seq_id, 0) == 0:
             llama.llama_memory_seq_rm(self.model.memory, seq_id, -1, -1)
