@@ -19,6 +19,13 @@ import pytest
 
 from conftest import Server
 
+
+# Run on demand (`python -m pytest -m agents`), not by default: the captured agent replays were written
+# before the tool and context work they need landed, and have not yet been seen passing on the
+# merged code (this project's machine was too loaded to run them through); each can take minutes
+# (a 20k-token prefill), so a hang would cost CI its time limit (issue #35).
+pytestmark = pytest.mark.agents
+
 FIXTURES = Path(__file__).parent / "agents"
 MAX_TOKENS = 16  # replays read the conversation; what the model says after it is not what they test
 

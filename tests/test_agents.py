@@ -27,6 +27,13 @@ import pytest
 
 from conftest import MODEL, ROOT, Server, free_port
 
+
+# Run on demand (`python -m pytest -m agents`), not by default: the real agents' runs were written
+# before the tool and context work they need landed, and have not yet been seen passing on the
+# merged code (this project's machine was too loaded to run them through); each can take minutes
+# (a 20k-token prefill), so a hang would cost CI its time limit (issue #35).
+pytestmark = pytest.mark.agents
+
 BIN = ROOT / ".ci" / "agents" / "node_modules" / ".bin"
 PROMPT = "Say hello in one short sentence."
 # Claude Code's system prompt and tools are about 20k tokens before the conversation: more than
