@@ -4,6 +4,7 @@ loopback ports) and the one way to start them, and reading their /metrics."""
 from __future__ import annotations
 
 import functools
+import json
 import importlib.util
 import os
 import shutil
@@ -92,6 +93,17 @@ class Server:
     def output(self) -> str:
         self.log.seek(0)
         return self.log.read()
+
+    def log_line(self, request_id: str, timeout: float = 60) -> dict:
+        """A request's JSON log line, polled for: the access gate prints it once the answer is sent,
+        so a client can have the answer before the line is written."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.output().splitlines():
+                if request_id in line and line.startswith("{"):
+                    return json.loads(line)
+            assert time.monotonic() < deadline, f"no log line for request {request_id}"
+            time.sleep(0.05)
 
     def wait_ready(self, timeout: float = 120) -> "Server":
         deadline = time.monotonic() + timeout

@@ -75,8 +75,7 @@ def test_a_forced_namespaced_call_comes_back_with_its_namespace_apart(base_url, 
     assert list(json.loads(call["arguments"])) == ["task"]  # the grammar held it to the function's parameters
     # the log line names what was left out
     rid = r.headers["x-request-id"]
-    [line] = [json.loads(line) for line in server.output().splitlines() if rid in line]
-    assert line["tools_ignored"] == ["web_search"]
+    assert server.log_line(rid)["tools_ignored"] == ["web_search"]
     # the openai SDK reads it as Codex does: a function call with its namespace
     sdk = client.responses.create(model=MODEL, input="Start one.", max_output_tokens=48, temperature=0, store=False,
                                   tools=[NAMESPACE], tool_choice={"type": "function", "name": "multi_agent_v1__spawn_agent"})
