@@ -293,6 +293,7 @@ def multiturn_part(args, logdir: Path) -> dict:
 
 def long_prompt_part(args, logdir: Path) -> dict:
     args.ctx = args.long_ctx
+    logdir.mkdir()
     servers = start_side_by_side(args, logdir)
     rounds = []
     try:

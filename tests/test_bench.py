@@ -211,7 +211,7 @@ def test_multiturn_benchmark_runs(tmp_path):
         r = pair[name]
         assert len(r["turns"]) == 6 and all(t["prompt_tokens"] > 200 for t in r["turns"]), name
         assert 0 <= r["cached_share"] <= 1 and r["wall_s"] > 0 and len(r["ttft_median_s_by_turn"]) == 2, name
-        assert r["memory"]["rss_turn3_mib"] > 0 and r["memory"]["peak_rss_mib"] >= r["memory"]["rss_end_mib"] > 0, name
+        assert r["memory"]["rss_turn3_mib"] > 0 and r["memory"]["peak_rss_mib"] + 0.1 >= r["memory"]["rss_end_mib"] > 0, name  # peak: to 0.1 MiB
     # every second turn's history was computed before: it is reused (from a slot or the prompt cache)
     assert all(t["cached_tokens"] > 0 for t in pair["gguf-serve"]["turns"] if t["turn"] == 2)
     assert pair["gguf-serve"]["memory"]["gguf_prompt_cache_max_bytes"] > 0
