@@ -71,6 +71,11 @@ QUESTIONS = [
     "Can you say that again more briefly?",
     "What would you do differently if it were raining?",
 ]
+# What a user adds to a question when --user-tokens asks for a longer message (an agent's tool
+# output, a pasted file): about 16 tokens each.
+CONTEXT = ["Here is what I have tried so far, in the order I tried it.", "The kitchen is cold in the morning and warm at night.",
+           "I have about an hour each evening and a small budget.", "My neighbour suggested something else, but it did not work.",
+           "The instructions I found online disagree with each other.", "I would rather not buy new tools for this."]
 STORY = "The keeper climbed the stairs of the lighthouse at dusk and lit the great lamp for the ships. "
 
 
@@ -176,7 +181,8 @@ async def conversations(name: str, b, pid: int, args, conv: int, run: int) -> di
         async def one(c: int) -> list[dict]:
             messages, turns = [{"role": "system", "content": system}], []
             for t in range(1, args.turns + 1):
-                messages.append({"role": "user", "content": f"(Conversation {c + 1}, turn {t}.) "
+                context = " ".join(CONTEXT[(c + t + k) % len(CONTEXT)] for k in range(max(0, args.user_tokens - 25) // 16))
+                messages.append({"role": "user", "content": f"(Conversation {c + 1}, turn {t}.) {context} "
                                  + QUESTIONS[(c + t) % len(QUESTIONS)]})
                 r = await chat(client, body(b, messages, args.max_tokens))
                 if r["completion_tokens"] != args.max_tokens:
@@ -322,6 +328,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--turns", type=int, default=6, help="turns of each conversation (default 6)")
     ap.add_argument("--max-tokens", type=int, default=48, help="each answer's tokens (default 48)")
     ap.add_argument("--system-tokens", type=int, default=1000, help="the shared system prompt's length, about (default 1000)")
+    ap.add_argument("--user-tokens", type=int, default=25, help="each user message's length, about (default 25: a question)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of each number of conversations on each server (default 1)")
     ap.add_argument("--long-prompt", type=int, default=6000, help="the long prompt's tokens, about (default 6000; 0: skipped)")
     ap.add_argument("--long-ctx", type=int, default=8192, help="context per sequence for the long prompt (default 8192)")
