@@ -81,9 +81,9 @@ STORY = "The keeper climbed the stairs of the lighthouse at dusk and lit the gre
 
 def system_prompt(run: int, tokens: int) -> str:
     """A long system prompt, new for each run (its first words name the run, so nothing of it is
-    cached before the run): numbered rules, about 17 tokens each."""
+    cached before the run): numbered rules, about 23 tokens each with SmolLM2's vocabulary."""
     lines = [f"You are the assistant of run {run}. Follow these house rules in every answer."]
-    for k in range(max(1, tokens // 17)):
+    for k in range(max(1, tokens // 23)):
         lines.append(f"Rule {k + 1}: {RULES[k % len(RULES)]}")
     return "\n".join(lines)
 

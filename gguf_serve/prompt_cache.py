@@ -85,12 +85,19 @@ class PromptCache:
             common = _common_prefix(entry.tokens, wanted)
             if common > length:
                 best, length = key, common
+        if best is not None:  # the engine saves the slot it restores into first: this one goes out last
+            self.entries.move_to_end(best)
         return best, length
 
     def restore(self, key: int, seq_id: int) -> list[int]:
         """Put entry `key`'s state into sequence `seq_id` (what it held is dropped) and take the
         entry out (the sequence holds it now, and saves it again when it is taken); returns the
-        tokens the sequence now holds, or [] if llama.cpp refused the state."""
+        tokens the sequence now holds, or [] if llama.cpp refused the state or the entry is gone:
+        saving what the sequence held, just before, may have needed its room (the bound holds
+        one of them, not both)."""
+        if key not in self.entries:
+            llama.llama_memory_seq_rm(self.model.memory, seq_id, -1, -1)
+            return []
         entry = self.entries[key]
         self._drop(key)
         llama.llama_memory_seq_rm(self.model.memory, seq_id, -1, -1)
