@@ -184,7 +184,10 @@ async def conversations(name: str, b, pid: int, args, conv: int, run: int) -> di
                 context = " ".join(CONTEXT[(c + t + k) % len(CONTEXT)] for k in range(max(0, args.user_tokens - 25) // 16))
                 messages.append({"role": "user", "content": f"(Conversation {c + 1}, turn {t}.) {context} "
                                  + QUESTIONS[(c + t) % len(QUESTIONS)]})
-                r = await chat(client, body(b, messages, args.max_tokens))
+                try:
+                    r = await chat(client, body(b, messages, args.max_tokens))
+                except httpx.RemoteProtocolError:  # a kept-alive connection the server had closed: once more
+                    r = await chat(client, body(b, messages, args.max_tokens))
                 if r["completion_tokens"] != args.max_tokens:
                     raise RuntimeError(f"{name}: {r['completion_tokens']} tokens, not {args.max_tokens} "
                                        f"(finish_reason {r['finish_reason']})")
