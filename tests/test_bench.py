@@ -44,7 +44,7 @@ def test_the_subcommands_are_listed():
     run = bench("--help")
     listed = [line.split()[0] for line in run.stdout[run.stdout.index("subcommands:"):].splitlines()[1:] if line.startswith("  ")]
     assert listed == ["compare", "paired", "split", "threadtime", "tokentime", "join", "embeddings", "responses",
-                      "messages", "kvcache", "hardening", "store", "coldstart"]
+                      "messages", "kvcache", "hardening", "store", "coldstart", "multiturn"]
 
 
 def test_quick_comparison_runs(tmp_path):
@@ -199,3 +199,26 @@ def test_split_benchmark_runs(tmp_path):
         assert mine > 0 and theirs > 0
         assert all(row[2] == "ratio" for what, row in parts.items() if what != "outside the server")
     assert figures(out, "split")["streamed"]["token_ms"]["ratio"] > 0
+
+
+def test_multiturn_benchmark_runs(tmp_path):
+    """Conversations outnumbering the slots on both servers, then a long prompt alone and beside a stream."""
+    needs_llama_server()
+    out = tmp_path / "multiturn.json"
+    run = bench("multiturn", "--conversations", "3", "--turns", "2", "--parallel", "2", "--max-tokens", "8",
+                "--system-tokens", "200", "--long-prompt", "300", "--long-ctx", "1024", "--long-rounds", "1",
+                "--beside", "1", "--no-build", "--wait-idle", "1", "--json", out, timeout=900)
+    results = figures(out, "multiturn")
+    [pair] = results["multiturn"]["3 conversations"]
+    for name in ("gguf-serve", "llama-server"):
+        r = pair[name]
+        assert len(r["turns"]) == 6 and all(t["prompt_tokens"] > 200 for t in r["turns"]), name
+        assert 0 <= r["cached_share"] <= 1 and r["wall_s"] > 0 and len(r["ttft_median_s_by_turn"]) == 2, name
+        assert r["memory"]["rss_turn3_mib"] > 0 and r["memory"]["peak_rss_mib"] + 0.1 >= r["memory"]["rss_end_mib"] > 0, name  # peak: to 0.1 MiB
+    # every second turn's history was computed before: it is reused (from a slot or the prompt cache)
+    assert all(t["cached_tokens"] > 0 for t in pair["gguf-serve"]["turns"] if t["turn"] == 2)
+    assert pair["gguf-serve"]["memory"]["gguf_prompt_cache_max_bytes"] > 0
+    assert pair["wall_ratio"] > 0
+    kinds = [(p["gguf-serve"]["beside_streams"], p["prompt_tps_ratio"] > 0) for p in results["long prompt"]["rounds"]]
+    assert kinds == [(0, True), (1, True)]
+    assert "Multi-turn" in run.stdout and "A long prompt" in run.stdout

@@ -79,6 +79,20 @@ def test_the_tier_stays_within_its_bound_and_evicts_the_least_recently_used():
     assert all(e.finish_reason == "length" for e in ends)
 
 
+def test_an_entry_restored_into_a_sequence_whose_own_save_needs_its_room():
+    """The sequence a saved history is restored into is saved first; when the bound holds only one
+    of the two, that save needs the entry's room. The entry is taken out first, so it is restored
+    and the sequence's history takes its place (the save had evicted it: a KeyError killed the
+    decode thread, every request failed and the process exited)."""
+    model = Model(smollm2_path(), n_ctx=1024, n_threads=2, parallel=1)
+    first, other = model.tokenize_prompt(HISTORY), model.tokenize_prompt(OTHER)
+    second = first + model.tokenize(" And the sea?")
+    bound = 300 * 23_100  # one of these states (about 200-230 tokens of 23 KB), not two
+    ends, cache = run_engine(model, 1, [first, other, second, first], bound)
+    assert [e.finish_reason for e in ends] == ["length"] * 4
+    assert cache.hits >= 1 and ends[2].cached_tokens == len(first) and 0 < cache.bytes <= bound
+
+
 def test_over_http_a_second_turn_reports_its_restored_prefix_and_the_metrics_count_it():
     server = Server({"N_THREADS": "2", "PARALLEL": "1"}).wait_ready()
     try:
