@@ -59,6 +59,7 @@ def gbnf_walk_process(path: str, schema_json: str, answer: str) -> None:
     data = (llama.llama_token_data * model.n_vocab)()
     view = np.frombuffer(data, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
     rng = np.random.default_rng(0)
+    print("ready", flush=True)  # the walk's time starts here, not at the process's start
     for token in model.tokenize(answer):
         view["id"], view["logit"], view["p"] = np.arange(model.n_vocab), rng.standard_normal(model.n_vocab), 0
         candidates = llama.llama_token_data_array(data, model.n_vocab, -1, False)
@@ -83,15 +84,26 @@ def llguidance_walk(model: Model, schema: dict, answer: str) -> list[float]:
 
 def gbnf_walk(schema: dict, answer: str, seconds: float) -> tuple[list[float], bool]:
     """The same walk through llama.cpp's grammar sampler, in a process of its own: (seconds of each
-    token, whether it was stopped after `seconds`)."""
+    token, whether it was stopped `seconds` after it began walking)."""
     walk = (f"from bench.grammars import gbnf_walk_process; "
             f"gbnf_walk_process({str(default_model())!r}, {json.dumps(schema)!r}, {answer!r})")
     proc = subprocess.Popen([sys.executable, "-c", walk], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             cwd=REPO)
     times: list[float] = []
-    reader = threading.Thread(target=lambda: times.extend(float(line) for line in proc.stdout), daemon=True)
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            if line.strip() == "ready":
+                ready.set()
+            else:
+                times.append(float(line))
+        ready.set()  # it ended (or failed) before walking
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
+        ready.wait(600)  # its imports and the vocabulary: seconds on a loaded host
         proc.wait(seconds)
         stopped = False
     except subprocess.TimeoutExpired:
