@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import weakref
 from typing import Callable
 
 import llguidance
@@ -77,24 +78,26 @@ def think_or_answer(answer: str) -> str:
     return msgspec.json.encode({"grammars": [{"lark_grammar": f"start: {think} | @answer"}, *grammars]}).decode()
 
 
-_tokenizers: dict[int, llguidance.LLTokenizer] = {}
+# Keyed by the model itself, weakly: an id() outlives its model and may name another one later.
+_tokenizers: weakref.WeakKeyDictionary[Model, llguidance.LLTokenizer] = weakref.WeakKeyDictionary()
 _tokenizer_lock = threading.Lock()
 
 
 def tokenizer(model: Model) -> llguidance.LLTokenizer:
-    """The model's vocabulary as llguidance reads it, built once (about 0.1 s for 49k tokens) on
-    the first grammar's request rather than at start, which most requests never need. Control
+    """The model's vocabulary as llguidance reads it, built once (0.55 s and 25 MiB for SmolLM2's 49k
+    tokens, measured on a loaded host) on the first grammar's request rather than at start, which
+    most requests never need. Control
     tokens (end of turn...) are marked special, so that no grammar's text matches them; the
     model's end-of-generation tokens end a grammar that is complete."""
     with _tokenizer_lock:
-        if id(model) not in _tokenizers:
+        if model not in _tokenizers:
             pieces = [model.grammar_bytes(token) for token in range(model.n_vocab)]
             eog = sorted({model.eos, *(t for t in model.special.values() if model.is_end_of_generation(t))} - {-1})
             tokenize = llama._lib.llama_tokenize
-            _tokenizers[id(model)] = llguidance.LLTokenizer.from_llamacpp(
+            _tokenizers[model] = llguidance.LLTokenizer.from_llamacpp(
                 tokens=pieces, vocab_ptr=model.vocab, tokenize_fptr=ctypes.cast(tokenize, ctypes.c_void_p).value,
                 eos_token=eog, slices=None)
-        return _tokenizers[id(model)]
+        return _tokenizers[model]
 
 
 class Matcher:
