@@ -7,10 +7,10 @@ import json
 import msgspec
 import pytest
 
+from test_responses_items import RecordedRun  # a run's recorded events, the same stand-in
 from gguf_serve import responses, responses_tools
 from gguf_serve.events import Event
-from gguf_serve.protocol import (APIError, CompletionTokensDetails, FunctionCall, PromptTokensDetails, ResponseObject,
-                                 ResponsesRequest, ToolCall, Usage)
+from gguf_serve.protocol import APIError, FunctionCall, ResponseObject, ResponsesRequest, ToolCall
 
 SPAWN = {"type": "function", "name": "spawn_agent", "description": "Start a sub-agent",
          "parameters": {"type": "object", "properties": {"task": {"type": "string"}}, "required": ["task"]}}
@@ -152,19 +152,6 @@ def test_output_call_items_go_back_as_the_input_items_that_replay_them():
     body = responses.prepared(request(tools=[NAMESPACE, PATCH, SHELL]), history, "m")[0]
     assert [c.function.name for c in body.messages[0].tool_calls] == ["multi_agent_v1__spawn_agent", "apply_patch",
                                                                       "local_shell"]
-
-
-class RecordedRun:
-    def __init__(self, events):
-        self.events = events
-
-    async def __aiter__(self):
-        for event in self.events:
-            yield 0, event
-
-    def usage(self):
-        return Usage(prompt_tokens=5, completion_tokens=4, total_tokens=9, prompt_tokens_details=PromptTokensDetails(0),
-                     completion_tokens_details=CompletionTokensDetails(0))
 
 
 def streamed(engine_events, **fields) -> list[dict]:
