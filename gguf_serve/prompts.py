@@ -133,11 +133,14 @@ class ChatPrompt(NamedTuple):
 def chat_prompt(served: Served, messages: list[ChatMessage], tools: list[ToolDef] | None = None,
                 template_kwargs: dict | None = None) -> ChatPrompt:
     """The rendered prompt and its tokens. Tools go to a template that knows them; for one that
-    doesn't, they are described in the system message. `template_kwargs` reach the model's own
-    template (a hand-written family takes none)."""
+    doesn't, they are described in the system message, and for one that drops tool turns those are
+    written as text. `template_kwargs` reach the model's own template (a hand-written family takes
+    none)."""
     if len(messages) > served.config.max_messages:
         raise APIError(400, f"{len(messages)} messages; at most {served.config.max_messages} are accepted", "messages")
     dicts = message_dicts(messages)
+    if not served.renders_tool_turns:
+        dicts = templates.with_tool_turns_as_text(dicts)
     extra = dict(template_kwargs or {}) if served.own_template else {}
     for key, value in extra.items():
         _check_nesting(value, f"chat_template_kwargs.{key}")
