@@ -69,6 +69,9 @@ class Config:
     # PROMPT_CACHE_MIB: the KV cache's host-memory tier (prompt_cache.py), in bytes; None: a quarter of
     # the sequences' own KV cache (known once the model has run), 0: off
     prompt_cache_bytes: int | None
+    # PROMPT_CACHE_DIR: where that tier is written when the server stops and read at start
+    # (prompt_cache_disk.py); None: it is not
+    prompt_cache_dir: Path | None
     max_messages: int
     request_timeout_s: float  # a generation running longer ends as if at max_tokens
     shutdown_grace_s: float  # after SIGTERM, in-flight requests get this long to finish
@@ -156,6 +159,7 @@ def load_config(env: dict[str, str]) -> Config:
         # pool drops an idle connection itself, so a client never sends on one being closed
         idle_timeout_s=_float(env, "IDLE_TIMEOUT_S", 30.0),
         prompt_cache_bytes=prompt_cache_bytes(env),
+        prompt_cache_dir=prompt_cache_dir(env),
         max_messages=_int(env, "MAX_MESSAGES", 512),
         request_timeout_s=float(_int(env, "REQUEST_TIMEOUT_S", 600)),
         shutdown_grace_s=float(_int(env, "SHUTDOWN_GRACE_S", 8)),
@@ -255,6 +259,14 @@ def prompt_cache_bytes(env: dict[str, str]) -> int | None:
     if mib < 0:
         raise ConfigError(f"PROMPT_CACHE_MIB={mib} must be 0 (off) or more")
     return mib << 20
+
+
+def prompt_cache_dir(env: dict[str, str]) -> Path | None:
+    directory = env.get("PROMPT_CACHE_DIR", "").strip()
+    if directory and prompt_cache_bytes(env) == 0:
+        raise ConfigError("PROMPT_CACHE_DIR is set but PROMPT_CACHE_MIB=0 turns the prompt cache off: "
+                          "unset one of them")
+    return Path(directory) if directory else None
 
 
 def responses_store_url(env: dict[str, str]) -> str | None:

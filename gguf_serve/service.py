@@ -15,6 +15,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 import traceback
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -119,7 +120,8 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
         silent.set()
         load.cancel()
         if state.served:
-            state.served.engine.close()
+            ends = state.drain_ends or time.monotonic() + state.config.shutdown_grace_s
+            await asyncio.to_thread(loading.stop, state.served, ends)
 
 
 async def load_model(state: ServerState) -> None:
@@ -167,7 +169,7 @@ def drain(state: ServerState) -> None:
     still running then end with an error event rather than a silent cut."""
     if state.draining:
         return
-    state.draining = True
+    state.draining, state.drain_ends = True, time.monotonic() + state.config.shutdown_grace_s
     shutting_down = APIError(503, "the server is shutting down; retry on another instance", None, "server_shutting_down")
     asyncio.get_running_loop().call_later(state.config.shutdown_grace_s, state.runs.abort, shutting_down)
 
