@@ -138,6 +138,8 @@ def read(cache: PromptCache, directory: Path, model_hash: bytes) -> None:
         head = f.read(len(MAGIC) + len(model_hash))
         if not head.startswith(MAGIC):
             return log("prompt_cache_ignored", file=str(path), reason="not a prompt cache file of this version")
+        if len(head) < len(MAGIC) + len(model_hash):
+            return log("prompt_cache_ignored", file=str(path), reason="cut short (the file is truncated)")
         if head[len(MAGIC):] != model_hash:
             return log("prompt_cache_ignored", file=str(path),
                        reason="written by another model file, llama.cpp build or N_CTX/KV_CACHE_TYPE/FLASH_ATTN")
