@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import prompt_cache_disk, reasoning, templates
+from . import reasoning, templates
 from .config import Config, ConfigError
 from .model import Model
 from .template_process import RenderProcess, TemplateProcess
@@ -129,7 +129,7 @@ def start_loading(config: Config) -> Loading:
 async def load(config: Config, loading: Loading, on_failure: Callable[[str], None]) -> Served:
     """The model (from `start_loading`), its chat format, its decode thread running, one token
     generated. `on_failure` is called on the event loop if the decode thread dies."""
-    from . import engine  # the decode thread's modules: imported while the model is read
+    from . import engine, prompt_cache_disk  # the decode thread's modules: imported while the model is read
 
     model = await asyncio.wrap_future(loading.model)
     timings = dict(model.timings)
@@ -189,6 +189,8 @@ def stop(served: Served, deadline: float) -> None:
     sequences hold included, by `deadline` (time.monotonic()). Blocks: run it off the event loop."""
     served.engine.close()
     if served.model_hash is not None:
+        from . import prompt_cache_disk
+
         served.engine.save_sequences()
         prompt_cache_disk.write(served.engine.cache, served.config.prompt_cache_dir, served.model_hash, deadline)
 

@@ -19,7 +19,6 @@ import ctypes
 import hashlib
 import os
 import struct
-import sys
 import tempfile
 import time
 import zlib
@@ -35,8 +34,9 @@ from .prompt_cache import Entry, PromptCache
 FILE = "prompt-cache"
 MAGIC = b"gguf-serve prompt cache 1\n"  # the format's version is its last digit
 RECORD = struct.Struct("<IQI")  # tokens, state bytes, CRC-32 of the tokens' bytes then the state's
-# Written in pieces of this size, the deadline looked at between them: 4 MiB take about 10 ms
-# (45 MiB, SmolLM2's default bound, were written in 0.12 s and read in 0.012 s on the dev host).
+# Written in pieces of this size, the deadline looked at between them: a few ms each (SmolLM2's
+# default bound, 45 MiB, held 42.9 MB at SIGTERM, written in 0.027 s on 2 cores; read back at
+# start, checksums included, in 0.094 s).
 PIECE = 4 << 20
 # A file being written that has not changed for this long is a writer's that died (killed past
 # its grace): a live one writes without pause and stops at its deadline, SHUTDOWN_GRACE_S at most.
@@ -178,4 +178,4 @@ def read_record(f: BinaryIO, record: bytes) -> tuple[Entry | None, str | None]:
 
 def log(event: str, **fields) -> None:
     """One JSON line, as the server's others (service.py's `ready`); on stdout."""
-    print(msgspec.json.encode({"event": event, **fields}).decode(), file=sys.stdout, flush=True)
+    print(msgspec.json.encode({"event": event, **fields}).decode(), flush=True)

@@ -90,7 +90,8 @@ def test_a_deadline_spent_writes_nothing_and_keeps_the_file_there(tmp_path, caps
     before = (tmp_path / "prompt-cache").read_bytes()
     prompt_cache_disk.write(tier(ENTRIES[:1]), tmp_path, HASH, time.monotonic() - 1)
     assert (tmp_path / "prompt-cache").read_bytes() == before
-    assert events(capsys)[-1] == {"event": "prompt_cache_not_written", "reason": "the drain's grace was spent", "entries": 1}
+    not_written = {"event": "prompt_cache_not_written", "reason": "the drain's grace was spent", "entries": 1}
+    assert events(capsys)[-1] == not_written
 
 
 def test_a_deadline_reached_mid_write_keeps_the_records_before_it(tmp_path, monkeypatch, capsys):
@@ -110,8 +111,9 @@ def test_a_deadline_reached_mid_write_keeps_the_records_before_it(tmp_path, monk
     assert [e["event"] for e in events(capsys)] == ["prompt_cache_written", "prompt_cache_read"]
 
 
-@pytest.mark.parametrize("damage", ["cut in a record's head", "cut in its tokens", "cut in its state", "a state byte flipped",
-                                    "a length made huge", "cut in the file's head", "another model", "not a cache file"])
+@pytest.mark.parametrize("damage", ["cut in a record's head", "cut in its tokens", "cut in its state",
+                                    "a state byte flipped", "a length made huge", "cut in the file's head",
+                                    "another model", "not a cache file"])
 def test_a_damaged_file_loads_the_sound_records_before_the_damage_and_says_so(tmp_path, capsys, damage):
     prompt_cache_disk.write(tier(ENTRIES), tmp_path, HASH, time.monotonic() + 60)
     path = tmp_path / "prompt-cache"
