@@ -353,12 +353,13 @@ def test_one_json_log_line_per_request_with_the_request_id(single):
 
 
 def test_request_time_limit_ends_a_generation_as_length():
-    """1900 tokens take about 20 s here, and a second would need a host 20 times faster: fewer than
-    asked for, ended as "length", is the time limit's doing (no clock read here, which a host's speed moves)."""
-    s = Server({"PARALLEL": "1", "REQUEST_TIMEOUT_S": "1"}).wait_ready()
+    """1900 tokens take about 20 s here, and 2 s would need a host ten times faster: fewer than asked
+    for, ended as "length", is the time limit's doing (no clock read here, which a host's speed
+    moves; on a loaded host the limit may come before the first token)."""
+    s = Server({"PARALLEL": "1", "REQUEST_TIMEOUT_S": "2"}).wait_ready()
     try:
         r = httpx.post(f"{s.url}/v1/chat/completions", json=chat_body(max_tokens=1900), timeout=120)
         assert r.json()["choices"][0]["finish_reason"] == "length"
-        assert 0 < r.json()["usage"]["completion_tokens"] < 1900
+        assert r.json()["usage"]["completion_tokens"] < 1900
     finally:
         s.stop()
