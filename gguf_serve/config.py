@@ -71,6 +71,7 @@ class Config:
     # the sequences' own KV cache (known once the model has run), 0: off
     prompt_cache_bytes: int | None
     max_messages: int
+    max_tokens: int  # 0: no cap but the context's end
     request_timeout_s: float  # a generation running longer ends as if at max_tokens
     shutdown_grace_s: float  # after SIGTERM, in-flight requests get this long to finish
     api_keys: tuple[str, ...]
@@ -173,6 +174,11 @@ SETTINGS = {
                                     "`granian`, its `--http1-header-read-timeout`, 30 s) "
                                     "([docs/deploy.md](docs/deploy.md#connections))"),
     "MAX_MESSAGES": Setting("512", "more messages in one chat request get 400"),
+    # llama-server's --n-predict: a request's max_tokens above it is lowered to it. A coding agent
+    # asks a fixed 32000 (Claude Code) that a small model past its training length fills with
+    # repetition for minutes; an operator who serves one to agents bounds each answer here.
+    "MAX_TOKENS": Setting("0", "most tokens one answer may generate: a request asking more, or naming no limit, gets "
+                               "this many and ends with `finish_reason: \"length\"`; 0 = up to the context's end"),
     "REQUEST_TIMEOUT_S": Setting("600", "a generation running longer ends there, `finish_reason: \"length\"`"),
     "SHUTDOWN_GRACE_S": Setting("8", "after SIGTERM, how long requests in flight may take to finish (Cloud Run allows "
                                      "10 s)"),
@@ -273,6 +279,7 @@ def load_config(env: dict[str, str]) -> Config:
         idle_timeout_s=_float(env, "IDLE_TIMEOUT_S"),
         prompt_cache_bytes=prompt_cache_bytes(env),
         max_messages=_int(env, "MAX_MESSAGES"),
+        max_tokens=_int(env, "MAX_TOKENS"),
         request_timeout_s=float(_int(env, "REQUEST_TIMEOUT_S")),
         shutdown_grace_s=float(_int(env, "SHUTDOWN_GRACE_S")),
         api_keys=api_keys(env),
