@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     started = start_loading(config)
     from .service import create_app  # the web stack, imported while the model loads
 
-    serve(create_app(os.environ, started), args.host, args.port, config.idle_timeout_s)
+    serve(create_app(os.environ, started, config), args.host, args.port, config.idle_timeout_s)
 
 
 def pull(argv: list[str]) -> None:
