@@ -115,7 +115,7 @@ def load_config(env: dict[str, str]) -> Config:
         entry = catalogue[key]
         path = locate(entry, catalogue_path.parent)
     elif hub.is_hub_ref(model):
-        # served as the reference names it, less `hf:` (as Ollama's hf.co/org/repo:quant); with it, and the file's name, aliases
+        # served as the reference names it, less `hf:` (as Ollama's hf.co/org/repo:quant); aliases: it, the file's name
         entry, key, path = CatalogueEntry(aliases=[model]), model.removeprefix(hub.PREFIX), fetch(parse_hub_ref(model))
     elif model.endswith((".gguf", ".safetensors", ".pt", ".pth", ".bin")) or "/" in model:
         entry, key, path = CatalogueEntry(file=model), Path(model).stem, Path(model)

@@ -50,8 +50,10 @@ def parse(text: str) -> HubRef:
     org, _, rest = body.partition("/")
     name, _, file = rest.partition("/")
     name, _, quant = name.partition(":")
-    if not (NAME.fullmatch(org) and NAME.fullmatch(name)) or (file and not file.endswith(".gguf")) \
-            or (quant and not re.fullmatch(r"[A-Za-z0-9_]+", quant)) or "@" in revision or (text.count("@") and not revision):
+    malformed = (not (NAME.fullmatch(org) and NAME.fullmatch(name)) or (file and not file.endswith(".gguf"))
+                 or (quant and not re.fullmatch(r"[A-Za-z0-9_]+", quant)) or "@" in revision
+                 or ("@" in text and not revision))
+    if malformed:
         raise HubError(f"{text!r} is not a Hub model: write hf:org/repo, hf:org/repo:QUANT (e.g. Q4_K_M) or "
                        "hf:org/repo/file.gguf, each with @revision at the end if not main")
     return HubRef(f"{org}/{name}", quant or None, file or None, revision or "main")
@@ -80,7 +82,8 @@ def pick(files: list[str], ref: HubRef) -> list[str]:
 
 def carries(path: str, quant: str) -> bool:
     """`path`'s name has `quant` as a word of its own, any case: Q4_K_M in model-q4_k_m.gguf, not in IQ4_K_M."""
-    return re.search(rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9]|_[A-Za-z0-9])", path, re.IGNORECASE) is not None
+    word = rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9]|_[A-Za-z0-9])"
+    return re.search(word, path, re.IGNORECASE) is not None
 
 
 def fetch(ref: HubRef) -> Path:
@@ -176,8 +179,8 @@ def from_cache(ref: HubRef, why: str) -> Path:
     except HubError:
         names = []
     if not names or not all((snapshot / n).is_file() for n in names):
-        raise HubError(f"{ref}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: run "
-                       f"`gguf-serve pull {ref}` where the Hub can be reached, with this cache (HF_HOME) or a copy of it")
+        raise HubError(f"{ref}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: run `gguf-serve "
+                       f"pull {ref}` where the Hub can be reached, with this cache (HF_HOME) or a copy of it")
     print(json.dumps({"event": "hub_cache", "model": str(ref), "file": names[0], "revision": snapshot.name,
                       "reason": f"{why}; the cached copy is used"}), file=sys.stderr, flush=True)
     return snapshot / names[0]

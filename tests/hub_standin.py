@@ -95,8 +95,8 @@ class StandInHub:
         if repo is None:
             return refuse(h, 401, "RepoNotFound", "Repository not found")
         if repo.token and h.headers.get("Authorization") != f"Bearer {repo.token}":
-            return refuse(h, 401, "GatedRepo", f"Access to model {m.group(1)} is restricted. You must have access to it "
-                                               "and be authenticated to access it. Please log in.")
+            return refuse(h, 401, "GatedRepo", f"Access to model {m.group(1)} is restricted. You must have access "
+                                               "to it and be authenticated to access it. Please log in.")
         if m.group(2) not in ("main", COMMIT):
             return refuse(h, 404, "RevisionNotFound", "Invalid rev id")
         name = m.group(3)

@@ -90,7 +90,8 @@ def test_a_hub_model_cut_midway_is_resumed_checked_and_served(hub, cache):
     server = Server(env_for(hub, cache), command=[*CLI, "--model", "hf:org/smol-GGUF"])
     try:
         server.wait_ready()
-        gets = [(path, ranged) for method, path, ranged in hub.requests[seen:] if method == "GET" and "/resolve/" in path]
+        gets = [(path, ranged) for method, path, ranged in hub.requests[seen:]
+                if method == "GET" and "/resolve/" in path]
         assert [p.rsplit("/", 1)[1] for p, _ in gets] == ["smol-Q4_K_M.gguf"] * 2, gets
         assert gets[0][1] is None and 0 < int(gets[1][1].removeprefix("bytes=").rstrip("-")) <= 30_000_000
         size = smollm2_path().stat().st_size
@@ -113,8 +114,10 @@ def test_pull_fetches_a_split_gguf_whole_then_it_is_served_offline_from_the_cach
     assert pulled.returncode == 0, pulled.stderr
     [line] = json_lines(pulled.stdout)
     snapshot = cache / "models--org--smol-GGUF" / "snapshots" / COMMIT
-    assert line == {"event": "pulled", "model": "hf:org/smol-GGUF:Q4_0", "path": str(snapshot / f"{SPLIT}-00001-of-00003.gguf")}
-    assert sorted(p.name for p in (snapshot / "split").iterdir()) == [f"smol-Q4_0-0000{n}-of-00003.gguf" for n in (1, 2, 3)]
+    first = str(snapshot / f"{SPLIT}-00001-of-00003.gguf")
+    assert line == {"event": "pulled", "model": "hf:org/smol-GGUF:Q4_0", "path": first}
+    shards = [f"smol-Q4_0-0000{n}-of-00003.gguf" for n in (1, 2, 3)]
+    assert sorted(p.name for p in (snapshot / "split").iterdir()) == shards
 
     seen = len(hub.requests)
     server = Server(env_for(hub, cache, HF_HUB_OFFLINE="1"), command=[*CLI, "--model", "hf:org/smol-GGUF:Q4_0"])
