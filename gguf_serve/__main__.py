@@ -18,6 +18,8 @@ import os
 import signal
 import sys
 
+from .config import SETTINGS  # light (no llama.cpp), and imported at once by every start anyway
+
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
@@ -28,8 +30,10 @@ def main(argv: list[str] | None = None) -> None:
                                      "`gguf-serve pull MODEL` downloads a Hub model without serving it.")
     parser.add_argument("--model", help="a key of models.toml, a path to a .gguf file or a Hub model, "
                         "hf:org/repo[:QUANT|/file.gguf][@revision] (MODEL; default smollm2-135m-instruct)")
-    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"), help="address to listen on (HOST; default %(default)s)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)), help="port (PORT; default %(default)s)")
+    parser.add_argument("--host", default=os.environ.get("HOST", SETTINGS["HOST"].default),
+                        help="address to listen on (HOST; default %(default)s)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", SETTINGS["PORT"].default)),
+                        help="port (PORT; default %(default)s)")
     args = parser.parse_args(argv)
     if args.model:
         os.environ["MODEL"] = args.model

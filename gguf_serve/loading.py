@@ -40,6 +40,7 @@ class Served:
     # of the shared pool the other requests' slow work runs in.
     render_lane: concurrent.futures.Executor | None
     stops: list[str]  # end-of-turn texts that are not single special tokens
+    renders_tool_turns: bool  # its format writes tool calls and results (else prompts.py writes them as text)
     created: int
     timings: dict[str, float]  # seconds each step of loading took (the start-up log line)
 
@@ -136,6 +137,7 @@ async def load(config: Config, loading: Loading, on_failure: Callable[[str], Non
             loading.render_process.kill()
     else:
         render, stops = await asyncio.to_thread(chat_renderer, config, model, loading.render_process)
+    tool_turns = render is not None and await asyncio.to_thread(templates.renders_tool_turns, render)
     timings["chat_template"], step = time.perf_counter() - step, time.perf_counter()
     stop_tokens = {model.special[s] for s in stops if s in model.special}
     decoder = engine.Engine(model, config.parallel, asyncio.get_running_loop(), stop_tokens, on_failure,
@@ -143,7 +145,7 @@ async def load(config: Config, loading: Loading, on_failure: Callable[[str], Non
     text_stops = [s for s in stops if s not in model.special]
     lane = (concurrent.futures.ThreadPoolExecutor(config.parallel + config.max_queue, "render")
             if isinstance(render, TemplateProcess) else None)
-    served = Served(config, model, decoder, render, lane, text_stops, int(time.time()), timings)
+    served = Served(config, model, decoder, render, lane, text_stops, tool_turns, int(time.time()), timings)
     await warm_up(served)
     timings["warm_up"], timings["load"] = time.perf_counter() - step, time.perf_counter() - loading.started
     return served

@@ -133,11 +133,14 @@ class ChatPrompt(NamedTuple):
 def chat_prompt(served: Served, messages: list[ChatMessage], tools: list[ToolDef] | None = None,
                 template_kwargs: dict | None = None) -> ChatPrompt:
     """The rendered prompt and its tokens. Tools go to a template that knows them; for one that
-    doesn't, they are described in the system message. `template_kwargs` reach the model's own
-    template (a hand-written family takes none)."""
+    doesn't, they are described in the system message, and for one that drops tool turns those are
+    written as text. `template_kwargs` reach the model's own template (a hand-written family takes
+    none)."""
     if len(messages) > served.config.max_messages:
         raise APIError(400, f"{len(messages)} messages; at most {served.config.max_messages} are accepted", "messages")
     dicts = message_dicts(messages)
+    if not served.renders_tool_turns:
+        dicts = templates.with_tool_turns_as_text(dicts)
     extra = dict(template_kwargs or {}) if served.own_template else {}
     for key, value in extra.items():
         _check_nesting(value, f"chat_template_kwargs.{key}")
@@ -226,11 +229,13 @@ def token_budget(served: Served, prompts: list[list[int]], requested: int | None
     with context shift off (its default: the slot stops with STOP_TYPE_LIMIT, `truncated`) and as
     Anthropic's API does (stop_reason "model_context_window_exceeded"). vLLM refuses that request
     instead (400 "'max_tokens' or 'max_completion_tokens' is too large"), which coding agents that
-    send a fixed max_tokens (Claude Code: 32000) can't get past on a context smaller than that."""
+    send a fixed max_tokens (Claude Code: 32000) can't get past on a context smaller than that.
+    MAX_TOKENS, when set, lowers what is asked to it (llama.cpp's server: --n-predict)."""
     n_ctx, longest = served.model.n_ctx, max(len(p) for p in prompts)
     if longest >= n_ctx:
         raise ContextExceeded(longest, n_ctx, param)
-    return requested or default or n_ctx
+    budget = requested or default or n_ctx
+    return min(budget, served.config.max_tokens) if served.config.max_tokens else budget
 
 
 class ContextExceeded(APIError):

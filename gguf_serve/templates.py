@@ -24,6 +24,11 @@ def _tool_calls_text(message: dict, each: Callable[[str, object], str]) -> str:
     return "".join(each(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls") or ())
 
 
+def _hermes_call(name: str, arguments: object) -> str:
+    """A tool call as Qwen2.5 (and the Hermes format many chat models know) writes it."""
+    return f'\n<tool_call>\n{{"name": "{name}", "arguments": {tojson(arguments)}}}\n</tool_call>'
+
+
 def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     # The tojson HF transformers gives chat templates (jinja2's own escapes HTML and sorts keys).
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -43,9 +48,7 @@ def _chatml_turns(messages: Messages) -> str:
             if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
                 out.append("<|im_end|>\n")
         elif role == "assistant" and m.get("tool_calls"):
-            calls = _tool_calls_text(
-                m, lambda name, args: f'\n<tool_call>\n{{"name": "{name}", "arguments": {tojson(args)}}}\n</tool_call>'
-            )
+            calls = _tool_calls_text(m, _hermes_call)
             out.append(f"<|im_start|>assistant{chr(10) + content if content else ''}{calls}<|im_end|>\n")
         else:
             out.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
@@ -298,6 +301,50 @@ def with_tools_in_system(messages: Messages, tools: list[dict]) -> Messages:
     if messages and messages[0]["role"] == "system":
         return [{**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
     return [{"role": "system", "content": text}, *messages]
+
+
+TOOL_TURNS_PROBE = [  # the id as Mistral's template wants one (9 letters and digits), which refuses others
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call00000", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "tool_call_id": "call00000", "content": "18 C"},
+]
+
+
+def renders_tool_turns(render: Render) -> bool:
+    """Whether a format writes an assistant's tool calls and their results into its prompt: a
+    template without tool support drops the calls (SmolLM2's left an agent's replayed turn an
+    empty assistant message) or refuses the `tool` role (Gemma's), as minja finds at load."""
+    try:
+        prompt = render(TOOL_TURNS_PROBE)
+    except TemplateError:
+        return False
+    return "get_weather" in prompt and "Paris" in prompt.split("get_weather", 1)[1] and "18 C" in prompt
+
+
+def with_tool_turns_as_text(messages: Messages) -> Messages:
+    """For a format that doesn't render tool turns: an assistant's calls written into its text and
+    a run of tool results as one user turn, in the `<tool_call>`/`<tool_response>` form that
+    with_tools_in_system teaches (Qwen2.5's own)."""
+    out: Messages = []
+    for i, m in enumerate(messages):
+        if m["role"] == "tool":
+            response = f"<tool_response>\n{m['content']}\n</tool_response>"
+            if i and messages[i - 1]["role"] == "tool":
+                out[-1] = {"role": "user", "content": f"{out[-1]['content']}\n{response}"}
+            else:
+                out.append({"role": "user", "content": response})
+        elif m["role"] == "user" and i and messages[i - 1]["role"] == "tool":
+            # one user turn, as Anthropic's tool_result blocks and text share one: a template that
+            # wants roles to alternate (Gemma's) would refuse two
+            out[-1] = {**m, "content": f"{out[-1]['content']}\n{m['content']}"}
+        elif m.get("tool_calls"):
+            calls = _tool_calls_text(m, _hermes_call)
+            text = f"{m['content']}{calls}" if m["content"] else calls[1:]
+            out.append({k: v for k, v in m.items() if k != "tool_calls"} | {"content": text})
+        else:
+            out.append(m)
+    return out
 
 
 # --- Where the messages' text lies in the prompt --------------------------------------------

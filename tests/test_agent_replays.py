@@ -79,13 +79,18 @@ def post(server: Server, request: dict, body: dict) -> tuple[httpx.Response, lis
     return r, [json.loads(d) for d in data if d != "[DONE]"]
 
 
-# Each fixture, and what its prompt must hold: the tool call and the result the agent sent back.
+# Each fixture, and what its prompt must hold: the tool call as the model would have written it
+# (SmolLM2's template drops tool calls, so the server writes them in the <tool_call> form its
+# system message teaches) and the result the agent sent back.
 READ = {
-    "codex-function-call": ["exec_command", "echo captured", "Process exited with code 0"],
-    "codex-custom-tool-call": ["apply_patch", "*** Add File: hello.txt", "hello.txt"],
-    "codex-namespace-call": ["close_agent", "agent-1", "invalid agent id agent-1"],
-    "claude-tool-use": ["Bash", "echo captured", "captured"],
-    "opencode-tool-message": ["bash", "echo captured", "captured"],
+    "codex-function-call": ['{"name": "exec_command", "arguments": {"cmd": "echo captured"}}',
+                            "Process exited with code 0"],
+    "codex-custom-tool-call": ['{"name": "apply_patch", "arguments": {"input": "*** Begin Patch\\n*** Add File: hello.txt',
+                               "<tool_response>\nExit code: 0"],
+    "codex-namespace-call": ['{"name": "multi_agent_v1__close_agent", "arguments": {"target": "agent-1"}}',
+                             "invalid agent id agent-1"],
+    "claude-tool-use": ['{"name": "Bash", "arguments": {"command": "echo captured"', "<tool_response>\ncaptured"],
+    "opencode-tool-message": ['{"name": "bash", "arguments": {"command": "echo captured"', "<tool_response>\ncaptured"],
 }
 
 

@@ -169,9 +169,11 @@ def trimmed(value, renames: dict[str, str]):
         return value if len(value) <= TEXT_KEPT else value[:TEXT_KEPT] + " [...]"
     if isinstance(value, list):
         return [trimmed(v, renames) for v in value]
-    if isinstance(value, dict):  # a call's own arguments are kept whole: they must stay valid JSON or a patch
+    if isinstance(value, dict):  # a call's own arguments are kept whole: they must stay valid JSON or a patch;
+        # so is a custom tool's grammar (Codex's apply_patch), which the server compiles
         call = value.get("type") in ("tool_use", "custom_tool_call", "function_call") or "arguments" in value
-        return {k: v if call and k in ("arguments", "input") else trimmed(v, renames) for k, v in value.items()}
+        whole = ("arguments", "input") if call else ("definition",) if value.get("type") == "grammar" else ()
+        return {k: v if k in whole else trimmed(v, renames) for k, v in value.items()}
     return value
 
 

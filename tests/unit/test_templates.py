@@ -88,10 +88,10 @@ def test_qwen_tool_calls_and_results_match_official():
         {
             "role": "assistant",
             "content": "",
-            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}],
+            "tool_calls": [{"id": "call00001", "type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}],
         },
-        {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "c1"},
-        {"role": "tool", "content": '{"rain": false}', "tool_call_id": "c1"},
+        {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call00001"},
+        {"role": "tool", "content": '{"rain": false}', "tool_call_id": "call00001"},
     ]
     assert FAMILIES["qwen"].render(conversation) == official("Qwen-Qwen2.5-7B-Instruct.jinja")(conversation)
 
@@ -225,3 +225,52 @@ def test_users_text_is_located_in_every_official_templates_prompt(filename):
     assert marked and sum(ATTACK in prompt[a:b] for a, b in spans) == 2
     searched, _ = templates._searched_spans(prompt, [m["content"] for m in conversation])  # the fallback, on the same prompt
     assert sum(ATTACK in prompt[a:b] for a, b in searched) == 2 and searched == sorted(searched)
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")  # SmolLM2's own
+TOOL_TURNS = [
+    msg("user", "Add hello.txt"),
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call00001", "type": "function", "function": {"name": "apply_patch", "arguments": {"input": "*** Add File"}}},
+        {"id": "call00002", "type": "function", "function": {"name": "shell", "arguments": {"command": ["ls"]}}}]},
+    {"role": "tool", "tool_call_id": "call00001", "content": "Done: A hello.txt"},
+    {"role": "tool", "tool_call_id": "call00002", "content": "hello.txt"},
+]
+
+
+def test_a_template_that_drops_tool_turns_gets_them_as_qwens_text():
+    """SmolLM2's template drops an assistant's tool calls: written as text, its prompt is the one
+    Qwen2.5's format (the wording with_tools_in_system teaches) gives the same turns."""
+    render = sandbox.jinja_template(CHATML, "<s>", "</s>")
+    assert not templates.renders_tool_turns(render)
+    assert "apply_patch" not in render(TOOL_TURNS)
+    prompt = render(templates.with_tool_turns_as_text(TOOL_TURNS))
+    assert prompt == templates._chatml_turns(TOOL_TURNS) + "<|im_start|>assistant\n"
+    assert templates.renders_tool_turns(FAMILIES["qwen"].render)
+
+
+@pytest.mark.parametrize("filename", sorted(p.name for p in OFFICIAL.glob("*.jinja")))
+def test_every_official_template_gets_tool_turns_into_its_prompt(filename):
+    """Rendered by the template (it knows tool turns) or written as text (it drops them, or refuses
+    the tool role as Gemma's does): either way the calls and results reach the prompt, and a
+    user's text after a tool result is accepted by a template that wants roles to alternate. (One
+    call: Llama 3.1's template refuses two in a turn; ids as Mistral's wants them.)"""
+    render = sandbox.jinja_template((OFFICIAL / filename).read_text(), "<s>", "</s>")
+    [user, assistant, result, _] = TOOL_TURNS
+    messages = [user, {**assistant, "tool_calls": assistant["tool_calls"][:1]}, result,
+                msg("assistant", "Added."), msg("user", "Thanks")]
+    if not templates.renders_tool_turns(render):
+        messages = templates.with_tool_turns_as_text(messages)
+    prompt = render(messages)
+    for text in ("apply_patch", "*** Add File", "Done: A hello.txt", "Thanks"):
+        assert text in prompt, text
+
+
+def test_text_after_tool_results_shares_their_user_turn():
+    """Anthropic's tool_result blocks and text share a user turn: written as text, they stay one,
+    which Gemma's template (roles must alternate) accepts."""
+    render = sandbox.jinja_template((OFFICIAL / "google-gemma-2-2b-it.jinja").read_text(), "<bos>", "<eos>")
+    prompt = render(templates.with_tool_turns_as_text([*TOOL_TURNS, msg("user", "Now list it.")]))
+    assert prompt.count("<start_of_turn>user") == 2
+    assert "Done: A hello.txt\n</tool_response>\n<tool_response>\nhello.txt\n</tool_response>\nNow list it." in prompt
