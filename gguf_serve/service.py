@@ -46,12 +46,14 @@ from .state import ServerState
 # --- The app --------------------------------------------------------------------------------
 
 
-def create_app(env: dict[str, str] = os.environ, started: loading.Loading | None = None):
+def create_app(env: dict[str, str] = os.environ, started: loading.Loading | None = None, config: Config | None = None):
     """The ASGI app for one model, configured from `env`: Litestar's, inside the access gate.
-    `started`: its loading, if the caller began it (`gguf-serve` does, before importing this).
+    `started`: its loading, and `config` what it loads, if the caller began it (`gguf-serve` does, before
+    importing this: the configuration is not read twice, a Hub model not looked up twice).
     Raises ConfigError or ModelFileError with one line when the configuration can't work."""
-    config = load_config(env)
-    check_model_file(config.model_path)
+    if config is None:
+        config = load_config(env)
+        check_model_file(config.model_path)
     started = started or loading.start_loading(config)  # overlaps building the app and starting the server
     state = ServerState(config, started, response_store(config), Runs(config.parallel + config.max_queue))
     app = Litestar(
