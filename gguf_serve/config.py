@@ -76,6 +76,7 @@ class Config:
     # (prompt_cache_disk.py); None: it is not
     prompt_cache_dir: Path | None
     max_messages: int
+    sse_keepalive_s: float
     max_tokens: int  # 0: no cap but the context's end
     request_timeout_s: float  # a generation running longer ends as if at max_tokens
     shutdown_grace_s: float  # after SIGTERM, in-flight requests get this long to finish
@@ -198,6 +199,11 @@ SETTINGS = {
                                     "also the wait for a request's head, on a new or a kept-alive connection (with "
                                     "`granian`, its `--http1-header-read-timeout`, 30 s) "
                                     "([docs/deploy.md](docs/deploy.md#connections))"),
+    # 15 s: well inside the idle limits that cut a silent stream (Claude Code's 300 s, nginx's 60 s
+    # proxy_read_timeout by default), and rare enough to cost nothing
+    "SSE_KEEPALIVE_S": Setting("15", "a stream that has had nothing to send this long (its prompt still being computed, "
+                                     "or waiting for a sequence) sends a keep-alive: an SSE comment, on `/v1/messages` "
+                                     "Anthropic's `ping` event; so that no client or proxy takes it for dead"),
     "MAX_MESSAGES": Setting("512", "more messages in one chat request get 400"),
     # llama-server's --n-predict: a request's max_tokens above it is lowered to it. A coding agent
     # asks a fixed 32000 (Claude Code) that a small model past its training length fills with
@@ -309,6 +315,7 @@ def load_config(env: dict[str, str]) -> Config:
         prompt_cache_bytes=prompt_cache_bytes(env),
         prompt_cache_dir=prompt_cache_dir(env),
         max_messages=_int(env, "MAX_MESSAGES"),
+        sse_keepalive_s=_float(env, "SSE_KEEPALIVE_S"),
         max_tokens=_int(env, "MAX_TOKENS"),
         request_timeout_s=float(_int(env, "REQUEST_TIMEOUT_S")),
         shutdown_grace_s=float(_int(env, "SHUTDOWN_GRACE_S")),

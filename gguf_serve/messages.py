@@ -342,13 +342,16 @@ async def respond(request: Request, served: Served, body: MessagesRequest) -> Re
 
     try:  # the request runs exactly as on /v1/chat/completions
         return await serving.serve(request, served, 1, functools.partial(prompts.chat_job, served, chat_body, plan), whole,
-                                   streamed if body.stream else None, renders=True)
+                                   streamed if body.stream else None, renders=True, keepalive=PING)
     except APIError as e:
         raise as_messages_error(e, origins) from None
 
 
 def event(kind: str, **fields) -> bytes:
     return named_sse(kind, msgspec.json.encode(StreamEvent(type=kind, **fields)))
+
+
+PING = event("ping")  # what Anthropic's API sends any number of times in a stream: a silent one's keep-alive
 
 
 class Blocks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import AsyncExitStack
 from typing import AsyncIterator
 
@@ -11,6 +12,10 @@ from litestar.response import Stream
 from .protocol import APIError, Sampled, error_body
 
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # proxies pass events through at once
+# What a stream sends when it has had nothing to send for SSE_KEEPALIVE_S: a comment line, which
+# SSE clients skip (the OpenAI SDKs, eventsource parsers); Anthropic's streams send their own
+# `ping` event instead (messages.PING).
+COMMENT = b": keep-alive\n\n"
 
 
 def sse(data: bytes) -> bytes:
@@ -34,21 +39,41 @@ def around_text(encoded: bytes) -> tuple[bytes, bytes]:
     return before, after
 
 
-def event_stream(owner: AsyncExitStack, events: AsyncIterator[bytes]) -> Stream:
+def event_stream(owner: AsyncExitStack, events: AsyncIterator[bytes], keepalive_s: float,
+                 keepalive: bytes = COMMENT) -> Stream:
     """A streamed answer that holds `owner` (the request's run) until it ends: an error midway
     (the engine failed, the server is shutting down) ends it with an OpenAI error event, and
-    however it ends, even by the client leaving, the run is left and its generations stop."""
-    return Stream(_guarded(owner, events), media_type="text/event-stream", headers=HEADERS)
+    however it ends, even by the client leaving, the run is left and its generations stop.
+    While no event comes for `keepalive_s` (a long prompt computed, a queue waited in), it sends
+    `keepalive`: clients and proxies cut a stream silent for long (Claude Code after 300 s, with
+    its 20k-token prompt still being computed on 2 cores; nginx after proxy_read_timeout)."""
+    return Stream(_guarded(owner, events, keepalive_s, keepalive), media_type="text/event-stream", headers=HEADERS)
 
 
-async def _guarded(owner: AsyncExitStack, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _guarded(owner: AsyncExitStack, events: AsyncIterator[bytes], keepalive_s: float,
+                   keepalive: bytes) -> AsyncIterator[bytes]:
     async with owner:
+        pending: asyncio.Future | None = None
         try:
-            async for data in events:
-                yield data
+            while True:
+                pending = pending or asyncio.ensure_future(anext(events))
+                done, _ = await asyncio.wait((pending,), timeout=keepalive_s)
+                if not done:
+                    yield keepalive
+                    continue
+                data, pending = pending, None
+                try:
+                    yield data.result()
+                except StopAsyncIteration:
+                    return
         except APIError as e:
             yield sse(msgspec.json.encode(error_body(e)))
             yield sse(b"[DONE]")
+        finally:
+            if pending is not None:  # the client left while the events' next one was awaited
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
+            await events.aclose()
 
 
 def include_usage(body: Sampled) -> bool:

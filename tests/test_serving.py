@@ -2,6 +2,7 @@
 graceful shutdown, metrics, auth, CORS, limits and logs."""
 
 import json
+import re
 import signal
 import threading
 import time
@@ -58,7 +59,7 @@ def test_16_concurrent_clients_are_answered_correctly_or_told_to_retry(busy):
 
     def client(i):
         body = chat_body(messages=prompts[i], stream=i % 2 == 0)
-        with httpx.stream("POST", f"{busy.url}/v1/chat/completions", json=body, timeout=60) as r:
+        with httpx.stream("POST", f"{busy.url}/v1/chat/completions", json=body, timeout=600) as r:
             if r.status_code == 429:
                 r.read()
                 return "429", r
@@ -84,7 +85,7 @@ def test_16_concurrent_clients_are_answered_correctly_or_told_to_retry(busy):
 def test_queue_overflow_is_429(busy):
     body = chat_body(max_tokens=150)
     with ThreadPoolExecutor(12) as pool:
-        statuses = list(pool.map(lambda _: httpx.post(f"{busy.url}/v1/chat/completions", json=body, timeout=60).status_code,
+        statuses = list(pool.map(lambda _: httpx.post(f"{busy.url}/v1/chat/completions", json=body, timeout=600).status_code,
                                  range(12)))
     assert statuses.count(429) >= 4 and statuses.count(200) >= 8
     assert set(statuses) == {200, 429}
@@ -145,6 +146,44 @@ def test_queued_request_whose_client_left_never_runs(single):
     single.wait_metric("gguf_queue_depth", 0)
     assert single.metric("gguf_running") == 0  # it left the queue without taking the sequence
     assert httpx.post(f"{single.url}/v1/chat/completions", json=chat_body(max_tokens=5), timeout=60).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def keepalives():
+    s = Server({"PARALLEL": "1", "N_THREADS": "2", "SSE_KEEPALIVE_S": "0.05"}).wait_ready()
+    yield s
+    s.stop()
+
+
+NEVER_ENDS = {str(t): -100 for t in (0, 1, 2)}  # SmolLM2's <|endoftext|>, <|im_start|>, <|im_end|>
+
+
+def test_a_stream_waiting_for_its_first_token_sends_keepalives(keepalives):
+    """Queued behind a generation that runs until its client leaves, a stream has nothing to
+    send: every SSE_KEEPALIVE_S a comment (chat, Responses) or Anthropic's `ping` (Messages), which
+    the SDKs skip; once the sequence is free it answers as ever. Nothing here depends on timing:
+    the blocker runs until the keep-alives have been seen."""
+    http = httpx.Client(base_url=keepalives.url, timeout=600)
+    waiting = {
+        "/v1/chat/completions": (chat_body(max_tokens=3, stream=True), ": keep-alive", "data: [DONE]"),
+        "/v1/messages": ({"model": MODEL, "max_tokens": 3, "stream": True, "messages": [{"role": "user", "content": "Hi"}]},
+                         "event: ping", 'data: {"type":"message_stop"}'),
+    }
+    for path, (body, keepalive, last) in waiting.items():
+        blocker = http.send(http.build_request("POST", "/v1/chat/completions", json=chat_body(
+            max_tokens=8000, logit_bias=NEVER_ENDS, stream=True)), stream=True)
+        blocked = blocker.iter_lines()  # kept: httpx closes a stream whose line iterator is collected
+        next(text_deltas(blocked))  # it holds the only sequence
+        with http.stream("POST", path, json=body) as r:
+            lines = r.iter_lines()
+            before = []
+            while before.count(keepalive) < 3:  # Messages: its first ping, then two keep-alives
+                before.append(next(lines))
+            assert not any(re.search(r'"content":"[^"]|content_block_delta', line) for line in before), before
+            blocker.close()  # the sequence is freed: the waiting stream runs
+            after = [line for line in lines if line]
+        assert r.status_code == 200 and after[-1] == last and any("content" in line for line in after), after
+    http.close()
 
 
 # --- health and readiness ---
