@@ -17,13 +17,17 @@ import os
 import signal
 import sys
 
+from .config import SETTINGS  # light (no llama.cpp), and imported at once by every start anyway
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gguf-serve", description="One GGUF model behind the OpenAI HTTP API. "
                                      "Every other setting is an environment variable (README: Configuration).")
     parser.add_argument("--model", help="a key of models.toml or a path to a .gguf file (MODEL; default smollm2-135m-instruct)")
-    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"), help="address to listen on (HOST; default %(default)s)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)), help="port (PORT; default %(default)s)")
+    parser.add_argument("--host", default=os.environ.get("HOST", SETTINGS["HOST"].default),
+                        help="address to listen on (HOST; default %(default)s)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", SETTINGS["PORT"].default)),
+                        help="port (PORT; default %(default)s)")
     args = parser.parse_args(argv)
     if args.model:
         os.environ["MODEL"] = args.model

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import os
 
@@ -101,6 +102,126 @@ MAY_BE_PUBLIC = ("/metrics", "/openapi.json")  # PUBLIC_PATHS' choices: /health 
 POOLINGS = ("mean", "cls", "last")  # as llama-server's --pooling (none and rank give no embedding); model.POOLING maps them
 
 
+class Setting(NamedTuple):
+    """One environment variable: what it is taken as when unset, and what it means. The README's
+    configuration table is generated from SETTINGS (tools/readme.py), so this is its one source."""
+
+    default: str | None  # the value when unset, as it would be set; None: none, or `shown` says how it is found
+    meaning: str  # Markdown, one table cell
+    shown: str | None = None  # the default as the table shows it, where the value alone doesn't say it
+
+
+def choices(values) -> str:
+    return ", ".join(f"`{value}`" for value in values)
+
+
+SETTINGS = {
+    "MODEL": Setting(DEFAULT_MODEL, "a key or alias of the catalogue, or a path to a `.gguf` file (`--model` wins)"),
+    "MODELS_TOML": Setting(None, "another catalogue ([docs/deploy.md](docs/deploy.md#models-and-the-catalogue))",
+                           "the package's `gguf_serve/models.toml`"),
+    "N_CTX": Setting(None, "context length in tokens, for each concurrent request; set, it is taken as asked even past "
+                           "the training length, as llama.cpp allows (a coding agent's prompt may need it: "
+                           "[docs/agents.md](docs/agents.md))",
+                     "the entry's `n_ctx` (4096 for a bare path), at most the model's training length"),
+    "N_THREADS": Setting(None, "llama.cpp threads",
+                         "every core the process may use (its CPU affinity and cgroup quota)"),
+    "PARALLEL": Setting("4", "requests decoded together in one batch; KV memory grows with `N_CTX × PARALLEL`"),
+    "POOLING": Setting(None, f"{choices(POOLINGS)}: how an input's last hidden states become one embedding, as "
+                             "llama-server's `--pooling` ([docs/api.md](docs/api.md#embeddings))",
+                       "the model's own (`<arch>.pooling_type` in its GGUF), else `mean`"),
+    "FLASH_ATTN": Setting("auto", f"{choices(FLASH_ATTN_MODES)}, as llama-server's `--flash-attn` (`auto` is on for "
+                                  "CPUs); `off` keeps greedy output identical alone or batched at any length "
+                                  "([docs/architecture.md](docs/architecture.md#greedy-output-that-does-not-depend-"
+                                  "on-what-else-runs))"),
+    "KV_CACHE_TYPE": Setting("f16", "what the KV cache stores keys and values as, as llama-server's `-ctk`/`-ctv`: "
+                                    f"{choices(KV_CACHE_TYPES)}; `KV_CACHE_TYPE_K`/`KV_CACHE_TYPE_V` set one of the "
+                                    "two. `q8_0` halves the KV cache's memory, `q4_0` quarters it (a quantized V needs "
+                                    "flash attention, so not with `FLASH_ATTN=off`); effects: "
+                                    "[docs/performance.md](docs/performance.md#kvcache)"),
+    "PROMPT_CACHE_MIB": Setting(None, "the KV cache's tier in host memory: a sequence taken by another conversation is "
+                                      "saved there, and a prompt that shares more with a saved one than with any "
+                                      "sequence has it restored, not computed (`cached_tokens`; `gguf_prompt_cache_*` "
+                                      "metrics); least recently used out first; `0` turns it off",
+                                "a quarter of the KV cache's size (45 MiB for the default model)"),
+    "MAX_QUEUE": Setting("32", "generations, not requests, waiting for one of the `PARALLEL` sequences: a request "
+                               "takes a place for each generation it asks for (`n=8` takes 8, a completion's list of "
+                               "prompts `n` each; an embedding request, `/apply-template` and `input_tokens` one), "
+                               "and one that finds fewer than it needs free of `PARALLEL` + `MAX_QUEUE` is a 429 with "
+                               "`Retry-After`"),
+    "CHAT_FORMAT": Setting(None, choices(templates.CHAT_FORMATS), "the entry's `chat_format` (`auto`)"),
+    "API_KEY": Setting(None, "one key or a comma-separated list; then every path but `/health` and `/ready` (and those "
+                             "`PUBLIC_PATHS` names) needs `Authorization: Bearer <key>` or `x-api-key: <key>` "
+                             "(Anthropic's SDK sends that): a missing or wrong key is a 401, on unknown paths too",
+                       "none (open)"),
+    "API_KEY_FILE": Setting(None, "a file of keys, one a line (added to `API_KEY`'s)"),
+    "PUBLIC_PATHS": Setting(None, f"with a key set, which of {choices(MAY_BE_PUBLIC)} answer without it "
+                                  "(comma-separated), e.g. `/metrics` for a scraper that sends no key"),
+    "CORS_ORIGINS": Setting(None, "comma-separated origins allowed by CORS (preflight included)"),
+    "MAX_BODY_BYTES": Setting(str(4 << 20), "larger request bodies get 413, a compressed body's (`Content-Encoding: "
+                                            "gzip`, `deflate` or `zstd`) once decoded: it is decoded as it arrives "
+                                            "and stops there ([docs/api.md](docs/api.md#compressed-request-bodies))"),
+    # 60 s, nginx's client_body_timeout, but for the whole body: a trickled body can't hold a
+    # connection longer, and a 4 MiB body (MAX_BODY_BYTES) arrives in it at 70 KB/s
+    "BODY_TIMEOUT_S": Setting("60", "a request body not all arrived this long after its head gets a 408 (`code: "
+                                    "\"body_timeout\"`) and its connection is closed; 60 s carries a 4 MiB body at "
+                                    "70 KB/s"),
+    # 30 s, granian's header read timeout, so that `gguf-serve` and `granian ... service:app`
+    # agree; above the 5 s (httpx, the OpenAI SDK's) or 15 s (aiohttp) after which a client's
+    # pool drops an idle connection itself, so a client never sends on one being closed
+    "IDLE_TIMEOUT_S": Setting("30", "a connection that has sent nothing is closed after this long; with `gguf-serve` "
+                                    "also the wait for a request's head, on a new or a kept-alive connection (with "
+                                    "`granian`, its `--http1-header-read-timeout`, 30 s) "
+                                    "([docs/deploy.md](docs/deploy.md#connections))"),
+    "MAX_MESSAGES": Setting("512", "more messages in one chat request get 400"),
+    "REQUEST_TIMEOUT_S": Setting("600", "a generation running longer ends there, `finish_reason: \"length\"`"),
+    "SHUTDOWN_GRACE_S": Setting("8", "after SIGTERM, how long requests in flight may take to finish (Cloud Run allows "
+                                     "10 s)"),
+    "REASONING_FORMAT": Setting("deepseek", "a thinking model's reasoning: `deepseek` puts it in `reasoning_content` "
+                                            "(DeepSeek's API, llama.cpp's server), `both` also in `reasoning` (vLLM, "
+                                            "Ollama), `none` leaves it in the text as the model wrote it"),
+    "LOG_PROMPTS": Setting(None, "`1` adds the prompt text to each request's log line", "off"),
+    "RESPONSES_STORE_MAX": Setting("1000", "stored Responses API responses kept at most, least recently used evicted "
+                                           "first; `0` stores none"),
+    "RESPONSES_STORE_TTL_S": Setting("3600", "a stored response is forgotten this many seconds after it finished, "
+                                             "however often it was read since"),
+    # 64 MiB: an eighth of a 512 MiB Cloud Run instance, room for 16 responses of a whole 4 MiB body each
+    "RESPONSES_STORE_MAX_BYTES": Setting(str(64 << 20), "the bytes stored responses hold together (their JSON: "
+                                                        "response, conversation), least recently used evicted first; a "
+                                                        "response larger than this alone is answered with `store: "
+                                                        "false`, not kept", "`67108864` (64 MiB)"),
+    "RESPONSES_STORE_URL": Setting(None, "a Redis or Valkey database (`redis://[:password@]host:port/db`, `rediss://` "
+                                         "for TLS) that every instance naming it shares stored responses in: a "
+                                         "continuation, `GET` or `DELETE` may land on any instance, and a "
+                                         "scaled-to-zero one forgets nothing; the three bounds above hold there too "
+                                         "(entries expire by the database's TTL)", "none: in the process"),
+    # 2 s: a database on the same network answers in a millisecond; past 2 s it is down or
+    # overloaded, and a request waiting on it holds its client (and a place in the queue)
+    "RESPONSES_STORE_TIMEOUT_S": Setting("2", "the longest a call to that database may take; past it, or with the "
+                                              "database down, a request that needs the store is a 503 (`code: "
+                                              "\"responses_store_unavailable\"`, naming it) and `store: false` "
+                                              "requests go on"),
+    "RESPONSES_STORE_REQUIRED": Setting(None, "`1`: `/ready` is 503 while that database is unreachable (else it is 200 "
+                                              "and says so in `responses_store`; which database and why only to a "
+                                              "valid key, and in the log)", "off"),
+    # SmolLM2 embeds about 150 tokens/s on 2 cores (`python -m bench embeddings`; measured again
+    # 2026-12-03: 2000 tokens in 15 s with the host's load at 1, 100-185 tokens/s at load 4-9):
+    # 4096 tokens, about 27 s, keep one request well under a minute there. OpenAI allows 300,000;
+    # a faster host or a small encoder (bge, MiniLM) can take far more.
+    "EMBEDDINGS_MAX_TOKENS": Setting("4096", "tokens of all the inputs of one embedding request together; more is a "
+                                             "400 (`param: \"input\"`, `code: \"max_tokens_per_request\"`). SmolLM2 "
+                                             "embeds about 150 tokens/s on 2 cores: 4096 is about 27 s (OpenAI allows "
+                                             "300,000: raise it on a faster host or a small encoder)"),
+    "EMBEDDINGS_TIMEOUT_S": Setting("600", "an embedding request not finished this long after it came (queue "
+                                           "included) ends with a 504 (`code: \"timeout\"`), its place freed; not "
+                                           "`REQUEST_TIMEOUT_S`, since a generation stopped there still has its text "
+                                           "and an embedding has nothing"),
+    "HOST": Setting("127.0.0.1", "where `gguf-serve` listens (`--host` wins; with `granian`, use its own `--host`)",
+                    "`127.0.0.1` (the container: `0.0.0.0`)"),
+    "PORT": Setting("8000", "the port `gguf-serve` listens on (`--port` wins; with `granian`, use its own `--port`)",
+                    "`8000`"),
+}
+
+
 def load_config(env: dict[str, str]) -> Config:
     catalogue_path = Path(env.get("MODELS_TOML", HERE / "models.toml"))
     try:
@@ -121,10 +242,10 @@ def load_config(env: dict[str, str]) -> Config:
     chat_format = env.get("CHAT_FORMAT", entry.chat_format)
     if chat_format not in templates.CHAT_FORMATS:
         raise ConfigError(f"CHAT_FORMAT={chat_format!r} is not one of: {', '.join(templates.CHAT_FORMATS)}")
-    reasoning_format = env.get("REASONING_FORMAT", "deepseek")
+    reasoning_format = env.get("REASONING_FORMAT", SETTINGS["REASONING_FORMAT"].default)
     if reasoning_format not in reasoning.FORMATS:
         raise ConfigError(f"REASONING_FORMAT={reasoning_format!r} is not one of: {', '.join(reasoning.FORMATS)}")
-    flash_attn = env.get("FLASH_ATTN", "auto")
+    flash_attn = env.get("FLASH_ATTN", SETTINGS["FLASH_ATTN"].default)
     if flash_attn not in FLASH_ATTN_MODES:
         raise ConfigError(f"FLASH_ATTN={flash_attn!r} is not one of: {', '.join(FLASH_ATTN_MODES)}")
     pooling = env.get("POOLING") or None
@@ -139,54 +260,42 @@ def load_config(env: dict[str, str]) -> Config:
         n_ctx=_int(env, "N_CTX", entry.n_ctx),
         n_ctx_asked="N_CTX" in env,
         n_threads=_int(env, "N_THREADS", entry.threads) or available_cpus(),
-        parallel=_int(env, "PARALLEL", 4),
+        parallel=_int(env, "PARALLEL"),
         kv_cache=kv_cache,
         flash_attn=flash_attn,
         pooling=pooling,
         matryoshka=entry.matryoshka,
         chat_format=chat_format,
         sampling=entry.sampling,
-        max_queue=_int(env, "MAX_QUEUE", 32),
-        max_body_bytes=_int(env, "MAX_BODY_BYTES", 4 << 20),
-        # 60 s, nginx's client_body_timeout, but for the whole body: a trickled body can't hold a
-        # connection longer, and a 4 MiB body (MAX_BODY_BYTES) arrives in it at 70 KB/s
-        body_timeout_s=_float(env, "BODY_TIMEOUT_S", 60.0),
-        # 30 s, granian's header read timeout, so that `gguf-serve` and `granian ... service:app`
-        # agree; above the 5 s (httpx, the OpenAI SDK's) or 15 s (aiohttp) after which a client's
-        # pool drops an idle connection itself, so a client never sends on one being closed
-        idle_timeout_s=_float(env, "IDLE_TIMEOUT_S", 30.0),
+        max_queue=_int(env, "MAX_QUEUE"),
+        max_body_bytes=_int(env, "MAX_BODY_BYTES"),
+        body_timeout_s=_float(env, "BODY_TIMEOUT_S"),
+        idle_timeout_s=_float(env, "IDLE_TIMEOUT_S"),
         prompt_cache_bytes=prompt_cache_bytes(env),
-        max_messages=_int(env, "MAX_MESSAGES", 512),
-        request_timeout_s=float(_int(env, "REQUEST_TIMEOUT_S", 600)),
-        shutdown_grace_s=float(_int(env, "SHUTDOWN_GRACE_S", 8)),
+        max_messages=_int(env, "MAX_MESSAGES"),
+        request_timeout_s=float(_int(env, "REQUEST_TIMEOUT_S")),
+        shutdown_grace_s=float(_int(env, "SHUTDOWN_GRACE_S")),
         api_keys=api_keys(env),
         public_paths=public_paths(env),
         cors_origins=tuple(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()),
         log_prompts=env.get("LOG_PROMPTS") == "1",
         reasoning=entry.reasoning,
         reasoning_format=reasoning_format,
-        responses_store_max=_int(env, "RESPONSES_STORE_MAX", 1000),
-        # 64 MiB: an eighth of a 512 MiB Cloud Run instance, room for 16 responses of a whole 4 MiB body each
-        responses_store_max_bytes=_int(env, "RESPONSES_STORE_MAX_BYTES", 64 << 20),
-        responses_store_ttl_s=float(_int(env, "RESPONSES_STORE_TTL_S", 3600)),
+        responses_store_max=_int(env, "RESPONSES_STORE_MAX"),
+        responses_store_max_bytes=_int(env, "RESPONSES_STORE_MAX_BYTES"),
+        responses_store_ttl_s=float(_int(env, "RESPONSES_STORE_TTL_S")),
         responses_store_url=responses_store_url(env),
-        # 2 s: a database on the same network answers in a millisecond; past 2 s it is down or
-        # overloaded, and a request waiting on it holds its client (and a place in the queue)
-        responses_store_timeout_s=_float(env, "RESPONSES_STORE_TIMEOUT_S", 2.0),
+        responses_store_timeout_s=_float(env, "RESPONSES_STORE_TIMEOUT_S"),
         responses_store_required=env.get("RESPONSES_STORE_REQUIRED") == "1",
-        # SmolLM2 embeds about 150 tokens/s on 2 cores (`python -m bench embeddings`; measured again
-        # 2026-12-03: 2000 tokens in 15 s with the host's load at 1, 100-185 tokens/s at load 4-9):
-        # 4096 tokens, about 27 s, keep one request well under a minute there. OpenAI allows 300,000;
-        # a faster host or a small encoder (bge, MiniLM) can take far more.
-        embeddings_max_tokens=_int(env, "EMBEDDINGS_MAX_TOKENS", 4096),
-        embeddings_timeout_s=float(_int(env, "EMBEDDINGS_TIMEOUT_S", 600)),
+        embeddings_max_tokens=_int(env, "EMBEDDINGS_MAX_TOKENS"),
+        embeddings_timeout_s=float(_int(env, "EMBEDDINGS_TIMEOUT_S")),
     )
 
 
 def kv_cache_types(env: dict[str, str], flash_attn: str) -> tuple[str, str]:
     """KV_CACHE_TYPE sets both, KV_CACHE_TYPE_K and KV_CACHE_TYPE_V each (f16 by default, as
     llama-server's). llama.cpp stores quantized values only with flash attention."""
-    both = env.get("KV_CACHE_TYPE", "f16")
+    both = env.get("KV_CACHE_TYPE", SETTINGS["KV_CACHE_TYPE"].default)
     types = []
     for name in ("KV_CACHE_TYPE_K", "KV_CACHE_TYPE_V"):
         value = env.get(name, both)
@@ -231,16 +340,17 @@ def locate(entry: CatalogueEntry, catalogue_dir: Path) -> Path:
     return Path(spec.submodule_search_locations[0]) / entry.file
 
 
-def _int(env: dict[str, str], name: str, default: int) -> int:
+def _int(env: dict[str, str], name: str, default: int | None = None) -> int:
+    """`name` as a whole number; unset, `default`, else its SETTINGS default."""
     try:
-        return int(env.get(name, default))
+        return int(env.get(name, SETTINGS[name].default if default is None else default))
     except ValueError:
         raise ConfigError(f"{name}={env[name]!r} must be a whole number") from None
 
 
-def _float(env: dict[str, str], name: str, default: float) -> float:
+def _float(env: dict[str, str], name: str) -> float:
     try:
-        value = float(env.get(name, default))
+        value = float(env.get(name, SETTINGS[name].default))
     except ValueError:
         value = -1.0
     if not 0 < value < float("inf"):

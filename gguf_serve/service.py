@@ -219,15 +219,17 @@ async def parse(request: Request, kind: type[msgspec.Struct]):
 
 
 def health() -> dict[str, str]:
-    """Liveness: the process serves HTTP. Never waits on the model."""
+    """Liveness: 200 as soon as the process serves HTTP; never waits on the model."""
     return {"status": "ok"}
 
 
 async def readiness(request: Request) -> dict[str, str]:
-    """Readiness: 200 once the model is loaded and has produced a token, 503 before that and
-    while draining for shutdown, so that a platform or proxy only routes to ready instances.
-    A shared response store that can't be reached is said here: a 503 with
-    RESPONSES_STORE_REQUIRED=1, else the instance serves (all but stored responses) and says so.
+    """Readiness: 200 once the model is loaded and has made a warm-up token; 503 before, and while
+    draining.
+
+    So a platform or proxy only routes to ready instances. A shared response store that can't be
+    reached is said here: a 503 with RESPONSES_STORE_REQUIRED=1, else the instance serves (all but
+    stored responses) and says so.
 
     Which database and what error only to a client that sends a valid API key; to any other,
     "unavailable" (the store logs the details once, when it goes down). With no API_KEY set
@@ -249,15 +251,18 @@ async def readiness(request: Request) -> dict[str, str]:
 
 
 def metrics(request: Request) -> Response:
+    """Prometheus metrics."""
     return Response(prometheus_client.generate_latest(server_state(request).metrics.registry),
                     media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
 def list_models(request: Request) -> ModelList:
+    """The served model, in a list of one."""
     return ModelList(data=[model_card(ready(request))])
 
 
 def get_model(request: Request, model_id: str) -> ModelCard:
+    """The served model; an alias finds it too."""
     return model_card(served_model(request, model_id.lstrip("/")))
 
 
@@ -266,7 +271,9 @@ def model_card(served: Served) -> ModelCard:
 
 
 def openapi_document(request: Request) -> dict:
-    """This server's OpenAPI description (generated from protocol's structs on first ask)."""
+    """This server's OpenAPI 3.1 description.
+
+    Generated on first ask from the route table and protocol's structs."""
     state = server_state(request)
     if state.openapi is None:
         state.openapi = openapi(ROUTES, sorted(state.config.aliases))
@@ -274,17 +281,19 @@ def openapi_document(request: Request) -> dict:
 
 
 async def chat_completions(request: Request) -> Response:
+    """Chat, streamed (server-sent events) or not: tools, `response_format`, logprobs, `n`, thinking models."""
     body = await parse(request, ChatRequest)
     return await chat.respond(request, generating_model(request, body.model), body)
 
 
 async def completions_route(request: Request) -> Response:
+    """Raw text completion (default `max_tokens` 16, as at OpenAI), `echo`, `suffix`, logprobs."""
     body = await parse(request, CompletionRequest)
     return await completions.respond(request, generating_model(request, body.model), body)
 
 
 async def apply_template(request: Request) -> ApplyTemplateResponse:
-    """The exact text the model would receive for a chat request (as at llama.cpp's server)."""
+    """The prompt a chat request would produce, `{"prompt": ...}` (as llama.cpp's server answers)."""
     body = chat_tools.template_view(await parse(request, TemplateRequest))
     served = generating_model(request, body.model or None)
     prompt = await queued(request, served, prompts.chat_prompt, served, body.messages, body.tools,
@@ -293,11 +302,13 @@ async def apply_template(request: Request) -> ApplyTemplateResponse:
 
 
 async def create_response(request: Request) -> Response:
+    """OpenAI's Responses API on chat's engine path, streamed (named events) or not; stored by default."""
     body = await parse(request, ResponsesRequest)
     return await responses.respond(request, generating_model(request, body.model), body)
 
 
 async def count_input_tokens(request: Request) -> InputTokenCount:
+    """A Responses request's input tokens, counted without generating."""
     body = await parse(request, ResponsesInput)
     served = generating_model(request, body.model or None)
     return await queued(request, served, responses.count_input_tokens, request, served, body,
@@ -305,26 +316,31 @@ async def count_input_tokens(request: Request) -> InputTokenCount:
 
 
 async def retrieve_response(request: Request, response_id: str) -> ResponseObject:
+    """A stored response (the API key's that made it)."""
     return (await responses.store(request).get(response_id)).response
 
 
 async def delete_response(request: Request, response_id: str) -> DeletedResponse:
+    """Deletes a stored response."""
     await responses.store(request).delete(response_id)
     return DeletedResponse(id=response_id)
 
 
 async def create_message(request: Request) -> Response:
+    """Anthropic's Messages API on chat's engine path, streamed (Anthropic's events) or not; errors in its shape."""
     body = await parse(request, MessagesRequest)
     return await messages.respond(request, generating_model(request, body.model), body)
 
 
 async def count_message_tokens(request: Request) -> TokenCount:
+    """A Messages request's input tokens, counted without generating."""
     body = await parse(request, CountTokensRequest)
     served = generating_model(request, body.model)
     return await queued(request, served, messages.count_tokens, request, served, body)
 
 
 async def embeddings_route(request: Request) -> Response:
+    """One L2-normalised vector per input (float or base64; `dimensions` on matryoshka models)."""
     body = await parse(request, EmbeddingRequest)
     return await embeddings.respond(request, served_model(request, body.model), body)
 

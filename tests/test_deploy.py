@@ -189,14 +189,17 @@ def test_the_body_limit_is_max_body_bytes(fleet):
 
 @needs_nginx
 def test_streams_pass_through_unbuffered(fleet):
-    proxy = fleet[0]
+    """The first token reaches the client while the instance still generates the rest (its
+    gguf_running, read from it directly): a buffering proxy delivers them at the end. Progress, not
+    seconds, which a fast host's 150 tokens take fewer of."""
+    proxy, smollm2 = fleet[0], fleet[1]
     stream = sdk(f"{proxy}/v1").chat.completions.create(
         model=SMOLLM2, messages=[{"role": "user", "content": "Write a long story."}], max_tokens=150,
         temperature=0, stream=True, extra_body={"ignore": 1})
-    arrivals = [time.monotonic() for _ in stream]
-    # 150 tokens take a second or more to generate; a buffering proxy would deliver them at once.
-    assert len(arrivals) > 100
-    assert arrivals[-1] - arrivals[1] > 0.5 * (arrivals[-1] - arrivals[0]) > 0.3
+    chunks = iter(stream)
+    assert next(c for c in chunks if c.choices and c.choices[0].delta.content)
+    assert smollm2.metric("gguf_running") == 1
+    assert len([*chunks]) > 100
 
 
 def raw(proxy: str, method: str, path: bytes, body: bytes = b"") -> tuple[int, dict, bytes]:
@@ -230,6 +233,15 @@ def served(instance: Server) -> int:
     return instance.output().count('"request_id"')
 
 
+def served_by_now(instance: Server, count: int) -> int:
+    """`served`, once it reaches `count`: an instance prints a request's line after its answer is
+    sent, so the proxy's client can have the answer first (read at once, a loaded host's count lagged)."""
+    deadline = time.monotonic() + 60
+    while (now := served(instance)) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return now
+
+
 @needs_nginx
 def test_a_path_cannot_split_the_request(fleet):
     """nginx decodes the path; fleet.js forwarded it decoded, so a %0d%0a reached the instance
@@ -258,7 +270,7 @@ def test_a_path_cannot_split_the_request(fleet):
     # The path goes on as sent: the prefix is cut from it, however it was encoded.
     status, headers, answer = raw(proxy, "GET", b"/%67" + g[1:] + b"/v1/models")
     assert status == 200 and [m["id"] for m in json.loads(answer)["data"]] == [GEMMA]
-    assert served(gemma) == before + 1
+    assert served_by_now(gemma, before + 1) == before + 1  # this one, after the refused ones: none of them
 
 
 @needs_nginx
@@ -335,7 +347,7 @@ def test_a_request_without_a_host_is_refused(fleet):
                                (b"GET http://fleet/v1/models/%s HTTP/1.0" % GEMMA.encode(), b"")):
         status, headers, body = exchange(proxy, request_line + b"\r\n" + host + auth + b"\r\n")
         assert status == 200 and json.loads(body)["id"] == GEMMA and "x-instance-id" in headers
-    assert served(gemma) == before + 2
+    assert served_by_now(gemma, before + 2) == before + 2
 
 
 @needs_nginx

@@ -9,6 +9,7 @@ The store's bounds hold in both backends (the in-process one and Redis)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import subprocess
@@ -25,9 +26,12 @@ from conftest import MODEL, Server, free_port
 from gguf_serve.protocol import APIError, InputItem, ResponseObject, TextConfig
 from gguf_serve.redis_store import PREFIX, RedisStore
 from gguf_serve.response_store import MemoryStore
-from test_deploy import start_proxy
+from test_deploy import needs_nginx, start_proxy
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+# One rule with test_deploy's needs_nginx: what the machine lacks skips the tests that need it, saying what to install.
+needs_redis = pytest.mark.skipif(not os.path.exists(REDIS_SERVER),
+                                 reason="redis-server is not installed (.ci/run installs it)")
 KEYS = ("key-one", "key-two")
 
 
@@ -75,18 +79,24 @@ def database(tmp_path_factory):
     server.stop()
 
 
-def open_backend(backend: str, database: RedisServer, timeout_s: float = 2.0, **bounds):
+BACKENDS = ["memory", pytest.param("redis", marks=needs_redis)]
+
+
+def open_backend(backend: str, request, timeout_s: float = 2.0, **bounds):
+    """The store of that backend; Redis's on the module's database, emptied (asked for only then:
+    the memory backend's tests need no redis-server)."""
     if backend == "memory":
         return MemoryStore(**bounds)
+    database = request.getfixturevalue("database")
     redis.Redis(port=database.port).flushdb()
     return RedisStore(database.url, timeout_s=timeout_s, **bounds)
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis"])
-def test_count_and_bytes_are_bounded_least_recently_used_first(backend, database):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_count_and_bytes_are_bounded_least_recently_used_first(backend, request):
     async def main():
         one = len(msgspec.json.encode(response(0, "x" * 1000))) + 2  # the response and its empty conversation, `[]`
-        store = open_backend(backend, database, max_count=3, ttl_s=60, max_bytes=3 * one)
+        store = open_backend(backend, request, max_count=3, ttl_s=60, max_bytes=3 * one)
         for i in range(3):
             assert await store.put(response(i, "x" * 1000), [], b"me")
         await store.get("resp_0", None, b"me")  # now the most recently used
@@ -99,6 +109,7 @@ def test_count_and_bytes_are_bounded_least_recently_used_first(backend, database
         await store.put(response(5), [], b"me")  # small: fits beside two of the others (count 3)
         assert sum([not await gone(store, f"resp_{i}") for i in (0, 2, 3, 5)]) == 3
         if backend == "redis":  # the database's own accounting agrees with what it holds
+            database = request.getfixturevalue("database")
             db = redis.Redis(port=database.port)
             sizes = {k.decode(): int(v) for k, v in db.hgetall(PREFIX + "sizes").items()}
             assert int(db.get(PREFIX + "bytes")) == sum(sizes.values()) and set(sizes) == {
@@ -107,10 +118,10 @@ def test_count_and_bytes_are_bounded_least_recently_used_first(backend, database
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis"])
-def test_a_response_is_its_keys_alone_and_deleted_once(backend, database):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_response_is_its_keys_alone_and_deleted_once(backend, request):
     async def main():
-        store = open_backend(backend, database, max_count=10, ttl_s=60, max_bytes=1 << 20)
+        store = open_backend(backend, request, max_count=10, ttl_s=60, max_bytes=1 << 20)
         await store.put(response(0), [InputItem(role="user", content="Hi")], b"mine")
         for attempt in (store.get("resp_0", "previous_response_id", b"theirs"), store.delete("resp_0", b"theirs")):
             with pytest.raises(APIError) as e:
@@ -124,9 +135,10 @@ def test_a_response_is_its_keys_alone_and_deleted_once(backend, database):
     asyncio.run(main())
 
 
-def test_entries_expire_by_the_databases_ttl(database):
+@needs_redis
+def test_entries_expire_by_the_databases_ttl(database, request):
     async def main():
-        store = open_backend("redis", database, max_count=10, ttl_s=1, max_bytes=1 << 20)
+        store = open_backend("redis", request, max_count=10, ttl_s=1, max_bytes=1 << 20)
         await store.put(response(0), [], b"")
         assert 0 < redis.Redis(port=database.port).pttl(PREFIX + "r:resp_0") <= 1000
         deadline = time.monotonic() + 10
@@ -137,11 +149,12 @@ def test_entries_expire_by_the_databases_ttl(database):
     asyncio.run(main())
 
 
-def test_a_database_that_stops_answering_is_a_503_within_the_timeout(database):
+@needs_redis
+def test_a_database_that_stops_answering_is_a_503_within_the_timeout(database, request):
     """A database that takes the connection but never answers (stopped with SIGSTOP) costs a call
     RESPONSES_STORE_TIMEOUT_S, then a 503 naming the store: never a hang."""
     async def main():
-        store = open_backend("redis", database, timeout_s=0.5, max_count=10, ttl_s=60, max_bytes=1 << 20)
+        store = open_backend("redis", request, timeout_s=0.5, max_count=10, ttl_s=60, max_bytes=1 << 20)
         await store.put(response(0), [], b"me")  # connected
         database.proc.send_signal(signal.SIGSTOP)
         try:
@@ -219,6 +232,8 @@ def sdk(proxy: str, key: str = KEYS[0]) -> openai.OpenAI:
                          timeout=120)
 
 
+@needs_nginx
+@needs_redis
 def test_without_its_database_an_instance_starts_and_ready_says_why_to_a_key_alone(fleet):
     """/ready needs no key: to a client without one (or with a wrong one) it says "unavailable",
     never the database's address or error; a valid key sees both; the log has them, once."""
@@ -253,6 +268,8 @@ def test_with_no_key_configured_ready_names_the_store_to_nobody():
         server.stop()
 
 
+@needs_nginx
+@needs_redis
 def test_one_instance_continues_reads_and_deletes_what_the_other_made(fleet):
     """Through the proxy a conversation stays on the instance that made it (test_affinity.py); the
     other one, asked directly (as the proxy does once the first is lost), has it from the database."""
@@ -277,6 +294,8 @@ def test_one_instance_continues_reads_and_deletes_what_the_other_made(fleet):
         assert r.status_code == 404 and r.json()["error"]["code"] == "response_not_found"
 
 
+@needs_nginx
+@needs_redis
 def test_another_key_cannot_see_or_continue_a_response(fleet):
     mine, theirs = sdk(fleet.proxy), sdk(fleet.proxy, KEYS[1])
     made = mine.responses.create(model=MODEL, input="Hi", max_output_tokens=2, temperature=0)
@@ -287,6 +306,8 @@ def test_another_key_cannot_see_or_continue_a_response(fleet):
     assert mine.responses.retrieve(made.id).id == made.id
 
 
+@needs_nginx
+@needs_redis
 def test_the_database_lost_mid_run_then_back(fleet):
     """Asked of the instances directly (the proxy would count each 503 as the instance failing)."""
     serves, requires = fleet.instances

@@ -103,14 +103,16 @@ def test_max_completion_tokens(client):
     assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
 
 
-def test_context_length_exceeded_before_generation(client):
+def test_context_length_exceeded_before_generation(client, base_url, vocab):
     """A prompt over the context by itself; one that fits with a max_tokens that doesn't is
     answered, ended at the context's end (tests/test_context_limit.py)."""
     long = [{"role": "user", "content": "word " * 3000}]
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, messages=long, max_tokens=5)
     assert e.value.code == "context_length_exceeded"
-    assert "2048" in e.value.message and "30" in e.value.message  # the limit and the prompt's count
+    prompt = httpx.post(f"{base_url}/apply-template", json={"messages": long}, timeout=60).json()["prompt"]
+    counted = len(vocab.tokenize_prompt(prompt))  # the prompt as the server renders and tokenizes it
+    assert counted > 2048 and f"maximum context length is 2048 tokens; the prompt has {counted} tokens" in e.value.message
 
 
 # --- 4. stop strings ---

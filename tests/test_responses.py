@@ -33,7 +33,7 @@ def test_plain_text_response(client):
     assert "Hello" in r.output_text
     u = r.usage
     assert u.input_tokens > 0 and u.output_tokens > 0 and u.total_tokens == u.input_tokens + u.output_tokens
-    assert u.output_tokens_details.reasoning_tokens == 0 and u.input_tokens_details.cached_tokens >= 0
+    assert u.output_tokens_details.reasoning_tokens == 0 and 0 <= u.input_tokens_details.cached_tokens < u.input_tokens
     # the request's settings echoed, sampling as applied
     assert r.temperature == 0 and r.top_p == 1.0 and r.max_output_tokens == 200 and r.tools == []
     assert r.tool_choice == "auto" and r.parallel_tool_calls and r.text.format.type == "text" and r.store
@@ -174,10 +174,12 @@ def test_parse_into_a_pydantic_model(client):
 
 
 def test_json_object_mode(client):
-    r = create(client, input="Give me a JSON object describing a cat.", max_output_tokens=60,
-               text={"format": {"type": "json_object"}})
-    if r.status == "completed":
-        assert isinstance(json.loads(r.output_text), dict)
+    """Greedy, so the answer is the same on any host: a whole JSON object, asserted every run
+    (sampled, it was asserted only when the object happened to end within the budget)."""
+    r = create(client, input='Describe a cat in JSON with the keys "name" and "colour".', max_output_tokens=200,
+               temperature=0, text={"format": {"type": "json_object"}})
+    assert r.status == "completed", r.output_text
+    assert isinstance(json.loads(r.output_text), dict)
 
 
 # --- 3. state ---

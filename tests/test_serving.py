@@ -243,10 +243,8 @@ def test_sigterm_ends_what_outlives_the_grace_with_an_error_event(command):
             lines = r.iter_lines()
             next(lines)
             s.proc.send_signal(signal.SIGTERM)
-            started = time.monotonic()
             rest = [line for line in lines if line]
-        assert time.monotonic() - started < 5
-        assert rest[-1] == "data: [DONE]"
+        assert rest[-1] == "data: [DONE]"  # the error event, not a finish: cut at the grace, whatever the host's speed
         assert json.loads(rest[-2][6:])["error"]["code"] == "server_shutting_down"
         assert s.proc.wait(timeout=10) == 0
     finally:
@@ -345,9 +343,7 @@ def test_one_json_log_line_per_request_with_the_request_id(single):
                    timeout=60)
     assert r.headers["x-request-id"] == "abc-123"
     generated = httpx.get(f"{single.url}/health").headers["x-request-id"]
-    deadline = time.monotonic() + 5
-    while generated not in single.output() and time.monotonic() < deadline:  # the log line follows the answer
-        time.sleep(0.02)
+    single.log_line(generated)  # the log line follows the answer: polled for
     lines = [json.loads(line) for line in single.output().splitlines() if line.startswith("{")]
     [line] = [entry for entry in lines if entry.get("request_id") == "abc-123"]  # (and the start's "ready" line)
     assert line["endpoint"] == "/v1/chat/completions" and line["status"] == 200 and line["model"] == MODEL
@@ -357,12 +353,13 @@ def test_one_json_log_line_per_request_with_the_request_id(single):
 
 
 def test_request_time_limit_ends_a_generation_as_length():
+    """1900 tokens take about 20 s here, and 2 s would need a host ten times faster: fewer than asked
+    for, ended as "length", is the time limit's doing (no clock read here, which a host's speed
+    moves; on a loaded host the limit may come before the first token)."""
     s = Server({"PARALLEL": "1", "REQUEST_TIMEOUT_S": "2"}).wait_ready()
     try:
-        started = time.monotonic()
-        r = httpx.post(f"{s.url}/v1/chat/completions", json=chat_body(max_tokens=1900), timeout=60)
-        assert time.monotonic() - started < 10  # 1900 tokens take about 20 s here
+        r = httpx.post(f"{s.url}/v1/chat/completions", json=chat_body(max_tokens=1900), timeout=120)
         assert r.json()["choices"][0]["finish_reason"] == "length"
-        assert 0 < r.json()["usage"]["completion_tokens"] < 1900
+        assert r.json()["usage"]["completion_tokens"] < 1900
     finally:
         s.stop()

@@ -6,7 +6,10 @@ subprocess, so that a crash fails the test rather than pytest."""
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, smollm2_path
+from gguf_serve import grammar
 
 COMPILE = """
 import threading
@@ -38,3 +41,15 @@ def test_the_deepest_schema_compiles_on_a_thread_of_known_stack():
     code = COMPILE.format(model=str(smollm2_path()))
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "compiled" in done.stdout, (done.returncode, done.stdout, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]  # nothing raised and lost in a thread
+
+
+def test_whatever_compiling_raises_on_its_thread_reaches_the_caller(monkeypatch):
+    """Not only a GrammarError: an exception left in the compiling thread would be lost with it, and
+    the grammar would pass the request's check."""
+    def rejecting(model, text):
+        raise ValueError("rejected")
+
+    monkeypatch.setattr(grammar, "Matcher", rejecting)
+    with pytest.raises(ValueError, match="rejected"):
+        grammar.check_grammar(None, "start: 'a'")

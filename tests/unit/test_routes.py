@@ -57,9 +57,11 @@ def test_with_a_key_set_only_the_exact_probe_paths_answer_without_it(path):
     assert call(gated({"API_KEY": KEY}), "GET", path, {"Authorization": f"Bearer {KEY}"})[0] != 401
 
 
-@pytest.mark.parametrize("path", ["/health", "/ready"])
-def test_the_probes_need_no_key(path):
-    assert call(gated({"API_KEY": KEY}), "GET", path)[0] in (200, 503)  # /ready: 503 model_loading here
+@pytest.mark.parametrize("path,status,answer", [("/health", 200, {"status": "ok"}),
+                                                ("/ready", 503, "model_loading")])  # the model isn't loaded here
+def test_the_probes_need_no_key(path, status, answer):
+    got, body = call(gated({"API_KEY": KEY}), "GET", path)
+    assert got == status and (body == answer if status == 200 else body["error"]["code"] == answer)
 
 
 @pytest.mark.parametrize("path", SPELLINGS)
