@@ -13,7 +13,6 @@ import msgspec
 
 from .protocol import MAX_STOP_CHARS, APIError, Positive, TopP
 
-PATH = "/v1/messages"  # its routes, and the paths whose errors are answered in its shape
 # Stop sequences: more than OpenAI's four (agents send a few), each bounded as chat's are (the
 # engine builds a matcher of each for the generation, in the decode thread).
 MAX_STOP_SEQUENCES = 16

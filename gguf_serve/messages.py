@@ -20,7 +20,7 @@ from .access import ignore_tools
 from .cut_calls import answer, written
 from .anthropic_protocol import (ContentBlock, ContentBlockParam, CountTokensRequest, InputJSONDelta, MessageDelta,
                                  MessageParam, MessageResponse, MessagesRequest, MessagesUsage, OutputUsage, StreamEvent,
-                                 TextBlock, TextDelta, ThinkingBlock, ThinkingDelta, TokenCount, ToolUseBlock, error_detail)
+                                 TextBlock, TextDelta, ThinkingBlock, ThinkingDelta, TokenCount, ToolUseBlock)
 from .loading import Served
 from .prompts import Job
 from .protocol import (APIError, ChatMessage, ChatRequest, FunctionCall, FunctionDef, FunctionName, JSONSchemaFormat,
@@ -398,39 +398,35 @@ async def events(run: Run, body: MessagesRequest, chat_body: ChatRequest, plan: 
     soon as its name is written, its input as the model writes it; other calls are spotted as
     on chat, the text that may begin one held, and sent as tool_use blocks at the end), then
     message_delta with the stop reason and output tokens, and message_stop; an error midway is
-    an `error` event."""
+    an `error` event (streaming.error_events, as the route's API says)."""
     message.usage = MessagesUsage(input_tokens=run.n_prompt, output_tokens=0)
     yield event("message_start", message=message)
     yield event("ping")
     spotter, blocks = CallSpotter(forced=plan.forced is not None), Blocks()
     forced = ForcedCallReader() if plan.forced else None
     calls, reason, stop_string, context_full = [], "stop", None, False
-    try:
-        async for _, step in run:
-            if step.reasoning:
-                for sent in blocks.thinking(step.reasoning):
+    async for _, step in run:
+        if step.reasoning:
+            for sent in blocks.thinking(step.reasoning):
+                yield sent
+        text, parsed, finished = (spotter.step(step.text, step.finish_reason, plan) if plan.tools
+                                  else (step.text, None, step.finish_reason))
+        if forced is not None:
+            name, arguments = forced.feed(step.text)
+            if name is not None:
+                for sent in blocks.start(ToolUseBlock(id=f"toolu_{uuid.uuid4().hex[:24]}", name=name, input={})):
                     yield sent
-            text, parsed, finished = (spotter.step(step.text, step.finish_reason, plan) if plan.tools
-                                      else (step.text, None, step.finish_reason))
-            if forced is not None:
-                name, arguments = forced.feed(step.text)
-                if name is not None:
-                    for sent in blocks.start(ToolUseBlock(id=f"toolu_{uuid.uuid4().hex[:24]}", name=name, input={})):
-                        yield sent
-                if arguments:
-                    yield blocks.tool_input(arguments)
-                text = "" if forced.name is not None else text  # the call's text is its block's (a cut one too)
-            if text:
-                for sent in blocks.text(text):
-                    yield sent
-            if finished:
-                reason, stop_string, context_full = finished, step.stop_string, step.context_full
-                calls = answered_calls(parsed, chat_body) if parsed else []
-                if forced is not None and forced.name is not None:
-                    calls = calls[1:]  # its block was streamed
-    except APIError as e:
-        yield event("error", error=error_detail(e))
-        return
+            if arguments:
+                yield blocks.tool_input(arguments)
+            text = "" if forced.name is not None else text  # the call's text is its block's (a cut one too)
+        if text:
+            for sent in blocks.text(text):
+                yield sent
+        if finished:
+            reason, stop_string, context_full = finished, step.stop_string, step.context_full
+            calls = answered_calls(parsed, chat_body) if parsed else []
+            if forced is not None and forced.name is not None:
+                calls = calls[1:]  # its block was streamed
     for sent in blocks.stop():
         yield sent
     for block in tool_use_blocks(calls):

@@ -7,7 +7,7 @@ decoded strictly and answers encoded without a detour through dicts.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Callable, Literal, NamedTuple
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -432,52 +432,6 @@ def deep_field(body: bytes, depth_limit: int = 256) -> str | None:
         else:
             depth -= 1
     return None
-
-
-# --- The API's description, for clients and fuzzers -----------------------------------------
-
-class Route(NamedTuple):
-    """One route of the server. service.ROUTES lists them all, once: Litestar routes them, the
-    access gate keys them and names them in metrics, and `openapi` describes them."""
-
-    method: str
-    path: str  # Litestar's template: `{name:type}` for a path parameter
-    handler: Callable
-    body: type[msgspec.Struct] | None = None  # the JSON body it decodes
-    public: bool = False  # a probe: answered without the API key, and while draining
-
-    @property
-    def template(self) -> str:
-        """The path as OpenAPI writes it (`{name}`): also its metric label."""
-        return re.sub(r"\{(\w+):\w+\}", r"{\1}", self.path)
-
-
-def openapi(routes: tuple[Route, ...], model_ids: list[str]) -> dict:
-    """The OpenAPI 3.1 document of `routes`, their request bodies generated from the structs
-    above (so it can't drift from what is decoded), `model` and `model_id` listing the ids served."""
-    ref = "#/components/schemas/{name}"
-    with_body = [route for route in routes if route.body]
-    (*bodies, error), components = msgspec.json.schema_components([*(r.body for r in with_body), ErrorResponse],
-                                                                   ref_template=ref)
-    body_of = dict(zip(with_body, bodies))
-    for schema in components.values():
-        if "model" in schema.get("properties", {}) and "model" in schema.get("required", ()):
-            schema["properties"]["model"] = {"type": "string", "enum": model_ids}
-    errors = {"4XX": {"description": "an OpenAI-shaped error", "content": {"application/json": {"schema": error}}}}
-    paths: dict[str, dict] = {}
-    for route in routes:
-        operation: dict = {"parameters": [
-            {"name": name, "in": "path", "required": True,
-             "schema": {"type": "string", "enum": model_ids} if name == "model_id" else {"type": "string"}}
-            for name in re.findall(r"\{(\w+)\}", route.template)]}
-        if route.body:
-            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body_of[route]}}}
-            operation["responses"] = {"200": {"description": "the answer, or server-sent events with stream"}, **errors}
-        else:
-            operation["responses"] = {"200": {"description": "OK"}, **errors}
-        paths.setdefault(route.template, {})[route.method.lower()] = operation
-    return {"openapi": "3.1.0", "info": {"title": "gguf-serve", "version": "1"}, "paths": paths,
-            "components": {"schemas": components}}
 
 
 # --- The Responses API (/v1/responses) -----------------------------------------------------

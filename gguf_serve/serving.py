@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from litestar import Request, Response
 
-from .access import request_info
+from .access import api_of, request_info
 from .embedder import EmbeddingJob
 from .loading import Served
 from .prompts import Job
@@ -64,7 +64,7 @@ async def serve(request: Request, served: Served, n: int, prepare: Callable[[], 
         work = await off_loop(prepare, lane=served.render_lane if renders else None)
         run.submit(work)
         if stream is not None:
-            return event_stream(owner.pop_all(), stream(run, work))
+            return event_stream(owner.pop_all(), stream(run, work), api_of(request.scope))
         choices = await run.collect_unless_disconnected(request.receive)
     if choices is None:
         return Response(b"", status_code=CLIENT_CLOSED)

@@ -8,7 +8,8 @@ from typing import AsyncIterator
 import msgspec
 from litestar.response import Stream
 
-from .protocol import APIError, Sampled, error_body
+from .protocol import APIError, Sampled
+from .routes import API, error_body
 
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # proxies pass events through at once
 
@@ -34,21 +35,28 @@ def around_text(encoded: bytes) -> tuple[bytes, bytes]:
     return before, after
 
 
-def event_stream(owner: AsyncExitStack, events: AsyncIterator[bytes]) -> Stream:
+def event_stream(owner: AsyncExitStack, events: AsyncIterator[bytes], api: API) -> Stream:
     """A streamed answer that holds `owner` (the request's run) until it ends: an error midway
-    (the engine failed, the server is shutting down) ends it with an OpenAI error event, and
+    (the engine failed, the server is shutting down) ends it with `api`'s error event, and
     however it ends, even by the client leaving, the run is left and its generations stop."""
-    return Stream(_guarded(owner, events), media_type="text/event-stream", headers=HEADERS)
+    return Stream(_guarded(owner, events, api), media_type="text/event-stream", headers=HEADERS)
 
 
-async def _guarded(owner: AsyncExitStack, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _guarded(owner: AsyncExitStack, events: AsyncIterator[bytes], api: API) -> AsyncIterator[bytes]:
     async with owner:
         try:
             async for data in events:
                 yield data
         except APIError as e:
-            yield sse(msgspec.json.encode(error_body(e)))
-            yield sse(b"[DONE]")
+            for data in error_events(api, e):
+                yield data
+
+
+def error_events(api: API, error: APIError) -> list[bytes]:
+    """How a stream of `api` ends on an error: OpenAI's, its error object then `[DONE]`; Anthropic's,
+    an `error` event."""
+    encoded = msgspec.json.encode(error_body(api, error))
+    return [named_sse("error", encoded)] if api == "anthropic" else [sse(encoded), sse(b"[DONE]")]
 
 
 def include_usage(body: Sampled) -> bool:

@@ -7,7 +7,8 @@ import msgspec
 import pytest
 
 from gguf_serve import messages
-from gguf_serve.access import api_key, authorized, error_body_for
+from gguf_serve.access import api_key, authorized
+from gguf_serve.routes import error_body
 from gguf_serve.anthropic_protocol import CountTokensRequest, MessagesRequest, TextBlock, ThinkingBlock, ToolUseBlock
 from gguf_serve.engine import StopScanner
 from gguf_serve.protocol import APIError, FunctionCall, NamedToolChoice, ToolCall
@@ -184,9 +185,8 @@ def test_the_api_key_comes_as_bearer_or_x_api_key():
 @pytest.mark.parametrize("status, kind", [(400, "invalid_request_error"), (401, "authentication_error"), (404, "not_found_error"),
                                           (413, "request_too_large"), (429, "rate_limit_error"), (500, "api_error"),
                                           (503, "overloaded_error")])
-def test_errors_on_messages_paths_are_anthropics(status, kind):
+def test_errors_of_anthropic_routes_are_anthropics(status, kind):
     error = APIError(status, "no", "max_tokens")
-    assert msgspec.to_builtins(error_body_for("/v1/messages", error)) == {
+    assert msgspec.to_builtins(error_body("anthropic", error)) == {
         "type": "error", "error": {"type": kind, "message": "max_tokens: no"}}
-    assert msgspec.to_builtins(error_body_for("/v1/messages/count_tokens", error))["error"]["type"] == kind
-    assert "param" in msgspec.to_builtins(error_body_for("/v1/messagesx", error))["error"]  # OpenAI's
+    assert "param" in msgspec.to_builtins(error_body("openai", error))["error"]  # OpenAI's
