@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from .protocol import APIError, retry_after
+from .errors import APIError, retry_after
 from .routes import API, Route, api_finder, endpoint_namer, error_body
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def ignore_tools(request, kinds: list[str]) -> None:
     """Hosted tools a request offered and the prompt left out (this server can't run them),
     named in its log line and in its answer's `x-gguf-tools-ignored` header, so that a client
     learns why the model never calls them. `kinds` are tool types matched against a fixed list
-    (responses_tools.HOSTED, messages.SERVER_TOOLS): no other client text reaches the header."""
+    (responses_tools.HOSTED, anthropic_messages.SERVER_TOOLS): no other client text reaches the header."""
     if kinds:
         request_info(request)[TOOLS_IGNORED] = kinds
 

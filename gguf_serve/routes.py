@@ -14,13 +14,13 @@ from typing import Callable, Literal, NamedTuple, get_type_hints
 import msgspec
 from litestar.utils import normalize_path
 
-from . import anthropic_protocol, protocol
-from .protocol import APIError
+from . import anthropic_protocol, errors
+from .errors import APIError
 
 API = Literal["openai", "anthropic"]
 # Each API's error body and its schema (/openapi.json).
 ERROR_BODIES: dict[str, tuple[Callable[[APIError], msgspec.Struct], type[msgspec.Struct]]] = {
-    "openai": (protocol.error_body, protocol.ErrorResponse),
+    "openai": (errors.error_body, errors.ErrorResponse),
     "anthropic": (anthropic_protocol.error_body, anthropic_protocol.ErrorResponse),
 }
 

@@ -27,20 +27,21 @@ from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
-from . import chat, chat_tools, completions, connections, embeddings, loading, messages, prompts, responses
+from . import anthropic_messages, chat, chat_tools, completions, connections, embeddings_api, jobs, loading, responses
 from .access import api_key, api_of, authorized, gate
 from .anthropic_protocol import CountTokensRequest, MessagesRequest, TokenCount
-from .bodies import read_body
+from .bodies import decode, deep_field, read_body
 from .config import Config, ConfigError, load_config
+from .lifecycle import off_loop, queued, server_state
 from .loading import Served
 from .model import ModelFileError, check_model_file
-from .protocol import (APIError, ApplyTemplateResponse, ChatRequest, CompletionRequest, DeletedResponse, EmbeddingRequest,
-                       InputTokenCount, ModelCard, ModelList, ResponseObject, ResponsesInput, ResponsesRequest,
-                       TemplateRequest, decode, deep_field, retry_after)
+from .errors import APIError, retry_after
+from .protocol import (ApplyTemplateResponse, ChatRequest, CompletionRequest, EmbeddingRequest, ModelCard, ModelList,
+                       TemplateRequest)
+from .responses_protocol import DeletedResponse, InputTokenCount, ResponseObject, ResponsesInput, ResponsesRequest
 from .response_store import MemoryStore, ResponseStore
 from .routes import Route, error_body, openapi
 from .runs import Runs
-from .serving import off_loop, queued, server_state
 from .state import ServerState
 
 # --- The app --------------------------------------------------------------------------------
@@ -295,8 +296,8 @@ async def apply_template(request: Request, body: TemplateRequest) -> ApplyTempla
     """The prompt a chat request would produce, `{"prompt": ...}` (as llama.cpp's server answers)."""
     body = chat_tools.template_view(body)
     served = generating_model(request, body.model or None)
-    prompt = await queued(request, served, prompts.chat_prompt, served, body.messages, body.tools,
-                          prompts.template_kwargs(served, body))
+    prompt = await queued(request, served, jobs.chat_prompt, served, body.messages, body.tools,
+                          jobs.template_kwargs(served, body))
     return ApplyTemplateResponse(prompt.text)
 
 
@@ -325,18 +326,18 @@ async def delete_response(request: Request, response_id: str) -> DeletedResponse
 
 async def create_message(request: Request, body: MessagesRequest) -> Response:
     """Anthropic's Messages API on chat's engine path, streamed (Anthropic's events) or not; errors in its shape."""
-    return await messages.respond(request, generating_model(request, body.model), body)
+    return await anthropic_messages.respond(request, generating_model(request, body.model), body)
 
 
 async def count_message_tokens(request: Request, body: CountTokensRequest) -> TokenCount:
     """A Messages request's input tokens, counted without generating."""
     served = generating_model(request, body.model)
-    return await queued(request, served, messages.count_tokens, request, served, body)
+    return await queued(request, served, anthropic_messages.count_tokens, request, served, body)
 
 
 async def embeddings_route(request: Request, body: EmbeddingRequest) -> Response:
     """One L2-normalised vector per input (float or base64; `dimensions` on matryoshka models)."""
-    return await embeddings.respond(request, served_model(request, body.model), body)
+    return await embeddings_api.respond(request, served_model(request, body.model), body)
 
 
 # --- The route table ------------------------------------------------------------------------

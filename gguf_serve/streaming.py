@@ -8,7 +8,8 @@ from typing import AsyncIterator
 import msgspec
 from litestar.response import Stream
 
-from .protocol import APIError, Sampled
+from .errors import APIError
+from .protocol import Sampled
 from .routes import API, error_body
 
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # proxies pass events through at once

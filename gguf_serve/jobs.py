@@ -14,8 +14,8 @@ import msgspec
 from . import engine, reasoning, templates
 from .loading import Served
 from .model import Model
-from .protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, Sampled, TemplateRequest, ToolCall,
-                       ToolDef)
+from .errors import APIError
+from .protocol import ChatMessage, ChatRequest, CompletionRequest, Sampled, TemplateRequest, ToolCall, ToolDef
 from .tools import ToolPlan, output_grammar
 
 
