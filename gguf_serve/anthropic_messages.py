@@ -17,16 +17,16 @@ from litestar import Request, Response
 
 from . import chat_steps, jobs, lifecycle
 from .access import ignore_tools
-from .cut_calls import written
 from .anthropic_protocol import (ContentBlock, ContentBlockParam, CountTokensRequest, InputJSONDelta, MessageDelta,
                                  MessageParam, MessageResponse, MessagesRequest, MessagesUsage, OutputUsage, StreamEvent,
                                  TextBlock, TextDelta, ThinkingBlock, ThinkingDelta, TokenCount, ToolUseBlock)
-from .loading import Served
-from .jobs import Job
+from .chat_steps import CallArguments, CallEnded, CallStarted, ChatSteps, Content, Finished, Reasoning
+from .cut_calls import written
 from .errors import APIError
+from .jobs import Job
+from .loading import Served
 from .protocol import (ChatMessage, ChatRequest, FunctionCall, FunctionDef, FunctionName, JSONSchemaFormat,
                        NamedToolChoice, ResponseFormat, ToolCall, ToolDef)
-from .chat_steps import CallArguments, CallEnded, CallStarted, ChatSteps, Content, Finished, Reasoning
 from .runs import Choice, Run
 from .streaming import TEXT_MARK, around_text, named_sse
 from .tools import ToolPlan, tool_plan

@@ -12,15 +12,15 @@ from litestar import Request, Response
 
 from . import chat_steps, chat_tools, jobs, lifecycle
 from .access import ignore_tools
+from .chat_steps import CallArguments, CallEnded, CallStarted, ChatSteps, Content, Reasoning
+from .jobs import Job
 from .loading import Served
 from .logprobs import chat_logprobs
-from .jobs import Job
 from .protocol import (AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, CustomCallDelta,
                        CustomToolCallDelta, Delta, FunctionCall, FunctionCallDelta, ToolCallDelta)
-from .chat_steps import CallArguments, CallEnded, CallStarted, ChatSteps, Content, Reasoning
+from .responses_tools import custom_input
 from .runs import Choice, Run
 from .streaming import TEXT_MARK, around_text, include_usage, sse
-from .responses_tools import custom_input
 from .tools import ToolPlan, tool_plan
 
 

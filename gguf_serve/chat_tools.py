@@ -13,8 +13,8 @@ import json
 
 import msgspec
 
-from .grammar import free_form_grammar
 from .errors import APIError
+from .grammar import free_form_grammar
 from .protocol import (AssistantMessage, ChatMessage, ChatRequest, CustomCall, CustomGrammar, FunctionCall, FunctionDef,
                        TemplateRequest, ToolCall, ToolDef)
 from .responses_tools import CUSTOM_INPUT, custom_description, custom_input

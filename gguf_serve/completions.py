@@ -11,10 +11,10 @@ import msgspec
 from litestar import Request, Response
 
 from . import jobs, lifecycle
+from .errors import APIError
+from .jobs import Job
 from .loading import Served
 from .logprobs import text_logprobs
-from .jobs import Job
-from .errors import APIError
 from .protocol import Completion, CompletionRequest, TextChoice
 from .runs import Choice, Run
 from .streaming import include_usage, sse

@@ -31,8 +31,8 @@ from litestar import Request, Response
 
 from . import lifecycle
 from .embedder import EmbeddingJob, normalized
-from .loading import Served
 from .errors import APIError
+from .loading import Served
 from .protocol import EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from .runs import Choice, Run
 

@@ -18,9 +18,9 @@ from litestar import Request, Response
 
 from .access import api_of, request_info
 from .embedder import EmbeddingJob
-from .loading import Served
-from .jobs import Job
 from .errors import CLIENT_CLOSED
+from .jobs import Job
+from .loading import Served
 from .runs import Choice, Run
 from .state import ServerState
 from .streaming import event_stream

@@ -24,8 +24,8 @@ import redis.asyncio
 from redis.exceptions import RedisError
 
 from .errors import APIError
-from .responses_protocol import InputItem, ResponseObject
 from .response_store import Stored, entry, not_found
+from .responses_protocol import InputItem, ResponseObject
 
 PREFIX = "gguf-serve:responses:"  # every key of the store: r:<id> (an entry), used, sizes, bytes
 

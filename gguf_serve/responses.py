@@ -20,20 +20,20 @@ from litestar import Request, Response
 
 from . import chat_steps, jobs, lifecycle
 from .access import api_key, ignore_tools, request_info
+from .chat_steps import CallArguments, CallStarted, ChatSteps, Content, Finished, Reasoning
+from .errors import APIError
+from .jobs import Job
 from .loading import Served
 from .logprobs import chat_logprobs
-from .jobs import Job
-from .errors import APIError
 from .protocol import (ChatMessage, ChatRequest, ContentPart, FunctionCall, JSONSchemaFormat, ResponseFormat, TokenInfo,
                        ToolCall, Usage)
+from .response_store import ScopedStore, owner_hash
 from .responses_protocol import (CallItem, CustomToolCallItem, FunctionCallItem, IncompleteDetails, InputItem,
                                  InputTokenCount, InputTokensDetails, LocalShellCallItem, OutputItem, OutputMessage,
                                  OutputText, OutputTokensDetails, ReasoningConfig, ReasoningItem, ReasoningText,
                                  ResponseError, ResponseObject, ResponseUsage, ResponsesInput, ResponsesRequest,
                                  StreamEvent, TextConfig)
-from .response_store import ScopedStore, owner_hash
 from .responses_tools import AgentTools, agent_tools, call_item, chat_call, chat_tool_choice, free_form, input_item
-from .chat_steps import CallArguments, CallStarted, ChatSteps, Content, Finished, Reasoning
 from .runs import Choice, Run
 from .streaming import named_sse
 from .tools import ToolPlan, tool_plan

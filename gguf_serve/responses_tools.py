@@ -24,8 +24,8 @@ from typing import NamedTuple
 import msgspec
 
 from .cut_calls import written
-from .grammar import free_form_grammar
 from .errors import APIError
+from .grammar import free_form_grammar
 from .protocol import FunctionCall, FunctionDef, FunctionName, NamedToolChoice, ToolCall, ToolDef
 from .responses_protocol import (CallItem, CustomToolCallItem, CustomToolFormat, FunctionCallItem, InputItem,
                                  LocalShellAction, LocalShellCallItem, ResponsesTool, ResponsesToolChoice)

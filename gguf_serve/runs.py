@@ -19,8 +19,8 @@ import msgspec
 
 from . import engine
 from .embedder import EmbeddingJob
-from .events import Event
 from .errors import APIError
+from .events import Event
 from .protocol import CompletionTokensDetails, PromptTokensDetails, Usage
 
 if TYPE_CHECKING:

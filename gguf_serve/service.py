@@ -32,14 +32,14 @@ from .access import api_key, api_of, authorized, gate
 from .anthropic_protocol import CountTokensRequest, MessagesRequest, TokenCount
 from .bodies import decode, deep_field, read_body
 from .config import Config, ConfigError, load_config
+from .errors import APIError, retry_after
 from .lifecycle import off_loop, queued, server_state
 from .loading import Served
 from .model import ModelFileError, check_model_file
-from .errors import APIError, retry_after
 from .protocol import (ApplyTemplateResponse, ChatRequest, CompletionRequest, EmbeddingRequest, ModelCard, ModelList,
                        TemplateRequest)
-from .responses_protocol import DeletedResponse, InputTokenCount, ResponseObject, ResponsesInput, ResponsesRequest
 from .response_store import MemoryStore, ResponseStore
+from .responses_protocol import DeletedResponse, InputTokenCount, ResponseObject, ResponsesInput, ResponsesRequest
 from .routes import Route, error_body, openapi
 from .runs import Runs
 from .state import ServerState

@@ -12,9 +12,9 @@ from typing import NamedTuple
 import msgspec
 
 from . import reasoning
+from .errors import APIError
 from .grammar import GrammarError, check_grammar, json_schema_grammar
 from .model import Model
-from .errors import APIError
 from .protocol import AssistantMessage, ChatRequest, FunctionCall, FunctionName, NamedToolChoice, ToolCall, ToolDef
 
 # Structured output: JSON Schema -> llguidance's grammar (grammar.py). Bounds on what a client's
