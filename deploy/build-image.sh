@@ -5,13 +5,15 @@
 # machine's pip configuration and local package indexes, so pip inside it installs exactly
 # as pip outside does. Production builds keep the default PYTHON_IMAGE and need none of this.
 #
-#   deploy/build-image.sh [TAG]        # default TAG: localhost/gguf-serve:ci
+#   deploy/build-image.sh [TAG [BUILDAH-BUD-ARGS...]]   # default TAG: localhost/gguf-serve:ci
+#   deploy/build-image.sh localhost/gguf-serve:ci --build-arg MODEL=hf:org/repo:Q4_K_M
 #
 # Needs buildah, podman (for `import`) and debootstrap (.ci/run installs them). Idempotent:
 # the base is made once per machine, and buildah reuses unchanged layers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tag=${1:-localhost/gguf-serve:ci}
+shift $(( $# > 0 ? 1 : 0 ))
 base=localhost/py311-bookworm
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
@@ -32,4 +34,4 @@ for path in /etc/pip.conf /etc/xdg/pip /opt/pypi /opt/pypi-more /opt/wheels \
 done
 
 buildah bud --isolation chroot --network host --layers --quiet --format docker \
-    --build-arg PYTHON_IMAGE="$base" "${mounts[@]}" -t "$tag" .
+    --build-arg PYTHON_IMAGE="$base" "${mounts[@]}" "$@" -t "$tag" .

@@ -76,6 +76,9 @@ def main() -> int:
     ggufs = sorted(p for p in SITE.rglob("*.gguf"))
     for path in ggufs:
         rows.append((f"the model: `{path.relative_to(SITE)}`", du(path, seen)))
+    hub_cache = Path(os.environ.get("HF_HOME", "/nonexistent"))  # a Hub model baked in (Containerfile: MODEL=hf:...)
+    if hub_cache.is_dir():
+        rows.append((f"the Hugging Face cache (`{hub_cache}`): a Hub model baked in", du(hub_cache, seen)))
     packages = [(p.name, du(p, seen)) for p in sorted(SITE.iterdir())]
     venv_rest = du(VENV, seen)
     stdlib = du(STDLIB, seen, skip=(STDLIB / "site-packages",))

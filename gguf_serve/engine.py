@@ -290,6 +290,14 @@ class Engine:
         self.inbox.put(None)
         self.thread.join()
 
+    def save_sequences(self) -> None:
+        """Once closed: what each sequence holds, saved to the prompt cache as a sequence taken for
+        another prompt is (the most recently started last: the hottest), for the disk tier to write
+        (prompt_cache_disk.py). The sequences hold the latest conversations, which the tier
+        has not seen. Its thread stopped, the context is this caller's."""
+        for slot in sorted((s for s in self.slots if s.cached), key=lambda s: s.started):
+            self.cache.save(slot.seq_id, slot.cached)
+
     @property
     def running(self) -> int:
         return sum(slot.gen is not None for slot in self.slots) + self.embedder.running

@@ -229,11 +229,13 @@ def token_budget(served: Served, prompts: list[list[int]], requested: int | None
     with context shift off (its default: the slot stops with STOP_TYPE_LIMIT, `truncated`) and as
     Anthropic's API does (stop_reason "model_context_window_exceeded"). vLLM refuses that request
     instead (400 "'max_tokens' or 'max_completion_tokens' is too large"), which coding agents that
-    send a fixed max_tokens (Claude Code: 32000) can't get past on a context smaller than that."""
+    send a fixed max_tokens (Claude Code: 32000) can't get past on a context smaller than that.
+    MAX_TOKENS, when set, lowers what is asked to it (llama.cpp's server: --n-predict)."""
     n_ctx, longest = served.model.n_ctx, max(len(p) for p in prompts)
     if longest >= n_ctx:
         raise ContextExceeded(longest, n_ctx, param)
-    return requested or default or n_ctx
+    budget = requested or default or n_ctx
+    return min(budget, served.config.max_tokens) if served.config.max_tokens else budget
 
 
 class ContextExceeded(APIError):

@@ -43,6 +43,9 @@ class Served:
     renders_tool_turns: bool  # its format writes tool calls and results (else jobs.py writes them as text)
     created: int
     timings: dict[str, float]  # seconds each step of loading took (the start-up log line)
+    # What computed its prompt cache's states (prompt_cache_disk.computed_by), taken at start: set
+    # when PROMPT_CACHE_DIR is, for the states written there when it stops
+    model_hash: bytes | None = None
 
     @property
     def own_template(self) -> str | None:
@@ -126,7 +129,7 @@ def start_loading(config: Config) -> Loading:
 async def load(config: Config, loading: Loading, on_failure: Callable[[str], None]) -> Served:
     """The model (from `start_loading`), its chat format, its decode thread running, one token
     generated. `on_failure` is called on the event loop if the decode thread dies."""
-    from . import engine  # the decode thread's modules: imported while the model is read
+    from . import engine, prompt_cache_disk  # the decode thread's modules: imported while the model is read
 
     model = await asyncio.wrap_future(loading.model)
     timings = dict(model.timings)
@@ -142,10 +145,17 @@ async def load(config: Config, loading: Loading, on_failure: Callable[[str], Non
     stop_tokens = {model.special[s] for s in stops if s in model.special}
     decoder = engine.Engine(model, config.parallel, asyncio.get_running_loop(), stop_tokens, on_failure,
                             config.prompt_cache_bytes)
+    model_hash = None
+    if config.prompt_cache_dir and decoder.cache:
+        # before the first generation is submitted: until then the decode thread waits on its inbox
+        # and has not touched the cache
+        model_hash = await asyncio.to_thread(prompt_cache_disk.computed_by, model, config.model_path, model.n_ctx,
+                                             config.kv_cache, config.flash_attn)
+        await asyncio.to_thread(prompt_cache_disk.read, decoder.cache, config.prompt_cache_dir, model_hash)
     text_stops = [s for s in stops if s not in model.special]
     lane = (concurrent.futures.ThreadPoolExecutor(config.parallel + config.max_queue, "render")
             if isinstance(render, TemplateProcess) else None)
-    served = Served(config, model, decoder, render, lane, text_stops, tool_turns, int(time.time()), timings)
+    served = Served(config, model, decoder, render, lane, text_stops, tool_turns, int(time.time()), timings, model_hash)
     await warm_up(served)
     timings["warm_up"], timings["load"] = time.perf_counter() - step, time.perf_counter() - loading.started
     return served
@@ -172,6 +182,17 @@ async def warm_up(served: Served) -> None:
     event = await done
     if event.finish_reason == "error":
         raise StartError(f"{served.config.model_path}: the warm-up token failed ({event.text})")
+
+
+def stop(served: Served, deadline: float) -> None:
+    """Stop the decode thread; then, with PROMPT_CACHE_DIR, write the prompt cache there, what the
+    sequences hold included, by `deadline` (time.monotonic()). Blocks: run it off the event loop."""
+    served.engine.close()
+    if served.model_hash is not None:
+        from . import prompt_cache_disk
+
+        served.engine.save_sequences()
+        prompt_cache_disk.write(served.engine.cache, served.config.prompt_cache_dir, served.model_hash, deadline)
 
 
 def since_process_start() -> float | None:

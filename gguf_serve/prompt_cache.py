@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class PromptCache:
         self.bytes = 0
         self.next_key = 0
         # for the metrics (read from the event loop's thread: plain numbers, no lock needed)
-        self.hits = self.restored_tokens = self.evictions = self.saves = 0
+        self.hits = self.restored_tokens = self.evictions = self.saves = self.loaded = 0
 
     def save(self, seq_id: int, tokens: list[int]) -> None:
         """Keep the state of sequence `seq_id`, which holds `tokens`, unless it is too small, too
@@ -63,9 +64,7 @@ class PromptCache:
             if common == len(entry.tokens):
                 self._drop(key)
         size = llama.llama_state_seq_get_size_ext(self.model.ctx, seq_id, 0)
-        if self.max_bytes is None:
-            self.max_bytes = size * self.kv_tokens // (4 * len(tokens))
-        if size > self.max_bytes:
+        if size > self._bound(size, len(tokens)):
             return
         while self.entries and self.bytes + size > self.max_bytes:
             self._drop(next(iter(self.entries)))
@@ -73,10 +72,31 @@ class PromptCache:
         state = (ctypes.c_uint8 * size)()
         if llama.llama_state_seq_get_data_ext(self.model.ctx, state, size, seq_id, 0) != size:
             return
-        self.entries[self.next_key] = Entry(held, state)
-        self.next_key += 1
-        self.bytes += size
+        self._add(Entry(held, state))
         self.saves += 1
+
+    def load(self, entries: Iterable[Entry]) -> None:
+        """Add `entries`, the hottest first, each less recently used than those before it, until one
+        does not fit in what room is left: the rest, colder, are not read. The disk tier's, read at
+        start (prompt_cache_disk.py) into a tier that holds nothing yet."""
+        for entry in entries:
+            if self.bytes + len(entry.state) > self._bound(len(entry.state), len(entry.tokens)):
+                return
+            self._add(entry)
+            self.entries.move_to_end(self.next_key - 1, last=False)
+            self.loaded += 1
+
+    def _bound(self, size: int, tokens: int) -> int:
+        """The bound in bytes; PROMPT_CACHE_MIB's default is measured on the first state, `size`
+        bytes for `tokens` tokens."""
+        if self.max_bytes is None:
+            self.max_bytes = size * self.kv_tokens // (4 * tokens)
+        return self.max_bytes
+
+    def _add(self, entry: Entry) -> None:
+        self.entries[self.next_key] = entry
+        self.next_key += 1
+        self.bytes += len(entry.state)
 
     def longest(self, prompt: list[int]) -> tuple[int | None, int]:
         """The entry sharing the longest prefix with `prompt`, and that prefix's length."""

@@ -15,6 +15,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 import traceback
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, get_type_hints
@@ -47,12 +48,14 @@ from .state import ServerState
 # --- The app --------------------------------------------------------------------------------
 
 
-def create_app(env: dict[str, str] = os.environ, started: loading.Loading | None = None):
+def create_app(env: dict[str, str] = os.environ, started: loading.Loading | None = None, config: Config | None = None):
     """The ASGI app for one model, configured from `env`: Litestar's, inside the access gate.
-    `started`: its loading, if the caller began it (`gguf-serve` does, before importing this).
+    `started`: its loading, and `config` what it loads, if the caller began it (`gguf-serve` does, before
+    importing this: the configuration is not read twice, a Hub model not looked up twice).
     Raises ConfigError or ModelFileError with one line when the configuration can't work."""
-    config = load_config(env)
-    check_model_file(config.model_path)
+    if config is None:
+        config = load_config(env)
+        check_model_file(config.model_path)
     started = started or loading.start_loading(config)  # overlaps building the app and starting the server
     state = ServerState(config, started, response_store(config), Runs(config.parallel + config.max_queue))
     app = Litestar(
@@ -121,7 +124,8 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
         silent.set()
         load.cancel()
         if state.served:
-            state.served.engine.close()
+            ends = state.drain_ends or time.monotonic() + state.config.shutdown_grace_s
+            await asyncio.to_thread(loading.stop, state.served, ends)
 
 
 async def load_model(state: ServerState) -> None:
@@ -169,7 +173,7 @@ def drain(state: ServerState) -> None:
     still running then end with an error event rather than a silent cut."""
     if state.draining:
         return
-    state.draining = True
+    state.draining, state.drain_ends = True, time.monotonic() + state.config.shutdown_grace_s
     shutting_down = APIError(503, "the server is shutting down; retry on another instance", None, "server_shutting_down")
     asyncio.get_running_loop().call_later(state.config.shutdown_grace_s, state.runs.abort, shutting_down)
 

@@ -23,6 +23,8 @@ class ServerState:
     metrics: Metrics = field(init=False)
     served: Served | None = None  # set once the model is loaded and warm; None again if the engine dies
     draining: bool = False  # told to stop: new requests get 503
+    # then: when its grace ends (time.monotonic()), for requests in flight and the prompt cache's write
+    drain_ends: float | None = None
     openapi: dict | None = None  # /openapi.json, made on first ask
 
     def __post_init__(self):

@@ -217,3 +217,24 @@ def test_n_ctx_set_past_the_training_length_is_taken_as_asked():
     asked = Model(smollm2_path(), n_ctx=trained + 1024, past_training=True)
     assert asked.n_ctx == trained + 1024
     assert Model(smollm2_path(), n_ctx=trained + 1024).n_ctx == trained
+
+
+# --- MAX_TOKENS: the operator's cap ----------------------------------------------------------------
+
+
+def test_max_tokens_setting_lowers_what_a_request_asks_on_each_api():
+    """MAX_TOKENS=8 (llama-server's --n-predict): 32000 asked, or none, gets 8; 3 asked gets 3."""
+    s = Server({"N_THREADS": "2", "N_CTX": str(N_CTX), "PARALLEL": "1", "MAX_TOKENS": "8"}).wait_ready()
+    try:
+        oai = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=600)
+        for asked, got in ((ASKED, 8), (None, 8), (3, 3)):
+            r = oai.chat.completions.create(model=MODEL, messages=user(COUNTING), temperature=0,
+                                            **({"max_tokens": asked} if asked else {}))
+            assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", got)
+        r = oai.responses.create(model=MODEL, input=COUNTING, max_output_tokens=ASKED, temperature=0, store=False)
+        assert r.incomplete_details.reason == "max_output_tokens" and r.usage.output_tokens == 8
+        claude = anthropic.Anthropic(base_url=s.url, api_key="unused", max_retries=0, timeout=600)
+        m = claude.messages.create(model=MODEL, max_tokens=ASKED, messages=user(COUNTING), extra_body=GREEDY)
+        assert (m.stop_reason, m.usage.output_tokens) == ("max_tokens", 8)
+    finally:
+        s.stop()

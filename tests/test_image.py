@@ -1,5 +1,7 @@
 """The real container image: the Containerfile built with buildah (deploy/build-image.sh, on a
-base made from Debian's packages), then run as its CMD says (its user, its environment,
+base made from Debian's packages) with a Hub model baked in (`--build-arg MODEL=hf:...`: SmolLM2's
+GGUF pulled at build from a stand-in Hub on loopback, tests/hub_standin.py, which the build reaches
+on the host's network), then run as its CMD says (its user, its environment,
 PORT set) with `buildah run --isolation chroot` on the host's network: podman can't start
 containers in this sandbox, buildah's chroot isolation can. The OpenAI SDK gets an answer
 from it, and SIGTERM drains it. Printed (pytest shows it without -s): its start, phase by
@@ -16,10 +18,14 @@ import httpx
 import openai
 import pytest
 
-from conftest import MODEL, ROOT, free_port
+from conftest import ROOT, free_port, smollm2_path
+from hub_standin import Repo, StandInHub
 
 PREBUILT = os.environ.get("GGUF_SERVE_IMAGE")  # an image to test as it is; by default the Containerfile is built
 IMAGE = PREBUILT or "localhost/gguf-serve:ci"
+# The model CI bakes in: from the Hub, by name (one build covers the image and `--build-arg MODEL=hf:...`);
+# a prebuilt image is asked which model it serves.
+HUB_MODEL = "hf:org/smol-GGUF"
 pytestmark = pytest.mark.skipif(os.environ.get("CI") != "true" and not os.environ.get("IMAGE_TEST"),
                                 reason="builds the image (~5 min): runs in CI, or with IMAGE_TEST=1")
 
@@ -28,7 +34,12 @@ pytestmark = pytest.mark.skipif(os.environ.get("CI") != "true" and not os.enviro
 def image() -> dict:
     """The image's config (buildah inspect), built first (buildah reuses unchanged layers)."""
     if not PREBUILT:
-        subprocess.run([ROOT / "deploy" / "build-image.sh", IMAGE], check=True, timeout=3600)
+        hub = StandInHub({"org/smol-GGUF": Repo({"smol-Q4_1.gguf": smollm2_path()})})
+        try:
+            subprocess.run([ROOT / "deploy" / "build-image.sh", IMAGE, "--build-arg", "MODEL_PACKAGE=", "--build-arg",
+                            f"MODEL={HUB_MODEL}", "--build-arg", f"HF_ENDPOINT={hub.url}"], check=True, timeout=3600)
+        finally:
+            hub.stop()
     inspect = subprocess.run(["buildah", "inspect", "--type", "image", IMAGE], capture_output=True, check=True, text=True)
     return json.loads(inspect.stdout)["OCIv1"]["config"]
 
@@ -134,7 +145,10 @@ def test_the_image_serves_as_its_cmd_says_and_drains_on_sigterm(image, capsys):
                     pass
                 time.sleep(0.01)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        reply = client.chat.completions.create(model=MODEL, max_tokens=1, temperature=0,
+        [model] = [m.id for m in client.models.list().data]
+        if not PREBUILT:  # the Hub model, served offline from the image's own cache
+            assert model == HUB_MODEL.removeprefix("hf:") and '"event": "hub_cache"' in container.output()
+        reply = client.chat.completions.create(model=model, max_tokens=1, temperature=0,
                                                messages=[{"role": "user", "content": "What is the capital of France?"}])
         first_answer = time.monotonic() - container.started
         assert reply.usage.completion_tokens == 1 and reply.choices[0].message.content
@@ -150,13 +164,13 @@ def test_the_image_serves_as_its_cmd_says_and_drains_on_sigterm(image, capsys):
         uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
         assert uid == image["User"].split(":")[0] or uid == "10001"  # the unprivileged user, not root
         assert httpx.get(f"{url}/openapi.json", timeout=10).status_code == 200  # no test-only package needed
-        vectors = client.embeddings.create(model=MODEL, input=["one", "two"]).data  # numpy's part of the image
+        vectors = client.embeddings.create(model=model, input=["one", "two"]).data  # numpy's part of the image
         assert len(vectors) == 2 and len(vectors[0].embedding) > 0
 
         # SIGTERM while a stream runs: it finishes inside SHUTDOWN_GRACE_S (or, past it, ends
         # with an error event, never a silent cut), the instance stops being ready, and the
         # process exits 0.
-        stream = client.chat.completions.create(model=MODEL, max_tokens=16, temperature=0,
+        stream = client.chat.completions.create(model=model, max_tokens=16, temperature=0,
                                                 messages=[{"role": "user", "content": "Tell me a story."}], stream=True)
         chunks = [next(stream)]
         os.kill(pid, signal.SIGTERM)

@@ -1,14 +1,19 @@
 """The KV cache's host-memory tier (prompt_cache.py, issue #36): a conversation whose sequence was
 taken by another gets its history restored, not computed again; greedy output is the same as
-when its sequence kept it; the tier stays within its bound. The real SmolLM2, in process, then
-over HTTP."""
+when its sequence kept it; the tier stays within its bound. Then its tier on disk
+(prompt_cache_disk.py): written at SIGTERM, read by the next start of the same model and
+settings only. The real SmolLM2, in process, then over HTTP."""
 
 import asyncio
+import functools
+import json
+import os
 
 import httpx
 
-from conftest import MODEL, Server, smollm2_path
-from gguf_serve import engine
+from conftest import MODEL, Server, smollm2_path, with_template
+from gguf_serve import engine, prompt_cache_disk
+from gguf_serve.engine import _common_prefix
 from gguf_serve.model import Model
 
 HISTORY = "We talk about rivers. " * 40  # about 200 tokens: a conversation's history
@@ -111,3 +116,93 @@ def test_over_http_a_second_turn_reports_its_restored_prefix_and_the_metrics_cou
         assert 0 < server.metric("gguf_prompt_cache_bytes") <= server.metric("gguf_prompt_cache_max_bytes")
     finally:
         server.stop()
+
+
+# A long system prompt (about 300 tokens), as an agent's or an app's: what a restarted instance's
+# first request should not compute again.
+SYSTEM = " ".join(f"Rule {i}: answer about rivers, lakes and the sea in plain words, and name every river." for i in range(16))
+
+
+@functools.cache
+def vocabulary() -> Model:
+    return Model(smollm2_path(), vocab_only=True)
+
+
+def test_what_computed_the_states_tells_a_model_file_with_the_same_size_time_and_name_apart(tmp_path):
+    """A copy of SmolLM2 whose chat template differs by one character: the same size and
+    modification time, and its weights the same. Its metadata tells it apart; so does any
+    setting that shapes a state (N_CTX, the KV cache's types, flash attention)."""
+    model, path = vocabulary(), smollm2_path()
+    template = model.metadata["tokenizer.chat_template"]
+    copy = with_template(tmp_path, path.stem, template.replace("Hugging Face", "Hugging-Face"))
+    os.utime(copy, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))
+    assert copy.stat().st_size == path.stat().st_size and copy.name == path.name
+
+    def computed_by(model, path, n_ctx=2048, kv_cache=("f16", "f16"), flash_attn="auto"):
+        return prompt_cache_disk.computed_by(model, path, n_ctx, kv_cache, flash_attn)
+
+    ours = computed_by(model, path)
+    assert computed_by(vocabulary(), path) == ours  # the same file and settings, another load
+    assert computed_by(Model(copy, vocab_only=True), copy) != ours
+    assert len({ours, computed_by(model, path, n_ctx=4096), computed_by(model, path, kv_cache=("q8_0", "f16")),
+                computed_by(model, path, flash_attn="off")}) == 4
+
+
+def written(server: Server) -> dict:
+    [line] = [json.loads(line) for line in server.output().splitlines() if '"prompt_cache_written"' in line]
+    return line
+
+
+def test_a_restart_restores_what_the_stopped_server_held_and_answers_as_a_cold_run(tmp_path):
+    """Stopped (SIGTERM), a server writes what its sequence held to PROMPT_CACHE_DIR; the next
+    start reads it, and its first request restores the long system prompt (cached_tokens) and
+    answers greedily what a server that computed it all answered. A model file that differs only
+    in its metadata, the same size and time, never loads it. FLASH_ATTN=off: a prompt longer than
+    a chunk, reused, is otherwise computed in other pieces than whole (docs/architecture.md)."""
+    directory = tmp_path / "cache"
+    env = {"N_THREADS": "2", "PARALLEL": "1", "N_CTX": "2048", "FLASH_ATTN": "off", "PROMPT_CACHE_DIR": str(directory)}
+    first, second = "Which river is longest?", "Which lake is deepest?"
+
+    def chat(server, question, model=MODEL):
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        body = {"model": model, "messages": messages, "max_tokens": 16, "temperature": 0}
+        answer = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=300).json()
+        prompt = httpx.post(f"{server.url}/apply-template", json=body, timeout=60).json()["prompt"]
+        return answer["choices"][0]["message"]["content"], answer["usage"]["prompt_tokens_details"]["cached_tokens"], prompt
+
+    server = Server(env).wait_ready()
+    try:
+        cold, _, prompt = chat(server, second)  # computed whole: the sequence held only the warm-up's
+        _, _, first_prompt = chat(server, first)  # the sequence holds this one's prompt and answer now
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0
+    assert written(server)["entries"] == 1 and not written(server)["deadline_reached"]
+
+    server = Server(env).wait_ready()
+    try:
+        assert server.metric("gguf_prompt_cache_loaded_total") == server.metric("gguf_prompt_cache_entries") == 1
+        bound = server.metric("gguf_prompt_cache_max_bytes")
+        assert 0 < server.metric("gguf_prompt_cache_bytes") <= bound
+        assert (directory / "prompt-cache").stat().st_size <= bound
+        text, cached, _ = chat(server, second)
+        assert server.metric("gguf_prompt_cache_hits_total") == 1
+    finally:
+        server.stop()
+    tokens = vocabulary().tokenize_prompt
+    assert cached == _common_prefix(tokens(first_prompt), tokens(prompt)) > 250  # the system prompt, restored
+    assert text == cold
+    assert sorted(p.name for p in directory.iterdir()) == ["prompt-cache"]
+
+    model = vocabulary()
+    copy = with_template(tmp_path, "other", model.metadata["tokenizer.chat_template"].replace("Hugging Face", "Hugging-Face"))
+    os.utime(copy, ns=(smollm2_path().stat().st_atime_ns, smollm2_path().stat().st_mtime_ns))
+    server = Server({**env, "MODEL": str(copy)}).wait_ready()
+    try:
+        assert server.metric("gguf_prompt_cache_loaded_total") == server.metric("gguf_prompt_cache_entries") == 0
+        _, cached, _ = chat(server, second, model="other")
+        assert cached == 0
+    finally:
+        server.stop()
+    [ignored] = [json.loads(line) for line in server.output().splitlines() if '"prompt_cache_ignored"' in line]
+    assert "another model" in ignored["reason"]
