@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
-import re
 import socket
 import time
 import uuid
@@ -14,11 +13,19 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from . import anthropic_protocol
-from .protocol import APIError, Route, error_body, retry_after
+from .errors import APIError, retry_after
+from .routes import API, Route, api_finder, endpoint_namer, error_body
 
 if TYPE_CHECKING:
     from .state import ServerState
+
+
+API_OF = "gguf_api"  # where the gate leaves, in a request's scope state, the API its route speaks
+
+
+def api_of(scope) -> API:
+    """The API whose shape the request's errors take (its route's: routes.api_finder), as the gate found it."""
+    return scope["state"].get(API_OF, "openai")
 
 
 def request_info(request) -> dict:
@@ -33,7 +40,7 @@ def ignore_tools(request, kinds: list[str]) -> None:
     """Hosted tools a request offered and the prompt left out (this server can't run them),
     named in its log line and in its answer's `x-gguf-tools-ignored` header, so that a client
     learns why the model never calls them. `kinds` are tool types matched against a fixed list
-    (responses_tools.HOSTED, messages.SERVER_TOOLS): no other client text reaches the header."""
+    (responses_tools.HOSTED, anthropic_messages.SERVER_TOOLS): no other client text reaches the header."""
     if kinds:
         request_info(request)[TOOLS_IGNORED] = kinds
 
@@ -52,7 +59,7 @@ def gate(app, state: ServerState, routes: tuple[Route, ...]):
     config = state.config
     probes = frozenset(route.path for route in routes if route.public)
     public = probes | frozenset(config.public_paths)
-    endpoint_of = endpoint_namer(routes)
+    endpoint_of, api_of_path = endpoint_namer(routes), api_finder(routes)
     # Which instance answered, on every answer but a refused key: behind a fleet, what a client or
     # a test reads to know where a request landed (the host name is the container's, the pid
     # granian's worker). A client without a valid key learns nothing of the host.
@@ -62,7 +69,9 @@ def gate(app, state: ServerState, routes: tuple[Route, ...]):
         if scope["type"] != "http":
             return await app(scope, receive, send)
         started = time.perf_counter()
-        info = scope.setdefault("state", {}).setdefault("gguf", {})
+        scope_state = scope.setdefault("state", {})
+        info = scope_state.setdefault("gguf", {})
+        api = scope_state[API_OF] = api_of_path(scope["path"])
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode(errors="replace")[:128] or uuid.uuid4().hex
         path, status, named = scope["path"], 500, True
@@ -93,7 +102,7 @@ def gate(app, state: ServerState, routes: tuple[Route, ...]):
                 elif state.draining:
                     refusal = APIError(503, "the server is shutting down; retry on another instance", None, "server_shutting_down")
             if refusal:
-                body = msgspec.json.encode(error_body_for(path, refusal))
+                body = msgspec.json.encode(error_body(api, refusal))
                 headers = [(b"content-type", b"application/json"), *((k.encode(), v.encode()) for k, v in retry_after(refusal).items())]
                 await send_with_id({"type": "http.response.start", "status": refusal.status, "headers": headers})
                 await send_with_id({"type": "http.response.body", "body": body})
@@ -135,27 +144,6 @@ class BodyDeadline:
         return message
 
 
-def endpoint_namer(routes: tuple[Route, ...]):
-    """The metric label and log name of a path: its route's template (ids in it as `{name}`),
-    or "other", so that the labels are as few as the routes."""
-    exact = {route.path: route.template for route in routes if "{" not in route.path}
-    templated = [(path_pattern(route.path), route.template) for route in routes if "{" in route.path]
-
-    def endpoint_of(path: str) -> str:
-        if path in exact:
-            return exact[path]
-        return next((template for pattern, template in templated if pattern.fullmatch(path)), "other")
-
-    return endpoint_of
-
-
-def path_pattern(path: str) -> re.Pattern:
-    """A route's path as Litestar matches it: a `{name:path}` parameter takes the rest, any other one segment."""
-    pieces = re.split(r"(\{\w+:\w+\})", path)
-    return re.compile("".join(".+" if piece.endswith(":path}") else "[^/]+" if piece.startswith("{") else re.escape(piece)
-                              for piece in pieces))
-
-
 def api_key(headers: dict[bytes, bytes]) -> bytes:
     """The key a request sends: `Authorization: Bearer <key>` (OpenAI's clients) or `x-api-key`
     (Anthropic's); b"" if neither."""
@@ -166,11 +154,3 @@ def api_key(headers: dict[bytes, bytes]) -> bytes:
 def authorized(given: bytes, keys: tuple[str, ...]) -> bool:
     """`given` is one of the keys, compared in constant time (every key is tried)."""
     return bool(given) & any([hmac.compare_digest(given, k.encode()) for k in keys])
-
-
-def error_body_for(path: str, exc: APIError):
-    """An error in the shape of the API its path belongs to: Anthropic's on /v1/messages,
-    OpenAI's everywhere else."""
-    if path == anthropic_protocol.PATH or path.startswith(anthropic_protocol.PATH + "/"):
-        return anthropic_protocol.error_body(exc)
-    return error_body(exc)

@@ -1,7 +1,7 @@
 """The Anthropic Messages API's wire format (/v1/messages): request and answer structs, the
 stream's events, and its error shape.
 
-Types only, no serving logic, as protocol.py is for OpenAI's API: messages.py serves these on
+Types only, no serving logic, as protocol.py is for OpenAI's API: anthropic_messages.py serves these on
 chat's path. Named as the `anthropic` SDK's `types` name them (the *Param ones are requests).
 """
 
@@ -11,16 +11,16 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from .protocol import MAX_STOP_CHARS, APIError, Positive, TopP
+from .errors import APIError
+from .protocol import MAX_STOP_CHARS, Positive, TopP
 
-PATH = "/v1/messages"  # its routes, and the paths whose errors are answered in its shape
 # Stop sequences: more than OpenAI's four (agents send a few), each bounded as chat's are (the
 # engine builds a matcher of each for the generation, in the decode thread).
 MAX_STOP_SEQUENCES = 16
 
 
 class ContentBlockParam(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One block of a message's content. `type` says which fields it has; messages.py accepts
+    """One block of a message's content. `type` says which fields it has; anthropic_messages.py accepts
     text, tool_use, tool_result and thinking, and refuses the rest (image, document...) by name."""
 
     type: str
@@ -45,7 +45,7 @@ class MessageParam(msgspec.Struct, kw_only=True):
 class ToolParam(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A client tool (`type` absent or "custom"), or one of Anthropic's own tools by its dated
     `type`: the client tools whose schema Anthropic publishes (bash, text editor, memory), and
-    server tools (web search, code execution...) that messages.py leaves out."""
+    server tools (web search, code execution...) that anthropic_messages.py leaves out."""
 
     name: str | None = None  # every tool's but an MCP toolset's
     description: str | None = None

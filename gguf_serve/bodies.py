@@ -1,19 +1,22 @@
 """A request's body, as every route reads it: taken as it arrives, decoded from its
 Content-Encoding (gzip, deflate or zstd: Codex CLI compresses its requests for some providers),
-and held to MAX_BODY_BYTES once decoded. A decompression bomb is a 413 once its first
+and held to MAX_BODY_BYTES once decoded, then its JSON decoded strictly into the route's struct
+(`decode`, an error naming the field at fault). A decompression bomb is a 413 once its first
 MAX_BODY_BYTES are decoded: no more than that, the piece being decoded and a zstd frame's window
 (8 MiB at most) is ever held, whatever it would expand to."""
 
 from __future__ import annotations
 
+import re
 import zlib
 from typing import Iterator
 
+import msgspec
 import zstandard
 from litestar import Request
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
-from .protocol import APIError
+from .errors import APIError
 
 CODINGS = ("gzip", "deflate", "zstd")
 SAME_CODING = {"x-gzip": "gzip"}  # RFC 9110 8.4.1.3: a recipient treats x-gzip as gzip
@@ -120,3 +123,46 @@ def too_large(limit: int, decoder: Inflate | Unzstd | None) -> APIError:
 
 def trailing_data(coding: str) -> APIError:
     return APIError(400, f"the body goes on after the end of its {coding} stream (one {coding} stream is a body)")
+
+
+MISSING = re.compile(r"Object missing required field `(\w+)`(?: - at `\$\.?(.*)`)?")
+
+
+def decode(body: bytes, kind: type[msgspec.Struct]):
+    """Decode a request body strictly (a string is not a number), naming the offending field."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as e:
+        message = str(e)
+        if missing := MISSING.fullmatch(message):  # worded as OpenAI words it, the field's path its param
+            field, within = missing.groups()
+            param = f"{within}.{field}" if within else field
+            raise APIError(400, f"Missing required parameter: '{param}'.", param, "missing_required_parameter") from None
+        param = message.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in message else None
+        raise APIError(400, message, param) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # invalid UTF-8 in a string is the latter
+        raise APIError(400, f"the body is not valid JSON: {e}") from None
+
+
+JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def deep_field(body: bytes, depth_limit: int = 256) -> str | None:
+    """The top-level field of a JSON object whose value first nests deeper than `depth_limit`,
+    for a body that failed to decode for its nesting (msgspec recurses as deep as Python's
+    recursion limit allows, ignored fields too: a RecursionError). A Python scan, 0.5-0.7 s for
+    4 MB of brackets: run it off the event loop."""
+    depth, key, last_string = 0, None, None
+    for token in JSON_TOKEN.finditer(body):
+        text = token.group()
+        if text[0] == ord('"'):
+            last_string = text
+        elif text in (b"[", b"{"):
+            if depth == 1:
+                key = last_string
+            depth += 1
+            if depth > depth_limit:
+                return msgspec.json.decode(key) if key else None
+        else:
+            depth -= 1
+    return None

@@ -13,9 +13,10 @@ import json
 
 import msgspec
 
+from .errors import APIError
 from .grammar import free_form_grammar
-from .protocol import (APIError, AssistantMessage, ChatMessage, ChatRequest, CustomCall, CustomGrammar, FunctionCall,
-                       FunctionDef, TemplateRequest, ToolCall, ToolDef)
+from .protocol import (AssistantMessage, ChatMessage, ChatRequest, CustomCall, CustomGrammar, FunctionCall, FunctionDef,
+                       TemplateRequest, ToolCall, ToolDef)
 from .responses_tools import CUSTOM_INPUT, custom_description, custom_input
 from .tools import FreeForm
 

@@ -10,11 +10,12 @@ from typing import AsyncIterator
 import msgspec
 from litestar import Request, Response
 
-from . import prompts, serving
+from . import jobs, lifecycle
+from .errors import APIError
+from .jobs import Job
 from .loading import Served
 from .logprobs import text_logprobs
-from .prompts import Job
-from .protocol import APIError, Completion, CompletionRequest, TextChoice
+from .protocol import Completion, CompletionRequest, TextChoice
 from .runs import Choice, Run
 from .streaming import include_usage, sse
 
@@ -37,7 +38,7 @@ async def respond(request: Request, served: Served, body: CompletionRequest) -> 
     def streamed(run: Run, job: Job) -> AsyncIterator[bytes]:
         return chunks(served, run, body, head)
 
-    return await serving.serve(request, served, n_prompts * body.n, functools.partial(prompts.completion_job, served, body),
+    return await lifecycle.serve(request, served, n_prompts * body.n, functools.partial(jobs.completion_job, served, body),
                                whole, streamed if body.stream else None)
 
 

@@ -11,18 +11,14 @@ tool use block", to be retried with a higher max_tokens (stop_reason `max_tokens
 that checks the stop reason knows not to run it, and one that doesn't still sees a call, not
 text it would show as the answer.
 
-`written` reads such cut arguments as the object they began (a local shell call's command, a
-tool_use block's input).
+chat_steps answers it so (the call from its name, or the forced name when the budget cut it
+before, its arguments as far as written, the finish reason "length"); `written` reads such cut
+arguments as the object they began (a local shell call's command, a tool_use block's input).
 """
 
 from __future__ import annotations
 
-import uuid
-
 import msgspec
-
-from .protocol import AssistantMessage, FunctionCall, ToolCall
-from .tools import CallSpotter, ForcedCallReader, ToolPlan, answer as parsed_answer
 
 CLOSERS = {"{": "}", "[": "]"}
 LITERAL = frozenset("0123456789+-.eEtruefalsn")  # the characters of numbers, true, false and null
@@ -82,39 +78,3 @@ def written(text: str):
         except msgspec.DecodeError:
             continue
     return None
-
-
-def cut_forced_call(text: str, finish_reason: str, plan: ToolPlan) -> AssistantMessage | None:
-    """The call a forced call's text began, when the budget cut it (else None): its name (the
-    one forced, or the one written), its arguments as far as written."""
-    if finish_reason != "length" or not plan.forced or plan.free_form:
-        return None
-    reader = ForcedCallReader()
-    _, arguments = reader.feed(text)
-    name = reader.name or (plan.forced if plan.forced != "required" else None)
-    if name is None:  # `required`, cut before a name was written: no call to answer
-        return None
-    call = FunctionCall(name, arguments.lstrip())
-    if plan.legacy:
-        return AssistantMessage(content=None, function_call=call)
-    return AssistantMessage(content=None, tool_calls=[ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=call)])
-
-
-def answer(text: str, finish_reason: str, plan: ToolPlan) -> tuple[AssistantMessage, str]:
-    """tools.answer, a forced call cut short answered as that call (finish reason "length")."""
-    message, reason = parsed_answer(text, finish_reason, plan)
-    if message.tool_calls or message.function_call:
-        return message, reason
-    return cut_forced_call(text, reason, plan) or message, reason
-
-
-def step(spotter: CallSpotter, text: str, finish_reason: str | None,
-         plan: ToolPlan) -> tuple[str, AssistantMessage | None, str | None]:
-    """CallSpotter.step, a forced call cut short answered as that call (a forced call's text is
-    all held by the spotter, so none of it was content)."""
-    out, message, reason = spotter.step(text, finish_reason, plan)
-    if message is not None and not (message.tool_calls or message.function_call):
-        cut = cut_forced_call(spotter.held, reason, plan)
-        if cut is not None:
-            return "", cut, reason
-    return out, message, reason

@@ -1,6 +1,6 @@
 """The embedding jobs of the decode thread, computed one batch at a time between its generation
 steps: whole inputs pooled by llama.cpp in the graph (an embedding model), or a chat model's
-inputs in prompt-sized chunks through the KV cache, pooled here (see embeddings.py for why)."""
+inputs in prompt-sized chunks through the KV cache, pooled here (see embeddings_api.py for why)."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ class Served:
     # of the shared pool the other requests' slow work runs in.
     render_lane: concurrent.futures.Executor | None
     stops: list[str]  # end-of-turn texts that are not single special tokens
-    renders_tool_turns: bool  # its format writes tool calls and results (else prompts.py writes them as text)
+    renders_tool_turns: bool  # its format writes tool calls and results (else jobs.py writes them as text)
     created: int
     timings: dict[str, float]  # seconds each step of loading took (the start-up log line)
     # What computed its prompt cache's states (prompt_cache_disk.computed_by), taken at start: set

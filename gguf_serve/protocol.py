@@ -1,15 +1,17 @@
-"""The OpenAI wire format: request and response structs, errors, and strict body decoding.
+"""The OpenAI wire format of Chat Completions, Completions, embeddings and models: request and
+answer structs (the Responses API's are responses_protocol.py's, Anthropic's anthropic_protocol.py's).
 
 Types only, no serving logic (as vLLM's `protocol`). Every struct is msgspec's: requests are
-decoded strictly and answers encoded without a detour through dicts.
+decoded strictly (bodies.decode) and answers encoded without a detour through dicts.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Callable, Literal, NamedTuple
+from typing import Annotated, Literal
 
 import msgspec
+
+from .errors import APIError
 
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
 TopP = Annotated[float, msgspec.Meta(ge=0, le=1)]
@@ -250,11 +252,18 @@ class ChatChoice(msgspec.Struct, kw_only=True):
     logprobs: ChatLogprobs | None = None
 
 
+class FunctionCallDelta(msgspec.Struct, kw_only=True):
+    name: str | msgspec.UnsetType = msgspec.UNSET  # in a call's first delta
+    arguments: str
+
+
 class ToolCallDelta(msgspec.Struct, kw_only=True):
+    """A function call streamed: its id, type and name in its first delta, its arguments delta by delta."""
+
     index: int
-    id: str
-    type: str = "function"
-    function: FunctionCall
+    id: str | msgspec.UnsetType = msgspec.UNSET
+    type: str | msgspec.UnsetType = msgspec.UNSET
+    function: FunctionCallDelta
 
 
 class CustomCallDelta(msgspec.Struct, kw_only=True):
@@ -329,7 +338,7 @@ class ApplyTemplateResponse(msgspec.Struct):
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
     """POST /v1/embeddings. `input`: a string, a list of strings, a list of token ids or a list of
-    token-id lists (one union array, as msgspec allows; embeddings.input_tokens sorts them out)."""
+    token-id lists (one union array, as msgspec allows; embeddings_api.input_tokens sorts them out)."""
 
     model: str
     input: str | Annotated[list[str | int | list[int]], msgspec.Meta(min_length=1, max_length=2048)]
@@ -354,397 +363,3 @@ class EmbeddingList(msgspec.Struct, kw_only=True):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
-
-
-class ErrorBody(msgspec.Struct, kw_only=True):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(msgspec.Struct, kw_only=True):
-    error: ErrorBody
-
-
-class APIError(Exception):
-    """An OpenAI-shaped error: raised anywhere in a request, answered by `error_response`."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers or {}  # the answer's own headers, past Retry-After
-
-
-CLIENT_CLOSED = 499  # as nginx logs it: the client went away before the answer (nobody reads this status)
-ERROR_TYPES = {429: "rate_limit_exceeded"}  # OpenAI types a 401 as invalid_request_error too
-
-
-def retry_after(exc: APIError) -> dict[str, str]:
-    """A queue that is full or a model still loading clear within about a second."""
-    return {"retry-after": "1"} if exc.status in (429, 503) else {}
-
-
-def error_body(exc: APIError) -> ErrorResponse:
-    kind = ERROR_TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
-    return ErrorResponse(error=ErrorBody(message=exc.message, type=kind, param=exc.param, code=exc.code))
-
-
-MISSING = re.compile(r"Object missing required field `(\w+)`(?: - at `\$\.?(.*)`)?")
-
-
-def decode(body: bytes, kind: type[msgspec.Struct]):
-    """Decode a request body strictly (a string is not a number), naming the offending field."""
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as e:
-        message = str(e)
-        if missing := MISSING.fullmatch(message):  # worded as OpenAI words it, the field's path its param
-            field, within = missing.groups()
-            param = f"{within}.{field}" if within else field
-            raise APIError(400, f"Missing required parameter: '{param}'.", param, "missing_required_parameter") from None
-        param = message.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in message else None
-        raise APIError(400, message, param) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # invalid UTF-8 in a string is the latter
-        raise APIError(400, f"the body is not valid JSON: {e}") from None
-
-
-JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
-
-
-def deep_field(body: bytes, depth_limit: int = 256) -> str | None:
-    """The top-level field of a JSON object whose value first nests deeper than `depth_limit`,
-    for a body that failed to decode for its nesting (msgspec recurses as deep as Python's
-    recursion limit allows, ignored fields too: a RecursionError). A Python scan, 0.5-0.7 s for
-    4 MB of brackets: run it off the event loop."""
-    depth, key, last_string = 0, None, None
-    for token in JSON_TOKEN.finditer(body):
-        text = token.group()
-        if text[0] == ord('"'):
-            last_string = text
-        elif text in (b"[", b"{"):
-            if depth == 1:
-                key = last_string
-            depth += 1
-            if depth > depth_limit:
-                return msgspec.json.decode(key) if key else None
-        else:
-            depth -= 1
-    return None
-
-
-# --- The API's description, for clients and fuzzers -----------------------------------------
-
-class Route(NamedTuple):
-    """One route of the server. service.ROUTES lists them all, once: Litestar routes them, the
-    access gate keys them and names them in metrics, and `openapi` describes them."""
-
-    method: str
-    path: str  # Litestar's template: `{name:type}` for a path parameter
-    handler: Callable
-    body: type[msgspec.Struct] | None = None  # the JSON body it decodes
-    public: bool = False  # a probe: answered without the API key, and while draining
-
-    @property
-    def template(self) -> str:
-        """The path as OpenAPI writes it (`{name}`): also its metric label."""
-        return re.sub(r"\{(\w+):\w+\}", r"{\1}", self.path)
-
-
-def openapi(routes: tuple[Route, ...], model_ids: list[str]) -> dict:
-    """The OpenAPI 3.1 document of `routes`, their request bodies generated from the structs
-    above (so it can't drift from what is decoded), `model` and `model_id` listing the ids served."""
-    ref = "#/components/schemas/{name}"
-    with_body = [route for route in routes if route.body]
-    (*bodies, error), components = msgspec.json.schema_components([*(r.body for r in with_body), ErrorResponse],
-                                                                   ref_template=ref)
-    body_of = dict(zip(with_body, bodies))
-    for schema in components.values():
-        if "model" in schema.get("properties", {}) and "model" in schema.get("required", ()):
-            schema["properties"]["model"] = {"type": "string", "enum": model_ids}
-    errors = {"4XX": {"description": "an OpenAI-shaped error", "content": {"application/json": {"schema": error}}}}
-    paths: dict[str, dict] = {}
-    for route in routes:
-        operation: dict = {"parameters": [
-            {"name": name, "in": "path", "required": True,
-             "schema": {"type": "string", "enum": model_ids} if name == "model_id" else {"type": "string"}}
-            for name in re.findall(r"\{(\w+)\}", route.template)]}
-        if route.body:
-            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body_of[route]}}}
-            operation["responses"] = {"200": {"description": "the answer, or server-sent events with stream"}, **errors}
-        else:
-            operation["responses"] = {"200": {"description": "OK"}, **errors}
-        paths.setdefault(route.template, {})[route.method.lower()] = operation
-    return {"openapi": "3.1.0", "info": {"title": "gguf-serve", "version": "1"}, "paths": paths,
-            "components": {"schemas": components}}
-
-
-# --- The Responses API (/v1/responses) -----------------------------------------------------
-# Its requests are served on chat's path (responses.py turns one into a ChatRequest); these are
-# its own wire shapes, as the openai SDK's `types/responses` describe them.
-
-
-class LocalShellAction(msgspec.Struct, kw_only=True):
-    """A `local_shell_call`'s `action`: the command an agent runs on its machine."""
-
-    type: Literal["exec"] = "exec"
-    command: list[str]
-    env: dict[str, str] | None = None
-    timeout_ms: int | None = None
-    working_directory: str | None = None
-    user: str | None = None
-
-
-class InputItem(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One item of `input`: a message (its `type` may be left out), a call the model made (to
-    a function, a custom tool, the local shell), or that call's output. One struct for every
-    type, so that a missing or misplaced field is a 400 naming `input[i].<field>` rather than a
-    failed union match."""
-
-    type: str = "message"
-    role: Literal["user", "system", "developer", "assistant"] | None = None
-    content: str | list[ContentPart] | None = None
-    summary: list[ContentPart] | None = None  # a reasoning item's
-    encrypted_content: str | None = None  # a reasoning item's, from OpenAI's own models: meaningless here
-    id: str | None = None
-    status: str | None = None
-    call_id: str | None = None
-    name: str | None = None
-    namespace: str | None = None  # a call to a tool of a `namespace` tool
-    arguments: str | None = None  # a function call's
-    input: str | None = None  # a custom tool call's
-    action: LocalShellAction | None = None  # a local shell call's
-    output: str | list[ContentPart] | None = None
-
-
-class CustomToolFormat(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A custom tool's `format`: free text, or a grammar its input must follow."""
-
-    type: Literal["text", "grammar"]
-    syntax: Literal["lark", "regex"] | None = None
-    definition: GrammarText | None = None
-
-
-class ResponsesTool(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A tool: a function (`name`, `description`, `parameters`, `strict`), a `namespace` of
-    functions and custom tools (`name`, `description`, `tools`), a `custom` tool (`name`,
-    `description`, `format`), `local_shell`; other types (OpenAI's hosted tools) decode too, to
-    be left out (responses_tools.py) or refused by name."""
-
-    type: str
-    name: str | None = None
-    description: str | None = None
-    parameters: dict | None = None
-    strict: bool | None = None
-    tools: list[ResponsesTool] | None = None  # a namespace's
-    format: CustomToolFormat | None = None  # a custom tool's
-
-
-class ResponsesToolChoice(msgspec.Struct, kw_only=True, omit_defaults=True):
-    type: str
-    name: str | None = None
-
-
-class TextFormat(msgspec.Struct, kw_only=True, omit_defaults=True):
-    type: Literal["text", "json_object", "json_schema"]
-    name: str | None = None
-    schema: dict | None = None
-    strict: bool | None = None
-    description: str | None = None
-
-
-class TextConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
-    format: TextFormat = msgspec.field(default_factory=lambda: TextFormat(type="text"))
-    verbosity: Literal["low", "medium", "high"] | None = None
-
-
-class ReasoningConfig(msgspec.Struct, kw_only=True):
-    """`reasoning`: `effort` as chat's `reasoning_effort` (none/minimal switch thinking off where
-    the template can); no summaries are written, so `summary` is accepted and echoed only."""
-
-    effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
-    summary: Literal["auto", "concise", "detailed"] | None = None
-
-
-class ResponsesInput(msgspec.Struct, kw_only=True):
-    """What makes a Responses prompt: the fields POST /v1/responses/input_tokens takes too."""
-
-    model: str | None = None
-    input: str | list[InputItem] | None = None
-    instructions: str | None = None
-    previous_response_id: str | None = None
-    tools: list[ResponsesTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoice | None = None
-    parallel_tool_calls: bool = True
-    text: TextConfig | None = None
-    reasoning: ReasoningConfig | None = None
-    # OpenAI features this server has no part of: refused, never ignored.
-    conversation: str | dict | None = None
-    prompt: dict | None = None
-
-
-class ResponsesRequest(ResponsesInput, kw_only=True):
-    """POST /v1/responses. Unknown fields are ignored as on chat (`truncation`,
-    `prompt_cache_key`...); `stop` and the penalties are not Responses fields."""
-
-    model: str
-    stream: bool = False
-    include: list[str] | None = None  # of what OpenAI may add, only "message.output_text.logprobs" means anything here
-    top_logprobs: TopLogprobs | None = None
-    store: bool = True
-    max_output_tokens: Positive | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    seed: int | None = None
-    metadata: dict[str, str] | None = None
-    user: str | None = None
-    background: bool = False
-    # llama.cpp's extensions, as on chat
-    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
-    repeat_penalty: Annotated[float, msgspec.Meta(gt=0, le=10)] | None = None
-
-
-class OutputText(msgspec.Struct, kw_only=True, tag_field="type", tag="output_text"):
-    text: str
-    annotations: list = []
-    logprobs: list = []
-
-
-class OutputMessage(msgspec.Struct, kw_only=True, tag_field="type", tag="message"):
-    id: str
-    status: Literal["in_progress", "completed", "incomplete"]
-    role: str = "assistant"
-    content: list[OutputText]
-
-
-class FunctionCallItem(msgspec.Struct, kw_only=True, tag_field="type", tag="function_call"):
-    id: str
-    status: Literal["in_progress", "completed", "incomplete"]
-    call_id: str
-    name: str
-    namespace: str | msgspec.UnsetType = msgspec.UNSET  # a namespace tool's function: its namespace apart
-    arguments: str
-
-
-class CustomToolCallItem(msgspec.Struct, kw_only=True, tag_field="type", tag="custom_tool_call"):
-    id: str
-    status: Literal["in_progress", "completed", "incomplete"]
-    call_id: str
-    name: str
-    namespace: str | msgspec.UnsetType = msgspec.UNSET
-    input: str
-
-
-class LocalShellCallItem(msgspec.Struct, kw_only=True, tag_field="type", tag="local_shell_call"):
-    id: str
-    status: Literal["in_progress", "completed", "incomplete"]
-    call_id: str
-    action: LocalShellAction
-
-
-class ReasoningText(msgspec.Struct, kw_only=True, tag_field="type", tag="reasoning_text"):
-    text: str
-
-
-class ReasoningItem(msgspec.Struct, kw_only=True, tag_field="type", tag="reasoning"):
-    """A thinking model's reasoning: its own words (`content`), no summary."""
-
-    id: str
-    status: Literal["in_progress", "completed", "incomplete"]
-    summary: list = []
-    content: list[ReasoningText]
-
-
-CallItem = FunctionCallItem | CustomToolCallItem | LocalShellCallItem
-OutputItem = ReasoningItem | OutputMessage | FunctionCallItem | CustomToolCallItem | LocalShellCallItem
-
-
-class InputTokensDetails(msgspec.Struct, kw_only=True):
-    cached_tokens: int  # prompt tokens whose KV was reused rather than computed
-    cache_write_tokens: int = 0  # OpenAI's billed prompt-cache writes: none here
-
-
-class OutputTokensDetails(msgspec.Struct, kw_only=True):
-    reasoning_tokens: int = 0
-
-
-class ResponseUsage(msgspec.Struct, kw_only=True):
-    input_tokens: int
-    input_tokens_details: InputTokensDetails
-    output_tokens: int
-    output_tokens_details: OutputTokensDetails
-    total_tokens: int
-
-
-class IncompleteDetails(msgspec.Struct, kw_only=True):
-    reason: Literal["max_output_tokens"]
-
-
-class ResponseError(msgspec.Struct, kw_only=True):
-    code: str
-    message: str
-
-
-class ResponseObject(msgspec.Struct, kw_only=True):
-    """A response as OpenAI returns it: the answer's output items, its usage, and the
-    request's settings echoed (sampling as applied, the model's defaults included)."""
-
-    id: str
-    object: str = "response"
-    created_at: int
-    completed_at: int | None = None
-    status: Literal["in_progress", "completed", "incomplete", "failed"]
-    error: ResponseError | None = None
-    incomplete_details: IncompleteDetails | None = None
-    model: str
-    output: list[OutputItem]
-    usage: ResponseUsage | None = None
-    instructions: str | None
-    max_output_tokens: int | None
-    temperature: float
-    top_p: float
-    tools: list[ResponsesTool]
-    tool_choice: str | ResponsesToolChoice
-    parallel_tool_calls: bool
-    text: TextConfig
-    top_logprobs: int | None = None
-    previous_response_id: str | None
-    store: bool
-    metadata: dict[str, str]
-    user: str | None
-    background: bool = False
-    truncation: str = "disabled"
-    service_tier: str = "default"
-    reasoning: ReasoningConfig = msgspec.field(default_factory=ReasoningConfig)
-
-
-class StreamEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One server-sent event of a streamed response: `type` says which of the other fields it has."""
-
-    type: str
-    sequence_number: int
-    response: ResponseObject | None = None
-    output_index: int | None = None
-    item_id: str | None = None
-    content_index: int | None = None
-    item: OutputItem | None = None
-    part: OutputText | ReasoningText | None = None
-    delta: str | None = None
-    text: str | None = None
-    arguments: str | None = None
-    input: str | None = None  # response.custom_tool_call_input.done's
-    logprobs: list | None = None
-
-
-class InputTokenCount(msgspec.Struct, kw_only=True):
-    object: str = "response.input_tokens"
-    input_tokens: int
-
-
-class DeletedResponse(msgspec.Struct, kw_only=True):
-    id: str
-    object: str = "response"
-    deleted: bool = True
-

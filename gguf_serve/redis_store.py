@@ -23,8 +23,9 @@ import msgspec
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from .protocol import APIError, InputItem, ResponseObject
+from .errors import APIError
 from .response_store import Stored, entry, not_found
+from .responses_protocol import InputItem, ResponseObject
 
 PREFIX = "gguf-serve:responses:"  # every key of the store: r:<id> (an entry), used, sizes, bytes
 

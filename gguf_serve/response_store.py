@@ -17,7 +17,8 @@ from typing import NamedTuple, Protocol
 
 import msgspec
 
-from .protocol import APIError, InputItem, ResponseObject
+from .errors import APIError
+from .responses_protocol import InputItem, ResponseObject
 
 
 class Stored(NamedTuple):

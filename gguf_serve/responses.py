@@ -1,6 +1,6 @@
 """POST /v1/responses: OpenAI's Responses API on chat's path. A request's input items become chat
 messages and its settings a ChatRequest, which runs exactly as on /v1/chat/completions (the
-template, tools, grammar, queue, run and engine: `prompts.chat_job`, `serving.serve`); the
+template, tools, grammar, queue, run and engine: `jobs.chat_job`, `lifecycle.serve`); the
 answer becomes output items, whole or as the Responses stream of events. A finished response is
 kept in the store (response_store), so that the next request can continue from it
 (`previous_response_id`).
@@ -18,21 +18,25 @@ from typing import AsyncIterator
 import msgspec
 from litestar import Request, Response
 
-from . import cut_calls, prompts, serving
+from . import chat_steps, jobs, lifecycle
 from .access import api_key, ignore_tools, request_info
+from .chat_steps import CallArguments, CallStarted, ChatSteps, Content, Finished, Reasoning
+from .errors import APIError
+from .jobs import Job
 from .loading import Served
 from .logprobs import chat_logprobs
-from .prompts import Job
-from .protocol import (APIError, CallItem, ChatMessage, ChatRequest, ContentPart, CustomToolCallItem, FunctionCall,
-                       FunctionCallItem, IncompleteDetails, InputItem, InputTokenCount, InputTokensDetails, JSONSchemaFormat,
-                       LocalShellCallItem, OutputItem, OutputMessage, OutputText, OutputTokensDetails, ReasoningConfig,
-                       ReasoningItem, ReasoningText, ResponseError, ResponseFormat, ResponseObject, ResponsesInput,
-                       ResponsesRequest, ResponseUsage, StreamEvent, TextConfig, TokenInfo, ToolCall, Usage)
+from .protocol import (ChatMessage, ChatRequest, ContentPart, FunctionCall, JSONSchemaFormat, ResponseFormat, TokenInfo,
+                       ToolCall, Usage)
 from .response_store import ScopedStore, owner_hash
+from .responses_protocol import (CallItem, CustomToolCallItem, FunctionCallItem, IncompleteDetails, InputItem,
+                                 InputTokenCount, InputTokensDetails, LocalShellCallItem, OutputItem, OutputMessage,
+                                 OutputText, OutputTokensDetails, ReasoningConfig, ReasoningItem, ReasoningText,
+                                 ResponseError, ResponseObject, ResponseUsage, ResponsesInput, ResponsesRequest,
+                                 StreamEvent, TextConfig)
 from .responses_tools import AgentTools, agent_tools, call_item, chat_call, chat_tool_choice, free_form, input_item
 from .runs import Choice, Run
 from .streaming import named_sse
-from .tools import CallSpotter, ToolPlan, tool_plan
+from .tools import ToolPlan, tool_plan
 
 TEXT_PARTS = ("input_text", "output_text", "text", "reasoning_text", "summary_text")
 LOGPROBS = "message.output_text.logprobs"  # in `include`: the answer's tokens' logprobs, as chat's `logprobs`
@@ -181,10 +185,6 @@ def output_logprobs(run: Run, body: ChatRequest, entries: list) -> list[TokenInf
     return chat_logprobs(run.served.model, entries).content if body.logprobs and entries else []
 
 
-def call_items(calls: list[ToolCall], agent: AgentTools, status: str) -> list[CallItem]:
-    return [call_item(c, agent, status) for c in calls]
-
-
 def status_of(finish_reason: str) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
@@ -206,11 +206,6 @@ def finish(response: ResponseObject, output: list[OutputItem], finish_reason: st
     )
 
 
-def answered_calls(message, body: ResponsesRequest) -> list[ToolCall]:
-    calls = message.tool_calls or []
-    return calls if body.parallel_tool_calls else calls[:1]
-
-
 def as_input(output: list[OutputItem]) -> list[InputItem]:
     """Output items as the input items that give them back to the model."""
     items = []
@@ -230,7 +225,7 @@ def as_input(output: list[OutputItem]) -> list[InputItem]:
 def store(request: Request) -> ScopedStore:
     """The app's store (service.response_store: this process's, or RESPONSES_STORE_URL's) as
     the request's API key sees it."""
-    state = serving.server_state(request)
+    state = lifecycle.server_state(request)
     key = api_key(dict(request.scope["headers"])).decode(errors="replace")
     return ScopedStore(state.responses, owner_hash(key, state.config.api_keys))
 
@@ -256,7 +251,7 @@ async def check_store(request: Request, body: ResponsesRequest) -> None:
     """A response to be stored, refused at once (503) while the store is unreachable: not after
     its whole generation."""
     if body.store:
-        reason = await serving.server_state(request).responses.status()
+        reason = await lifecycle.server_state(request).responses.status()
         if reason:
             raise APIError(503, reason, None, "responses_store_unavailable")
 
@@ -297,7 +292,7 @@ def response_id(request: Request) -> str:
 
 
 def new_response(request: Request, served: Served, body: ResponsesRequest, chat_body: ChatRequest) -> ResponseObject:
-    sampling = prompts.sampling(served, chat_body, None)
+    sampling = jobs.sampling(served, chat_body, None)
     return ResponseObject(
         id=response_id(request), created_at=int(time.time()), status="in_progress", model=served.config.model_id,
         output=[], instructions=body.instructions, max_output_tokens=body.max_output_tokens,
@@ -319,15 +314,14 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
 
     async def whole(run: Run, job: Job, results: list[Choice]) -> Response:
         [choice] = results
-        message, reason = cut_calls.answer(choice.text, choice.finish_reason, plan)
-        calls = answered_calls(message, body)
-        status = status_of(reason)
-        thought_status = "completed" if message.content or calls else status  # or it was cut off while thinking
-        output = [*([reasoning_item(choice.reasoning, thought_status)] if choice.reasoning else []),
-                  *([message_item(message.content or "", status, output_logprobs(run, chat_body, choice.logprobs))]
-                    if message.content or not calls else []),
-                  *call_items(calls, agent, status)]
-        finish(response, output, reason, run.usage())
+        said = chat_steps.answer(plan, choice)
+        status = status_of(said.finished.reason)
+        thought_status = "completed" if said.content or said.calls else status  # or it was cut off while thinking
+        output = [*([reasoning_item(said.reasoning, thought_status)] if said.reasoning else []),
+                  *([message_item(said.content or "", status, output_logprobs(run, chat_body, said.logprobs))]
+                    if said.content or not said.calls else []),
+                  *(call_item(call, agent, status) for call in said.calls)]
+        finish(response, output, said.finished.reason, run.usage())
         if body.store:
             await keep(request, response, conversation)
         return Response(response)
@@ -336,7 +330,7 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
         return events(request, run, body, chat_body, plan, agent, response, conversation)
 
     try:  # the request runs exactly as on /v1/chat/completions
-        return await serving.serve(request, served, 1, functools.partial(prompts.chat_job, served, chat_body, plan), whole,
+        return await lifecycle.serve(request, served, 1, functools.partial(jobs.chat_job, served, chat_body, plan), whole,
                                    streamed if body.stream else None, renders=True)
     except APIError as e:
         raise as_responses_error(e) from None
@@ -345,10 +339,11 @@ async def respond(request: Request, served: Served, body: ResponsesRequest) -> R
 async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: ChatRequest, plan: ToolPlan,
                  agent: AgentTools, response: ResponseObject, conversation: list[InputItem]) -> AsyncIterator[bytes]:
     """The Responses stream: the response created and in progress, then its output items as
-    they come (a thinking model's reasoning item, then the message's text delta by delta; with
-    tools, text that may begin a call is held as on chat and sent as call items at the end; a
-    forced custom tool's input streams as the model writes it), then the response completed,
-    incomplete, or failed."""
+    its steps come (chat_steps: a thinking model's reasoning item, then the message's text delta
+    by delta; a forced call's arguments, or a forced custom tool's input, as the model writes
+    them; calls parsed at the end as whole call items, as is a call whose item needs all its
+    arguments: a custom tool's input, a shell action), then the response completed, incomplete,
+    or failed."""
     numbers = itertools.count()
 
     def event(kind: str, **fields) -> bytes:
@@ -403,7 +398,8 @@ async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: 
         return [*done, event("response.output_item.done", **where, item=item)]
 
     def call_sent(item: CallItem, status: str) -> list[bytes]:
-        """A call known whole (parsed at the end of the answer): its text in one delta."""
+        """A call known whole (parsed at the end of the answer, or its item made from all its
+        arguments): its text in one delta."""
         if isinstance(item, LocalShellCallItem):
             return [call_opened(item), *call_closed(item, status)]
         field = "input" if isinstance(item, CustomToolCallItem) else "arguments"
@@ -413,63 +409,70 @@ async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: 
 
     yield event("response.created", response=response)
     yield event("response.in_progress", response=response)
-    spotter, output = CallSpotter(forced=plan.forced is not None), []
-    thought, message, calls, reason = None, None, [], "stop"
+    steps, output = ChatSteps(plan), []
+    thought, message, reason = None, None, "stop"
+    streamed, whole = [], []  # calls: items streamed as written (to close), and calls held until the end
+    holding = False  # the current call is held until the end
     entries = []  # logprobs of tokens whose text has not been sent yet
-    free_call = None  # a forced custom tool's call, whose input is the answer's text
     try:
-        async for _, step in run:
-            entries += step.logprobs
-            if step.reasoning:
-                if thought is None:
-                    thought = reasoning_item("", "in_progress")
-                    for sent in opened(thought):
+        async for _, event_ in run:
+            for step in steps.feed(event_):
+                if isinstance(step, Reasoning):
+                    if thought is None:
+                        thought = reasoning_item("", "in_progress")
+                        for sent in opened(thought):
+                            yield sent
+                    yield delta(thought, "reasoning_text", step.text)
+                    continue
+                if isinstance(step, (Content, CallStarted)) and thought is not None and thought.status == "in_progress" \
+                        and (not isinstance(step, Content) or step.text):
+                    for sent in closed(thought, "reasoning_text", "completed"):
                         yield sent
-                yield delta(thought, "reasoning_text", step.reasoning)
-            spotted = plan.tools and not plan.free_form  # a free-form answer is all the call's input
-            text, parsed, finished = (cut_calls.step(spotter, step.text, step.finish_reason, plan) if spotted
-                                      else (step.text, None, step.finish_reason))
-            reason, calls = finished or reason, answered_calls(parsed, body) if parsed else calls
-            if (text or calls) and thought is not None and thought.status == "in_progress":
-                for sent in closed(thought, "reasoning_text", "completed"):
-                    yield sent
-            if plan.free_form and text:
-                if free_call is None:
-                    free_call = free_form_item(plan, agent)
-                    yield call_opened(free_call)
-                yield call_delta(free_call, text)
-            elif text:
-                if message is None:
-                    message = message_item("", "in_progress")
-                    for sent in opened(message):
-                        yield sent
-                yield delta(message, "output_text", text, output_logprobs(run, chat_body, entries))
-                entries = []
+                if isinstance(step, Content):
+                    entries += step.logprobs
+                    if step.text:
+                        if message is None:
+                            message = message_item("", "in_progress")
+                            for sent in opened(message):
+                                yield sent
+                        yield delta(message, "output_text", step.text, output_logprobs(run, chat_body, entries))
+                        entries = []
+                elif isinstance(step, CallStarted):
+                    call = ToolCall(id=step.id, function=FunctionCall(step.name, '{"input": ""}' if step.free_form else ""))
+                    item = call_item(call, agent, "in_progress")
+                    holding = not (step.free_form or (not step.whole and isinstance(item, FunctionCallItem)))
+                    if not holding:
+                        streamed.append(item)
+                        yield call_opened(item)
+                    else:  # its item is made from all its arguments (a custom tool's input, a shell action)
+                        whole.append(call)
+                elif isinstance(step, CallArguments):
+                    if holding:
+                        whole[-1].function.arguments += step.text
+                    else:
+                        yield call_delta(streamed[-1], step.text)
+                elif isinstance(step, Finished):
+                    reason = step.reason
     except APIError as e:
         response.status, response.error = "failed", ResponseError(code=e.code or "server_error", message=e.message)
         yield event("response.failed", response=response)
         return
-    if plan.free_form:
-        reason = "length" if reason == "length" else "tool_calls"
     status = status_of(reason)
     if thought is not None and thought.status == "in_progress":  # cut off while thinking
         for sent in closed(thought, "reasoning_text", status):
             yield sent
-    if plan.free_form:
-        if free_call is None:  # the model wrote no input at all
-            free_call = free_form_item(plan, agent)
-            yield call_opened(free_call)
-        for sent in call_closed(free_call, status):
-            yield sent
-    elif message is None and not calls:
+    if message is None and not streamed and not whole:
         message = message_item("", "in_progress")
         for sent in opened(message):
             yield sent
     if message is not None:
         for sent in closed(message, "output_text", status):
             yield sent
-    for item in call_items(calls, agent, "in_progress"):
-        for sent in call_sent(item, status):
+    for item in streamed:
+        for sent in call_closed(item, status):
+            yield sent
+    for call in whole:
+        for sent in call_sent(call_item(call, agent, "in_progress"), status):
             yield sent
     finish(response, output, reason, run.usage())
     if body.store:
@@ -480,12 +483,6 @@ async def events(request: Request, run: Run, body: ResponsesRequest, chat_body: 
     yield event(f"response.{response.status}", response=response)
 
 
-def free_form_item(plan: ToolPlan, agent: AgentTools) -> CustomToolCallItem:
-    """A forced custom tool's call, its input still empty."""
-    return call_item(ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(plan.free_form.name, '{"input": ""}')),
-                     agent, "in_progress")
-
-
 def count_input_tokens(request: Request, served: Served, body: ResponsesInput,
                        earlier: list[InputItem]) -> InputTokenCount:
     """The prompt's tokens as POST /v1/responses would run it (tools included, hosted ones left
@@ -493,7 +490,7 @@ def count_input_tokens(request: Request, served: Served, body: ResponsesInput,
     chat_body, agent, plan = prepared(body, earlier, served.config.model_id)
     ignore_tools(request, agent.ignored)
     try:
-        prompt = prompts.chat_prompt(served, chat_body.messages, plan.tools, prompts.template_kwargs(served, chat_body))
+        prompt = jobs.chat_prompt(served, chat_body.messages, plan.tools, jobs.template_kwargs(served, chat_body))
     except APIError as e:
         raise as_responses_error(e) from None
     return InputTokenCount(input_tokens=len(prompt.tokens))

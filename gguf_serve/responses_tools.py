@@ -24,10 +24,11 @@ from typing import NamedTuple
 import msgspec
 
 from .cut_calls import written
+from .errors import APIError
 from .grammar import free_form_grammar
-from .protocol import (APIError, CallItem, CustomToolCallItem, CustomToolFormat, FunctionCall, FunctionCallItem,
-                       FunctionDef, FunctionName, InputItem, LocalShellAction, LocalShellCallItem, NamedToolChoice,
-                       ResponsesTool, ResponsesToolChoice, ToolCall, ToolDef)
+from .protocol import FunctionCall, FunctionDef, FunctionName, NamedToolChoice, ToolCall, ToolDef
+from .responses_protocol import (CallItem, CustomToolCallItem, CustomToolFormat, FunctionCallItem, InputItem,
+                                 LocalShellAction, LocalShellCallItem, ResponsesTool, ResponsesToolChoice)
 from .tools import FreeForm
 
 SEPARATOR = "__"
@@ -49,7 +50,7 @@ SHELL_COMMAND = {
         "timeout_ms": {"type": "integer", "description": "how long it may run, in milliseconds"},
     },
     "required": ["command"],
-    "additionalProperties": False,  # the action's own fields only, as Anthropic's bash tool (messages.py)
+    "additionalProperties": False,  # the action's own fields only, as Anthropic's bash tool (anthropic_messages.py)
 }
 SHELL_DESCRIPTION = "Runs a command on the user's machine and returns its output."
 

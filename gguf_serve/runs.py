@@ -3,7 +3,7 @@ entering, read as events, and cancelled on leaving however the request ended (as
 server cancels a response reader's tasks when the reader goes out of scope).
 
     async with Run(runs, served, n=2, metrics=metrics, info=info) as run:
-        run.submit(prompts.Job(...))  # or an embedding job
+        run.submit(jobs.Job(...))  # or an embedding job
         choices = await run.collect()
 """
 
@@ -19,12 +19,13 @@ import msgspec
 
 from . import engine
 from .embedder import EmbeddingJob
+from .errors import APIError
 from .events import Event
-from .protocol import APIError, CompletionTokensDetails, PromptTokensDetails, Usage
+from .protocol import CompletionTokensDetails, PromptTokensDetails, Usage
 
 if TYPE_CHECKING:
     from .loading import Served
-    from .prompts import Job
+    from .jobs import Job
 
 ABORT = -1  # the choice index of an event that ends every choice at once (shutdown)
 

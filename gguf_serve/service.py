@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, get_type_hints
 
 import msgspec
 import prometheus_client
@@ -28,19 +28,21 @@ from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
-from . import chat, chat_tools, completions, connections, embeddings, loading, messages, prompts, responses
-from .access import api_key, authorized, error_body_for, gate
+from . import anthropic_messages, chat, chat_tools, completions, connections, embeddings_api, jobs, loading, responses
+from .access import api_key, api_of, authorized, gate
 from .anthropic_protocol import CountTokensRequest, MessagesRequest, TokenCount
-from .bodies import read_body
+from .bodies import decode, deep_field, read_body
 from .config import Config, ConfigError, load_config
+from .errors import APIError, retry_after
+from .lifecycle import off_loop, queued, server_state
 from .loading import Served
 from .model import ModelFileError, check_model_file
-from .protocol import (APIError, ApplyTemplateResponse, ChatRequest, CompletionRequest, DeletedResponse, EmbeddingRequest,
-                       InputTokenCount, ModelCard, ModelList, ResponseObject, ResponsesInput, ResponsesRequest, Route,
-                       TemplateRequest, decode, deep_field, openapi, retry_after)
+from .protocol import (ApplyTemplateResponse, ChatRequest, CompletionRequest, EmbeddingRequest, ModelCard, ModelList,
+                       TemplateRequest)
 from .response_store import MemoryStore, ResponseStore
+from .responses_protocol import DeletedResponse, InputTokenCount, ResponseObject, ResponsesInput, ResponsesRequest
+from .routes import Route, error_body, openapi
 from .runs import Runs
-from .serving import off_loop, queued, server_state
 from .state import ServerState
 
 # --- The app --------------------------------------------------------------------------------
@@ -98,7 +100,7 @@ def error_response(request: Request, exc: Exception) -> Response:
         else:
             traceback.print_exception(exc)  # a defect: its traceback goes to the log
             exc = APIError(500, f"internal error: {type(exc).__name__}")
-    return Response(error_body_for(request.scope["path"], exc), status_code=exc.status,
+    return Response(error_body(api_of(request.scope), exc), status_code=exc.status,
                     headers={**retry_after(exc), **exc.headers})
 
 
@@ -284,36 +286,32 @@ def openapi_document(request: Request) -> dict:
     return state.openapi
 
 
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: Request, body: ChatRequest) -> Response:
     """Chat, streamed (server-sent events) or not: tools, `response_format`, logprobs, `n`, thinking models."""
-    body = await parse(request, ChatRequest)
     return await chat.respond(request, generating_model(request, body.model), body)
 
 
-async def completions_route(request: Request) -> Response:
+async def completions_route(request: Request, body: CompletionRequest) -> Response:
     """Raw text completion (default `max_tokens` 16, as at OpenAI), `echo`, `suffix`, logprobs."""
-    body = await parse(request, CompletionRequest)
     return await completions.respond(request, generating_model(request, body.model), body)
 
 
-async def apply_template(request: Request) -> ApplyTemplateResponse:
+async def apply_template(request: Request, body: TemplateRequest) -> ApplyTemplateResponse:
     """The prompt a chat request would produce, `{"prompt": ...}` (as llama.cpp's server answers)."""
-    body = chat_tools.template_view(await parse(request, TemplateRequest))
+    body = chat_tools.template_view(body)
     served = generating_model(request, body.model or None)
-    prompt = await queued(request, served, prompts.chat_prompt, served, body.messages, body.tools,
-                          prompts.template_kwargs(served, body))
+    prompt = await queued(request, served, jobs.chat_prompt, served, body.messages, body.tools,
+                          jobs.template_kwargs(served, body))
     return ApplyTemplateResponse(prompt.text)
 
 
-async def create_response(request: Request) -> Response:
+async def create_response(request: Request, body: ResponsesRequest) -> Response:
     """OpenAI's Responses API on chat's engine path, streamed (named events) or not; stored by default."""
-    body = await parse(request, ResponsesRequest)
     return await responses.respond(request, generating_model(request, body.model), body)
 
 
-async def count_input_tokens(request: Request) -> InputTokenCount:
+async def count_input_tokens(request: Request, body: ResponsesInput) -> InputTokenCount:
     """A Responses request's input tokens, counted without generating."""
-    body = await parse(request, ResponsesInput)
     served = generating_model(request, body.model or None)
     return await queued(request, served, responses.count_input_tokens, request, served, body,
                         await responses.history(request, body))
@@ -330,23 +328,20 @@ async def delete_response(request: Request, response_id: str) -> DeletedResponse
     return DeletedResponse(id=response_id)
 
 
-async def create_message(request: Request) -> Response:
+async def create_message(request: Request, body: MessagesRequest) -> Response:
     """Anthropic's Messages API on chat's engine path, streamed (Anthropic's events) or not; errors in its shape."""
-    body = await parse(request, MessagesRequest)
-    return await messages.respond(request, generating_model(request, body.model), body)
+    return await anthropic_messages.respond(request, generating_model(request, body.model), body)
 
 
-async def count_message_tokens(request: Request) -> TokenCount:
+async def count_message_tokens(request: Request, body: CountTokensRequest) -> TokenCount:
     """A Messages request's input tokens, counted without generating."""
-    body = await parse(request, CountTokensRequest)
     served = generating_model(request, body.model)
-    return await queued(request, served, messages.count_tokens, request, served, body)
+    return await queued(request, served, anthropic_messages.count_tokens, request, served, body)
 
 
-async def embeddings_route(request: Request) -> Response:
+async def embeddings_route(request: Request, body: EmbeddingRequest) -> Response:
     """One L2-normalised vector per input (float or base64; `dimensions` on matryoshka models)."""
-    body = await parse(request, EmbeddingRequest)
-    return await embeddings.respond(request, served_model(request, body.model), body)
+    return await embeddings_api.respond(request, served_model(request, body.model), body)
 
 
 # --- The route table ------------------------------------------------------------------------
@@ -360,21 +355,31 @@ ROUTES = (
     Route("GET", "/openapi.json", openapi_document),
     Route("GET", "/v1/models", list_models),
     Route("GET", "/v1/models/{model_id:path}", get_model),
-    Route("POST", "/v1/chat/completions", chat_completions, ChatRequest),
-    Route("POST", "/v1/completions", completions_route, CompletionRequest),
-    Route("POST", "/apply-template", apply_template, TemplateRequest),
-    Route("POST", "/v1/responses", create_response, ResponsesRequest),
-    Route("POST", "/v1/responses/input_tokens", count_input_tokens, ResponsesInput),
+    Route("POST", "/v1/chat/completions", chat_completions),
+    Route("POST", "/v1/completions", completions_route),
+    Route("POST", "/apply-template", apply_template),
+    Route("POST", "/v1/responses", create_response),
+    Route("POST", "/v1/responses/input_tokens", count_input_tokens),
     Route("GET", "/v1/responses/{response_id:str}", retrieve_response),
     Route("DELETE", "/v1/responses/{response_id:str}", delete_response),
-    Route("POST", "/v1/embeddings", embeddings_route, EmbeddingRequest),
-    Route("POST", "/v1/messages", create_message, MessagesRequest),
-    Route("POST", "/v1/messages/count_tokens", count_message_tokens, CountTokensRequest),
+    Route("POST", "/v1/embeddings", embeddings_route),
+    Route("POST", "/v1/messages", create_message, api="anthropic"),
+    Route("POST", "/v1/messages/count_tokens", count_message_tokens, api="anthropic"),
 )
 
 
 def route_handler(route: Route) -> HTTPRouteHandler:
-    """Litestar's handler for a route: 200 on success (not POST's 201 or DELETE's 204); a plain
-    function (each is quick) runs on the event loop."""
-    in_loop = {} if asyncio.iscoroutinefunction(route.handler) else {"sync_to_thread": False}
-    return HTTPRouteHandler(route.path, http_method=route.method, status_code=200, **in_loop)(route.handler)
+    """Litestar's handler for a route: its body decoded (`parse`) for a handler that takes one; 200
+    on success (not POST's 201 or DELETE's 204); a plain function (each is quick) runs on the event loop."""
+    handler, kind = route.handler, route.body
+    if kind is not None:
+        async def decoded(request: Request):
+            return await handler(request, await parse(request, kind))
+
+        # Litestar names an operation by its function, and lets a handler typed to return a Response
+        # (a stream's) keep its own media type, where any other type would make it JSON's.
+        decoded.__name__ = handler.__name__
+        decoded.__annotations__ = {"request": Request, "return": get_type_hints(handler)["return"]}
+    in_loop = {} if asyncio.iscoroutinefunction(handler) else {"sync_to_thread": False}
+    return HTTPRouteHandler(route.path, http_method=route.method, status_code=200, **in_loop)(
+        decoded if kind is not None else handler)

@@ -14,7 +14,7 @@ from .runs import Runs
 
 @dataclass
 class ServerState:
-    """Made with the app (service.create_app); every route reads it (serving.server_state)."""
+    """Made with the app (service.create_app); every route reads it (lifecycle.server_state)."""
 
     config: Config
     loading: Loading  # the model being read (loading.start_loading)

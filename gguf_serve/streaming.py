@@ -9,13 +9,16 @@ from typing import AsyncIterator
 import msgspec
 from litestar.response import Stream
 
-from .protocol import APIError, Sampled, error_body
+from .errors import APIError
+from .protocol import Sampled
+from .routes import API, error_body
 
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # proxies pass events through at once
 # What a stream sends when it has had nothing to send for SSE_KEEPALIVE_S: a comment line, which
-# SSE clients skip (the OpenAI SDKs, eventsource parsers); Anthropic's streams send their own
-# `ping` event instead (messages.PING).
+# SSE clients skip (the OpenAI SDKs, eventsource parsers); on Anthropic's API, its `ping` event,
+# which its streams may carry any number of times.
 COMMENT = b": keep-alive\n\n"
+PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 
 
 def sse(data: bytes) -> bytes:
@@ -39,18 +42,18 @@ def around_text(encoded: bytes) -> tuple[bytes, bytes]:
     return before, after
 
 
-def event_stream(owner: AsyncExitStack, events: AsyncIterator[bytes], keepalive_s: float,
-                 keepalive: bytes = COMMENT) -> Stream:
+def event_stream(owner: AsyncExitStack, events: AsyncIterator[bytes], api: API, keepalive_s: float) -> Stream:
     """A streamed answer that holds `owner` (the request's run) until it ends: an error midway
-    (the engine failed, the server is shutting down) ends it with an OpenAI error event, and
+    (the engine failed, the server is shutting down) ends it with `api`'s error event, and
     however it ends, even by the client leaving, the run is left and its generations stop.
     While no event comes for `keepalive_s` (a long prompt computed, a queue waited in), it sends
-    `keepalive`: clients and proxies cut a stream silent for long (Claude Code after 300 s, with
-    its 20k-token prompt still being computed on 2 cores; nginx after proxy_read_timeout)."""
-    return Stream(_guarded(owner, events, keepalive_s, keepalive), media_type="text/event-stream", headers=HEADERS)
+    `api`'s keep-alive: clients and proxies cut a stream silent for long (Claude Code after 300 s,
+    with its 20k-token prompt still being computed on 2 cores; nginx after proxy_read_timeout)."""
+    keepalive = PING if api == "anthropic" else COMMENT
+    return Stream(_guarded(owner, events, api, keepalive_s, keepalive), media_type="text/event-stream", headers=HEADERS)
 
 
-async def _guarded(owner: AsyncExitStack, events: AsyncIterator[bytes], keepalive_s: float,
+async def _guarded(owner: AsyncExitStack, events: AsyncIterator[bytes], api: API, keepalive_s: float,
                    keepalive: bytes) -> AsyncIterator[bytes]:
     async with owner:
         pending: asyncio.Future | None = None
@@ -67,13 +70,20 @@ async def _guarded(owner: AsyncExitStack, events: AsyncIterator[bytes], keepaliv
                 except StopAsyncIteration:
                     return
         except APIError as e:
-            yield sse(msgspec.json.encode(error_body(e)))
-            yield sse(b"[DONE]")
+            for data in error_events(api, e):
+                yield data
         finally:
             if pending is not None:  # the client left while the events' next one was awaited
                 pending.cancel()
                 await asyncio.gather(pending, return_exceptions=True)
             await events.aclose()
+
+
+def error_events(api: API, error: APIError) -> list[bytes]:
+    """How a stream of `api` ends on an error: OpenAI's, its error object then `[DONE]`; Anthropic's,
+    an `error` event."""
+    encoded = msgspec.json.encode(error_body(api, error))
+    return [named_sse("error", encoded)] if api == "anthropic" else [sse(encoded), sse(b"[DONE]")]
 
 
 def include_usage(body: Sampled) -> bool:

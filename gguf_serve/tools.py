@@ -12,10 +12,10 @@ from typing import NamedTuple
 import msgspec
 
 from . import reasoning
+from .errors import APIError
 from .grammar import GrammarError, check_grammar, json_schema_grammar
 from .model import Model
-from .protocol import (APIError, AssistantMessage, ChatRequest, FunctionCall, FunctionName, NamedToolChoice, ToolCall,
-                      ToolDef)
+from .protocol import AssistantMessage, ChatRequest, FunctionCall, FunctionName, NamedToolChoice, ToolCall, ToolDef
 
 # Structured output: JSON Schema -> llguidance's grammar (grammar.py). Bounds on what a client's
 # schema may ask, each a size it controls, checked before anything is compiled; the per-token
@@ -147,27 +147,30 @@ class FreeForm(NamedTuple):
 
 class ToolPlan(NamedTuple):
     """The tools the model is told about, which call is forced (None, "required" or a name),
-    whether the legacy `functions` API asked, and a forced free-form call."""
+    whether the legacy `functions` API asked, a forced free-form call, and whether an answer may
+    hold more than one call (`parallel_tool_calls`: else its first is answered)."""
 
     tools: list[ToolDef] | None = None
     forced: str | None = None
     legacy: bool = False
     free_form: FreeForm | None = None
+    parallel: bool = True
 
 
 def tool_plan(body: ChatRequest) -> ToolPlan:
     legacy = bool(body.functions)
     tools = body.tools or ([ToolDef(function=f) for f in body.functions] if legacy else None)
     choice = body.function_call if legacy else body.tool_choice
+    parallel = body.parallel_tool_calls is not False and not legacy  # the legacy API answers one call
     if not tools or choice == "none":
-        return ToolPlan(legacy=legacy)
+        return ToolPlan(legacy=legacy, parallel=parallel)
     names = [t.function.name for t in tools]
     if isinstance(choice, (NamedToolChoice, FunctionName)):
         name = choice.function.name if isinstance(choice, NamedToolChoice) else choice.name
         if name not in names:
             raise APIError(400, f"tool_choice names `{name}`, which is not among the tools", "tool_choice")
-        return ToolPlan(tools, name, legacy)
-    return ToolPlan(tools, "required" if choice == "required" else None, legacy)
+        return ToolPlan(tools, name, legacy, parallel=parallel)
+    return ToolPlan(tools, "required" if choice == "required" else None, legacy, parallel=parallel)
 
 
 def output_grammar(model: Model, body: ChatRequest, plan: ToolPlan) -> str | None:

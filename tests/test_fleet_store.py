@@ -23,7 +23,8 @@ import pytest
 import redis
 
 from conftest import MODEL, Server, free_port
-from gguf_serve.protocol import APIError, InputItem, ResponseObject, TextConfig
+from gguf_serve.errors import APIError
+from gguf_serve.responses_protocol import InputItem, ResponseObject, TextConfig
 from gguf_serve.redis_store import PREFIX, RedisStore
 from gguf_serve.response_store import MemoryStore
 from test_deploy import needs_nginx, start_proxy

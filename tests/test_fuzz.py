@@ -10,7 +10,7 @@ import sys
 
 import httpx
 
-from gguf_serve.access import endpoint_namer
+from gguf_serve.routes import endpoint_namer
 from conftest import MODEL, Server
 from gguf_serve.service import ROUTES
 

@@ -3,6 +3,7 @@ tool round trip, thinking on a reasoning template, count_tokens, a coding agent'
 replayed, bad input, and the API key as x-api-key."""
 
 import json
+import signal
 
 import anthropic
 import httpx
@@ -264,3 +265,41 @@ def test_the_key_is_taken_as_x_api_key_and_refusals_are_anthropics(agent_server)
         create(sdk(s, "wrong"), max_tokens=4)
     assert create(sdk(s, KEY), max_tokens=4).usage.output_tokens > 0  # the SDK sends x-api-key
     assert httpx.get(f"{s.url}/v1/models", headers={"x-api-key": KEY}, timeout=30).status_code == 200
+
+
+# --- Anthropic's shape on every error of a Messages route, over HTTP ---
+
+
+def test_a_full_queue_the_openapi_document_and_a_shutdown_speak_anthropics_shape_on_messages_routes():
+    """One sequence and no queue: while a long message streams, another is a 429 in Anthropic's
+    shape (spelled `//v1/messages` too; chat's stays OpenAI's), /openapi.json says so, and a
+    SIGTERM whose grace the stream outlives ends it with Anthropic's `error` event. (The draining
+    503 itself is tests/unit/test_routes.py's: granian closes every idle connection at SIGTERM, so
+    no request reaches the gate over HTTP while it drains.)"""
+    s = Server({"N_THREADS": "2", "PARALLEL": "1", "MAX_QUEUE": "0", "SHUTDOWN_GRACE_S": "1"}).wait_ready()
+    try:
+        long = {"model": MODEL, "max_tokens": 1900, "messages": [{"role": "user", "content": "Tell me a long story."}],
+                "stream": True}
+        with httpx.Client(timeout=60) as kept, \
+                httpx.stream("POST", f"{s.url}/v1/messages", json=long, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines) == "event: message_start"
+            s.wait_metric("gguf_running", 1)
+            for path in ("/v1/messages", "//v1/messages"):
+                full = kept.post(f"{s.url}{path}", json={"model": MODEL, "max_tokens": 4, "messages": HELLO})
+                assert full.status_code == 429 and full.headers["retry-after"] == "1"
+                assert full.json()["type"] == "error" and full.json()["error"]["type"] == "rate_limit_error"
+            chat = kept.post(f"{s.url}/v1/chat/completions", json={"model": MODEL, "max_tokens": 4, "messages": HELLO})
+            assert chat.status_code == 429 and chat.json()["error"]["code"] == "queue_full"  # OpenAI's
+            document = kept.get(f"{s.url}/openapi.json").json()
+            schemas = document["components"]["schemas"]
+            for path, kind in (("/v1/messages", {"type", "error"}), ("/v1/chat/completions", {"error"})):
+                ref = document["paths"][path]["post"]["responses"]["4XX"]["content"]["application/json"]["schema"]["$ref"]
+                assert set(schemas[ref.rsplit("/", 1)[1]]["properties"]) == kind
+            s.proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-2:] == ["event: error", 'data: {"type":"error","error":{"type":"overloaded_error","message":'
+                                             '"the server is shutting down; retry on another instance"}}']
+        assert s.proc.wait(timeout=30) == 0
+    finally:
+        s.stop()

@@ -7,9 +7,13 @@ import msgspec
 import pytest
 from hypothesis import given, strategies as st
 
-from gguf_serve import chat_tools, cut_calls
-from gguf_serve.protocol import APIError, ChatRequest, FunctionCall, FunctionDef, ToolCall, ToolDef
-from gguf_serve.tools import CallSpotter, ToolPlan
+from gguf_serve import chat_steps, chat_tools, cut_calls
+from gguf_serve.chat_steps import CallEnded, ChatSteps
+from gguf_serve.events import Event
+from gguf_serve.errors import APIError
+from gguf_serve.protocol import ChatRequest, FunctionCall, FunctionDef, ToolCall, ToolDef
+from gguf_serve.runs import Choice
+from gguf_serve.tools import ToolPlan
 
 SHELL = ToolDef(function=FunctionDef("local_shell", None, {"type": "object"}))
 CUT = '{"name": "local_shell", "arguments": {"command": ["bash", "-lc", "ls -l'
@@ -48,31 +52,34 @@ def test_written_keeps_every_value_finished_before_the_cut(value, data):
             assert item.startswith(got[key])  # a string cut: what was written of it
 
 
+def said(text: str, reason: str, plan: ToolPlan) -> chat_steps.Answer:
+    return chat_steps.answer(plan, Choice(text=text, finish_reason=reason))
+
+
 def test_a_forced_call_cut_by_the_budget_is_that_call():
     plan = ToolPlan([SHELL], "local_shell")
-    message, reason = cut_calls.answer(CUT, "length", plan)
-    [call] = message.tool_calls
-    assert (reason, message.content, call.function.name) == ("length", None, "local_shell")
+    answer = said(CUT, "length", plan)
+    [call] = answer.calls
+    assert (answer.finished.reason, answer.content, call.function.name) == ("length", None, "local_shell")
     assert call.function.arguments == '{"command": ["bash", "-lc", "ls -l'  # as far as written, as OpenAI's
-    # cut before its arguments began: the forced name, no arguments yet
-    message, _ = cut_calls.answer('{"name": "loc', "length", plan)
-    assert (message.tool_calls[0].function.name, message.tool_calls[0].function.arguments) == ("local_shell", "")
+    # cut before its name was written: the forced name, no arguments yet
+    answer = said('{"name": "loc', "length", plan)
+    assert [(c.function.name, c.function.arguments) for c in answer.calls] == [("local_shell", "")]
     # `required` cut before any name: no call to answer, its text stays
-    message, _ = cut_calls.answer('{"na', "length", ToolPlan([SHELL], "required"))
-    assert message.content == '{"na' and not message.tool_calls
-    # not cut, or not forced: tools.answer's own answer
-    assert cut_calls.answer(CUT, "stop", plan)[0].content == CUT
-    assert cut_calls.answer(CUT, "length", ToolPlan([SHELL]))[0].content == CUT
-    # the legacy functions API: a function_call
-    assert cut_calls.answer(CUT, "length", ToolPlan([SHELL], "local_shell", legacy=True))[0].function_call.name == "local_shell"
+    answer = said('{"na', "length", ToolPlan([SHELL], "required"))
+    assert answer.content == '{"na' and not answer.calls and answer.finished.reason == "length"
+    # not forced: the text, which parses as no call
+    assert said(CUT, "length", ToolPlan([SHELL])).content == CUT
+    # the legacy functions API: one call, its finish reason its own when whole
+    answer = said(CUT + '"]}}', "stop", ToolPlan([SHELL], "local_shell", legacy=True))
+    assert answer.finished.reason == "function_call" and json.loads(answer.calls[0].function.arguments)["command"][2] == "ls -l"
 
 
 def test_a_cut_forced_call_streams_as_that_call():
-    plan = ToolPlan([SHELL], "local_shell")
-    spotter = CallSpotter(forced=True)
-    assert cut_calls.step(spotter, CUT[:20], None, plan) == ("", None, None)
-    text, message, reason = cut_calls.step(spotter, CUT[20:], "length", plan)
-    assert (text, reason, message.tool_calls[0].function.name) == ("", "length", "local_shell")
+    steps = ChatSteps(ToolPlan([SHELL], "local_shell"))
+    assert steps.feed(Event(CUT[:20])) == []  # the name not whole yet
+    started, arguments, ended, finished = steps.feed(Event(CUT[20:], "length"))
+    assert (started.name, arguments.text, ended, finished.reason) == ("local_shell", CUT[37:], CallEnded(), "length")
 
 
 GRAMMAR = {"type": "grammar", "grammar": {"syntax": "regex", "definition": "[A-Z]{3}-[0-9]{2}"}}

@@ -6,8 +6,10 @@ import base64
 import numpy as np
 import pytest
 
-from gguf_serve.embeddings import check_dimensions, encoded, input_tokens, normalized, shortened
-from gguf_serve.protocol import APIError, EmbeddingRequest, decode
+from gguf_serve.embeddings_api import check_dimensions, encoded, input_tokens, normalized, shortened
+from gguf_serve.bodies import decode
+from gguf_serve.errors import APIError
+from gguf_serve.protocol import EmbeddingRequest
 
 
 def tokenize(text: str) -> list[int]:

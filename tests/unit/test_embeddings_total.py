@@ -2,8 +2,8 @@
 
 import pytest
 
-from gguf_serve.embeddings import check_total
-from gguf_serve.protocol import APIError
+from gguf_serve.embeddings_api import check_total
+from gguf_serve.errors import APIError
 
 
 def test_all_inputs_together_within_the_cap_pass():

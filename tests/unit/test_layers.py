@@ -10,7 +10,7 @@ CHECK = """
 import sys
 import gguf_serve.engine
 web = sorted(m for m in sys.modules if m.split(".")[0] in ("litestar", "granian", "redis")
-             or m in ("gguf_serve.access", "gguf_serve.serving", "gguf_serve.service", "gguf_serve.protocol"))
+             or m in ("gguf_serve.access", "gguf_serve.lifecycle", "gguf_serve.service", "gguf_serve.protocol"))
 print(web)
 """
 

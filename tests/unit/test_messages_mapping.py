@@ -6,11 +6,14 @@ import json
 import msgspec
 import pytest
 
-from gguf_serve import messages
-from gguf_serve.access import api_key, authorized, error_body_for
+from gguf_serve import anthropic_messages
+from gguf_serve.access import api_key, authorized
+from gguf_serve.chat_steps import Finished
+from gguf_serve.routes import error_body
 from gguf_serve.anthropic_protocol import CountTokensRequest, MessagesRequest, TextBlock, ThinkingBlock, ToolUseBlock
 from gguf_serve.engine import StopScanner
-from gguf_serve.protocol import APIError, FunctionCall, NamedToolChoice, ToolCall
+from gguf_serve.errors import APIError
+from gguf_serve.protocol import FunctionCall, NamedToolChoice, ToolCall
 from gguf_serve.tools import ForcedCallReader
 
 HI = {"role": "user", "content": "Hi"}
@@ -23,7 +26,7 @@ def request(**fields) -> MessagesRequest:
 
 
 def chat(**fields):
-    return messages.chat_request(request(**fields), "m")[0]
+    return anthropic_messages.chat_request(request(**fields), "m")[0]
 
 
 def test_system_blocks_and_settings():
@@ -71,7 +74,7 @@ def test_a_tool_round_trip_becomes_chats_tool_call_and_tool_message():
 
 @pytest.mark.parametrize("choice, expected", [
     ({"type": "auto"}, "auto"), ({"type": "any"}, "required"), ({"type": "none"}, "none"),
-    ({"type": "tool", "name": "get_weather"}, NamedToolChoice(function=msgspec.convert({"name": "get_weather"}, type=messages.FunctionName)))])
+    ({"type": "tool", "name": "get_weather"}, NamedToolChoice(function=msgspec.convert({"name": "get_weather"}, type=anthropic_messages.FunctionName)))])
 def test_tool_choice_is_chats(choice, expected):
     body = chat(tools=[WEATHER], tool_choice=choice)
     assert body.tool_choice == expected and body.parallel_tool_calls
@@ -111,15 +114,15 @@ def test_unsupported_or_incomplete_input_is_a_400_naming_the_field(fields, param
 def test_count_tokens_takes_no_max_tokens():
     body = msgspec.convert({"model": "m", "messages": [{"role": "user", "content": "Hi"}],
                             "thinking": {"type": "enabled", "budget_tokens": 9999}}, CountTokensRequest)
-    chat_body, origins, _ = messages.chat_request(body, "m")
+    chat_body, origins, _ = anthropic_messages.chat_request(body, "m")
     assert chat_body.max_tokens is None and origins == ["messages[0]"]
 
 
 def test_a_chat_message_in_an_error_is_renamed_to_where_it_came_from():
-    _, origins, _ = messages.chat_request(request(system="S", messages=[
+    _, origins, _ = anthropic_messages.chat_request(request(system="S", messages=[
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "tool_result", "tool_use_id": "t", "content": "r"}]}]), "m")
     assert origins == ["system", "messages[0]", "messages[0]"]
-    error = messages.as_messages_error(APIError(400, "bad", "messages[2].tool_calls[0].function.arguments"), origins)
+    error = anthropic_messages.as_messages_error(APIError(400, "bad", "messages[2].tool_calls[0].function.arguments"), origins)
     assert error.param == "messages[0]"
 
 
@@ -129,7 +132,8 @@ def test_a_chat_message_in_an_error_is_renamed_to_where_it_came_from():
     ("stop", None, False, ("end_turn", None)), ("stop", "END", False, ("stop_sequence", "END")),
     ("stop", "<|im_end|>", False, ("end_turn", None))])
 def test_stop_reason(finish, stop_string, context_full, expected):
-    assert messages.stop_reason(finish, stop_string, context_full, request(stop_sequences=["END"])) == expected
+    finished = Finished(reason=finish, stop_string=stop_string, context_full=context_full)
+    assert anthropic_messages.stop_reason(finished, request(stop_sequences=["END"])) == expected
 
 
 def test_the_stop_scanner_says_which_stop_string_ended_the_text():
@@ -149,10 +153,10 @@ def test_a_forced_calls_arguments_are_read_as_they_stream():
 
 
 def test_tool_input_is_an_object():
-    assert messages.tool_input('{"city": "Paris"}') == {"city": "Paris"}
-    assert messages.tool_input('"Paris"') == {"arguments": "Paris"} and messages.tool_input("{oops") == {"arguments": "{oops"}
-    [block] = messages.tool_use_blocks([ToolCall(id="call_abc", function=FunctionCall("f", "{}"))])
-    assert block == ToolUseBlock(id="toolu_abc", name="f", input={})
+    assert anthropic_messages.tool_input('{"city": "Paris"}') == {"city": "Paris"}
+    assert anthropic_messages.tool_input('"Paris"') == {"arguments": "Paris"}
+    assert anthropic_messages.tool_input("{oops") == {"arguments": "{oops"}
+    assert anthropic_messages.tool_use_block("call_abc", "f", "{}") == ToolUseBlock(id="toolu_abc", name="f", input={})
 
 
 def events_of(sent: list[bytes]) -> list[dict]:
@@ -160,7 +164,7 @@ def events_of(sent: list[bytes]) -> list[dict]:
 
 
 def test_blocks_are_started_and_stopped_in_order():
-    blocks = messages.Blocks()
+    blocks = anthropic_messages.Blocks()
     sent = [*blocks.thinking("Hmm"), *blocks.text("Hel"), *blocks.text("lo"), *blocks.stop(),
             *blocks.tool_use(ToolUseBlock(id="toolu_1", name="f", input={"a": 1})), *blocks.stop()]
     assert [(e["type"], e.get("index")) for e in events_of(sent)] == [
@@ -184,9 +188,8 @@ def test_the_api_key_comes_as_bearer_or_x_api_key():
 @pytest.mark.parametrize("status, kind", [(400, "invalid_request_error"), (401, "authentication_error"), (404, "not_found_error"),
                                           (413, "request_too_large"), (429, "rate_limit_error"), (500, "api_error"),
                                           (503, "overloaded_error")])
-def test_errors_on_messages_paths_are_anthropics(status, kind):
+def test_errors_of_anthropic_routes_are_anthropics(status, kind):
     error = APIError(status, "no", "max_tokens")
-    assert msgspec.to_builtins(error_body_for("/v1/messages", error)) == {
+    assert msgspec.to_builtins(error_body("anthropic", error)) == {
         "type": "error", "error": {"type": kind, "message": "max_tokens: no"}}
-    assert msgspec.to_builtins(error_body_for("/v1/messages/count_tokens", error))["error"]["type"] == kind
-    assert "param" in msgspec.to_builtins(error_body_for("/v1/messagesx", error))["error"]  # OpenAI's
+    assert "param" in msgspec.to_builtins(error_body("openai", error))["error"]  # OpenAI's

@@ -2,7 +2,9 @@
 
 import pytest
 
-from gguf_serve.protocol import APIError, ChatRequest, CompletionRequest, decode, error_body
+from gguf_serve.bodies import decode
+from gguf_serve.errors import APIError, error_body
+from gguf_serve.protocol import ChatRequest, CompletionRequest
 
 
 @pytest.mark.parametrize("body,param", [

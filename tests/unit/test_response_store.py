@@ -7,7 +7,8 @@ import msgspec
 import pytest
 
 from gguf_serve import response_store, responses
-from gguf_serve.protocol import APIError, InputItem, ResponseObject, TextConfig
+from gguf_serve.errors import APIError
+from gguf_serve.responses_protocol import InputItem, ResponseObject, TextConfig
 
 
 @pytest.fixture

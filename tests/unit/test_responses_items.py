@@ -8,8 +8,10 @@ import pytest
 
 from gguf_serve import responses
 from gguf_serve.events import Event
-from gguf_serve.protocol import (APIError, CompletionTokensDetails, FunctionCallItem, OutputMessage, OutputText, PromptTokensDetails,
-                      ReasoningItem, ReasoningText, ResponseObject, ResponsesRequest, Usage)
+from gguf_serve.errors import APIError
+from gguf_serve.protocol import CompletionTokensDetails, PromptTokensDetails, Usage
+from gguf_serve.responses_protocol import (FunctionCallItem, OutputMessage, OutputText, ReasoningItem, ReasoningText,
+                                           ResponseObject, ResponsesRequest)
 
 WEATHER = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
 

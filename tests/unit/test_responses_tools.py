@@ -10,7 +10,9 @@ import pytest
 from test_responses_items import RecordedRun  # a run's recorded events, the same stand-in
 from gguf_serve import responses, responses_tools
 from gguf_serve.events import Event
-from gguf_serve.protocol import APIError, FunctionCall, ResponseObject, ResponsesRequest, ToolCall
+from gguf_serve.errors import APIError
+from gguf_serve.protocol import FunctionCall, ToolCall
+from gguf_serve.responses_protocol import ResponseObject, ResponsesRequest
 
 SPAWN = {"type": "function", "name": "spawn_agent", "description": "Start a sub-agent",
          "parameters": {"type": "object", "properties": {"task": {"type": "string"}}, "required": ["task"]}}

@@ -9,10 +9,10 @@ import pytest
 from litestar import Litestar
 from litestar.datastructures import State
 
-from gguf_serve.access import endpoint_namer, gate
+from gguf_serve.access import gate
 from gguf_serve.config import ConfigError, load_config
 from conftest import smollm2_path
-from gguf_serve.protocol import openapi
+from gguf_serve.routes import api_finder, endpoint_namer, openapi
 from gguf_serve.response_store import MemoryStore
 from gguf_serve.runs import Runs
 from gguf_serve.state import ServerState
@@ -33,11 +33,11 @@ def gated(env: dict[str, str], draining: bool = False):
     return gate(app, state, ROUTES)
 
 
-def call(app, method: str, path: str, headers: dict[str, str] = {}) -> tuple[int, dict]:
+def call(app, method: str, path: str, headers: dict[str, str] = {}, body: bytes = b"{}") -> tuple[int, dict]:
     sent = []
 
     async def receive():
-        return {"type": "http.request", "body": b"{}", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message):
         sent.append(message)
@@ -102,3 +102,56 @@ def test_public_paths_opens_only_metrics_and_openapi():
         "/metrics", "/openapi.json")
     with pytest.raises(ConfigError, match="PUBLIC_PATHS: '/v1/models' is not one of: /metrics, /openapi.json"):
         load_config({"MODEL": str(smollm2_path()), "PUBLIC_PATHS": "/metrics,/v1/models"})
+
+
+# --- the API flavour on the route: Anthropic's shape on every error of a Messages route ---
+
+MESSAGE = json.dumps({"model": "smollm2-135m-instruct", "max_tokens": 4,
+                      "messages": [{"role": "user", "content": "Hi"}]}).encode()
+
+
+def anthropic_error(body: dict, kind: str) -> None:
+    assert body["type"] == "error" and body["error"]["type"] == kind and set(body["error"]) == {"type", "message"}
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "//v1/messages", "/v1/messages/", "/v1//messages/count_tokens"])
+def test_a_messages_route_answers_anthropics_shape_however_its_path_is_spelled(path):
+    status, body = call(gated({"API_KEY": KEY}), "POST", path)
+    assert status == 401
+    anthropic_error(body, "authentication_error")
+    status, body = call(gated({}, draining=True), "POST", path)
+    assert status == 503
+    anthropic_error(body, "overloaded_error")
+    status, body = call(gated({}), "POST", path, body=MESSAGE)  # routed: the model still loading
+    assert status == 503
+    anthropic_error(body, "overloaded_error")
+    assert "loading" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/messagesx", "/v1/chat/completions", "//v1/responses", "/nope"])
+def test_other_paths_answer_openais_shape(path):
+    status, body = call(gated({}, draining=True), "POST", path)
+    assert status == 503 and body["error"]["code"] == "server_shutting_down"
+    assert api_finder(ROUTES)(path) == "openai"
+
+
+def test_a_route_names_its_body_type_once_as_its_handlers_parameter():
+    bodies = {route.path: route.body.__name__ for route in ROUTES if route.body}
+    assert bodies == {"/v1/chat/completions": "ChatRequest", "/v1/completions": "CompletionRequest",
+                      "/apply-template": "TemplateRequest", "/v1/responses": "ResponsesRequest",
+                      "/v1/responses/input_tokens": "ResponsesInput", "/v1/embeddings": "EmbeddingRequest",
+                      "/v1/messages": "MessagesRequest", "/v1/messages/count_tokens": "CountTokensRequest"}
+
+
+def test_the_openapi_document_gives_each_route_its_apis_error_shape():
+    document = openapi(ROUTES, ["m"])
+    schemas = document["components"]["schemas"]
+
+    def error_of(path: str, method: str = "post") -> dict:
+        ref = document["paths"][path][method]["responses"]["4XX"]["content"]["application/json"]["schema"]["$ref"]
+        return schemas[ref.rsplit("/", 1)[1]]
+
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        assert set(error_of(path)["properties"]) == {"type", "error"}  # Anthropic's
+    for path, method in (("/v1/chat/completions", "post"), ("/v1/responses", "post"), ("/v1/models", "get")):
+        assert set(error_of(path, method)["properties"]) == {"error"}  # OpenAI's

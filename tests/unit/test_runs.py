@@ -9,8 +9,8 @@ import pytest
 from gguf_serve import engine
 from gguf_serve.events import Event
 from gguf_serve.metrics import Metrics
-from gguf_serve.prompts import Job
-from gguf_serve.protocol import APIError
+from gguf_serve.jobs import Job
+from gguf_serve.errors import APIError
 from gguf_serve.runs import Run, Runs
 
 

@@ -8,7 +8,8 @@ import pytest
 from conftest import smollm2_path
 from gguf_serve import grammar, tools
 from gguf_serve.model import Model
-from gguf_serve.protocol import APIError, ChatRequest
+from gguf_serve.errors import APIError
+from gguf_serve.protocol import ChatRequest
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}

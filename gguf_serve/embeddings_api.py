@@ -29,10 +29,11 @@ from typing import Callable
 import numpy as np
 from litestar import Request, Response
 
-from . import serving
+from . import lifecycle
 from .embedder import EmbeddingJob, normalized
+from .errors import APIError
 from .loading import Served
-from .protocol import APIError, EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from .protocol import EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from .runs import Choice, Run
 
 TIKTOKEN_HINT = ("token ids are this model's own; LangChain's OpenAIEmbeddings sends OpenAI's (tiktoken's) unless "
@@ -130,4 +131,4 @@ async def respond(request: Request, served: Served, body: EmbeddingRequest) -> R
         usage = EmbeddingUsage(prompt_tokens=run.n_prompt, total_tokens=run.n_prompt)
         return Response(EmbeddingList(data=data, model=config.model_id, usage=usage))
 
-    return await serving.serve(request, served, 1, prepare, whole)
+    return await lifecycle.serve(request, served, 1, prepare, whole)

@@ -16,14 +16,14 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from litestar import Request, Response
 
-from .access import request_info
+from .access import api_of, request_info
 from .embedder import EmbeddingJob
+from .errors import CLIENT_CLOSED
+from .jobs import Job
 from .loading import Served
-from .prompts import Job
-from .protocol import CLIENT_CLOSED
 from .runs import Choice, Run
 from .state import ServerState
-from .streaming import COMMENT, event_stream
+from .streaming import event_stream
 
 Work = TypeVar("Work", Job, EmbeddingJob)
 Result = TypeVar("Result")
@@ -55,18 +55,17 @@ async def queued(request: Request, served: Served, work: Callable[..., Result], 
 
 async def serve(request: Request, served: Served, n: int, prepare: Callable[[], Work],
                 answer: Callable[[Run, Work, list[Choice]], Awaitable[Any]],
-                stream: Callable[[Run, Work], AsyncIterator[bytes]] | None = None, renders: bool = False,
-                keepalive: bytes = COMMENT) -> Any:
+                stream: Callable[[Run, Work], AsyncIterator[bytes]] | None = None, renders: bool = False) -> Any:
     """One request's life: admitted for `n` generations, `prepare` (its slow work, returning what
     the engine runs) in a worker thread (of the render lane if it `renders` a chat), submitted,
-    then `stream`'s events (when given; `keepalive` sent while it is silent) or `answer` made
-    from the finished choices."""
+    then `stream`'s events (when given) or `answer` made from the finished choices."""
     async with AsyncExitStack() as owner:
         run = await owner.enter_async_context(admitted(request, served, n))
         work = await off_loop(prepare, lane=served.render_lane if renders else None)
         run.submit(work)
         if stream is not None:
-            return event_stream(owner.pop_all(), stream(run, work), served.config.sse_keepalive_s, keepalive)
+            keepalive_s = served.config.sse_keepalive_s
+            return event_stream(owner.pop_all(), stream(run, work), api_of(request.scope), keepalive_s)
         choices = await run.collect_unless_disconnected(request.receive)
     if choices is None:
         return Response(b"", status_code=CLIENT_CLOSED)

@@ -12,10 +12,10 @@ from typing import NamedTuple
 import msgspec
 
 from . import engine, reasoning, templates
+from .errors import APIError
 from .loading import Served
 from .model import Model
-from .protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, Sampled, TemplateRequest, ToolCall,
-                       ToolDef)
+from .protocol import ChatMessage, ChatRequest, CompletionRequest, Sampled, TemplateRequest, ToolCall, ToolDef
 from .tools import ToolPlan, output_grammar
 
 

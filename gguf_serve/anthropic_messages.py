@@ -1,7 +1,7 @@
 """POST /v1/messages and /v1/messages/count_tokens: Anthropic's Messages API on chat's path. A
 request's system prompt, messages and settings become a ChatRequest, which runs exactly as on
 /v1/chat/completions (the template, tools, grammar, reasoning, queue, run and engine:
-`prompts.chat_job`, `serving.serve`); the answer becomes content blocks (thinking, text,
+`jobs.chat_job`, `lifecycle.serve`); the answer becomes content blocks (thinking, text,
 tool_use), whole or as Anthropic's stream of events.
 """
 
@@ -15,20 +15,21 @@ from typing import AsyncIterator
 import msgspec
 from litestar import Request, Response
 
-from . import prompts, serving
+from . import chat_steps, jobs, lifecycle
 from .access import ignore_tools
-from .cut_calls import answer, written
 from .anthropic_protocol import (ContentBlock, ContentBlockParam, CountTokensRequest, InputJSONDelta, MessageDelta,
                                  MessageParam, MessageResponse, MessagesRequest, MessagesUsage, OutputUsage, StreamEvent,
-                                 TextBlock, TextDelta, ThinkingBlock, ThinkingDelta, TokenCount, ToolUseBlock, error_detail)
+                                 TextBlock, TextDelta, ThinkingBlock, ThinkingDelta, TokenCount, ToolUseBlock)
+from .chat_steps import CallArguments, CallEnded, CallStarted, ChatSteps, Content, Finished, Reasoning
+from .cut_calls import written
+from .errors import APIError
+from .jobs import Job
 from .loading import Served
-from .prompts import Job
-from .protocol import (APIError, ChatMessage, ChatRequest, FunctionCall, FunctionDef, FunctionName, JSONSchemaFormat,
+from .protocol import (ChatMessage, ChatRequest, FunctionCall, FunctionDef, FunctionName, JSONSchemaFormat,
                        NamedToolChoice, ResponseFormat, ToolCall, ToolDef)
-from .responses import answered_calls
 from .runs import Choice, Run
 from .streaming import TEXT_MARK, around_text, named_sse
-from .tools import CallSpotter, ForcedCallReader, ToolPlan, tool_plan
+from .tools import ToolPlan, tool_plan
 
 BLOCK_JOINER = "\n\n"  # between a message's text blocks (an agent's system prompt comes as several)
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # Anthropic's -> chat's (`tool`: a named one)
@@ -271,7 +272,7 @@ def as_messages_error(e: APIError, origins: list[str]) -> APIError:
     """An error from chat's code, a chat message it names renamed to the field it came from
     (and `response_format` to `output_config.format`); a prompt over the context worded as
     Anthropic words it, which agents built for Anthropic's API match to compact a conversation."""
-    if isinstance(e, prompts.ContextExceeded):
+    if isinstance(e, jobs.ContextExceeded):
         e.message, e.param = f"prompt is too long: {e.prompt_tokens} tokens > {e.n_ctx - 1} maximum", None
         return e
     if e.param and e.param.startswith("response_format"):
@@ -293,24 +294,22 @@ def tool_input(arguments: str) -> dict:
     return value if isinstance(value, dict) else {"arguments": arguments if value is None else value}
 
 
-def tool_use_blocks(calls: list[ToolCall]) -> list[ToolUseBlock]:
-    return [ToolUseBlock(id=f"toolu_{c.id.removeprefix('call_')}", name=c.function.name, input=tool_input(c.function.arguments))
-            for c in calls]
+def tool_use_block(call_id: str, name: str, arguments: str) -> ToolUseBlock:
+    return ToolUseBlock(id=f"toolu_{call_id.removeprefix('call_')}", name=name, input=tool_input(arguments))
 
 
-def stop_reason(finish_reason: str, stop_string: str | None, context_full: bool,
-                body: MessagesRequest) -> tuple[str, str | None]:
+def stop_reason(finished: Finished, body: MessagesRequest) -> tuple[str, str | None]:
     """Anthropic's stop_reason and stop_sequence: the engine's "stop" is a stop sequence's when a
     stop string the request gave ended the text (the model's own end-of-turn strings are also
     stop strings to the engine), else the end of the turn. A "length" the context's end forced
     before max_tokens is Anthropic's "model_context_window_exceeded" (the response filled the
     context window: truncated, and no larger max_tokens would have helped)."""
-    if finish_reason == "length" and context_full:
+    if finished.reason == "length" and finished.context_full:
         return "model_context_window_exceeded", None
-    if finish_reason in STOP_REASONS:
-        return STOP_REASONS[finish_reason], None
-    if stop_string is not None and stop_string in (body.stop_sequences or ()):
-        return "stop_sequence", stop_string
+    if finished.reason in STOP_REASONS:
+        return STOP_REASONS[finished.reason], None
+    if finished.stop_string is not None and finished.stop_string in (body.stop_sequences or ()):
+        return "stop_sequence", finished.stop_string
     return "end_turn", None
 
 
@@ -327,22 +326,22 @@ async def respond(request: Request, served: Served, body: MessagesRequest) -> Re
 
     async def whole(run: Run, job: Job, results: list[Choice]) -> Response:
         [choice] = results
-        said, reason = answer(choice.text, choice.finish_reason, plan)
-        content: list[ContentBlock] = [ThinkingBlock(thinking=choice.reasoning)] if choice.reasoning else []
+        said = chat_steps.answer(plan, choice)
+        content: list[ContentBlock] = [ThinkingBlock(thinking=said.reasoning)] if said.reasoning else []
         if said.content:
             content.append(TextBlock(text=said.content))
-        content += tool_use_blocks(answered_calls(said, chat_body))
+        content += [tool_use_block(call.id, call.function.name, call.function.arguments) for call in said.calls]
         message.content = content
-        message.stop_reason, message.stop_sequence = stop_reason(reason, choice.stop_string, choice.context_full, body)
+        message.stop_reason, message.stop_sequence = stop_reason(said.finished, body)
         message.usage = MessagesUsage(input_tokens=run.n_prompt, output_tokens=run.n_completion)
         return Response(message)
 
     def streamed(run: Run, job: Job) -> AsyncIterator[bytes]:
-        return events(run, body, chat_body, plan, message)
+        return events(run, body, plan, message)
 
     try:  # the request runs exactly as on /v1/chat/completions
-        return await serving.serve(request, served, 1, functools.partial(prompts.chat_job, served, chat_body, plan), whole,
-                                   streamed if body.stream else None, renders=True, keepalive=PING)
+        return await lifecycle.serve(request, served, 1, functools.partial(jobs.chat_job, served, chat_body, plan), whole,
+                                   streamed if body.stream else None, renders=True)
     except APIError as e:
         raise as_messages_error(e, origins) from None
 
@@ -350,8 +349,6 @@ async def respond(request: Request, served: Served, body: MessagesRequest) -> Re
 def event(kind: str, **fields) -> bytes:
     return named_sse(kind, msgspec.json.encode(StreamEvent(type=kind, **fields)))
 
-
-PING = event("ping")  # what Anthropic's API sends any number of times in a stream: a silent one's keep-alive
 
 
 class Blocks:
@@ -394,52 +391,44 @@ class Blocks:
         return [*started, self.tool_input(msgspec.json.encode(block.input).decode()), *self.stop()]
 
 
-async def events(run: Run, body: MessagesRequest, chat_body: ChatRequest, plan: ToolPlan,
-                 message: MessageResponse) -> AsyncIterator[bytes]:
+async def events(run: Run, body: MessagesRequest, plan: ToolPlan, message: MessageResponse) -> AsyncIterator[bytes]:
     """Anthropic's stream: message_start and a ping, then content blocks as they come (a
     thinking model's thinking, then the text delta by delta; a forced call's tool_use block as
     soon as its name is written, its input as the model writes it; other calls are spotted as
     on chat, the text that may begin one held, and sent as tool_use blocks at the end), then
     message_delta with the stop reason and output tokens, and message_stop; an error midway is
-    an `error` event."""
+    an `error` event (streaming.error_events, as the route's API says)."""
     message.usage = MessagesUsage(input_tokens=run.n_prompt, output_tokens=0)
     yield event("message_start", message=message)
     yield event("ping")
-    spotter, blocks = CallSpotter(forced=plan.forced is not None), Blocks()
-    forced = ForcedCallReader() if plan.forced else None
-    calls, reason, stop_string, context_full = [], "stop", None, False
-    try:
-        async for _, step in run:
-            if step.reasoning:
-                for sent in blocks.thinking(step.reasoning):
+    steps, blocks = ChatSteps(plan), Blocks()
+    call, arguments, finished = None, "", Finished(reason="stop")  # a call held until it ends, its arguments
+    async for _, event_ in run:
+        for step in steps.feed(event_):
+            if isinstance(step, Reasoning):
+                for sent in blocks.thinking(step.text):
                     yield sent
-            text, parsed, finished = (spotter.step(step.text, step.finish_reason, plan) if plan.tools
-                                      else (step.text, None, step.finish_reason))
-            if forced is not None:
-                name, arguments = forced.feed(step.text)
-                if name is not None:
-                    for sent in blocks.start(ToolUseBlock(id=f"toolu_{uuid.uuid4().hex[:24]}", name=name, input={})):
+            elif isinstance(step, Content) and step.text:
+                for sent in blocks.text(step.text):
+                    yield sent
+            elif isinstance(step, CallStarted):
+                call, arguments = step, ""
+                if not step.whole:  # streamed as the model writes it (a forced call)
+                    for sent in blocks.start(tool_use_block(step.id, step.name, "{}")):
                         yield sent
-                if arguments:
-                    yield blocks.tool_input(arguments)
-                text = "" if forced.name is not None else text  # the call's text is its block's (a cut one too)
-            if text:
-                for sent in blocks.text(text):
+            elif isinstance(step, CallArguments):
+                if call.whole:
+                    arguments += step.text
+                else:
+                    yield blocks.tool_input(step.text)
+            elif isinstance(step, CallEnded):
+                for sent in blocks.tool_use(tool_use_block(call.id, call.name, arguments)) if call.whole else blocks.stop():
                     yield sent
-            if finished:
-                reason, stop_string, context_full = finished, step.stop_string, step.context_full
-                calls = answered_calls(parsed, chat_body) if parsed else []
-                if forced is not None and forced.name is not None:
-                    calls = calls[1:]  # its block was streamed
-    except APIError as e:
-        yield event("error", error=error_detail(e))
-        return
+            elif isinstance(step, Finished):
+                finished = step
     for sent in blocks.stop():
         yield sent
-    for block in tool_use_blocks(calls):
-        for sent in blocks.tool_use(block):
-            yield sent
-    stopped, sequence = stop_reason(reason, stop_string, context_full, body)
+    stopped, sequence = stop_reason(finished, body)
     yield event("message_delta", delta=MessageDelta(stop_reason=stopped, stop_sequence=sequence),
                 usage=OutputUsage(output_tokens=run.n_completion))
     yield event("message_stop")
@@ -452,7 +441,7 @@ def count_tokens(request: Request, served: Served, body: CountTokensRequest) -> 
     ignore_tools(request, ignored)
     plan = tool_plan(chat_body)
     try:
-        prompt = prompts.chat_prompt(served, chat_body.messages, plan.tools, prompts.template_kwargs(served, chat_body))
+        prompt = jobs.chat_prompt(served, chat_body.messages, plan.tools, jobs.template_kwargs(served, chat_body))
     except APIError as e:
         raise as_messages_error(e, origins) from None
     return TokenCount(input_tokens=len(prompt.tokens))
