@@ -148,21 +148,21 @@ class OutputMessage(msgspec.Struct, kw_only=True, tag_field="type", tag="message
     content: list[OutputText]
 
 
-class FunctionCallItem(msgspec.Struct, kw_only=True, tag_field="type", tag="function_call"):
+class NamedCallItem(msgspec.Struct, kw_only=True):
+    """What a function's and a custom tool's call items share."""
+
     id: str
     status: Literal["in_progress", "completed", "incomplete"]
     call_id: str
     name: str
-    namespace: str | msgspec.UnsetType = msgspec.UNSET  # a namespace tool's function: its namespace apart
+    namespace: str | msgspec.UnsetType = msgspec.UNSET  # a namespace tool's: its namespace apart
+
+
+class FunctionCallItem(NamedCallItem, kw_only=True, tag_field="type", tag="function_call"):
     arguments: str
 
 
-class CustomToolCallItem(msgspec.Struct, kw_only=True, tag_field="type", tag="custom_tool_call"):
-    id: str
-    status: Literal["in_progress", "completed", "incomplete"]
-    call_id: str
-    name: str
-    namespace: str | msgspec.UnsetType = msgspec.UNSET
+class CustomToolCallItem(NamedCallItem, kw_only=True, tag_field="type", tag="custom_tool_call"):
     input: str
 
 

@@ -11,7 +11,6 @@ connection is never resent to another."""
 from __future__ import annotations
 
 import http.server
-import json
 import threading
 import uuid
 from typing import NamedTuple
