@@ -1,6 +1,6 @@
 """The embedding jobs of the decode thread, computed one batch at a time between its generation
 steps: whole inputs pooled by llama.cpp in the graph (an embedding model), or a chat model's
-inputs in prompt-sized chunks through the KV cache, pooled here (see embeddings_api.py for why)."""
+inputs in chunks through the KV cache, pooled here (see embeddings_api.py for why)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ import numpy as np
 
 from .events import Event
 from .model import Model, llama
+
+# A chat model's embedding batch holds at most this many tokens, below its prompts' 512-token chunks:
+# every token of such a batch is an output, and llama.cpp's output buffer holds a row of logits
+# (SmolLM2: 49k floats) for each: 25 MB at 128 tokens (measured), so 100 MB at 512.
+CHAT_EMBEDDING_BATCH = 128
 
 
 def normalized(v: np.ndarray) -> np.ndarray:
@@ -94,7 +99,7 @@ class Embedder:
             free = sorted((s for s in slots if s.gen is None and s.seq_id not in self.held), key=lambda s: len(s.cached))
         else:
             free = [s for s in range(llama.llama_n_seq_max(self.model.ctx)) if s not in self.held]
-        budget, chunks = self.model.n_batch, []
+        budget, chunks = min(self.model.n_batch, CHAT_EMBEDDING_BATCH) if self.chunked else self.model.n_batch, []
         for p in self.active:  # only a chat model's inputs outlive their first batch
             n = min(len(p.job.inputs[p.index]) - p.done, budget)
             chunks.append((p, n))

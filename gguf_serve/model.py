@@ -92,10 +92,14 @@ KV_CACHE_TYPES = {"f32": llama.GGML_TYPE_F32, "f16": llama.GGML_TYPE_F16, "bf16"
                   "q5_1": llama.GGML_TYPE_Q5_1}
 
 # A prompt is computed this many tokens a step, in the same chunks whether it runs alone or beside
-# others. Measured with SmolLM2 on 2 cores: 128-token chunks compute a prompt as fast as 512-token
-# ones (178 and 172 tokens/s), and while someone else's 1000-token prompt is computed a running
-# stream pauses at most 0.8 s (one chunk), not 2.7 s (`python -m bench join`).
-PROMPT_CHUNK = 128
+# others: llama-server's n_ubatch, so a long prompt is computed by the same graphs as there. Measured
+# with SmolLM2 on 2 cores under a load of 7-9 (2026-12-07, a 5,701-token prompt in one sequence through
+# llama.cpp's C API, alternating): 512-token chunks 35.2 and 33.3 tokens/s, 128-token ones 24.2 and
+# 21.5, batch filling 5 ms of it either way. Each llama_decode is a graph of a few hundred ops whose
+# threads meet at a barrier after each, and 128-token chunks meet 4 times as often a token. The price:
+# a running stream pauses one chunk while someone else's prompt is computed (`python -m bench join`),
+# where llama-server pauses it for the whole prompt.
+PROMPT_CHUNK = 512
 
 # POOLING's values and llama.cpp's pooling types (a GGUF's `<arch>.pooling_type` holds the number).
 POOLING = {"mean": llama.LLAMA_POOLING_TYPE_MEAN, "cls": llama.LLAMA_POOLING_TYPE_CLS, "last": llama.LLAMA_POOLING_TYPE_LAST}
