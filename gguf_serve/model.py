@@ -144,7 +144,7 @@ class Model:
         self.n_embd = llama.llama_model_n_embd_out(self.model)
         # An embedding model is one whose GGUF says how it pools (BERT-family encoders, Qwen3-Embedding...):
         # it serves embeddings only. A chat model pools as POOLING says, by default the mean of its
-        # last hidden states (see embeddings.py).
+        # last hidden states (see embeddings_api.py).
         declared = {v: k for k, v in POOLING.items()}.get(int(self.metadata.get(f"{self.architecture}.pooling_type", 0)))
         self.embedding_only = declared is not None
         self.pooling = pooling or declared or "mean"
