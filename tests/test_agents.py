@@ -40,7 +40,10 @@ PROMPT = "Say hello in one short sentence."
 # SmolLM2's 8192-token training length, which llama.cpp lets a context exceed (the answer is
 # poorer past it, but this is a test of the protocol, not of the model): an N_CTX set is taken as set.
 N_CTX = "32768"
-RUN_TIMEOUT_S = 600  # Claude Code's prefill of those 20k tokens takes a minute or two on 2 cores
+# A guard against a hang, not a time limit: computing Claude Code's 20k-token prompt is most of its
+# run, 30-200 prompt tokens/s on 2 cores as the context grows and the host is loaded (bench multiturn's
+# long prompt), so several minutes; the server's keep-alives hold Claude Code's 300 s idle limit off.
+RUN_TIMEOUT_S = 2400
 
 
 @dataclass

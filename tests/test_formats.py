@@ -36,7 +36,10 @@ def test_message_forms(base_url):
     ]
     prompt = apply_template(base_url, messages)
     assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n")
-    assert "<|im_start|>tool\n21C<|im_end|>\n" in prompt
+    # SmolLM2's template drops tool calls: the call and its result are written as Qwen2.5's text
+    assert prompt.endswith('<|im_start|>assistant\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n'
+                           "</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n21C\n</tool_response><|im_end|>\n"
+                           "<|im_start|>assistant\n")
     assert apply_template(base_url, messages[:2], model=None) == apply_template(base_url, messages[:2])
 
 
