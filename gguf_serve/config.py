@@ -199,8 +199,8 @@ SETTINGS = {
                                     "also the wait for a request's head, on a new or a kept-alive connection (with "
                                     "`granian`, its `--http1-header-read-timeout`, 30 s) "
                                     "([docs/deploy.md](docs/deploy.md#connections))"),
-    # 15 s: well inside the idle limits that cut a silent stream (Claude Code's 300 s, nginx's 60 s
-    # proxy_read_timeout by default), and rare enough to cost nothing
+    # 15 s: well inside the idle limits that cut a silent stream (nginx's 60 s proxy_read_timeout by
+    # default, Claude Code's byte watchdog), and rare enough to cost nothing
     "SSE_KEEPALIVE_S": Setting("15", "a stream that has had nothing to send this long (its prompt still being computed, "
                                      "or waiting for a sequence) sends a keep-alive: an SSE comment, on `/v1/messages` "
                                      "Anthropic's `ping` event; so that no client or proxy takes it for dead"),

@@ -47,8 +47,8 @@ def event_stream(owner: AsyncExitStack, events: AsyncIterator[bytes], api: API, 
     (the engine failed, the server is shutting down) ends it with `api`'s error event, and
     however it ends, even by the client leaving, the run is left and its generations stop.
     While no event comes for `keepalive_s` (a long prompt computed, a queue waited in), it sends
-    `api`'s keep-alive: clients and proxies cut a stream silent for long (Claude Code after 300 s,
-    with its 20k-token prompt still being computed on 2 cores; nginx after proxy_read_timeout)."""
+    `api`'s keep-alive: clients and proxies cut a stream silent for long (nginx after
+    proxy_read_timeout; Claude Code's byte watchdog, while its 20k-token prompt is computed)."""
     keepalive = PING if api == "anthropic" else COMMENT
     return Stream(_guarded(owner, events, api, keepalive_s, keepalive), media_type="text/event-stream", headers=HEADERS)
 

