@@ -28,7 +28,7 @@ from .loading import Served
 from .protocol import (ChatMessage, ChatRequest, FunctionCall, FunctionDef, FunctionName, JSONSchemaFormat,
                        NamedToolChoice, ResponseFormat, ToolCall, ToolDef)
 from .runs import Choice, Run
-from .streaming import TEXT_MARK, around_text, named_sse
+from .streaming import PING, TEXT_MARK, around_text, named_sse
 from .tools import ToolPlan, tool_plan
 
 BLOCK_JOINER = "\n\n"  # between a message's text blocks (an agent's system prompt comes as several)
@@ -400,7 +400,7 @@ async def events(run: Run, body: MessagesRequest, plan: ToolPlan, message: Messa
     an `error` event (streaming.error_events, as the route's API says)."""
     message.usage = MessagesUsage(input_tokens=run.n_prompt, output_tokens=0)
     yield event("message_start", message=message)
-    yield event("ping")
+    yield PING
     steps, blocks = ChatSteps(plan), Blocks()
     call, arguments, finished = None, "", Finished(reason="stop")  # a call held until it ends, its arguments
     async for _, event_ in run:

@@ -49,12 +49,12 @@ def event_stream(owner: AsyncExitStack, events: AsyncIterator[bytes], api: API, 
     While no event comes for `keepalive_s` (a long prompt computed, a queue waited in), it sends
     `api`'s keep-alive: clients and proxies cut a stream silent for long (nginx after
     proxy_read_timeout; Claude Code's byte watchdog, while its 20k-token prompt is computed)."""
+    return Stream(_guarded(owner, events, api, keepalive_s), media_type="text/event-stream", headers=HEADERS)
+
+
+async def _guarded(owner: AsyncExitStack, events: AsyncIterator[bytes], api: API,
+                   keepalive_s: float) -> AsyncIterator[bytes]:
     keepalive = PING if api == "anthropic" else COMMENT
-    return Stream(_guarded(owner, events, api, keepalive_s, keepalive), media_type="text/event-stream", headers=HEADERS)
-
-
-async def _guarded(owner: AsyncExitStack, events: AsyncIterator[bytes], api: API, keepalive_s: float,
-                   keepalive: bytes) -> AsyncIterator[bytes]:
     async with owner:
         pending: asyncio.Future | None = None
         try:
