@@ -11,7 +11,8 @@ runs with HTTP_PROXY/HTTPS_PROXY/ALL_PROXY naming a closed loopback port (NO_PRO
 localhost): a request for any other host fails there instead of leaving the machine. What is
 asserted, from the server's own log lines (one JSON line a request): no request was refused with a
 4xx (a client's own disconnect, 499, aside), at least one answer streamed (a 200 on the agent's
-streaming endpoint) and the agent exited 0 having printed the model's answer."""
+streaming endpoint) and the agent exited 0 having printed the model's answer, or else that every
+answer the model wrote ran to the server's cap (a small model past its training length may)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ N_CTX = "32768"
 # long prompt), so several minutes. Claude Code drops a stream that sent no event but pings for 300 s
 # and asks again; the retry finds what was computed in the KV cache (docs/agents.md).
 RUN_TIMEOUT_S = 2400
+# The server's bound on every answer (see agent_server)
+MAX_TOKENS = 256
 
 
 @dataclass
@@ -166,7 +169,7 @@ def agent_server():
     answer bounded by the server (MAX_TOKENS, as docs/agents.md advises for a small model): Claude
     Code asks 32000 tokens, which SmolLM2 past its training length filled with repetition until
     the context's end, 12k tokens, over ten minutes here."""
-    s = Server({"N_THREADS": "2", "N_CTX": N_CTX, "PARALLEL": "1", "MAX_TOKENS": "256"}).wait_ready()
+    s = Server({"N_THREADS": "2", "N_CTX": N_CTX, "PARALLEL": "1", "MAX_TOKENS": str(MAX_TOKENS)}).wait_ready()
     yield s
     s.stop()
 
@@ -191,6 +194,16 @@ def test_agent_answers_with_its_defaults(agent_server, tmp_path, name):
         "\n".join(f"{line['method']} {line['endpoint']} {line['status']}" for line in lines)
     refused = [line for line in lines if 400 <= line["status"] < 500 and line["status"] != 499]
     assert not refused, report
-    assert any(line["endpoint"] == agent.endpoint and line["status"] == 200 for line in lines), report
-    assert done.returncode == 0 and done.stdout.strip(), report
+    answered = [line for line in lines if line["endpoint"] == agent.endpoint and line["status"] == 200]
+    assert answered, report
+    if done.returncode == 0:
+        assert done.stdout.strip(), report
+    else:
+        # The one failure that is the model's, not the protocol's: SmolLM2 may write to the cap in
+        # every answer (Claude Code's prompt is 20k tokens, 2.5x its training length), and an
+        # agent may report that as its own error: Claude Code asks 3 times for the rest, then
+        # exits 1 ("Claude's response exceeded the 32000 output token maximum", docs/agents.md).
+        # An attempt the agent itself cut while its prompt was computed wrote nothing.
+        written = [line["completion_tokens"] for line in answered if line["completion_tokens"]]
+        assert written and set(written) == {MAX_TOKENS}, report
     shutil.rmtree(home, ignore_errors=True)
