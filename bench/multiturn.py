@@ -1,6 +1,7 @@
 """Multi-turn conversations, and a long prompt, on gguf-serve and llama-server -np 4 side by side.
 
-    python -m bench multiturn                    # 8 and 2 conversations x 6 turns on 4 slots, then a 6k-token prompt
+    python -m bench multiturn                    # 8 and 2 conversations x 6 turns on 4 slots, the 8 through
+                                                 # a fleet of 2, then a 6k-token prompt
     python -m bench multiturn --conversations 8 --turns 4 --long-prompt 0
 
 Agents and chat apps send a conversation's whole history every turn (issue #36). Both servers
@@ -21,6 +22,10 @@ before it), then each turn appends a new user message, the server's greedy answe
                  every conversation has finished turn 3, and its peak (VmHWM) at the end, with the
                  prompt cache's bytes and bound (gguf_prompt_cache_* from /metrics): the peak
                  should stay within the turn-3 footprint plus the bound, however full the cache
+
+--fleet N (0: skipped) then runs the largest number of conversations once more through N
+gguf-serve instances behind deploy/nginx.conf (conversation affinity, deploy/fleet.js), each
+with --parallel/N slots and --threads/N threads: the same figures, to set beside one instance's.
 
 --long-prompt N (0: skipped) then starts a second pair with a context per sequence large enough
 for it (--long-ctx) and, in --long-rounds rounds alternating which server goes first, sends each
@@ -45,7 +50,7 @@ import httpx
 from bench.machine import bench_arguments, versions, write_results
 from bench.procs import kill_all, peak_rss, rss_mib, wait_idle
 from bench.report import table
-from bench.servers import server_arguments, start_side_by_side
+from bench.servers import server_arguments, start_fleet, start_side_by_side
 
 RULES = [
     "Answer the question that was asked, and only that question, in plain words.",
@@ -300,6 +305,24 @@ def multiturn_part(args, logdir: Path) -> dict:
     return figures
 
 
+def fleet_part(args, logdir: Path) -> dict:
+    """The largest number of conversations again, through --fleet instances behind nginx that
+    share one instance's slots and threads: each conversation's turns must land where its prefix is."""
+    logdir.mkdir()
+    procs, b = start_fleet(args, logdir, args.fleet)
+    conv = max(args.conversations)
+    try:
+        asyncio.run(warm(b, args))
+        wait_idle(args.wait_idle)
+        r = asyncio.run(conversations("fleet", b, procs[0].pid, args, conv, 0))
+    finally:
+        kill_all()
+    print(f"   {args.fleet} instances behind nginx, {conv} conversations x {args.turns} turns: cached share "
+          f"{r['cached_share']:.3f} ({r['cached_tokens']}/{r['prompt_tokens']}), wall {r['wall_s']:.1f} s", flush=True)
+    return {"instances": args.fleet, "slots_each": max(1, args.parallel // args.fleet),
+            "threads_each": max(1, args.threads // args.fleet), f"{conv} conversations": r}
+
+
 def long_prompt_part(args, logdir: Path) -> dict:
     args.ctx = args.long_ctx
     logdir.mkdir()
@@ -333,6 +356,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--system-tokens", type=int, default=1000, help="the shared system prompt's length, about (default 1000)")
     ap.add_argument("--user-tokens", type=int, default=25, help="each user message's length, about (default 25: a question)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of each number of conversations on each server (default 1)")
+    ap.add_argument("--fleet", type=int, default=2, help="then the most conversations through this many gguf-serve "
+                    "instances behind nginx, --parallel slots and --threads between them (default 2; 0: skipped)")
     ap.add_argument("--long-prompt", type=int, default=6000, help="the long prompt's tokens, about (default 6000; 0: skipped)")
     ap.add_argument("--long-ctx", type=int, default=8192, help="context per sequence for the long prompt (default 8192)")
     ap.add_argument("--long-rounds", type=int, default=2, help="rounds of the long prompt (default 2)")
@@ -344,6 +369,8 @@ def main(argv: list[str]) -> None:
     figures = {}
     if args.conversations:
         figures["multiturn"] = multiturn_part(args, logdir)
+        if args.fleet:
+            figures["fleet"] = fleet_part(args, logdir / "fleet")
     if args.long_prompt:
         figures["long prompt"] = long_prompt_part(args, logdir / "long")
     report(figures, args)
@@ -363,6 +390,14 @@ def report(figures: dict, args) -> None:
                              f"{m['rss_turn3_mib']:.0f} / {m['peak_rss_mib']:.0f}",
                              f"{m['gguf_prompt_cache_bytes'] / 2**20:.1f} / {m['gguf_prompt_cache_max_bytes'] / 2**20:.0f}"
                              if "gguf_prompt_cache_bytes" in m else "-"])
+    fleet = figures.get("fleet")
+    if fleet:
+        conv = max(args.conversations)
+        r, m = fleet[f"{conv} conversations"], fleet[f"{conv} conversations"]["memory"]
+        rows.append([f"{conv} conversations, {fleet['instances']} gguf-serve behind nginx", f"{r['cached_share']:.3f}",
+                     f"{r['cached_share_turns_2_on']:.3f}", f"{r['wall_s']:.1f}", "",
+                     f"{r['ttft_median_s_by_turn'][0]:.2f} / {statistics.median(r['ttft_median_s_by_turn'][1:] or [0]):.2f}",
+                     f"{m['rss_turn3_mib']:.0f} / {m['peak_rss_mib']:.0f} (one)", "-"])
     if rows:
         print(f"\nMulti-turn: {args.turns} turns each, a ~{args.system_tokens}-token shared system prompt, "
               f"{args.max_tokens}-token answers, {args.parallel} slots:")

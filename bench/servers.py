@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.client import Bench, wait_ready
+import httpx
+
+from bench.client import Bench, poll, wait_ready
 from bench.llama_build import find_llama_server, llama_server_has
 from bench.machine import REPO, default_model, inspect_model
 from bench.procs import free_port, kill, kill_all, spawn, wait_idle
@@ -152,3 +155,39 @@ def start_side_by_side(args, logdir: Path, env: dict[str, str] | None = None) ->
         kill_all()
         raise
     return servers
+
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+NJS = Path("/usr/lib/nginx/modules/ngx_http_js_module.so")
+
+
+def start_fleet(args, logdir: Path, n: int) -> tuple[list[subprocess.Popen], Bench]:
+    """n gguf-serve instances of args.model that share one's slots and threads between them
+    (PARALLEL=--parallel/n, N_THREADS=--threads/n), behind deploy/nginx.conf on loopback (its
+    upstreams from deploy/fleet.py --local): their processes, nginx's last, and a Bench for the
+    proxy. The caller kills them."""
+    if not (os.path.exists(NGINX) and NJS.exists()):
+        raise SystemExit("the fleet needs nginx and libnginx-mod-http-js (.ci/run installs them)")
+    args.model = (args.model or default_model()).resolve()
+    eog = inspect_model(args.model)["eog"]
+    cmd, env, cwd = gguf_serve_command(args)
+    env = {**env, "PARALLEL": str(max(1, args.parallel // n)), "N_THREADS": str(max(1, args.threads // n))}
+    procs = []
+    try:
+        instances = [launch(f"fleet-{k + 1}", cmd, env, cwd, args, eog, logdir, {}) for k in range(n)]
+        procs = [proc for proc, _ in instances]
+        model_id, port, directory = instances[0][1].model_id, free_port(), logdir / "nginx"
+        members = ",".join(b.base.removeprefix("http://") for _, b in instances)
+        subprocess.run([sys.executable, REPO / "deploy" / "fleet.py", directory, "--local", str(port),
+                        f"{model_id}={members}"], check=True)
+        log = logdir / "nginx.log"
+        procs.append(spawn([NGINX, "-p", str(directory), "-c", str(directory / "nginx.conf"), "-g", "daemon off;"], log))
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(timeout=2) as client:
+            poll(procs[-1], time.perf_counter(), args.start_timeout, log, "GET /v1/models through nginx", client,
+                 lambda c: c.get(f"{base}/v1/models"))
+        print(f"\n== nginx on {base} in front of {members}", flush=True)
+        return procs, Bench(base, model_id, args, eog)
+    except BaseException:
+        kill_all()
+        raise

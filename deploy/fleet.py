@@ -4,18 +4,24 @@ disagree.
 
     python deploy/fleet.py /etc/nginx/gguf-fleet \\
         smollm2-135m-instruct=smollm2:8000 gemma-3-270m-q4_k_m=gemma-a:8000,gemma-b:8000
+    python deploy/fleet.py DIR --local PORT MODEL=HOST:PORT...   # a fleet on this machine
 
 Each argument is a model id as its instances serve it (a catalogue key's `id`, or for a
 MODEL=path instance the file name without .gguf), `=`, and that model's instances,
 comma-separated. Writes DIR/fleet.conf (included by deploy/nginx.conf) and DIR/models.json;
-reload nginx afterwards (`nginx -s reload`).
+reload nginx afterwards (`nginx -s reload`). `--local PORT` also writes DIR/nginx.conf, this
+checkout's deploy/nginx.conf run from DIR on 127.0.0.1:PORT (the tests' and the bench's fleets):
+`nginx -p DIR -c DIR/nginx.conf`.
 """
 
 import json
+import os
 import re
 import sys
 import time
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
 
 # A 503 from an instance (loading, draining) sends the request to the next instance of the
 # model; one that fails to connect is left out for fail_timeout.
@@ -67,13 +73,34 @@ def nginx_conf(fleet: dict[str, list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write(directory: Path, fleet: dict[str, list[str]], created: int) -> None:
+def local_nginx_conf(directory: Path, port: int) -> str:
+    """deploy/nginx.conf as this machine's own proxy: on loopback `port`, the fleet's files in
+    `directory`, fleet.js from this checkout, one worker, its pid file and error log in `directory`."""
+    conf = (HERE / "nginx.conf").read_text()
+    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    conf = conf.replace("/etc/nginx/gguf-fleet", str(directory)).replace("/etc/nginx/fleet.js", str(HERE / "fleet.js"))
+    # Workers as this user (root in CI): nginx's default user could not read a private directory.
+    user = "user root;\n" if os.getuid() == 0 else ""
+    return conf.replace("worker_processes auto;", f"{user}worker_processes 1;\npid {directory}/nginx.pid;\n"
+                                                  f"error_log {directory}/error.log;")
+
+
+def write(directory: Path, fleet: dict[str, list[str]], created: int, local_port: int | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "fleet.conf").write_text(nginx_conf(fleet))
     (directory / "models.json").write_text(json.dumps(model_list(list(fleet), created)))
+    if local_port is not None:
+        (directory / "nginx.conf").write_text(local_nginx_conf(directory.resolve(), local_port))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
+    argv = sys.argv[1:]
+    port = None
+    if argv[1:2] == ["--local"]:
+        if len(argv) < 3 or not argv[2].isdigit():
+            raise SystemExit(__doc__)
+        port = int(argv.pop(2))
+        argv.pop(1)
+    if len(argv) < 2:
         raise SystemExit(__doc__)
-    write(Path(sys.argv[1]), parse(sys.argv[2:]), int(time.time()))
+    write(Path(argv[0]), parse(argv[1:]), int(time.time()), port)

@@ -70,7 +70,7 @@ class Config:
     body_timeout_s: float  # BODY_TIMEOUT_S: a request body must have arrived this long after its head, else 408
     idle_timeout_s: float  # IDLE_TIMEOUT_S: a connection without a request in progress is closed after this long
     # PROMPT_CACHE_MIB: the KV cache's host-memory tier (prompt_cache.py), in bytes; None: a quarter of
-    # the sequences' own KV cache (known once the model has run), 0: off
+    # the sequences' own KV cache and at least one sequence's (known once the model has run), 0: off
     prompt_cache_bytes: int | None
     # PROMPT_CACHE_DIR: where that tier is written when the server stops and read at start
     # (prompt_cache_disk.py); None: it is not
@@ -162,8 +162,9 @@ SETTINGS = {
     "PROMPT_CACHE_MIB": Setting(None, "the KV cache's tier in host memory: a sequence taken by another conversation is "
                                       "saved there, and a prompt that shares more with a saved one than with any "
                                       "sequence has it restored, not computed (`cached_tokens`; `gguf_prompt_cache_*` "
-                                      "metrics); least recently used out first; `0` turns it off",
-                                "a quarter of the KV cache's size (45 MiB for the default model)"),
+                                      "metrics); a prefix shared by saved conversations (a system prompt) held once; "
+                                      "room made from the ends of the least recently used first; `0` turns it off",
+                                "a quarter of the KV cache's size, at least one sequence's (45 MiB for the default model)"),
     "PROMPT_CACHE_DIR": Setting(None, "a directory the prompt cache is written to on SIGTERM, the most recently used "
                                       "first, within the bound and the drain's grace (`SHUTDOWN_GRACE_S`), and read back "
                                       "at start, so a scaled-to-zero instance's first request restores a long system "

@@ -264,7 +264,13 @@ class Engine:
                  on_failure: Callable[[str], None] = lambda reason: None, prompt_cache_bytes: int | None = 0):
         self.model, self.loop, self.on_failure = model, loop, on_failure  # on_failure: the thread died
         self.outbox: list[tuple[Callable[[Event], None], Event]] = []
-        self.cache = PromptCache(model, prompt_cache_bytes, model.n_ctx * parallel) if prompt_cache_bytes != 0 else None
+        # PROMPT_CACHE_MIB's default: a quarter of the sequences' own KV cache (45 MiB for the default
+        # model's 4 x 2048 tokens, within Cloud Run's 512 MiB: docs/deploy.md), and at least one
+        # sequence's, so that a shared system prompt as long as a sequence fits with PARALLEL under 4
+        # (bench multiturn's fleet of 2 instances with 2 sequences each: a quarter held less than its
+        # 1,000-token system prompt).
+        default_tokens = max(model.n_ctx * parallel // 4, model.n_ctx)
+        self.cache = PromptCache(model, prompt_cache_bytes, default_tokens) if prompt_cache_bytes != 0 else None
         self.slots = [Slot(i, self.outbox, model, self.cache) for i in range(parallel)]
         self.stop_tokens = set(stop_tokens)
         self.inbox: queue.SimpleQueue[Generation | EmbeddingJob | None] = queue.SimpleQueue()
@@ -388,6 +394,8 @@ class Engine:
                 slot.evict(0)
                 llama.llama_memory_seq_cp(self.model.memory, donor.seq_id, slot.seq_id, -1, -1)
                 slot.cached = list(donor.cached)
+            if self.cache:
+                self.cache.supersede(gen.prompt)
             try:
                 slot.start(gen)
             except GrammarError as e:

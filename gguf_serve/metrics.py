@@ -42,7 +42,7 @@ class PromptCacheCollector:
     COUNTERS = {"hits": "Prompts whose prefix was restored from the prompt cache",
                 "restored_tokens": "Prompt tokens restored from the prompt cache, not computed",
                 "saves": "Sequences' states saved to the prompt cache",
-                "evictions": "Prompt cache entries evicted for room",
+                "evictions": "Prompt cache entries evicted or cut (their last block) for room",
                 "loaded": "Prompt cache entries read from PROMPT_CACHE_DIR at start"}
 
     def __init__(self, engine_of: Callable[[], engine.Engine | None]):

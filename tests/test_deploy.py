@@ -61,17 +61,9 @@ class Loading:
 def start_proxy(tmp, *fleet: str) -> tuple[subprocess.Popen, str]:
     """deploy/nginx.conf on a free loopback port in front of `fleet` (deploy/fleet.py's
     arguments: MODEL=HOST:PORT,...), once it answers: the process and its base URL."""
-    port = free_port()
-    subprocess.run([sys.executable, ROOT / "deploy" / "fleet.py", tmp / "gguf-fleet", *fleet], check=True)
-    conf = (ROOT / "deploy" / "nginx.conf").read_text()
-    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
-    conf = conf.replace("/etc/nginx/gguf-fleet", str(tmp / "gguf-fleet"))
-    conf = conf.replace("/etc/nginx/fleet.js", str(ROOT / "deploy" / "fleet.js"))
-    # Workers as the test's own user (root in CI): pytest's temporary folders are private.
-    conf = conf.replace("worker_processes auto;", f"{'user root;' if os.getuid() == 0 else ''}\nworker_processes 1;\n"
-                                                  f"pid {tmp}/nginx.pid;\nerror_log {tmp}/error.log;")
-    (tmp / "nginx.conf").write_text(conf)
-    nginx = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"])
+    port, directory = free_port(), tmp / "gguf-fleet"
+    subprocess.run([sys.executable, ROOT / "deploy" / "fleet.py", directory, "--local", str(port), *fleet], check=True)
+    nginx = subprocess.Popen([NGINX, "-p", str(directory), "-c", str(directory / "nginx.conf"), "-g", "daemon off;"])
     proxy = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -79,7 +71,7 @@ def start_proxy(tmp, *fleet: str) -> tuple[subprocess.Popen, str]:
             httpx.get(f"{proxy}/v1/models", timeout=1)
             return nginx, proxy
         except httpx.TransportError:
-            assert nginx.poll() is None, (tmp / "error.log").read_text()
+            assert nginx.poll() is None, (directory / "error.log").read_text()
             time.sleep(0.1)
     raise TimeoutError("nginx did not answer")
 

@@ -12,7 +12,7 @@ import os
 import httpx
 
 from conftest import MODEL, Server, smollm2_path, with_template
-from gguf_serve import engine, prompt_cache_disk
+from gguf_serve import engine, prompt_cache, prompt_cache_disk
 from gguf_serve.engine import _common_prefix
 from gguf_serve.model import Model
 
@@ -74,14 +74,37 @@ def test_restoring_the_least_recently_used_entry_into_a_full_tier():
     assert cache.hits == 1 and ends[3].cached_tokens >= len(a) and cache.bytes <= bound
 
 
-def test_the_tier_stays_within_its_bound_and_evicts_the_least_recently_used():
+def test_the_tier_stays_within_its_bound_and_cuts_the_least_recently_used_first():
+    """Room is made a block from each entry in turn, from the least recently used: each history
+    loses its end, the older ones at least as much as the newer."""
     model = Model(smollm2_path(), n_ctx=1024, n_threads=2, parallel=1)
     prompts = [model.tokenize_prompt(f"Conversation number {i}. " + HISTORY) for i in range(6)]
     bound = 3 * 230 * 23_100  # about three of these histories' states (23 KB a token at f16)
     ends, cache = run_engine(model, 1, prompts, bound)
     assert cache.max_bytes == bound and 0 < cache.bytes <= bound
-    assert cache.saves == 5 and cache.evictions >= 2 and len(cache.entries) <= 3
+    assert cache.saves == 5 and cache.evictions >= 2
+    held = [len(entry.tokens) for entry in cache.entries.values()]  # least recently used first
+    assert held == sorted(held) and held[0] < held[-1] and all(n % prompt_cache.BLOCK == 0 for n in held[:-1])
     assert all(e.finish_reason == "length" for e in ends)
+
+
+def test_conversations_behind_one_system_prompt_share_its_blocks_and_each_comes_back():
+    """Four conversations behind one system prompt, one sequence, then each one's next turn in the
+    same order (bench multiturn's traffic in small): a tier with room for 2.5 of their states
+    whole holds all four, the system prompt's blocks once, and each next turn restores its whole
+    history. Kept whole, least recently used out first took each one just before its turn."""
+    model = Model(smollm2_path(), n_ctx=1024, n_threads=2, parallel=2)
+    system = "You are a careful assistant for a public library. " * 25
+    firsts = [model.tokenize_prompt(system + f"Question {i}: " + "tell me about rivers, lakes and the sea. " * 12)
+              for i in range(4)]
+    seconds = [first + model.tokenize(" And the mountains?") for first in firsts]
+    whole = (len(firsts[0]) + 16) * 23_100  # one state: 23 KB a token at f16
+    ends, cache = run_engine(model, 1, firsts + seconds, int(2.5 * whole))
+    assert cache.hits == 4 and [e.cached_tokens for e in ends[4:]] == [len(first) for first in firsts]
+    assert cache.bytes <= 2.5 * whole and cache.evictions == 0
+    # the same tokens follow as where the conversation kept its sequence
+    kept, _ = run_engine(model, 1, [firsts[3], seconds[3]], 0)
+    assert kept[1].cached_tokens == len(firsts[3]) and ends[7].text == kept[1].text
 
 
 def test_an_entry_restored_into_a_sequence_whose_own_save_needs_its_room():

@@ -32,7 +32,7 @@ def record_size(e: Entry) -> int:
 
 def tier(entries: list[Entry], max_bytes: int = 1 << 20) -> PromptCache:
     """A tier holding `entries`, the hottest first (no model: saving and restoring are not used)."""
-    cache = PromptCache(None, max_bytes, kv_tokens=0)
+    cache = PromptCache(None, max_bytes, default_tokens=0)
     cache.load(entries)
     assert cache.loaded == len(entries)
     return cache
@@ -56,7 +56,7 @@ ENTRIES = [entry(i, 100 + 10 * i, 5000 + 1000 * i) for i in range(4)]
 
 def test_what_is_written_is_read_back_hottest_first(tmp_path, capsys):
     prompt_cache_disk.write(tier(ENTRIES), tmp_path, HASH, time.monotonic() + 60)
-    again = PromptCache(None, 1 << 20, kv_tokens=0)
+    again = PromptCache(None, 1 << 20, default_tokens=0)
     prompt_cache_disk.read(again, tmp_path, HASH)
     assert same(hottest_first(again), ENTRIES) and again.loaded == 4
     written, read = events(capsys)
@@ -71,16 +71,16 @@ def test_the_file_stays_within_the_bound_and_a_smaller_tier_reads_only_the_hotte
     bound = sum(len(e.state) for e in ENTRIES)  # the states fit exactly: the last record can't
     prompt_cache_disk.write(tier(ENTRIES, bound), tmp_path, HASH, time.monotonic() + 60)
     assert (tmp_path / "prompt-cache").stat().st_size <= bound
-    smaller = PromptCache(None, len(ENTRIES[0].state) + len(ENTRIES[1].state), kv_tokens=0)
+    smaller = PromptCache(None, len(ENTRIES[0].state) + len(ENTRIES[1].state), default_tokens=0)
     prompt_cache_disk.read(smaller, tmp_path, HASH)
     assert same(hottest_first(smaller), ENTRIES[:2]) and smaller.bytes <= smaller.max_bytes
 
 
 def test_the_default_bound_is_measured_on_the_first_entry_read(tmp_path):
-    """PROMPT_CACHE_MIB unset: a quarter of the sequences' KV (kv_tokens), in the first state's bytes a token."""
+    """PROMPT_CACHE_MIB unset: default_tokens tokens' worth, in the first state's bytes a token."""
     prompt_cache_disk.write(tier(ENTRIES), tmp_path, HASH, time.monotonic() + 60)
     per_token = len(ENTRIES[0].state) / len(ENTRIES[0].tokens)
-    cache = PromptCache(None, None, kv_tokens=4 * 250)  # room for 250 of its tokens: the first two entries
+    cache = PromptCache(None, None, default_tokens=250)  # room for 250 of its tokens: the first two entries
     prompt_cache_disk.read(cache, tmp_path, HASH)
     assert cache.max_bytes == int(per_token * 250) and same(hottest_first(cache), ENTRIES[:2])
 
@@ -105,7 +105,7 @@ def test_a_deadline_reached_mid_write_keeps_the_records_before_it(tmp_path, monk
     prompt_cache_disk.write(tier(ENTRIES), tmp_path, HASH, deadline)
     assert (tmp_path / "prompt-cache").stat().st_size == HEAD + record_size(ENTRIES[0])
     monkeypatch.undo()
-    cache = PromptCache(None, 1 << 20, kv_tokens=0)
+    cache = PromptCache(None, 1 << 20, default_tokens=0)
     prompt_cache_disk.read(cache, tmp_path, HASH)
     assert same(hottest_first(cache), ENTRIES[:1])
     assert [e["event"] for e in events(capsys)] == ["prompt_cache_written", "prompt_cache_read"]
@@ -137,7 +137,7 @@ def test_a_damaged_file_loads_the_sound_records_before_the_damage_and_says_so(tm
         data = {"cut in the file's head": data[:HEAD - 3], "not a cache file": b"GGUF" + bytes(100),
                 "another model": data[: HEAD - 1] + b"!" + data[HEAD:]}[damage]
     path.write_bytes(data)
-    cache = PromptCache(None, 1 << 20, kv_tokens=0)
+    cache = PromptCache(None, 1 << 20, default_tokens=0)
     prompt_cache_disk.read(cache, tmp_path, HASH)
     assert same(hottest_first(cache), ENTRIES[:sound])
     lines = events(capsys)[1:]  # after the write's
