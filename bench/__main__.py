@@ -21,7 +21,7 @@ SUBCOMMANDS = {
     "hardening": "what hardening costs a request: the stop scan, the render process, an output grammar a token (#25, #34)",
     "store": "stored responses with the in-process store against Redis: create, continue, retrieve rates",
     "coldstart": "serverless cold start against llama-server, warm and cold page cache: where it goes, memory by kind",
-    "multiturn": "multi-turn conversations against llama-server: cached share, wall time, TTFT, memory; a long prompt's tok/s",
+    "multiturn": "multi-turn conversations against llama-server and through a fleet: cached share, wall time, TTFT, memory; a long prompt's tok/s",
 }
 
 

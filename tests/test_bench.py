@@ -202,7 +202,8 @@ def test_split_benchmark_runs(tmp_path):
 
 
 def test_multiturn_benchmark_runs(tmp_path):
-    """Conversations outnumbering the slots on both servers, then a long prompt alone and beside a stream."""
+    """Conversations outnumbering the slots on both servers and through a fleet of two, then a long
+    prompt alone and beside a stream."""
     needs_llama_server()
     out = tmp_path / "multiturn.json"
     run = bench("multiturn", "--conversations", "3", "--turns", "2", "--parallel", "2", "--max-tokens", "8",
@@ -219,6 +220,11 @@ def test_multiturn_benchmark_runs(tmp_path):
     assert all(t["cached_tokens"] > 0 for t in pair["gguf-serve"]["turns"] if t["turn"] == 2)
     assert pair["gguf-serve"]["memory"]["gguf_prompt_cache_max_bytes"] > 0
     assert pair["wall_ratio"] > 0
+    # the same conversations through 2 instances behind nginx (deploy/nginx.conf), a slot each
+    fleet = results["fleet"]
+    assert (fleet["instances"], fleet["slots_each"]) == (2, 1)
+    turns = fleet["3 conversations"]["turns"]
+    assert len(turns) == 6 and all(t["cached_tokens"] > 0 for t in turns if t["turn"] == 2)
     kinds = [(p["gguf-serve"]["beside_streams"], p["prompt_tps_ratio"] > 0) for p in results["long prompt"]["rounds"]]
     assert kinds == [(0, True), (1, True)]
-    assert "Multi-turn" in run.stdout and "A long prompt" in run.stdout
+    assert "Multi-turn" in run.stdout and "behind nginx" in run.stdout and "A long prompt" in run.stdout
