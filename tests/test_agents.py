@@ -204,6 +204,6 @@ def test_agent_answers_with_its_defaults(agent_server, tmp_path, name):
         # agent may report that as its own error: Claude Code asks 3 times for the rest, then
         # exits 1 ("Claude's response exceeded the 32000 output token maximum", docs/agents.md).
         # An attempt the agent itself cut while its prompt was computed wrote nothing.
-        written = [line["completion_tokens"] for line in answered if line["completion_tokens"]]
+        written = [line["completion_tokens"] for line in answered if line.get("completion_tokens")]
         assert written and set(written) == {MAX_TOKENS}, report
     shutil.rmtree(home, ignore_errors=True)
