@@ -14,7 +14,7 @@ import httpx
 from conftest import MODEL, Server, smollm2_path, with_template
 from gguf_serve import engine, prompt_cache, prompt_cache_disk
 from gguf_serve.engine import _common_prefix
-from gguf_serve.model import Model
+from gguf_serve.model import PROMPT_CHUNK, Model
 
 HISTORY = "We talk about rivers. " * 40  # about 200 tokens: a conversation's history
 OTHER = "A different talk, about mountains and their weather. " * 20
@@ -119,6 +119,38 @@ def test_an_entry_restored_into_a_sequence_whose_own_save_needs_its_room():
     ends, cache = run_engine(model, 1, [first, other, second, first], bound)
     assert [e.finish_reason for e in ends] == ["length"] * 4
     assert cache.hits >= 1 and ends[2].cached_tokens == len(first) and 0 < cache.bytes <= bound
+
+
+def test_a_prompt_whose_client_left_while_it_was_computed_is_not_computed_again_when_resent():
+    """Claude Code's retry: its watchdog drops a stream whose 20k-token prompt is still being
+    computed and sends the same request again. What was computed before the client left (whole
+    chunks) is reused, on one sequence and on four, where the retry may find a free sequence that
+    holds nothing."""
+    for parallel in (1, 4):
+        model = Model(smollm2_path(), n_ctx=2048, n_threads=2, parallel=parallel)
+        prompt = model.tokenize_prompt("A long story about rivers and the sea, told slowly. " * 150)
+        greedy = engine.Sampling(temperature=0)
+
+        async def run():
+            loop = asyncio.get_running_loop()
+            eng = engine.Engine(model, parallel, loop, prompt_cache_bytes=None)
+            ends = []
+            for leave in (True, False):
+                done = loop.create_future()
+                gen = engine.Generation(prompt, 4, greedy,
+                                        lambda event, done=done: event.finish_reason and done.set_result(event))
+                eng.submit(gen)
+                if leave:  # the client leaves once two chunks are computed (polled: no timing)
+                    while max(len(slot.cached) for slot in eng.slots) < 2 * PROMPT_CHUNK:
+                        await asyncio.sleep(0.01)
+                    gen.cancelled = True
+                ends.append(await asyncio.wait_for(done, 300))
+            eng.close()
+            return ends
+
+        left, again = asyncio.run(run())
+        assert left.finish_reason == "cancelled" and len(prompt) > 3 * PROMPT_CHUNK
+        assert again.finish_reason == "length" and again.cached_tokens >= 2 * PROMPT_CHUNK, parallel
 
 
 def test_over_http_a_second_turn_reports_its_restored_prefix_and_the_metrics_count_it():
