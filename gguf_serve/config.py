@@ -163,7 +163,7 @@ SETTINGS = {
                                       "saved there, and a prompt that shares more with a saved one than with any "
                                       "sequence has it restored, not computed (`cached_tokens`; `gguf_prompt_cache_*` "
                                       "metrics); a prefix shared by saved conversations (a system prompt) held once; "
-                                      "room made from the ends of the least recently used first; `0` turns it off",
+                                      "room made from the end of the entry holding the most of its own; `0` turns it off",
                                 "a quarter of the KV cache's size, at least one sequence's (45 MiB for the default model)"),
     "PROMPT_CACHE_DIR": Setting(None, "a directory the prompt cache is written to on SIGTERM, the most recently used "
                                       "first, within the bound and the drain's grace (`SHUTDOWN_GRACE_S`), and read back "

@@ -1,8 +1,8 @@
 """The KV cache's host-memory tier: when a sequence is taken for another prompt, the keys and
 values of the tokens it held are saved here (llama.cpp's `llama_state_seq_get_data_ext`), and a
 later prompt that shares a longer prefix with a saved entry than with any sequence has them
-restored (`..._set_data_ext`) instead of computed again. Bounded in bytes (PROMPT_CACHE_MIB),
-least recently used out first.
+restored (`..._set_data_ext`) instead of computed again. Bounded in bytes (PROMPT_CACHE_MIB):
+room is made from the end of the entry holding the most of its own (PromptCache._shed).
 
 Why (issue #36): agents and chat apps send a conversation's whole history every turn, and once
 conversations outnumber the sequences (PARALLEL), a turn lands on a sequence that holds another
