@@ -309,7 +309,8 @@ def fleet_part(args, logdir: Path) -> dict:
     """The largest number of conversations again, through --fleet instances behind nginx that
     share one instance's slots and threads: each conversation's turns must land where its prefix is."""
     logdir.mkdir()
-    procs, b = start_fleet(args, logdir, args.fleet)
+    slots, threads = max(1, args.parallel // args.fleet), max(1, args.threads // args.fleet)
+    procs, b = start_fleet(args, logdir, args.fleet, slots, threads)
     conv = max(args.conversations)
     try:
         asyncio.run(warm(b, args))
@@ -319,8 +320,7 @@ def fleet_part(args, logdir: Path) -> dict:
         kill_all()
     print(f"   {args.fleet} instances behind nginx, {conv} conversations x {args.turns} turns: cached share "
           f"{r['cached_share']:.3f} ({r['cached_tokens']}/{r['prompt_tokens']}), wall {r['wall_s']:.1f} s", flush=True)
-    return {"instances": args.fleet, "slots_each": max(1, args.parallel // args.fleet),
-            "threads_each": max(1, args.threads // args.fleet), f"{conv} conversations": r}
+    return {"instances": args.fleet, "slots_each": slots, "threads_each": threads, f"{conv} conversations": r}
 
 
 def long_prompt_part(args, logdir: Path) -> dict:
@@ -393,7 +393,8 @@ def report(figures: dict, args) -> None:
     fleet = figures.get("fleet")
     if fleet:
         conv = max(args.conversations)
-        r, m = fleet[f"{conv} conversations"], fleet[f"{conv} conversations"]["memory"]
+        r = fleet[f"{conv} conversations"]
+        m = r["memory"]
         rows.append([f"{conv} conversations, {fleet['instances']} gguf-serve behind nginx", f"{r['cached_share']:.3f}",
                      f"{r['cached_share_turns_2_on']:.3f}", f"{r['wall_s']:.1f}", "",
                      f"{r['ttft_median_s_by_turn'][0]:.2f} / {statistics.median(r['ttft_median_s_by_turn'][1:] or [0]):.2f}",

@@ -161,17 +161,16 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 NJS = Path("/usr/lib/nginx/modules/ngx_http_js_module.so")
 
 
-def start_fleet(args, logdir: Path, n: int) -> tuple[list[subprocess.Popen], Bench]:
-    """n gguf-serve instances of args.model that share one's slots and threads between them
-    (PARALLEL=--parallel/n, N_THREADS=--threads/n), behind deploy/nginx.conf on loopback (its
-    upstreams from deploy/fleet.py --local): their processes, nginx's last, and a Bench for the
-    proxy. The caller kills them."""
+def start_fleet(args, logdir: Path, n: int, slots: int, threads: int) -> tuple[list[subprocess.Popen], Bench]:
+    """n gguf-serve instances of args.model with `slots` sequences (PARALLEL) and `threads` threads
+    each, behind deploy/nginx.conf on loopback (its upstreams from deploy/fleet.py --local): their
+    processes, nginx's last, and a Bench for the proxy. The caller kills them."""
     if not (os.path.exists(NGINX) and NJS.exists()):
         raise SystemExit("the fleet needs nginx and libnginx-mod-http-js (.ci/run installs them)")
     args.model = (args.model or default_model()).resolve()
     eog = inspect_model(args.model)["eog"]
     cmd, env, cwd = gguf_serve_command(args)
-    env = {**env, "PARALLEL": str(max(1, args.parallel // n)), "N_THREADS": str(max(1, args.threads // n))}
+    env = {**env, "PARALLEL": str(slots), "N_THREADS": str(threads)}
     procs = []
     try:
         instances = [launch(f"fleet-{k + 1}", cmd, env, cwd, args, eog, logdir, {}) for k in range(n)]

@@ -175,8 +175,8 @@ class PromptCache:
     def save(self, seq_id: int, tokens: list[int]) -> None:
         """Keep the state of sequence `seq_id`, which holds `tokens`, unless it is too small, too
         large for the bound alone, or already held (an entry with these tokens or more). An entry
-        it extends is dropped: this one serves whatever that one did. Least recently used entries
-        make room for the blocks it does not share."""
+        it covers is dropped (_drop_covered). Room for the blocks it does not share is made as
+        _shed says."""
         if len(tokens) < MIN_SAVED:
             return
         held = np.array(tokens, dtype=np.int32)
@@ -214,8 +214,8 @@ class PromptCache:
 
     def _add(self, tokens: np.ndarray, state: ctypes.Array | bytes, evict: bool) -> bool:
         """Hold `state` (of `tokens`) as the most recently used entry, in blocks where it splits
-        into them, if the bytes it adds fit: after dropping the least recently used entries when
-        `evict`. False if they don't."""
+        into them, if the bytes it adds fit: after making room (_shed) when `evict`. False if they
+        don't."""
         parts = split(state, len(tokens))
         if parts is None:
             held, new = Held(tokens, None, [], state), len(state)

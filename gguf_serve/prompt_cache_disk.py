@@ -86,7 +86,8 @@ def write(cache: PromptCache, directory: Path, model_hash: bytes, deadline: floa
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC + model_hash)
             for held in entries:
-                entry = Entry(held.tokens, held.state)  # whole, as llama.cpp reads it back: blocks shared in memory are not on disk
+                # whole, as llama.cpp reads it back: the blocks entries share in memory are not shared on disk
+                entry = Entry(held.tokens, held.state)
                 size = RECORD.size + entry.tokens.nbytes + len(entry.state)
                 if written + size > cache.max_bytes:
                     continue  # a colder, smaller one may fit
