@@ -9,11 +9,12 @@ from types import SimpleNamespace
 import msgspec
 import pytest
 
+from test_responses_items import in_progress  # the response a stream starts from
 from gguf_serve import anthropic_messages, chat, chat_steps, chat_tools, responses
 from gguf_serve.anthropic_protocol import MessagesRequest
 from gguf_serve.events import Event
 from gguf_serve.protocol import ChatRequest, CompletionTokensDetails, PromptTokensDetails, Usage
-from gguf_serve.responses_protocol import ResponseObject, ResponsesRequest
+from gguf_serve.responses_protocol import ResponsesRequest
 from gguf_serve.runs import Choice
 from gguf_serve.tools import tool_plan
 
@@ -77,11 +78,7 @@ def via_responses(events: list[Event], forced: bool, parallel: bool) -> tuple:
                             **({"tool_choice": {"type": "function", "name": "get_weather"}} if forced else {})},
                            ResponsesRequest)
     chat_body, agent, plan = responses.prepared(body, [], "m")
-    response = msgspec.convert({"id": "resp_1", "created_at": 0, "status": "in_progress", "model": "m", "output": [],
-                                "instructions": None, "max_output_tokens": None, "temperature": 1, "top_p": 1,
-                                "tools": [], "tool_choice": "auto", "parallel_tool_calls": parallel, "text": {},
-                                "previous_response_id": None, "store": False, "metadata": {}, "user": None},
-                               ResponseObject)
+    response = in_progress(parallel)
     sent = data_of(collect(responses.events(None, RecordedRun(events), body, chat_body, plan, agent, response, [])))
     reasoning = "".join(e["delta"] for e in sent if e["type"] == "response.reasoning_text.delta")
     content = "".join(e["delta"] for e in sent if e["type"] == "response.output_text.delta")

@@ -151,16 +151,21 @@ class RecordedRun:
                      completion_tokens_details=CompletionTokensDetails(2))
 
 
+def in_progress(parallel_tool_calls: bool = True) -> ResponseObject:
+    """The response a stream starts from (responses.new_response's, without a request)."""
+    return msgspec.convert({"id": "resp_1", "created_at": 0, "status": "in_progress", "model": "m", "output": [],
+                            "instructions": None, "max_output_tokens": None, "temperature": 1, "top_p": 1,
+                            "tools": [], "tool_choice": "auto", "parallel_tool_calls": parallel_tool_calls,
+                            "text": {}, "previous_response_id": None, "store": False, "metadata": {}, "user": None},
+                           ResponseObject)
+
+
 def test_a_thought_then_an_answer_stream_as_two_items():
     body = request(stream=True, store=False)
     chat_body, agent, plan = responses.prepared(body, [], "m")
     run = RecordedRun([Event("", reasoning="Two and"), Event("", reasoning=" two."), Event("Four"),
                        Event(".", finish_reason="stop")])
-    response = msgspec.convert({"id": "resp_1", "created_at": 0, "status": "in_progress", "model": "m", "output": [],
-                                "instructions": None, "max_output_tokens": None, "temperature": 1, "top_p": 1,
-                                "tools": [], "tool_choice": "auto", "parallel_tool_calls": True, "text": {},
-                                "previous_response_id": None, "store": False, "metadata": {}, "user": None},
-                               ResponseObject)
+    response = in_progress()
 
     async def sent():
         return [b async for b in responses.events(None, run, body, chat_body, plan, agent, response, [])]

@@ -7,12 +7,12 @@ import json
 import msgspec
 import pytest
 
-from test_responses_items import RecordedRun  # a run's recorded events, the same stand-in
+from test_responses_items import RecordedRun, in_progress  # the same stand-ins
 from gguf_serve import responses, responses_tools
 from gguf_serve.events import Event
 from gguf_serve.errors import APIError
 from gguf_serve.protocol import FunctionCall, ToolCall
-from gguf_serve.responses_protocol import ResponseObject, ResponsesRequest
+from gguf_serve.responses_protocol import ResponsesRequest
 
 SPAWN = {"type": "function", "name": "spawn_agent", "description": "Start a sub-agent",
          "parameters": {"type": "object", "properties": {"task": {"type": "string"}}, "required": ["task"]}}
@@ -159,11 +159,7 @@ def test_output_call_items_go_back_as_the_input_items_that_replay_them():
 def streamed(engine_events, **fields) -> list[dict]:
     body = request(stream=True, store=False, **fields)
     chat_body, agent, plan = responses.prepared(body, [], "m")
-    response = msgspec.convert({"id": "resp_1", "created_at": 0, "status": "in_progress", "model": "m", "output": [],
-                                "instructions": None, "max_output_tokens": None, "temperature": 1, "top_p": 1,
-                                "tools": [], "tool_choice": "auto", "parallel_tool_calls": True, "text": {},
-                                "previous_response_id": None, "store": False, "metadata": {}, "user": None},
-                               ResponseObject)
+    response = in_progress()
 
     async def sent():
         return [b async for b in responses.events(None, RecordedRun(engine_events), body, chat_body, plan, agent,
